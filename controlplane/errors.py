@@ -1,0 +1,62 @@
+"""Domain exceptions. Services raise them; `controlplane.api` and `controlplane.views` map them,
+in one place each, to the JSON error envelope and to friendly pages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DomainError(Exception):
+    code = "error"
+    status = 400
+
+    def __init__(self, message: str, *, fields: dict[str, str] | None = None, **metadata: Any):
+        super().__init__(message)
+        self.message = message
+        self.fields = fields or {}
+        self.metadata = metadata
+
+
+class NotFound(DomainError):
+    """Missing, or another tenant's: the two are indistinguishable on purpose."""
+
+    code = "not_found"
+    status = 404
+
+
+class Conflict(DomainError):
+    code = "conflict"
+    status = 409
+
+
+class PermissionDenied(DomainError):
+    code = "permission_denied"
+    status = 403
+
+
+class ValidationFailed(DomainError):
+    code = "validation_failed"
+    status = 422
+
+
+class QuotaExceeded(DomainError):
+    code = "quota_exceeded"
+    status = 429
+
+
+class AuthenticationFailed(DomainError):
+    code = "unauthenticated"
+    status = 401
+
+
+def envelope(
+    code: str, message: str, *, fields: dict[str, str] | None = None, **metadata: Any
+) -> dict:
+    """The one JSON error shape (compatible with the Agent Protocol's ErrorResponse)."""
+    meta = dict(metadata)
+    if fields:
+        meta["fields"] = fields
+    body: dict[str, Any] = {"code": code, "message": message}
+    if meta:
+        body["metadata"] = meta
+    return body

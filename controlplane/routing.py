@@ -1,0 +1,13 @@
+"""Every websocket route of the product (tests/architecture/ classifies each one)."""
+
+from django.urls import path
+
+from tenants import consumers as tenant_consumers
+
+websocket_urlpatterns = [
+    path(
+        "ws/t/<slug:tenant_slug>/events/",
+        tenant_consumers.TenantEventsConsumer.as_asgi(),
+        name="ws-tenant-events",
+    ),
+]
