@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from django.db import connections
 from django.test import Client
 
 from tenants import services
@@ -18,6 +19,22 @@ from tenants.actors import Actor
 from tenants.models import ApiKey, Membership, Role, Tenant, User
 
 PASSWORD = "correct-horse-battery-staple-9"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_pools_before_teardown(django_db_setup, django_db_blocker):
+    """Connections left open by the worker threads of async tests (consumers) would keep the test
+    database busy and stop pytest-django from dropping it: end them first."""
+    yield
+    with django_db_blocker.unblock():
+        for connection in connections.all():
+            connection.close_pool()
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+            connection.close()
 
 
 @pytest.fixture(autouse=True)

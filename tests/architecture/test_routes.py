@@ -1,0 +1,256 @@
+"""Every URL route, API operation and websocket route is classified, and every tenant-scoped one is
+called by another tenant: it must answer 404 (or, for lists, show none of the other tenant's rows).
+
+A route without an entry here fails `test_every_*_is_classified`, so nothing ships unchecked.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from channels.testing import WebsocketCommunicator
+from django.test import Client
+from django.urls import URLPattern, URLResolver, get_resolver
+
+from controlplane.api import api
+from controlplane.routing import websocket_urlpatterns
+from tests.conftest import World
+
+# --- Dashboard routes -------------------------------------------------------------------------
+
+# Routes that are not inside a tenant: each with the reason it is safe.
+PUBLIC_ROUTES = {
+    "healthz": "reports reachability only, no tenant data",
+    "home": "redirects a signed-in user to one of their own tenants",
+    "login": "authentication",
+    "logout": "authentication",
+    "signup": "creates a new tenant",
+    "password_change": "the user's own account",
+    "password_change_done": "the user's own account",
+    "password_reset": "answers the same whether or not the e-mail exists",
+    "password_reset_done": "static page",
+    "password_reset_confirm": "signed, per-user token",
+    "password_reset_complete": "static page",
+    "invitation-accept": "the signed invitation link is the credential (tests/tenants)",
+    "tenant-create": "creates a tenant owned by the signed-in user",
+}
+
+
+@dataclass
+class Case:
+    """How to call a tenant route: its object ids come from tenant A (`w` is A's world)."""
+
+    kwargs: Callable[[World], dict] = lambda w: {}
+    methods: tuple[str, ...] = ("get",)
+    data: dict = field(default_factory=dict)
+
+
+TENANT_ROUTES: dict[str, Case] = {
+    "tenant-overview": Case(),
+    "tenant-settings": Case(methods=("get", "post"), data={"name": "Pwned", "slug": "pwned"}),
+    "member-list": Case(),
+    "member-invite": Case(methods=("post",), data={"email": "x@example.test", "role": "owner"}),
+    "member-change-role": Case(
+        lambda w: {"membership_id": w.member_membership.pk}, ("post",), {"role": "owner"}
+    ),
+    "member-remove": Case(lambda w: {"membership_id": w.member_membership.pk}, ("post",)),
+    "invitation-revoke": Case(lambda w: {"invitation_id": w.invitation.pk}, ("post",)),
+    "api-key-list": Case(),
+    "api-key-create": Case(methods=("post",), data={"name": "pwn", "scopes": ["admin"]}),
+    "api-key-revoke": Case(lambda w: {"api_key_id": w.read_key.pk}, ("post",)),
+    "audit-log": Case(),
+}
+
+
+def _walk(patterns, prefix="", namespace=""):
+    for p in patterns:
+        if isinstance(p, URLResolver):
+            ns = p.namespace or namespace
+            yield from _walk(p.url_patterns, prefix + str(p.pattern), ns)
+        elif isinstance(p, URLPattern):
+            yield prefix + str(p.pattern), p.name, namespace
+
+
+def dashboard_routes():
+    return [(route, name) for route, name, ns in _walk(get_resolver().url_patterns) if ns != "api"]
+
+
+def test_every_dashboard_route_is_classified():
+    unnamed = [route for route, name in dashboard_routes() if not name]
+    assert not unnamed, f"Name these routes so they can be classified: {unnamed}"
+    names = {name for _, name in dashboard_routes()}
+    unclassified = sorted(names - PUBLIC_ROUTES.keys() - TENANT_ROUTES.keys())
+    assert not unclassified, f"Classify these routes in {__file__}: {unclassified}"
+    for route, name in dashboard_routes():
+        in_tenant = route.startswith("t/<slug:tenant_slug>/")
+        assert in_tenant == (name in TENANT_ROUTES), f"{name} ({route}) is classified wrongly"
+
+
+@pytest.fixture
+def two_worlds(world_a, world_b):
+    from tenants import services
+
+    world_a.invitation, _ = services.invitation_create(
+        tenant=world_a.tenant, actor=world_a.actor(), email="pending@acme.test", role="member"
+    )
+    world_b.invitation, _ = services.invitation_create(
+        tenant=world_b.tenant, actor=world_b.actor(), email="pending@globex.test", role="member"
+    )
+    return world_a, world_b
+
+
+def _snapshot(world: World):
+    """What a cross-tenant call must not change in tenant A."""
+    from tenants.models import ApiKey, Invitation, Membership
+
+    return (
+        world.tenant.__class__.objects.values_list("name", "slug").get(pk=world.tenant.pk),
+        sorted(Membership.objects.for_tenant(world.tenant).values_list("user__email", "role")),
+        sorted(ApiKey.objects.for_tenant(world.tenant).values_list("name", "revoked_at")),
+        sorted(Invitation.objects.for_tenant(world.tenant).values_list("email", "revoked_at")),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(TENANT_ROUTES))
+def test_another_tenant_gets_404_on_every_tenant_route(two_worlds, name):
+    from django.urls import reverse
+
+    a, b = two_worlds
+    case = TENANT_ROUTES[name]
+    before = _snapshot(a)
+    client = Client()
+    client.force_login(b.owner)  # an owner of B: every permission, in the wrong tenant
+    ids = case.kwargs(a)
+    # A's slug: the tenant itself is invisible to B.
+    url = reverse(name, kwargs={"tenant_slug": a.tenant.slug, **ids})
+    for method in case.methods:
+        response = getattr(client, method)(url, case.data)
+        assert response.status_code == 404, f"{method.upper()} {url} -> {response.status_code}"
+    # B's own slug with A's object ids: the objects are invisible too.
+    if ids:
+        url = reverse(name, kwargs={"tenant_slug": b.tenant.slug, **ids})
+        for method in case.methods:
+            response = getattr(client, method)(url, case.data)
+            assert response.status_code == 404, f"{method.upper()} {url} -> {response.status_code}"
+    assert _snapshot(a) == before
+
+
+# --- API operations ---------------------------------------------------------------------------
+
+
+@dataclass
+class ApiCase:
+    """`path` has `{...}` filled from tenant A's world; `list_of` marks a list (no ids)."""
+
+    fill: Callable[[World], dict] = lambda w: {}
+    body: dict | None = None
+    scoped_list: bool = False
+
+
+API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
+    ("GET", "/api/v1/tenant"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/members"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/api-keys"): ApiCase(scoped_list=True),
+    ("POST", "/api/v1/api-keys"): ApiCase(body={"name": "x", "scopes": ["read"]}, scoped_list=True),
+    ("GET", "/api/v1/api-keys/{key_id}"): ApiCase(lambda w: {"key_id": w.read_key.pk}),
+    ("POST", "/api/v1/api-keys/{key_id}/revoke"): ApiCase(lambda w: {"key_id": w.read_key.pk}),
+    ("GET", "/api/v1/audit-events"): ApiCase(scoped_list=True),
+}
+
+
+def api_operations():
+    ops = []
+    for prefix, router in api._routers:
+        for path, path_view in router.path_operations.items():
+            full = "/api/v1" + re.sub(r"/+", "/", f"/{prefix}/{path}")
+            for op in path_view.operations:
+                for method in op.methods:
+                    ops.append((method, full.rstrip("/") or full, op))
+    return ops
+
+
+def test_every_api_operation_is_classified_and_authenticated(db):
+    found = {(m, p) for m, p, _ in api_operations()}
+    unclassified = sorted(found - API_OPERATIONS.keys())
+    assert not unclassified, f"Classify these API operations in {__file__}: {unclassified}"
+    assert not (API_OPERATIONS.keys() - found), "stale entries"
+    for method, path in found:
+        url = path.replace("{key_id}", "00000000-0000-0000-0000-000000000000")
+        response = Client().generic(method, url)
+        assert response.status_code == 401, f"{method} {path} must require an API key"
+
+
+@pytest.mark.parametrize(("method", "path"), sorted(API_OPERATIONS))
+def test_another_tenants_key_gets_404_or_nothing_of_theirs(two_worlds, method, path):
+    import json
+
+    a, b = two_worlds
+    case = API_OPERATIONS[(method, path)]
+    before = _snapshot(a)
+    client = Client(HTTP_AUTHORIZATION=f"Bearer {b.admin_key_raw}")
+    url = path.format(**case.fill(a))
+    if method == "GET":
+        response = client.get(url)
+    else:
+        response = client.generic(
+            method, url, json.dumps(case.body or {}), content_type="application/json"
+        )
+    if case.scoped_list:
+        assert response.status_code < 400, response.content
+        text = response.content.decode()
+        for secret in (str(a.tenant.pk), a.tenant.slug, "acme.test", str(a.read_key.pk), "Acme"):
+            assert secret not in text, f"{method} {path} leaks {secret!r} of another tenant"
+    else:
+        assert response.status_code == 404, f"{method} {url} -> {response.status_code}"
+    assert _snapshot(a) == before
+    # and without any key: 401
+    anonymous = Client().generic(method, url)
+    assert anonymous.status_code == 401
+
+
+# --- Websocket routes -------------------------------------------------------------------------
+
+WEBSOCKET_ROUTES = {
+    "ws-tenant-events": "/ws/t/{slug}/events/",
+}
+
+
+def test_every_websocket_route_is_classified():
+    names = {p.name for p in websocket_urlpatterns}
+    assert None not in names, "name every websocket route"
+    assert names == WEBSOCKET_ROUTES.keys(), f"classify: {names ^ WEBSOCKET_ROUTES.keys()}"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("name", sorted(WEBSOCKET_ROUTES))
+async def test_another_tenants_member_cannot_open_a_websocket(name, settings):
+    # database_sync_to_async closes the worker thread's connection afterwards, so the test
+    # database can be dropped at the end of the run.
+    from channels.db import database_sync_to_async as sync_to_async
+
+    from controlplane.asgi import application
+    from tests.conftest import make_world
+
+    settings.ALLOWED_HOSTS = ["testserver", "localhost"]
+    a = await sync_to_async(make_world)("Acme")
+    b = await sync_to_async(make_world)("Globex")
+    client = Client()
+    await sync_to_async(client.force_login)(b.owner)
+    cookie = f"sessionid={client.cookies['sessionid'].value}".encode()
+    headers = [(b"cookie", cookie), (b"origin", b"http://testserver"), (b"host", b"testserver")]
+
+    own = WebsocketCommunicator(
+        application, WEBSOCKET_ROUTES[name].format(slug=b.tenant.slug), headers=headers
+    )
+    connected, _ = await own.connect()
+    assert connected, "the route must work for its own tenant, or this test proves nothing"
+    await own.disconnect()
+
+    other = WebsocketCommunicator(
+        application, WEBSOCKET_ROUTES[name].format(slug=a.tenant.slug), headers=headers
+    )
+    connected, code = await other.connect()
+    assert not connected and code == 4404

@@ -1,0 +1,24 @@
+from django.test import Client
+
+
+def test_healthz_reports_every_part(db):
+    response = Client().get("/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok" and body["down"] == []
+    assert set(body["checks"]) == {"database", "redis", "broker"}
+    assert all(check["ok"] for check in body["checks"].values())
+
+
+def test_healthz_answers_503_naming_the_part_that_is_down(db, settings):
+    settings.CACHES = {
+        "default": {**settings.CACHES["default"], "LOCATION": "redis://127.0.0.1:1/0"}
+    }
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+    response = Client().get("/healthz")
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "down" and body["down"] == ["redis", "broker"]
+    assert body["checks"]["database"]["ok"] is True
+    assert "Connection" in body["checks"]["redis"]["error"]
+    assert response["Cache-Control"].startswith("max-age=0")
