@@ -9,9 +9,9 @@ django_asgi_app = get_asgi_application()  # before anything imports models
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from controlplane.routing import websocket_urlpatterns  # noqa: E402
+from controlplane.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

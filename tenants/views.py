@@ -174,6 +174,9 @@ def _members_context(request: TenantRequest, **extra: Any) -> dict[str, Any]:
 
 @tenant_view(manage=True)
 def member_list(request: TenantRequest) -> HttpResponse:
+    # Live refresh: the page re-reads its table when the tenant's event socket says members changed.
+    if request.htmx and request.GET.get("fragment") == "member-table":
+        return render(request, "tenants/members.html#member-table", _members_context(request))
     return render(request, "tenants/members.html", _members_context(request))
 
 

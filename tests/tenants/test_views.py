@@ -316,3 +316,14 @@ def test_untrusted_names_are_escaped(world_a):
     )
     html = world_a.client_for(world_a.owner).get("/t/acme/").content.decode()
     assert "<script>x()</script>" not in html and "&lt;script&gt;" in html
+
+
+def test_the_members_table_can_be_refreshed_live(world_a):
+    """The page re-reads only its table when the tenant's event socket reports a change."""
+    client = world_a.client_for(world_a.owner)
+    page = client.get("/t/acme/members/").content.decode()
+    assert 'hx-trigger="tenant:members from:body"' in page
+    fragment = client.get("/t/acme/members/?fragment=member-table", HTTP_HX_REQUEST="true")
+    html = fragment.content.decode()
+    assert html.lstrip().startswith('<section class="card" id="member-table"')
+    assert "member@acme.test" in html and "Invite someone" not in html
