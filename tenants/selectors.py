@@ -26,6 +26,10 @@ def membership_for(*, slug: str, user: User) -> Membership:
     return membership
 
 
+def user_exists(*, email: str) -> bool:
+    return User.objects.filter(email__iexact=email.strip()).exists()
+
+
 def membership_list_for_user(*, user: User) -> list[Membership]:
     """Every tenant the user belongs to, for the tenant switcher."""
     return list(

@@ -131,15 +131,21 @@ def signup(
     *, email: str, password: str, name: str, tenant_name: str, ip_address: str | None = None
 ) -> tuple[User, Tenant]:
     """Create an account and its first tenant. Raises ValidationFailed if the e-mail is taken."""
-    email = email.strip().lower()
-    if User.objects.filter(email__iexact=email).exists():
-        raise ValidationFailed(
-            "That e-mail is already registered.",
-            fields={"email": "An account with this e-mail exists: log in instead."},
-        )
-    user = User.objects.create_user(email=email, password=password, name=name.strip())
+    user = _user_create(email=email, password=password, name=name, taken="log in instead.")
     tenant = tenant_create(user=user, name=tenant_name, ip_address=ip_address)
     return user, tenant
+
+
+def _user_create(*, email: str, password: str, name: str, taken: str) -> User:
+    email = email.strip().lower()
+    message = f"An account with this e-mail exists: {taken}"
+    if User.objects.filter(email__iexact=email).exists():
+        raise ValidationFailed("That e-mail is already registered.", fields={"email": message})
+    try:
+        with transaction.atomic():
+            return User.objects.create_user(email=email, password=password, name=name.strip())
+    except IntegrityError:  # registered concurrently, between the check and the insert
+        raise ValidationFailed("That e-mail is already registered.", fields={"email": message})
 
 
 # --- Members ----------------------------------------------------------------------------------
@@ -153,7 +159,7 @@ def _membership_for_update(*, tenant: Tenant, membership_id) -> Membership:
             .select_related("user")
             .get(pk=membership_id)
         )
-    except (Membership.DoesNotExist, ValueError, signing.BadSignature):
+    except (Membership.DoesNotExist, ValueError):
         raise NotFound("No such member.")
 
 
@@ -415,12 +421,12 @@ def signup_with_invitation(
 ) -> tuple[User, Membership]:
     """Create the account an invitation was sent to and accept it, even when sign-up is closed."""
     invitation = invitation_from_token(token)
-    if User.objects.filter(email__iexact=invitation.email).exists():
-        raise ValidationFailed(
-            "An account with this e-mail exists.",
-            fields={"email": "Log in to accept the invitation."},
-        )
-    user = User.objects.create_user(email=invitation.email, password=password, name=name.strip())
+    user = _user_create(
+        email=invitation.email,
+        password=password,
+        name=name,
+        taken="log in to accept the invitation.",
+    )
     return user, invitation_accept(token=token, user=user, ip_address=ip_address)
 
 

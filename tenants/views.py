@@ -323,9 +323,7 @@ def invitation_accept(request: HttpRequest, token: str) -> HttpResponse:
             return redirect("tenant-overview", tenant_slug=membership.tenant.slug)
         context["wrong_user"] = user.email.lower() != invitation.email.lower()
         return render(request, "tenants/invitation_accept.html", context)
-    from tenants.models import User
-
-    if User.objects.filter(email__iexact=invitation.email).exists():
+    if selectors.user_exists(email=invitation.email):
         context["login_url"] = f"{reverse('login')}?next={request.path}"
         return render(request, "tenants/invitation_accept.html", context)
     form = forms.InvitationSignupForm(request.POST or None)
