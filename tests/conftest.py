@@ -11,6 +11,7 @@ import uuid
 from dataclasses import dataclass
 
 import pytest
+from axes.handlers.proxy import AxesProxyHandler
 from django.db import connections
 from django.test import Client
 
@@ -46,6 +47,9 @@ def _isolated_redis(settings):
     layer = dict(settings.CHANNEL_LAYERS["default"])
     layer["CONFIG"] = {**layer["CONFIG"], "prefix": f"{prefix}:asgi"}
     settings.CHANNEL_LAYERS = {"default": layer}
+    # django-axes memoizes its handler, which keeps the cache it saw first: a fresh one makes
+    # login lockouts live under this test's prefix too.
+    AxesProxyHandler.get_implementation(force=True)
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     settings.SECURE_SSL_REDIRECT = False
     yield
