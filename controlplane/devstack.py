@@ -38,13 +38,18 @@ def var_dir() -> Path:
 @contextmanager
 def embedded_postgres(root: Path, database: str) -> Iterator[str]:
     """Start (or join) the embedded PostgreSQL in root/postgres; yield a URL for `database`."""
+    # pgserver keeps its lock under the XDG runtime dir, read when it is imported: give it a
+    # private one when there is none.
+    if not os.environ.get("XDG_RUNTIME_DIR"):
+        runtime = root / "run"
+        runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(runtime)
     import pgserver
 
     pgdata = root / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
     try:
-        server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
         exists = server.psql(f"SELECT 1 FROM pg_database WHERE datname = '{database}';")
         if "(1 row)" not in exists:
             server.psql(f'CREATE DATABASE "{database}";')
