@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "ninja",
     "controlplane",
     "tenants",
+    "ai_agents",
 ]
 
 MIDDLEWARE = [

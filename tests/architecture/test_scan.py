@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_DIRS = [
     "controlplane",
     "tenants",
-    "agents",
+    "ai_agents",
     "conversations",
     "memory",
     "schedules",
