@@ -35,6 +35,7 @@ class TenantEventsConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.membership = membership
+        self.revoked = False
         self.joined = [
             realtime.tenant_group(membership.tenant_id),
             realtime.membership_group(membership.pk),
@@ -42,22 +43,40 @@ class TenantEventsConsumer(AsyncJsonWebsocketConsumer):
         ]
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
+        # A removal that committed between the lookup and joining the groups sent its revoke to
+        # nobody: look again now that any later revoke will reach us.
+        try:
+            await database_sync_to_async(selectors.membership_for)(slug=slug, user=user)
+        except NotFound:
+            await self._leave()
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
         await self.accept()
         await self.send_json(
             {"type": "hello", "tenant": membership.tenant.slug, "role": membership.role}
         )
 
     async def disconnect(self, code: int) -> None:
+        await self._leave()
+
+    async def _leave(self) -> None:
         for group in getattr(self, "joined", []):
             await self.channel_layer.group_discard(group, self.channel_name)
+        self.joined = []
 
     async def receive_json(self, content, **kwargs) -> None:
         if isinstance(content, dict) and content.get("type") == "ping":
             await self.send_json({"type": "pong"})
 
     async def tenant_event(self, message: dict) -> None:
+        if self.revoked:  # events queued before the revoke are not for this connection any more
+            return
         await self.send_json({"type": "event", "event": message.get("event", {})})
 
     async def connection_revoke(self, message: dict) -> None:
+        if self.revoked:
+            return
+        self.revoked = True
+        await self._leave()
         await self.send_json({"type": "revoked", "reason": message.get("reason", "")})
         await self.close(code=CLOSE_REVOKED)

@@ -7,22 +7,24 @@ only from the URL and is checked against the signed-in user's membership by `ten
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import wraps
+from functools import partial, wraps
 from typing import Any
 
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import login
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.paginator import Paginator
+from django.db import transaction
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from controlplane.errors import NotFound, PermissionDenied, ValidationFailed
-from tenants import forms, selectors, services
+from tenants import forms, realtime, selectors, services
 from tenants.actors import Actor
 from tenants.models import Role
 from tenants.requests import AuthenticatedRequest, TenantRequest
@@ -66,6 +68,16 @@ def tenant_view(*, manage: bool = False) -> Callable[[View], View]:
 
 def _back(request: TenantRequest, name: str) -> HttpResponse:
     return redirect(name, tenant_slug=request.tenant.slug)
+
+
+class PasswordChangeView(auth_views.PasswordChangeView):
+    """Django's view; a new password also ends the user's open websockets in other browsers."""
+
+    def form_valid(self, form):  # type: ignore[no-untyped-def]
+        response = super().form_valid(form)
+        group = realtime.user_group(self.request.user.pk)
+        transaction.on_commit(partial(realtime.close_connections, group, reason="password changed"))
+        return response
 
 
 # --- Home, sign-up, tenants -------------------------------------------------------------------
