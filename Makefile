@@ -22,6 +22,7 @@ run: $(STAMP)
 ## test: lint, types, migrations, then pytest (incl. the compose file and deploy checks) against real PostgreSQL and Redis
 test: $(STAMP) lint typecheck
 	CONTROLPLANE_VAR_DIR="$(CURDIR)/var/test" DJANGO_SECRET_KEY="$${DJANGO_SECRET_KEY:-insecure-key-for-tests-only}" \
+	  SECRETS_ENCRYPTION_KEYS="$${SECRETS_ENCRYPTION_KEYS:-Zm9yLXRlc3RzLW9ubHktbm90LWEtc2VjcmV0LWtleSE=}" \
 	  $(DEVSTACK) exec -- sh -c '$(PY) manage.py makemigrations --check --dry-run && $(PY) -m pytest $(PYTEST_ARGS)'
 
 lint: $(STAMP)

@@ -50,6 +50,24 @@ def _secret_key() -> str:
 
 SECRET_KEY = _secret_key()
 
+
+def _encryption_keys() -> list[str]:
+    keys = env.list("SECRETS_ENCRYPTION_KEYS", default=[])
+    if keys or not EMBEDDED:
+        return keys
+    path = VAR_DIR / "secrets_key"  # embedded dev mode: generated once, kept with the data
+    if not path.exists():
+        from cryptography.fernet import Fernet
+
+        VAR_DIR.mkdir(parents=True, exist_ok=True)
+        path.write_text(Fernet.generate_key().decode())
+        path.chmod(0o600)
+    return [path.read_text().strip()]
+
+
+# Fernet keys for tenant secrets at rest, newest first (see controlplane/crypto.py).
+SECRETS_ENCRYPTION_KEYS = _encryption_keys()
+
 ALLOWED_HOSTS = env.list(
     "DJANGO_ALLOWED_HOSTS",
     default=["localhost", "127.0.0.1", "[::1]"] if (EMBEDDED or DEBUG) else [],

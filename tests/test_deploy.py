@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -35,9 +36,7 @@ ENV_LINE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 # env("NAME" ...), env.str("NAME" ...), env.bool(...), env.db(...), and plain os.environ reads.
 SETTINGS_READS = (
     re.compile(r"""\benv(?:\.\w+)?\(\s*["']([A-Z][A-Z0-9_]*)["']"""),
-    re.compile(
-        r"""\bos\.(?:environ\.get\(|getenv\(|environ\[)\s*["']([A-Z][A-Z0-9_]*)["']"""
-    ),
+    re.compile(r"""\bos\.(?:environ\.get\(|getenv\(|environ\[)\s*["']([A-Z][A-Z0-9_]*)["']"""),
 )
 # A compose reference that fails when the variable is unset or empty: ${NAME:?message}.
 REQUIRED_REF = re.compile(r"^\$\{[A-Z][A-Z0-9_]*:\?[^}]*\}$")
@@ -80,9 +79,7 @@ def _dotenv(*, blank: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_compose(
-    tmp_path: Path, dotenv: str, *args: str
-) -> subprocess.CompletedProcess[str]:
+def _run_compose(tmp_path: Path, dotenv: str, *args: str) -> subprocess.CompletedProcess[str]:
     """Run docker-compose on a copy of the compose file, so nothing is written into the repo."""
     compose = tmp_path / "docker-compose.yml"
     shutil.copyfile(COMPOSE, compose)
@@ -154,13 +151,8 @@ def test_compose_builds_database_and_redis_urls_from_env(tmp_path):
     services = yaml.safe_load(result.stdout)["services"]
     for name in APP_SERVICES:
         environment = services[name]["environment"]
-        assert (
-            f":{values['POSTGRES_PASSWORD']}@postgres:5432/"
-            in environment["DATABASE_URL"]
-        )
-        assert environment["REDIS_URL"].startswith(
-            f"redis://:{values['REDIS_PASSWORD']}@redis:"
-        )
+        assert f":{values['POSTGRES_PASSWORD']}@postgres:5432/" in environment["DATABASE_URL"]
+        assert environment["REDIS_URL"].startswith(f"redis://:{values['REDIS_PASSWORD']}@redis:")
 
 
 @pytest.mark.parametrize("variable", ["POSTGRES_PASSWORD", "REDIS_PASSWORD"])
@@ -175,17 +167,13 @@ def test_compose_publishes_only_web_and_has_no_literal_secrets():
     services = _compose_file()["services"]
 
     assert set(services) >= {*APP_SERVICES, *BACKING_SERVICES}
-    published = sorted(
-        name for name, service in services.items() if service.get("ports")
-    )
+    published = sorted(name for name, service in services.items() if service.get("ports"))
     assert published == ["web"], "only web may publish a port"
     for name in BACKING_SERVICES:
         assert "network_mode" not in services[name]
     for name in APP_SERVICES:
         env_file = services[name].get("env_file")
-        assert ".env" in (
-            [env_file] if isinstance(env_file, str) else env_file or []
-        ), name
+        assert ".env" in ([env_file] if isinstance(env_file, str) else env_file or []), name
 
     for name, service in services.items():
         environment = service.get("environment") or {}
@@ -194,13 +182,9 @@ def test_compose_publishes_only_web_and_has_no_literal_secrets():
         for key, value in environment.items():
             value = str(value)
             if SECRET_NAME.search(key):
-                assert REQUIRED_REF.match(value), (
-                    f"{name}.{key} must be ${{{key}:?...}}"
-                )
+                assert REQUIRED_REF.match(value), f"{name}.{key} must be ${{{key}:?...}}"
             for password in URL_PASSWORD.findall(value):
-                assert REQUIRED_REF.match(password), (
-                    f"{name}.{key} has a literal password"
-                )
+                assert REQUIRED_REF.match(password), f"{name}.{key} has a literal password"
     # No secret may fall back to a default value: ${POSTGRES_PASSWORD:-x} would be one.
     defaulted = re.findall(r"\$\{([A-Z][A-Z0-9_]*):?-", COMPOSE.read_text())
     assert not [name for name in defaulted if SECRET_NAME.search(name)]
@@ -208,16 +192,12 @@ def test_compose_publishes_only_web_and_has_no_literal_secrets():
 
 def test_image_runs_as_non_root_and_carries_no_secret():
     dockerfile = DOCKERFILE.read_text()
-    instructions = [
-        line.strip() for line in dockerfile.replace("\\\n", " ").splitlines()
-    ]
+    instructions = [line.strip() for line in dockerfile.replace("\\\n", " ").splitlines()]
 
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert not [
-        line
-        for line in instructions
-        if line.startswith(("ENV", "ARG")) and "SECRET" in line
+        line for line in instructions if line.startswith(("ENV", "ARG")) and "SECRET" in line
     ]
     assert "STATIC_MANIFEST=1" in dockerfile
     ignored = DOCKERIGNORE.read_text().split()
@@ -230,17 +210,11 @@ def test_env_example_lists_every_setting():
     entries = _env_example_entries()
     listed = [name for name, _, _ in entries]
 
-    assert (
-        "DJANGO_SECRET_KEY" in read and "DATABASE_URL" in read
-    )  # the scan itself works
-    assert sorted(read - set(listed)) == [], (
-        "settings.py reads these; list them in .env.example"
-    )
+    assert "DJANGO_SECRET_KEY" in read and "DATABASE_URL" in read  # the scan itself works
+    assert sorted(read - set(listed)) == [], "settings.py reads these; list them in .env.example"
     assert sorted(EXTRA_VARIABLES - set(listed)) == []
     assert sorted({n for n in listed if listed.count(n) > 1}) == []
-    secrets_with_values = [
-        name for name, value, _ in entries if SECRET_NAME.search(name) and value
-    ]
+    secrets_with_values = [name for name, value, _ in entries if SECRET_NAME.search(name) and value]
     assert secrets_with_values == [], ".env.example must not carry secret values"
 
 
@@ -258,12 +232,23 @@ def test_env_example_comments_every_variable():
 
 def test_deploy_check_is_clean_in_production():
     env = _production_env(
-        DJANGO_SECRET_KEY=secrets.token_urlsafe(50), DJANGO_ALLOWED_HOSTS="example.com"
+        DJANGO_SECRET_KEY=secrets.token_urlsafe(50),
+        DJANGO_ALLOWED_HOSTS="example.com",
+        SECRETS_ENCRYPTION_KEYS=Fernet.generate_key().decode(),
     )
 
     result = _manage("check", "--deploy", "--fail-level", "WARNING", env=env)
 
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+
+def test_checks_fail_without_an_encryption_key_for_tenant_secrets():
+    env = _production_env(DJANGO_SECRET_KEY=secrets.token_urlsafe(50), SECRETS_ENCRYPTION_KEYS="")
+
+    result = _manage("check", env=env)
+
+    assert result.returncode != 0
+    assert "controlplane.E001" in result.stderr and "SECRETS_ENCRYPTION_KEYS" in result.stderr
 
 
 def test_settings_refuse_to_load_without_a_secret_key():
