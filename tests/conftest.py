@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
+import psycopg
 import pytest
 from axes.handlers.proxy import AxesProxyHandler
 from django.db import connections
@@ -30,12 +31,12 @@ def _close_pools_before_teardown(django_db_setup, django_db_blocker):
     with django_db_blocker.unblock():
         for connection in connections.all():
             connection.close_pool()
-            with connection.cursor() as cursor:
-                cursor.execute(
+            # A plain connection, not one from a (re-opened) pool.
+            with psycopg.connect(**connection.get_connection_params()) as raw:
+                raw.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                     "WHERE datname = current_database() AND pid <> pg_backend_pid()"
                 )
-            connection.close()
 
 
 @pytest.fixture(autouse=True)
