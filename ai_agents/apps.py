@@ -7,3 +7,9 @@ class AgentsConfig(AppConfig):
     name = "ai_agents"
     label = "agents"
     verbose_name = "Agents"
+
+    def ready(self) -> None:
+        # The SDK would export traces to OpenAI; the project keeps its own trace of each run.
+        from agents import set_tracing_disabled
+
+        set_tracing_disabled(True)

@@ -44,6 +44,13 @@ class QuotaExceeded(DomainError):
     status = 429
 
 
+class Unavailable(DomainError):
+    """Something outside the control plane (a model provider, an MCP server) failed."""
+
+    code = "upstream_unavailable"
+    status = 502
+
+
 class AuthenticationFailed(DomainError):
     code = "unauthenticated"
     status = 401

@@ -294,8 +294,21 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["stderr"], "level": LOG_LEVEL},
-    "loggers": {"axes": {"level": "WARNING"}},
+    # httpx logs full URLs at INFO, query-string tokens included.
+    "loggers": {n: {"level": "WARNING"} for n in ("axes", "httpx", "httpx2", "httpcore")},
 }
+
+# --- Outbound requests to URLs a tenant, user or model chose (controlplane/egress.py). ------------
+# Only public addresses, unless a network is allowed here (e.g. an internal model gateway).
+# The embedded dev mode allows loopback, so a local model server or MCP server can be tried.
+EGRESS_ALLOWED_NETWORKS = env.list(
+    "EGRESS_ALLOWED_NETWORKS", default=["127.0.0.0/8", "::1/128"] if EMBEDDED else []
+)
+EGRESS_ALLOWED_PORTS = env.list("EGRESS_ALLOWED_PORTS", cast=int, default=[])
+
+# --- Agents. ------------------------------------------------------------------------------------
+# Seconds between tokens of the built-in offline model, so streaming is visible in the UI.
+OFFLINE_MODEL_WORD_DELAY = env.float("OFFLINE_MODEL_WORD_DELAY", default=0.02)
 
 # --- The API. -----------------------------------------------------------------------------------
 NINJA_PAGINATION_PER_PAGE = 50

@@ -1,5 +1,5 @@
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import URLPattern, URLResolver, include, path
 
 from tenants import forms, views
 
@@ -39,7 +39,7 @@ account_patterns = [
     path("tenants/new/", views.tenant_create, name="tenant-create"),
 ]
 
-tenant_patterns = [
+tenant_patterns: list[URLPattern | URLResolver] = [
     path("", views.tenant_overview, name="tenant-overview"),
     path("settings/", views.tenant_settings, name="tenant-settings"),
     path("members/", views.member_list, name="member-list"),
@@ -55,6 +55,7 @@ tenant_patterns = [
     path("api-keys/create/", views.api_key_create, name="api-key-create"),
     path("api-keys/<uuid:api_key_id>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("audit/", views.audit_log, name="audit-log"),
+    path("", include("ai_agents.urls")),
 ]
 
 urlpatterns = [

@@ -52,6 +52,8 @@ def _isolated_redis(settings):
     # login lockouts live under this test's prefix too.
     AxesProxyHandler.get_implementation(force=True)
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+    # Outbound requests reach public addresses only; a test that needs loopback says so.
+    settings.EGRESS_ALLOWED_NETWORKS = []
     settings.SECURE_SSL_REDIRECT = False
     yield
 

@@ -9,6 +9,10 @@ TENANT_OWNED = {
     "tenants.Invitation": "an invitation into one tenant",
     "tenants.ApiKey": "a credential that acts as one tenant",
     "tenants.AuditEvent": "one tenant's history",
+    "agents.Agent": "a tenant's agent",
+    "agents.AgentVersion": "a configuration of one tenant's agent",
+    "agents.ModelProvider": "a tenant's model endpoint and its encrypted key",
+    "agents.McpServer": "a tenant's MCP server and its encrypted headers",
 }
 
 GLOBAL = {

@@ -104,9 +104,14 @@ def two_worlds(world_a, world_b):
 
 def _snapshot(world: World):
     """What a cross-tenant call must not change in tenant A."""
+    from ai_agents.models import Agent, AgentVersion, McpServer, ModelProvider
     from tenants.models import ApiKey, Invitation, Membership
 
     return (
+        sorted(Agent.objects.for_tenant(world.tenant).values_list("name", "published_version")),
+        sorted(AgentVersion.objects.for_tenant(world.tenant).values_list("pk", "state", "number")),
+        sorted(ModelProvider.objects.for_tenant(world.tenant).values_list("name", "default_model")),
+        sorted(McpServer.objects.for_tenant(world.tenant).values_list("name", "url")),
         world.tenant.__class__.objects.values_list("name", "slug").get(pk=world.tenant.pk),
         sorted(Membership.objects.for_tenant(world.tenant).values_list("user__email", "role")),
         sorted(ApiKey.objects.for_tenant(world.tenant).values_list("name", "revoked_at")),
@@ -148,6 +153,44 @@ class ApiCase:
     fill: Callable[[World], dict] = lambda w: {}
     body: dict | None = None
     scoped_list: bool = False
+    query: Callable[[World], str] = lambda w: ""
+
+
+def agents_of(world: World) -> dict:
+    """An agent (with a published version and a draft), a provider and an MCP server of
+    `world`'s tenant, made once per test through the services."""
+    if not hasattr(world, "agent_objects"):
+        from ai_agents import services
+
+        actor = world.actor()
+        tag = world.tenant.slug
+        provider = services.provider_create(
+            tenant=world.tenant,
+            actor=actor,
+            name=f"{tag}-prov",
+            base_url="https://llm.example.com/v1",
+            default_model="m",
+            api_key="sk-cross-tenant-test-key",
+        )
+        server = services.mcp_server_create(
+            tenant=world.tenant, actor=actor, name=f"{tag}-mcp", url="https://mcp.example.com/mcp"
+        )
+        agent = services.agent_create(tenant=world.tenant, actor=actor, name=f"{tag}-agent")
+        version = services.agent_publish(tenant=world.tenant, actor=actor, agent_id=agent.pk)
+        services.draft_save(
+            tenant=world.tenant, actor=actor, agent_id=agent.pk, config={"instructions": "draft"}
+        )
+        world.agent_objects = {
+            "agent": agent,
+            "version": version,
+            "provider": provider,
+            "server": server,
+        }
+    return world.agent_objects
+
+
+def _ids(**names: str) -> Callable[[World], dict]:
+    return lambda w: {key: agents_of(w)[obj].pk for key, obj in names.items()}
 
 
 API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
@@ -158,6 +201,52 @@ API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
     ("GET", "/api/v1/api-keys/{key_id}"): ApiCase(lambda w: {"key_id": w.read_key.pk}),
     ("POST", "/api/v1/api-keys/{key_id}/revoke"): ApiCase(lambda w: {"key_id": w.read_key.pk}),
     ("GET", "/api/v1/audit-events"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/providers"): ApiCase(scoped_list=True),
+    ("POST", "/api/v1/providers"): ApiCase(
+        body={"name": "p2", "base_url": "https://x.example.com/v1", "default_model": "m"},
+        scoped_list=True,
+    ),
+    ("GET", "/api/v1/providers/{provider_id}"): ApiCase(_ids(provider_id="provider")),
+    ("PUT", "/api/v1/providers/{provider_id}"): ApiCase(
+        _ids(provider_id="provider"),
+        body={"name": "pwned", "base_url": "https://x.example.com/v1", "default_model": "m"},
+    ),
+    ("DELETE", "/api/v1/providers/{provider_id}"): ApiCase(_ids(provider_id="provider")),
+    ("POST", "/api/v1/providers/{provider_id}/test"): ApiCase(_ids(provider_id="provider")),
+    ("GET", "/api/v1/mcp-servers"): ApiCase(scoped_list=True),
+    ("POST", "/api/v1/mcp-servers"): ApiCase(
+        body={"name": "m2", "url": "https://x.example.com/mcp"}, scoped_list=True
+    ),
+    ("GET", "/api/v1/mcp-servers/{server_id}"): ApiCase(_ids(server_id="server")),
+    ("PUT", "/api/v1/mcp-servers/{server_id}"): ApiCase(
+        _ids(server_id="server"), body={"name": "pwned", "url": "https://x.example.com/mcp"}
+    ),
+    ("DELETE", "/api/v1/mcp-servers/{server_id}"): ApiCase(_ids(server_id="server")),
+    ("POST", "/api/v1/mcp-servers/{server_id}/tools"): ApiCase(_ids(server_id="server")),
+    ("GET", "/api/v1/tools"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/agents"): ApiCase(scoped_list=True),
+    ("POST", "/api/v1/agents"): ApiCase(body={"name": "new"}, scoped_list=True),
+    ("GET", "/api/v1/agents/{agent_id}"): ApiCase(_ids(agent_id="agent")),
+    ("PATCH", "/api/v1/agents/{agent_id}"): ApiCase(_ids(agent_id="agent"), body={"name": "x"}),
+    ("DELETE", "/api/v1/agents/{agent_id}"): ApiCase(_ids(agent_id="agent")),
+    ("GET", "/api/v1/agents/{agent_id}/versions"): ApiCase(_ids(agent_id="agent")),
+    ("GET", "/api/v1/agents/{agent_id}/versions/{version_id}"): ApiCase(
+        _ids(agent_id="agent", version_id="version")
+    ),
+    ("PUT", "/api/v1/agents/{agent_id}/draft"): ApiCase(
+        _ids(agent_id="agent"), body={"instructions": "pwned"}
+    ),
+    ("POST", "/api/v1/agents/{agent_id}/publish"): ApiCase(_ids(agent_id="agent"), body={}),
+    ("POST", "/api/v1/agents/{agent_id}/versions/{version_id}/restore"): ApiCase(
+        _ids(agent_id="agent", version_id="version")
+    ),
+    ("GET", "/api/v1/agents/{agent_id}/compare"): ApiCase(
+        _ids(agent_id="agent"),
+        query=lambda w: f"?a={agents_of(w)['version'].pk}&b={agents_of(w)['version'].pk}",
+    ),
+    ("POST", "/api/v1/agents/{agent_id}/draft/run"): ApiCase(
+        _ids(agent_id="agent"), body={"input": "hello"}
+    ),
 }
 
 
@@ -188,10 +277,11 @@ def test_another_tenants_key_gets_404_or_nothing_of_theirs(two_worlds, method, p
     import json
 
     a, b = two_worlds
+    agents_of(a), agents_of(b)
     case = API_OPERATIONS[(method, path)]
     before = _snapshot(a)
     client = Client(HTTP_AUTHORIZATION=f"Bearer {b.admin_key_raw}")
-    url = path.format(**case.fill(a))
+    url = path.format(**case.fill(a)) + case.query(a)
     if method == "GET":
         response = client.get(url)
     else:

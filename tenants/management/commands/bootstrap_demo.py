@@ -10,6 +10,7 @@ import secrets
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from ai_agents import demo as demo_agents
 from tenants import services
 from tenants.models import Tenant, User
 
@@ -35,6 +36,9 @@ class Command(BaseCommand):
         shown = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
         host = f"http://{shown}:{os.environ.get('PORT', '8000')}/"
         if user is not None and not reset_password:
+            demo = Tenant.objects.filter(slug="demo").first()
+            if demo is not None and demo_agents.ensure(tenant=demo, user=user):
+                self.stdout.write("bootstrap: added the demo agents to the Demo tenant")
             self.stdout.write(
                 f"bootstrap: demo account {email} exists (forgot the password? "
                 "run `make reset-demo-password`)"
@@ -46,6 +50,7 @@ class Command(BaseCommand):
             user, tenant = services.signup(
                 email=email, password=password, name="Demo Owner", tenant_name=DEMO_TENANT
             )
+            demo_agents.ensure(tenant=tenant, user=user)
         else:
             user.set_password(password)
             user.save(update_fields=["password"])

@@ -1,0 +1,229 @@
+"""Running an agent version: build it, connect its MCP servers, stream the SDK run, and turn
+every way it can end into a status and a message a person understands."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID
+
+import openai
+from agents import (
+    InputGuardrailTripwireTriggered,
+    MaxTurnsExceeded,
+    ModelBehaviorError,
+    OutputGuardrailTripwireTriggered,
+    Runner,
+    StreamEvent,
+)
+from asgiref.sync import sync_to_async
+
+from ai_agents import selectors
+from ai_agents.models import AgentVersion, ModelProvider, ProviderApi
+from ai_agents.runtime import models
+from ai_agents.runtime.build import McpRequiredUnavailable, build, context_for
+from ai_agents.runtime.context import RunContext
+from ai_agents.runtime.trace import TraceHooks
+from controlplane.errors import NotFound
+from tenants.models import Tenant
+
+EventSink = Callable[[StreamEvent], Awaitable[None]]
+
+
+class AgentUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class RunOutcome:
+    status: str  # success | guardrail | error
+    output: Any = None
+    message: str = ""
+    last_agent: str = ""
+    trace: list[dict[str, Any]] = field(default_factory=list)
+    usage: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        if self.status != "success":
+            return self.message
+        return self.output if isinstance(self.output, str) else _json(self.output)
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return [s for s in self.trace if s["kind"] == "tool_call"]
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, ensure_ascii=False, indent=2, default=str)
+
+
+def explain_provider_error(exc: BaseException, *, timeout: float | None = None) -> str | None:
+    """Plain words for a failure of a model provider, or None if `exc` is not one."""
+    from controlplane import egress
+
+    if isinstance(exc, egress.EgressDenied):
+        return str(exc)
+    if isinstance(exc, openai.AuthenticationError):
+        return "The model provider refused the API key (HTTP 401). Check the key in the provider."
+    if isinstance(exc, openai.PermissionDeniedError):
+        return "The model provider refused access (HTTP 403): the key may lack this model."
+    if isinstance(exc, openai.NotFoundError):
+        return "The model provider does not know this model or URL (HTTP 404)."
+    if isinstance(exc, openai.RateLimitError):
+        return "The model provider is rate-limiting us (HTTP 429). Try again shortly."
+    if isinstance(exc, openai.APITimeoutError):
+        within = f" within {timeout:g} s" if timeout else ""
+        return f"The model provider did not answer{within}."
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return f"Could not connect to the model provider: {cause}."
+    if isinstance(exc, openai.APIStatusError):
+        return f"The model provider answered with an error (HTTP {exc.status_code}): {exc.message}"
+    if isinstance(exc, (openai.APIResponseValidationError, ModelBehaviorError, ValueError)):
+        return (
+            "The model provider answered, but not with a valid completion "
+            f"({type(exc).__name__}: {str(exc)[:200]})."
+        )
+    if isinstance(exc, egress.EgressError):
+        return str(exc)
+    return None
+
+
+async def run_version(
+    *,
+    tenant: Tenant,
+    version: AgentVersion,
+    input: str | list[Any],
+    depth: int = 0,
+    context: RunContext | None = None,
+    on_event: EventSink | None = None,
+) -> RunOutcome:
+    """Run `version` on `input` to the end. Never raises for a failure of the agent, its model,
+    tools or MCP servers: those become `RunOutcome(status="error", message=...)`."""
+    ctx = context or await sync_to_async(context_for)(tenant=tenant, version=version, depth=depth)
+    try:
+        built = await sync_to_async(build)(tenant=tenant, version=version, depth=depth)
+    except NotFound as exc:
+        return RunOutcome(
+            "error",
+            message=f"The agent's configuration refers to something that "
+            f"no longer exists: {exc.message}",
+            trace=ctx.trace.spans,
+        )
+    timeout = None
+    last_agent = built.agent.name
+    try:
+        await built.start(ctx.trace)
+        result = Runner.run_streamed(
+            built.agent,
+            input,
+            context=ctx,
+            max_turns=built.config.max_turns,
+            hooks=TraceHooks(ctx.trace),
+            run_config=built.run_config,
+        )
+        async for event in result.stream_events():
+            if on_event is not None:
+                await on_event(event)
+        last_agent = result.last_agent.name
+        return RunOutcome(
+            "success",
+            output=result.final_output,
+            last_agent=last_agent,
+            trace=ctx.trace.spans,
+            usage=ctx.trace.usage(),
+        )
+    except InputGuardrailTripwireTriggered as exc:
+        info = exc.guardrail_result.output.output_info or {}
+        return _ended("guardrail", info.get("message", "The request was blocked."), ctx, last_agent)
+    except OutputGuardrailTripwireTriggered as exc:
+        info = exc.guardrail_result.output.output_info or {}
+        return _ended("guardrail", info.get("message", "The answer was withheld."), ctx, last_agent)
+    except MaxTurnsExceeded:
+        return _ended(
+            "error",
+            f"The agent did not finish within {built.config.max_turns} turns.",
+            ctx,
+            last_agent,
+        )
+    except McpRequiredUnavailable as exc:
+        return _ended("error", str(exc), ctx, last_agent)
+    except Exception as exc:
+        message = explain_provider_error(exc, timeout=timeout)
+        if message is None:
+            raise
+        return _ended("error", message, ctx, last_agent)
+    finally:
+        await built.close()
+
+
+def _ended(status: str, message: str, ctx: RunContext, last_agent: str) -> RunOutcome:
+    ctx.trace.add("end", status=status, message=message)
+    return RunOutcome(
+        status,
+        message=message,
+        last_agent=last_agent,
+        trace=ctx.trace.spans,
+        usage=ctx.trace.usage(),
+    )
+
+
+def _published(tenant_id: UUID, slug: str) -> tuple[Tenant, AgentVersion]:
+    tenant = Tenant.objects.get(pk=tenant_id)
+    try:
+        agent = selectors.agent_get_by_slug(tenant=tenant, slug=slug)
+    except NotFound:
+        raise AgentUnavailable(f"There is no agent called {slug!r}.")
+    if agent.published_version is None:
+        raise AgentUnavailable(f"{agent.name} has not been published yet.")
+    version = agent.published_version
+    _ = version.agent  # loaded here, in the thread that may use the ORM
+    return tenant, version
+
+
+async def run_published_agent(
+    *, tenant_id: UUID, agent_slug: str, input: str, parent: RunContext
+) -> str:
+    """The `run_agent` tool: another agent of the same tenant, at its published version."""
+    tenant, version = await sync_to_async(_published)(tenant_id, agent_slug)
+    child = await sync_to_async(context_for)(
+        tenant=tenant,
+        version=version,
+        depth=parent.depth + 1,
+        thread_id=parent.thread_id,
+        end_user_id=parent.end_user_id,
+    )
+    outcome = await run_version(tenant=tenant, version=version, input=input, context=child)
+    parent.trace.add("agent_call", agent=agent_slug, status=outcome.status, usage=outcome.usage)
+    if outcome.status != "success":
+        raise AgentUnavailable(f"{agent_slug} could not answer: {outcome.message}")
+    return outcome.text
+
+
+async def check_provider(provider: ModelProvider) -> tuple[bool, str]:
+    """The dashboard's "test connection": one tiny request, and what went wrong in plain words."""
+    client = models.openai_client(provider)
+    try:
+        if provider.api == ProviderApi.RESPONSES:
+            await client.responses.create(
+                model=provider.default_model, input="ping", max_output_tokens=16
+            )
+        else:
+            reply = await client.chat.completions.create(
+                model=provider.default_model,
+                messages=[{"role": "user", "content": "ping"}],
+                max_tokens=1,
+            )
+            if not getattr(reply, "choices", None):
+                raise ValueError("the answer has no choices")
+    except Exception as exc:
+        return False, explain_provider_error(exc, timeout=provider.timeout_seconds) or (
+            f"Unexpected error: {type(exc).__name__}: {exc}"
+        )
+    finally:
+        await client.close()
+    return True, f"Connected: {provider.default_model} answered."

@@ -1,0 +1,89 @@
+"""Reads for agents, versions, providers and MCP servers, all scoped to one tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db.models import QuerySet
+
+from ai_agents.config import diff
+from ai_agents.models import Agent, AgentVersion, McpServer, ModelProvider, VersionState
+from controlplane.errors import NotFound
+from tenants.models import Tenant
+
+
+def provider_list(*, tenant: Tenant) -> QuerySet[ModelProvider]:
+    return ModelProvider.objects.for_tenant(tenant).order_by("name")
+
+
+def provider_get(*, tenant: Tenant, provider_id) -> ModelProvider:
+    try:
+        return ModelProvider.objects.for_tenant(tenant).get(pk=provider_id)
+    except (ModelProvider.DoesNotExist, ValueError):
+        raise NotFound("No such model provider.")
+
+
+def mcp_server_list(*, tenant: Tenant) -> QuerySet[McpServer]:
+    return McpServer.objects.for_tenant(tenant).order_by("name")
+
+
+def mcp_server_get(*, tenant: Tenant, server_id) -> McpServer:
+    try:
+        return McpServer.objects.for_tenant(tenant).get(pk=server_id)
+    except (McpServer.DoesNotExist, ValueError):
+        raise NotFound("No such MCP server.")
+
+
+def agent_list(*, tenant: Tenant, published_only: bool = False) -> QuerySet[Agent]:
+    qs = Agent.objects.for_tenant(tenant).select_related("published_version").order_by("name")
+    return qs.filter(published_version__isnull=False) if published_only else qs
+
+
+def agent_get(*, tenant: Tenant, agent_id) -> Agent:
+    try:
+        return Agent.objects.for_tenant(tenant).select_related("published_version").get(pk=agent_id)
+    except (Agent.DoesNotExist, ValueError):
+        raise NotFound("No such agent.")
+
+
+def agent_get_by_slug(*, tenant: Tenant, slug: str) -> Agent:
+    try:
+        return Agent.objects.for_tenant(tenant).select_related("published_version").get(slug=slug)
+    except Agent.DoesNotExist:
+        raise NotFound(f"No agent called {slug!r}.")
+
+
+def version_list(*, tenant: Tenant, agent: Agent) -> QuerySet[AgentVersion]:
+    return (
+        AgentVersion.objects.for_tenant(tenant)
+        .filter(agent=agent)
+        .select_related("created_by", "published_by")
+        .order_by("state", "-number")  # the draft first ("draft" < "published"), then newest
+    )
+
+
+def version_get(*, tenant: Tenant, agent: Agent, version_id) -> AgentVersion:
+    try:
+        return AgentVersion.objects.for_tenant(tenant).get(agent=agent, pk=version_id)
+    except (AgentVersion.DoesNotExist, ValueError):
+        raise NotFound("No such version.")
+
+
+def version_compare(*, tenant: Tenant, agent: Agent, a_id, b_id) -> list[tuple[str, Any, Any]]:
+    """Field-by-field differences between two versions of one agent."""
+    a = version_get(tenant=tenant, agent=agent, version_id=a_id)
+    b = version_get(tenant=tenant, agent=agent, version_id=b_id)
+    return diff(a.config, b.config)
+
+
+def draft_get(*, tenant: Tenant, agent: Agent) -> AgentVersion | None:
+    return (
+        AgentVersion.objects.for_tenant(tenant)
+        .filter(agent=agent, state=VersionState.DRAFT)
+        .first()
+    )
+
+
+def working_version(*, tenant: Tenant, agent: Agent) -> AgentVersion | None:
+    """What the editor shows: the draft if there is one, else the published version."""
+    return draft_get(tenant=tenant, agent=agent) or agent.published_version

@@ -1,0 +1,111 @@
+"""Fixtures for running agents for real: the project's fake OpenAI-compatible server and a real
+MCP server (the `mcp` package's), both on loopback, which the egress guard is told to allow."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import uvicorn
+from mcp.server import MCPServer
+
+from ai_agents import services
+from ai_agents.fakeserver import FakeOpenAIServer
+
+
+@pytest.fixture(autouse=True)
+def _loopback_allowed(settings):
+    settings.EGRESS_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]
+    settings.OFFLINE_MODEL_WORD_DELAY = 0
+
+
+@pytest.fixture
+def fake_llm() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer(api_key="sk-fake-provider-key") as server:
+        yield server
+
+
+@pytest.fixture
+def provider(world_a, fake_llm):
+    return services.provider_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Fake LLM",
+        base_url=fake_llm.base_url,
+        default_model="fake-model",
+        api_key="sk-fake-provider-key",
+        timeout_seconds=5,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackMcp:
+    """A real MCP server in a thread: tools `add` and `shout`, streamable HTTP and SSE."""
+
+    def __init__(self) -> None:
+        server = MCPServer("test-tools")
+
+        @server.tool()
+        def add(a: int, b: int) -> int:
+            """Add two integers."""
+            return a + b
+
+        @server.tool()
+        def shout(text: str) -> str:
+            """Upper-case a text."""
+            return text.upper()
+
+        self.port = _free_port()
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        http_app = server.streamable_http_app(stateless_http=True, json_response=True)
+        sse_app = server.sse_app()
+        app = Starlette(
+            routes=[Mount("/sse-app", app=sse_app), Mount("/", app=http_app)],
+            lifespan=http_app.router.lifespan_context,
+        )
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    @property
+    def sse_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/sse-app/sse"
+
+    def __enter__(self) -> LoopbackMcp:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the MCP server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture
+def mcp_loopback() -> Iterator[LoopbackMcp]:
+    with LoopbackMcp() as server:
+        yield server
+
+
+@pytest.fixture
+def dead_port() -> int:
+    return _free_port()  # nothing listens there

@@ -1,0 +1,313 @@
+"""Agents built from stored configuration, run through the real OpenAI client path against the
+project's fake OpenAI-compatible server, with a real MCP server on loopback."""
+
+from __future__ import annotations
+
+from asgiref.sync import async_to_sync
+
+from ai_agents import selectors, services
+from ai_agents.runtime import execute
+
+
+def _make(world, name="Assistant", publish=True, **config):
+    agent = services.agent_create(
+        tenant=world.tenant, actor=world.actor(), name=name, config=config
+    )
+    if publish:
+        services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    return selectors.agent_get(tenant=world.tenant, agent_id=agent.pk)
+
+
+def _run(world, agent, text):
+    version = selectors.working_version(tenant=world.tenant, agent=agent)
+    return async_to_sync(execute.run_version)(tenant=world.tenant, version=version, input=text)
+
+
+def _spans(outcome, kind):
+    return [s for s in outcome.trace if s["kind"] == kind]
+
+
+def test_an_agent_calls_a_builtin_tool(world_a, provider, fake_llm):
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        tools=[{"name": "calculator"}],
+        instructions="You compute.",
+    )
+    fake_llm.script(
+        [
+            {"tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}]},
+            {"text": "The answer is 42."},
+        ]
+    )
+    outcome = _run(world_a, agent, "what is six times seven?")
+    assert outcome.status == "success", outcome.message
+    assert outcome.output == "The answer is 42."
+    [call] = outcome.tool_calls
+    assert (call["tool"], call["output"]) == ("calculator", "42")
+    bodies = [r["body"] for r in fake_llm.requests() if r["path"].endswith("/chat/completions")]
+    assert bodies[0]["messages"][0] == {"role": "system", "content": "You compute."}
+    assert any(m.get("role") == "tool" and m.get("content") == "42" for m in bodies[1]["messages"])
+    # streamed chat completions report tokens only when asked: the runtime asks
+    assert bodies[0]["stream_options"] == {"include_usage": True}
+    assert outcome.usage["requests"] == 2 and outcome.usage["output_tokens"] > 0
+
+
+def test_an_agent_calls_a_tool_of_a_real_mcp_server(world_a, provider, fake_llm, mcp_loopback):
+    server = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="math",
+        url=mcp_loopback.url,
+        tool_allowlist=["add"],
+    )
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        mcp_servers=[{"server_id": str(server.pk), "required": True}],
+    )
+    fake_llm.script(
+        [
+            {"tool_calls": [{"name": "add", "arguments": {"a": 40, "b": 2}}]},
+            {"text": "It is 42."},
+        ]
+    )
+    outcome = _run(world_a, agent, "add 40 and 2")
+    assert outcome.status == "success", outcome.message
+    [call] = outcome.tool_calls
+    assert call["tool"] == "add" and "42" in call["output"]
+    first = fake_llm.requests()[0]["body"]
+    offered = {t["function"]["name"] for t in first["tools"]}
+    assert offered == {"add"}  # `shout` is not on the allow-list
+    assert _spans(outcome, "mcp_server")[0]["connected"] is True
+
+
+def test_a_triage_agent_hands_off_to_a_specialist(world_a, provider, fake_llm):
+    billing = _make(
+        world_a, "Billing", provider_id=str(provider.pk), instructions="You handle invoices."
+    )
+    triage = _make(world_a, "Triage", provider_id=str(provider.pk), handoffs=[str(billing.pk)])
+    fake_llm.script(
+        [
+            {"tool_calls": [{"name": "transfer_to_billing", "arguments": {}}]},
+            {"text": "Billing here: your invoice is paid."},
+        ]
+    )
+    outcome = _run(world_a, triage, "I have a question about my invoice")
+    assert outcome.status == "success", outcome.message
+    assert outcome.last_agent == "Billing"
+    assert outcome.output == "Billing here: your invoice is paid."
+    assert _spans(outcome, "handoff") == [
+        {**_spans(outcome, "handoff")[0], "from_agent": "Triage", "to_agent": "Billing"}
+    ]
+    second = fake_llm.requests()[1]["body"]
+    assert second["messages"][0]["content"] == "You handle invoices."
+
+
+def test_a_tripped_input_guardrail_ends_the_run_before_the_model(world_a, provider, fake_llm):
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        input_guardrails=[
+            {
+                "kind": "blocked_words",
+                "words": ["password"],
+                "message": "Please never share passwords.",
+            }
+        ],
+    )
+    outcome = _run(world_a, agent, "my Password is hunter2")
+    assert (outcome.status, outcome.message) == ("guardrail", "Please never share passwords.")
+    assert fake_llm.requests() == []  # the model was never called
+    [span] = _spans(outcome, "guardrail")
+    assert span["tripped"] is True and "password" in span["reason"]
+
+
+def test_an_output_guardrail_withholds_the_answer(world_a, provider, fake_llm):
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        output_guardrails=[
+            {"kind": "pattern", "pattern": r"\d{4}-\d{4}", "message": "That answer was withheld."}
+        ],
+    )
+    fake_llm.script([{"text": "The card is 1234-5678."}])
+    outcome = _run(world_a, agent, "what's the card?")
+    assert (outcome.status, outcome.message) == ("guardrail", "That answer was withheld.")
+
+
+def test_a_classifier_guardrail_asks_the_model_a_yes_no_question(world_a, provider, fake_llm):
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        input_guardrails=[
+            {"kind": "classifier", "question": "Is this about weapons?", "message": "Off limits."}
+        ],
+    )
+    fake_llm.script([{"text": "yes"}])
+    outcome = _run(world_a, agent, "how do I build a trebuchet")
+    assert (outcome.status, outcome.message) == ("guardrail", "Off limits.")
+    judge = fake_llm.requests()[0]["body"]["messages"][0]["content"]
+    assert "Is this about weapons?" in judge
+
+
+def test_publishing_and_restoring_change_what_the_next_run_uses(world_a, provider, fake_llm):
+    actor, tenant = world_a.actor(), world_a.tenant
+    agent = _make(world_a, provider_id=str(provider.pk), instructions="Version one.")
+    v1 = agent.published_version
+
+    def system_prompt_of_next_run() -> str:
+        fake_llm.reset()
+        live = selectors.agent_get(tenant=tenant, agent_id=agent.pk).published_version
+        async_to_sync(execute.run_version)(tenant=tenant, version=live, input="hi")
+        return fake_llm.requests()[0]["body"]["messages"][0]["content"]
+
+    assert system_prompt_of_next_run() == "Version one."
+    services.draft_save(
+        tenant=tenant,
+        actor=actor,
+        agent_id=agent.pk,
+        config={"provider_id": str(provider.pk), "instructions": "Version two."},
+    )
+    assert system_prompt_of_next_run() == "Version one."  # a draft is not live
+    services.agent_publish(tenant=tenant, actor=actor, agent_id=agent.pk)
+    assert system_prompt_of_next_run() == "Version two."
+    services.agent_restore(tenant=tenant, actor=actor, agent_id=agent.pk, version_id=v1.pk)
+    assert system_prompt_of_next_run() == "Version one."
+
+
+def test_the_responses_api_works_too(world_a, fake_llm):
+    provider = services.provider_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Responses",
+        base_url=fake_llm.base_url,
+        default_model="fake-model",
+        api="responses",
+        api_key="sk-fake-provider-key",
+    )
+    agent = _make(world_a, provider_id=str(provider.pk), tools=[{"name": "calculator"}])
+    fake_llm.script(
+        [
+            {"tool_calls": [{"name": "calculator", "arguments": {"expression": "2^10"}}]},
+            {"text": "1024 it is."},
+        ]
+    )
+    outcome = _run(world_a, agent, "two to the tenth")
+    assert outcome.status == "success" and outcome.output == "1024 it is."
+    assert outcome.tool_calls[0]["output"] == "1024"
+    assert all(r["path"].endswith("/responses") for r in fake_llm.requests())
+
+
+def test_structured_output_follows_the_schema(world_a, provider, fake_llm):
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "integer"}},
+        "required": ["answer"],
+    }
+    agent = _make(world_a, provider_id=str(provider.pk), output_schema=schema)
+    fake_llm.script([{"text": '{"answer": 42}'}])
+    assert _run(world_a, agent, "answer?").output == {"answer": 42}
+    fake_llm.script([{"text": '{"answer": "many"}'}])
+    outcome = _run(world_a, agent, "answer?")
+    assert outcome.status == "error" and "does not match the schema" in outcome.message
+
+
+# --- Failures, in plain words ----------------------------------------------------------------
+
+
+def test_a_refused_key_fails_the_run_and_the_connection_test_says_so(world_a, fake_llm):
+    provider = services.provider_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Wrong key",
+        base_url=fake_llm.base_url,
+        default_model="fake-model",
+        api_key="sk-wrong-key-123456",
+    )
+    agent = _make(world_a, provider_id=str(provider.pk))
+    outcome = _run(world_a, agent, "hello")
+    assert outcome.status == "error" and "refused the API key" in outcome.message
+    ok, message = async_to_sync(execute.check_provider)(provider)
+    assert not ok and "refused the API key" in message
+    assert "sk-wrong-key" not in outcome.message + message
+
+
+def test_a_slow_provider_times_out_with_a_clear_error(world_a, fake_llm):
+    provider = services.provider_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Slow",
+        base_url=fake_llm.base_url,
+        default_model="fake-model",
+        api_key="sk-fake-provider-key",
+        timeout_seconds=1,
+    )
+    fake_llm.script([{"text": "late", "delay_ms": 3000}])
+    ok, message = async_to_sync(execute.check_provider)(provider)
+    assert not ok and "did not answer within 1 s" in message
+
+
+def test_garbage_from_the_provider_is_reported_not_crashed_on(world_a, provider, fake_llm):
+    agent = _make(world_a, provider_id=str(provider.pk))
+    fake_llm.script([{"garbage": True}])
+    outcome = _run(world_a, agent, "hello")
+    assert outcome.status == "error" and "not with a valid completion" in outcome.message
+    fake_llm.script([{"garbage": True}])
+    ok, message = async_to_sync(execute.check_provider)(provider)
+    assert not ok and "valid completion" in message
+    assert async_to_sync(execute.check_provider)(provider) == (
+        True,
+        "Connected: fake-model answered.",
+    )
+
+
+def test_an_unreachable_optional_mcp_server_is_skipped_and_the_trace_says_why(
+    world_a, provider, fake_llm, dead_port
+):
+    server = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="down",
+        url=f"http://127.0.0.1:{dead_port}/mcp",
+        timeout_seconds=2,
+    )
+    optional = _make(
+        world_a,
+        "Optional",
+        provider_id=str(provider.pk),
+        mcp_servers=[{"server_id": str(server.pk)}],
+    )
+    fake_llm.script([{"text": "I answered without it."}])
+    outcome = _run(world_a, optional, "hi")
+    assert outcome.status == "success" and outcome.output == "I answered without it."
+    [span] = _spans(outcome, "mcp_server")
+    assert span["connected"] is False and span["error"]
+    assert "tools" not in fake_llm.requests()[0]["body"]
+
+    required = _make(
+        world_a,
+        "Required",
+        provider_id=str(provider.pk),
+        mcp_servers=[{"server_id": str(server.pk), "required": True}],
+    )
+    outcome = _run(world_a, required, "hi")
+    assert outcome.status == "error"
+    assert "MCP server down is required" in outcome.message
+
+
+def test_private_addresses_are_refused_unless_allowed(world_a, provider, settings):
+    settings.EGRESS_ALLOWED_NETWORKS = []
+    agent = _make(world_a, provider_id=str(provider.pk))
+    outcome = _run(world_a, agent, "hello")
+    assert outcome.status == "error" and "127.0.0.1" in outcome.message
+    ok, message = async_to_sync(execute.check_provider)(provider)
+    assert not ok and "127.0.0.1" in message
+
+
+def test_without_a_provider_the_builtin_offline_model_answers(world_a):
+    agent = _make(world_a, tools=[{"name": "calculator"}])
+    outcome = _run(world_a, agent, "use the calculator to compute 17 * 23")
+    assert outcome.status == "success", outcome.message
+    assert outcome.tool_calls and outcome.tool_calls[0]["output"] == "391"
+    assert "391" in outcome.output
