@@ -11,7 +11,6 @@ from ninja import Field, Router, Schema, Status
 from ai_agents import selectors, services, tools
 from ai_agents.config import AgentConfig
 from ai_agents.runtime import execute
-from controlplane.errors import NotFound
 from tenants.auth import require_scope
 from tenants.requests import ApiRequest
 
@@ -126,12 +125,17 @@ class RunIn(Schema):
 
 
 class RunOut(Schema):
-    status: str
+    id: UUID
+    version_number: int | None = Field(description="Null when the draft ran.")
+    input: str
+    status: str = Field(description="success, guardrail or error")
     output: Any
     message: str
     last_agent: str
     usage: dict[str, int]
     trace: list[dict[str, Any]]
+    duration_ms: int
+    created_at: datetime
 
 
 class ToolOut(Schema):
@@ -379,20 +383,24 @@ def compare_versions(request: ApiRequest, agent_id: UUID, a: UUID, b: UUID):
 
 @router.post("/agents/{agent_id}/draft/run", response=RunOut)
 def run_draft(request: ApiRequest, agent_id: UUID, payload: RunIn):
-    """Run the draft (or, without one, the published version) once, like the playground."""
+    """Run the draft (or, without one, the published version) once, like the playground; the
+    run is kept with its trace."""
     require_scope(request, "admin")
-    agent = selectors.agent_get(tenant=request.tenant, agent_id=agent_id)
-    version = selectors.working_version(tenant=request.tenant, agent=agent)
-    if version is None:  # every agent is created with a draft; kept for the type checker
-        raise NotFound("This agent has no version to run.")
-    outcome = async_to_sync(execute.run_version)(
-        tenant=request.tenant, version=version, input=payload.input
+    return services.playground_run(
+        tenant=request.tenant, actor=request.actor, agent_id=agent_id, input=payload.input
     )
-    return {
-        "status": outcome.status,
-        "output": outcome.output,
-        "message": outcome.message,
-        "last_agent": outcome.last_agent,
-        "usage": outcome.usage,
-        "trace": outcome.trace,
-    }
+
+
+@router.get("/agents/{agent_id}/runs", response=list[RunOut])
+def list_test_runs(request: ApiRequest, agent_id: UUID):
+    """The agent's latest playground and draft runs, newest first."""
+    require_scope(request, "read")
+    agent = selectors.agent_get(tenant=request.tenant, agent_id=agent_id)
+    return selectors.playground_run_list(tenant=request.tenant, agent=agent, limit=50)
+
+
+@router.get("/agents/{agent_id}/runs/{run_id}", response=RunOut)
+def get_test_run(request: ApiRequest, agent_id: UUID, run_id: UUID):
+    require_scope(request, "read")
+    agent = selectors.agent_get(tenant=request.tenant, agent_id=agent_id)
+    return selectors.playground_run_get(tenant=request.tenant, agent=agent, run_id=run_id)

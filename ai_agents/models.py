@@ -160,3 +160,37 @@ class AgentVersion(TenantOwned):
 
     def __str__(self) -> str:
         return f"v{self.number}" if self.number else "draft"
+
+
+class PlaygroundRun(TenantOwned):
+    """One run from the playground or `POST /agents/{id}/draft/run`, kept with its trace so it can
+    be inspected afterwards. Conversation runs have their own table; this one records tests of a
+    configuration."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="playground_runs")
+    # The exact configuration that ran: the version row (draft or published) and, if it was
+    # published, its number. A draft that is edited later keeps its id but not its content,
+    # so the configuration is copied too.
+    version = models.ForeignKey(
+        AgentVersion, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    version_number = models.PositiveIntegerField(null=True, blank=True)
+    config = models.JSONField(default=dict)
+    input = models.TextField()
+    status = models.CharField(max_length=16)
+    output = models.JSONField(null=True, blank=True)
+    message = models.TextField(blank=True)
+    last_agent = models.CharField(max_length=100, blank=True)
+    trace = models.JSONField(default=list)
+    usage = models.JSONField(default=dict)
+    duration_ms = models.PositiveIntegerField(default=0)
+    created_by = models.ForeignKey(
+        User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["tenant", "agent", "-created_at"], name="playgroundrun_recent")
+        ]

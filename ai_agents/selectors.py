@@ -7,7 +7,14 @@ from typing import Any
 from django.db.models import QuerySet
 
 from ai_agents.config import diff
-from ai_agents.models import Agent, AgentVersion, McpServer, ModelProvider, VersionState
+from ai_agents.models import (
+    Agent,
+    AgentVersion,
+    McpServer,
+    ModelProvider,
+    PlaygroundRun,
+    VersionState,
+)
 from controlplane.errors import NotFound
 from tenants.models import Tenant
 
@@ -67,6 +74,23 @@ def version_get(*, tenant: Tenant, agent: Agent, version_id) -> AgentVersion:
         return AgentVersion.objects.for_tenant(tenant).get(agent=agent, pk=version_id)
     except (AgentVersion.DoesNotExist, ValueError):
         raise NotFound("No such version.")
+
+
+def playground_run_list(*, tenant: Tenant, agent: Agent, limit: int = 10) -> list[PlaygroundRun]:
+    """The agent's latest test runs, newest first."""
+    return list(
+        PlaygroundRun.objects.for_tenant(tenant)
+        .filter(agent=agent)
+        .select_related("created_by")
+        .order_by("-created_at")[:limit]
+    )
+
+
+def playground_run_get(*, tenant: Tenant, agent: Agent, run_id) -> PlaygroundRun:
+    try:
+        return PlaygroundRun.objects.for_tenant(tenant).get(agent=agent, pk=run_id)
+    except (PlaygroundRun.DoesNotExist, ValueError):
+        raise NotFound("No such run.")
 
 
 def version_compare(*, tenant: Tenant, agent: Agent, a_id, b_id) -> list[tuple[str, Any, Any]]:

@@ -9,9 +9,11 @@ one. Secrets are encrypted before they are stored and never returned.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from asgiref.sync import async_to_sync
 from django.db import IntegrityError, transaction
 from django.db.models import Max
 from django.utils import timezone
@@ -27,6 +29,7 @@ from ai_agents.models import (
     McpServer,
     McpTransport,
     ModelProvider,
+    PlaygroundRun,
     ProviderApi,
     VersionState,
 )
@@ -370,6 +373,41 @@ def mcp_server_delete(*, tenant: Tenant, actor: Actor, server_id) -> None:
         raise Conflict(f"{server.name} is used by {', '.join(users)}: remove it there first.")
     audit_record(tenant=tenant, actor=actor, action="mcp_server.deleted", target=server)
     server.delete()
+
+
+# --- Playground -------------------------------------------------------------------------------
+
+
+def playground_run(*, tenant: Tenant, actor: Actor, agent_id, input: str) -> PlaygroundRun:
+    """Run the agent's working version (its draft, else the live one) once and keep the result
+    with its trace. The model is called outside any transaction."""
+    _require_manager(actor)
+    if not input.strip():
+        raise ValidationFailed("Say something to the agent.", fields={"input": "Type a message."})
+    agent = selectors.agent_get(tenant=tenant, agent_id=agent_id)
+    version = selectors.working_version(tenant=tenant, agent=agent)
+    if version is None:  # every agent is created with a draft
+        raise Conflict("This agent has no version to run.")
+    from ai_agents.runtime import execute  # the runtime builds on these services
+
+    started = time.monotonic()
+    outcome = async_to_sync(execute.run_version)(tenant=tenant, version=version, input=input)
+    return PlaygroundRun.objects.create(
+        tenant=tenant,
+        agent=agent,
+        version=version,
+        version_number=version.number,
+        config=version.config,
+        input=input,
+        status=outcome.status,
+        output=outcome.output if outcome.status == "success" else None,
+        message=outcome.message,
+        last_agent=outcome.last_agent,
+        trace=outcome.trace,
+        usage=outcome.usage,
+        duration_ms=round((time.monotonic() - started) * 1000),
+        created_by=actor.user,
+    )
 
 
 # --- Agents and versions ----------------------------------------------------------------------

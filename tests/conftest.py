@@ -54,6 +54,7 @@ def _isolated_redis(settings):
     settings.EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
     # Outbound requests reach public addresses only; a test that needs loopback says so.
     settings.EGRESS_ALLOWED_NETWORKS = []
+    settings.OFFLINE_MODEL_WORD_DELAY = 0  # the offline model streams without pauses in tests
     settings.SECURE_SSL_REDIRECT = False
     yield
 

@@ -56,8 +56,13 @@ def test_manage_an_agent_end_to_end_from_code(world_a, api_client, fake_llm):
     )
     run = _post(client, f"/api/v1/agents/{agent['id']}/draft/run", {"input": "1+1?"}).json()
     assert run["status"] == "success" and run["output"] == "Two."
+    assert run["version_number"] is None  # the draft ran
     assert [s["tool"] for s in run["trace"] if s["kind"] == "tool_call"] == ["calculator"]
     assert run["usage"]["requests"] == 2
+    # the run is kept with its trace, for inspection later
+    kept = client.get(f"/api/v1/agents/{agent['id']}/runs/{run['id']}").json()
+    assert kept["trace"] == run["trace"] and kept["input"] == "1+1?"
+    assert [r["id"] for r in client.get(f"/api/v1/agents/{agent['id']}/runs").json()] == [run["id"]]
 
     v1 = _post(client, f"/api/v1/agents/{agent['id']}/publish", {"note": "first"}).json()
     assert (v1["number"], v1["state"]) == (1, "published")

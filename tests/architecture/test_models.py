@@ -13,6 +13,7 @@ TENANT_OWNED = {
     "agents.AgentVersion": "a configuration of one tenant's agent",
     "agents.ModelProvider": "a tenant's model endpoint and its encrypted key",
     "agents.McpServer": "a tenant's MCP server and its encrypted headers",
+    "agents.PlaygroundRun": "a test run of one tenant's agent, with its trace",
 }
 
 GLOBAL = {

@@ -62,6 +62,42 @@ TENANT_ROUTES: dict[str, Case] = {
     "api-key-create": Case(methods=("post",), data={"name": "pwn", "scopes": ["admin"]}),
     "api-key-revoke": Case(lambda w: {"api_key_id": w.read_key.pk}, ("post",)),
     "audit-log": Case(),
+    # Agents: ids from `agents_of(a)` (made in `two_worlds`, before the snapshot).
+    "agent-list": Case(),
+    "agent-create": Case(methods=("post",), data={"name": "Pwned"}),
+    "agent-detail": Case(
+        lambda w: _ids(agent_id="agent")(w), ("get", "post"), {"instructions": "pwned"}
+    ),
+    "agent-update": Case(lambda w: _ids(agent_id="agent")(w), ("post",), {"name": "Pwned"}),
+    "agent-publish": Case(lambda w: _ids(agent_id="agent")(w), ("post",), {"note": "pwned"}),
+    "agent-delete": Case(lambda w: _ids(agent_id="agent")(w), ("post",)),
+    "agent-playground": Case(lambda w: _ids(agent_id="agent")(w), ("post",), {"message": "hi"}),
+    "agent-versions": Case(lambda w: _ids(agent_id="agent")(w)),
+    "agent-restore": Case(lambda w: _ids(agent_id="agent", version_id="version")(w), ("post",)),
+    "agent-compare": Case(lambda w: _ids(agent_id="agent")(w)),
+    "provider-list": Case(),
+    "provider-create": Case(
+        methods=("post",),
+        data={"name": "pwn", "base_url": "https://x.example.com/v1", "default_model": "m"},
+    ),
+    "provider-detail": Case(
+        lambda w: _ids(provider_id="provider")(w),
+        ("get", "post"),
+        {"name": "pwned", "base_url": "https://x.example.com/v1", "default_model": "m"},
+    ),
+    "provider-delete": Case(lambda w: _ids(provider_id="provider")(w), ("post",)),
+    "provider-test": Case(lambda w: _ids(provider_id="provider")(w), ("post",)),
+    "mcp-server-list": Case(),
+    "mcp-server-create": Case(
+        methods=("post",), data={"name": "pwn", "url": "https://x.example.com/mcp"}
+    ),
+    "mcp-server-detail": Case(
+        lambda w: _ids(server_id="server")(w),
+        ("get", "post"),
+        {"name": "pwned", "url": "https://x.example.com/mcp", "transport": "sse"},
+    ),
+    "mcp-server-delete": Case(lambda w: _ids(server_id="server")(w), ("post",)),
+    "mcp-server-tools": Case(lambda w: _ids(server_id="server")(w), ("post",)),
 }
 
 
@@ -99,6 +135,9 @@ def two_worlds(world_a, world_b):
     world_b.invitation, _ = services.invitation_create(
         tenant=world_b.tenant, actor=world_b.actor(), email="pending@globex.test", role="member"
     )
+    # An agent (live version and draft), a provider and an MCP server in each tenant, made now so
+    # that the snapshot taken before a cross-tenant call already holds them.
+    agents_of(world_a), agents_of(world_b)
     return world_a, world_b
 
 
@@ -180,7 +219,11 @@ def agents_of(world: World) -> dict:
         services.draft_save(
             tenant=world.tenant, actor=actor, agent_id=agent.pk, config={"instructions": "draft"}
         )
+        run = services.playground_run(
+            tenant=world.tenant, actor=actor, agent_id=agent.pk, input="hello"
+        )
         world.agent_objects = {
+            "run": run,
             "agent": agent,
             "version": version,
             "provider": provider,
@@ -243,6 +286,10 @@ API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
     ("GET", "/api/v1/agents/{agent_id}/compare"): ApiCase(
         _ids(agent_id="agent"),
         query=lambda w: f"?a={agents_of(w)['version'].pk}&b={agents_of(w)['version'].pk}",
+    ),
+    ("GET", "/api/v1/agents/{agent_id}/runs"): ApiCase(_ids(agent_id="agent")),
+    ("GET", "/api/v1/agents/{agent_id}/runs/{run_id}"): ApiCase(
+        _ids(agent_id="agent", run_id="run")
     ),
     ("POST", "/api/v1/agents/{agent_id}/draft/run"): ApiCase(
         _ids(agent_id="agent"), body={"input": "hello"}
