@@ -77,78 +77,46 @@ async def _classify(config: GuardrailConfig, text: str, model: Model) -> str | N
     )
 
 
-def _name(config: GuardrailConfig, index: int, side: str) -> str:
-    return f"{side}:{index}:{config.kind}"
+def _check_function(config: GuardrailConfig, name: str, side: str, model: Model) -> Any:
+    """The SDK guardrail function for one configured check (the same for input and output)."""
+
+    async def check(
+        ctx: RunContextWrapper[RunContext], agent: Agent[Any], value: Any
+    ) -> GuardrailFunctionOutput:
+        text = text_of(value)
+        if config.kind == "classifier":
+            hit = await _classify(config, text, model)
+        else:
+            hit = _check(config, text)
+        ctx.context.trace.add(
+            "guardrail", side=side, name=name, tripped=hit is not None, reason=hit or ""
+        )
+        return GuardrailFunctionOutput(
+            output_info={"message": config.user_message, "reason": hit},
+            tripwire_triggered=hit is not None,
+        )
+
+    return check
 
 
 def build_input(configs: list[GuardrailConfig], model: Model) -> list[InputGuardrail[Any]]:
-    guards: list[InputGuardrail[Any]] = []
-    for index, config in enumerate(configs):
-
-        async def check(
-            ctx: RunContextWrapper[RunContext],
-            agent: Agent[Any],
-            value: Any,
-            config: GuardrailConfig = config,
-            index: int = index,
-        ) -> GuardrailFunctionOutput:
-            text = text_of(value)
-            hit = (
-                await _classify(config, text, model)
-                if config.kind == "classifier"
-                else _check(config, text)
-            )
-            ctx.context.trace.add(
-                "guardrail",
-                side="input",
-                name=_name(config, index, "input"),
-                tripped=hit is not None,
-                reason=hit or "",
-            )
-            return GuardrailFunctionOutput(
-                output_info={"message": config.user_message, "reason": hit},
-                tripwire_triggered=hit is not None,
-            )
-
-        # Not in parallel: a blocked input must not reach the model (nor spend its tokens).
-        guards.append(
-            InputGuardrail(
-                guardrail_function=check, name=_name(config, index, "input"), run_in_parallel=False
-            )
+    # Not in parallel: a blocked input must not reach the model (nor spend its tokens).
+    return [
+        InputGuardrail(
+            guardrail_function=_check_function(config, name, "input", model),
+            name=name,
+            run_in_parallel=False,
         )
-    return guards
+        for index, config in enumerate(configs)
+        for name in [f"input:{index}:{config.kind}"]
+    ]
 
 
 def build_output(configs: list[GuardrailConfig], model: Model) -> list[OutputGuardrail[Any]]:
-    guards: list[OutputGuardrail[Any]] = []
-    for index, config in enumerate(configs):
-
-        async def check(
-            ctx: RunContextWrapper[RunContext],
-            agent: Agent[Any],
-            output: Any,
-            config: GuardrailConfig = config,
-            index: int = index,
-        ) -> GuardrailFunctionOutput:
-            text = text_of(output)
-            hit = (
-                await _classify(config, text, model)
-                if config.kind == "classifier"
-                else _check(config, text)
-            )
-            ctx.context.trace.add(
-                "guardrail",
-                side="output",
-                name=_name(config, index, "output"),
-                tripped=hit is not None,
-                reason=hit or "",
-            )
-            return GuardrailFunctionOutput(
-                output_info={"message": config.user_message, "reason": hit},
-                tripwire_triggered=hit is not None,
-            )
-
-        guards.append(
-            OutputGuardrail(guardrail_function=check, name=_name(config, index, "output"))
+    return [
+        OutputGuardrail(
+            guardrail_function=_check_function(config, name, "output", model), name=name
         )
-    return guards
+        for index, config in enumerate(configs)
+        for name in [f"output:{index}:{config.kind}"]
+    ]
