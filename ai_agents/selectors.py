@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 
 from ai_agents.config import diff
@@ -26,7 +27,7 @@ def provider_list(*, tenant: Tenant) -> QuerySet[ModelProvider]:
 def provider_get(*, tenant: Tenant, provider_id) -> ModelProvider:
     try:
         return ModelProvider.objects.for_tenant(tenant).get(pk=provider_id)
-    except (ModelProvider.DoesNotExist, ValueError):
+    except (ModelProvider.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such model provider.")
 
 
@@ -37,7 +38,7 @@ def mcp_server_list(*, tenant: Tenant) -> QuerySet[McpServer]:
 def mcp_server_get(*, tenant: Tenant, server_id) -> McpServer:
     try:
         return McpServer.objects.for_tenant(tenant).get(pk=server_id)
-    except (McpServer.DoesNotExist, ValueError):
+    except (McpServer.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such MCP server.")
 
 
@@ -49,7 +50,7 @@ def agent_list(*, tenant: Tenant, published_only: bool = False) -> QuerySet[Agen
 def agent_get(*, tenant: Tenant, agent_id) -> Agent:
     try:
         return Agent.objects.for_tenant(tenant).select_related("published_version").get(pk=agent_id)
-    except (Agent.DoesNotExist, ValueError):
+    except (Agent.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such agent.")
 
 
@@ -72,7 +73,7 @@ def version_list(*, tenant: Tenant, agent: Agent) -> QuerySet[AgentVersion]:
 def version_get(*, tenant: Tenant, agent: Agent, version_id) -> AgentVersion:
     try:
         return AgentVersion.objects.for_tenant(tenant).get(agent=agent, pk=version_id)
-    except (AgentVersion.DoesNotExist, ValueError):
+    except (AgentVersion.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such version.")
 
 
@@ -89,7 +90,7 @@ def playground_run_list(*, tenant: Tenant, agent: Agent, limit: int = 10) -> lis
 def playground_run_get(*, tenant: Tenant, agent: Agent, run_id) -> PlaygroundRun:
     try:
         return PlaygroundRun.objects.for_tenant(tenant).get(agent=agent, pk=run_id)
-    except (PlaygroundRun.DoesNotExist, ValueError):
+    except (PlaygroundRun.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such run.")
 
 

@@ -34,7 +34,7 @@ from ai_agents.models import (
     VersionState,
 )
 from controlplane import crypto
-from controlplane.errors import Conflict, PermissionDenied, ValidationFailed
+from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from tenants.actors import Actor
 from tenants.audit import audit_record, changes
 from tenants.models import Tenant
@@ -421,17 +421,24 @@ def validate_config(
         config = AgentConfig.model_validate(raw)
     except ValidationError as exc:
         raise ValidationFailed("The configuration is invalid.", fields=_fields_from(exc))
-    if config.provider_id is not None:
-        selectors.provider_get(tenant=tenant, provider_id=config.provider_id)
-    for ref in config.mcp_servers:
-        selectors.mcp_server_get(tenant=tenant, server_id=ref.server_id)
-    for target_id in config.handoffs:
-        if agent is not None and target_id == agent.pk:
-            raise ValidationFailed(
-                "An agent cannot hand off to itself.",
-                fields={"handoffs": "An agent cannot hand off to itself."},
-            )
-        selectors.agent_get(tenant=tenant, agent_id=target_id)
+    # Another tenant's id is NotFound, like a missing one; `fields` says where it was named.
+    try:
+        if config.provider_id is not None:
+            where = "provider_id"
+            selectors.provider_get(tenant=tenant, provider_id=config.provider_id)
+        for index, ref in enumerate(config.mcp_servers):
+            where = f"mcp_servers.{index}"
+            selectors.mcp_server_get(tenant=tenant, server_id=ref.server_id)
+        for index, target_id in enumerate(config.handoffs):
+            where = f"handoffs.{index}"
+            if agent is not None and target_id == agent.pk:
+                raise ValidationFailed(
+                    "An agent cannot hand off to itself.",
+                    fields={"handoffs": "An agent cannot hand off to itself."},
+                )
+            selectors.agent_get(tenant=tenant, agent_id=target_id)
+    except NotFound as exc:
+        raise NotFound(exc.message, fields={where: exc.message})
     for tool in config.tools:
         try:
             tool.settings = tools.validate(tool.name, tool.settings)
@@ -626,13 +633,16 @@ def agent_restore(*, tenant: Tenant, actor: Actor, agent_id, version_id) -> Agen
 def agent_delete(*, tenant: Tenant, actor: Actor, agent_id) -> None:
     _require_manager(actor)
     agent = _agent_for_update(tenant, agent_id)
+    referring = (
+        AgentVersion.objects.for_tenant(tenant)
+        .exclude(agent=agent)
+        .filter(config__handoffs__contains=[str(agent.pk)])
+        .select_related("agent")
+    )
     users = sorted(
         v.agent.name
-        for v in AgentVersion.objects.for_tenant(tenant)
-        .exclude(agent=agent)
-        .select_related("agent")
-        if str(agent.pk) in [str(h) for h in v.config.get("handoffs", [])]
-        and (v.state == VersionState.DRAFT or v.agent.published_version_id == v.pk)
+        for v in referring
+        if v.state == VersionState.DRAFT or v.agent.published_version_id == v.pk
     )
     if users:
         raise Conflict(f"{agent.name} is a handoff target of {', '.join(sorted(set(users)))}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from django.utils import timezone
 
@@ -48,7 +49,7 @@ def membership_list(*, tenant: Tenant) -> QuerySet[Membership]:
 def membership_get(*, tenant: Tenant, membership_id) -> Membership:
     try:
         return Membership.objects.for_tenant(tenant).select_related("user").get(pk=membership_id)
-    except (Membership.DoesNotExist, ValueError):
+    except (Membership.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such member.")
 
 
@@ -73,7 +74,7 @@ def api_key_list(*, tenant: Tenant, include_revoked: bool = True) -> QuerySet[Ap
 def api_key_get(*, tenant: Tenant, api_key_id) -> ApiKey:
     try:
         return ApiKey.objects.for_tenant(tenant).select_related("created_by").get(pk=api_key_id)
-    except (ApiKey.DoesNotExist, ValueError):
+    except (ApiKey.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such API key.")
 
 

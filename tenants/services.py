@@ -14,6 +14,7 @@ from functools import partial
 
 from django.conf import settings
 from django.core import signing
+from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -159,7 +160,7 @@ def _membership_for_update(*, tenant: Tenant, membership_id) -> Membership:
             .select_related("user")
             .get(pk=membership_id)
         )
-    except (Membership.DoesNotExist, ValueError):
+    except (Membership.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such member.")
 
 
@@ -343,7 +344,7 @@ def invitation_revoke(*, tenant: Tenant, actor: Actor, invitation_id) -> None:
             .select_for_update()
             .get(pk=invitation_id, accepted_at__isnull=True, revoked_at__isnull=True)
         )
-    except (Invitation.DoesNotExist, ValueError):
+    except (Invitation.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such pending invitation.")
     invitation.revoked_at = timezone.now()
     invitation.save(update_fields=["revoked_at"])
@@ -371,7 +372,14 @@ def invitation_from_token(token: str, *, for_update: bool = False) -> Invitation
         invitation = qs.select_related("tenant").get(pk=data["i"])
     except signing.SignatureExpired:
         raise InvitationInvalid("This invitation has expired. Ask for a new one.", reason="expired")
-    except (signing.BadSignature, KeyError, TypeError, ValueError, Invitation.DoesNotExist):
+    except (
+        signing.BadSignature,
+        KeyError,
+        TypeError,
+        ValueError,
+        ValidationError,
+        Invitation.DoesNotExist,
+    ):
         raise InvitationInvalid(
             "This invitation link is not valid. Check that you copied all of it.", reason="tampered"
         )
@@ -492,7 +500,7 @@ def api_key_revoke(*, tenant: Tenant, actor: Actor, api_key_id) -> ApiKey:
     _require_manager(actor)
     try:
         key = ApiKey.objects.for_tenant(tenant).select_for_update().get(pk=api_key_id)
-    except (ApiKey.DoesNotExist, ValueError):
+    except (ApiKey.DoesNotExist, ValueError, ValidationError):
         raise NotFound("No such API key.")
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
