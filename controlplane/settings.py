@@ -91,6 +91,7 @@ INSTALLED_APPS = [
     "controlplane",
     "tenants",
     "ai_agents",
+    "conversations",
 ]
 
 MIDDLEWARE = [

@@ -14,6 +14,10 @@ TENANT_OWNED = {
     "agents.ModelProvider": "a tenant's model endpoint and its encrypted key",
     "agents.McpServer": "a tenant's MCP server and its encrypted headers",
     "agents.PlaygroundRun": "a test run of one tenant's agent, with its trace",
+    "conversations.EndUser": "a person a tenant's threads belong to",
+    "conversations.Thread": "a conversation with one tenant's agent",
+    "conversations.Run": "one execution of a tenant's agent on a thread",
+    "conversations.Item": "one conversation item of a tenant's thread",
 }
 
 GLOBAL = {

@@ -1,0 +1,266 @@
+"""Writes for end users, threads and runs.
+
+`run_create` is the one way a run comes to exist, whatever asks for it (chat, REST, schedule,
+trigger): in one transaction it locks the thread, applies the thread's double-texting strategy,
+and stores the run with its input. The database guarantees at most one active run per thread
+(`run_one_active_per_thread`), so concurrent messages can never produce two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ai_agents import selectors as agent_selectors
+from controlplane.errors import Conflict, NotFound, ValidationFailed
+from conversations.models import (
+    EndUser,
+    EndUserKind,
+    Item,
+    MultitaskStrategy,
+    Run,
+    RunSource,
+    RunStatus,
+    Thread,
+    ThreadStatus,
+)
+from tenants.actors import Actor
+from tenants.models import Tenant, User
+
+MAX_INPUT_CHARS = 100_000
+
+
+class ThreadBusy(Conflict):
+    """The thread has an active run and the strategy is `reject`."""
+
+    code = "thread_busy"
+
+
+# --- End users --------------------------------------------------------------------------------
+
+
+def _get_or_create_end_user(
+    tenant: Tenant, lookup: dict[str, Any], defaults: dict[str, Any]
+) -> EndUser:
+    qs = EndUser.objects.for_tenant(tenant)
+    found = qs.filter(**lookup).first()
+    if found is not None:
+        return found
+    try:
+        with transaction.atomic():
+            return EndUser.objects.create(tenant=tenant, **lookup, **defaults)
+    except IntegrityError:  # created concurrently: use that one
+        return qs.get(**lookup)
+
+
+def end_user_for_member(*, tenant: Tenant, user: User) -> EndUser:
+    """The end user a member chats as in the browser (created on first use)."""
+    return _get_or_create_end_user(
+        tenant, {"user": user}, {"kind": EndUserKind.MEMBER, "display_name": user.display_name}
+    )
+
+
+def end_user_for_external(*, tenant: Tenant, external_id: str, display_name: str = "") -> EndUser:
+    """An integrator's user, named by an id that is unique within the tenant."""
+    external_id = external_id.strip()
+    if not external_id or len(external_id) > 200:
+        raise ValidationFailed(
+            "Invalid end-user id.", fields={"user_id": "Give 1 to 200 characters."}
+        )
+    return _get_or_create_end_user(
+        tenant,
+        {"external_id": external_id},
+        {"kind": EndUserKind.EXTERNAL, "display_name": display_name.strip()[:200]},
+    )
+
+
+# --- Threads ----------------------------------------------------------------------------------
+
+
+def thread_get(*, tenant: Tenant, end_user: EndUser, thread_id: Any) -> Thread:
+    """A thread of this end user; another end user's or tenant's thread is NotFound."""
+    try:
+        return (
+            Thread.objects.for_tenant(tenant)
+            .select_related("agent")
+            .get(pk=thread_id, end_user=end_user)
+        )
+    except (Thread.DoesNotExist, ValueError, ValidationError):
+        raise NotFound("No such thread.")
+
+
+def thread_create(
+    *,
+    tenant: Tenant,
+    end_user: EndUser,
+    agent_id: Any,
+    title: str = "",
+    metadata: dict[str, Any] | None = None,
+) -> Thread:
+    """Start a conversation with a published agent of the tenant."""
+    agent = agent_selectors.agent_get(tenant=tenant, agent_id=agent_id)
+    if agent.published_version_id is None:
+        raise Conflict(f"{agent.name} is not published yet.")
+    return Thread.objects.create(
+        tenant=tenant,
+        agent=agent,
+        end_user=end_user,
+        title=title.strip()[:200],
+        metadata=metadata or {},
+    )
+
+
+@transaction.atomic
+def thread_rename(*, tenant: Tenant, end_user: EndUser, thread_id: Any, title: str) -> Thread:
+    thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
+    thread.title = title.strip()[:200]
+    thread.updated_at = timezone.now()
+    thread.save(update_fields=["title", "updated_at"])
+    return thread
+
+
+@transaction.atomic
+def thread_delete(*, tenant: Tenant, end_user: EndUser, thread_id: Any) -> None:
+    thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
+    if (
+        Run.objects.for_tenant(tenant)
+        .filter(thread=thread, status__in=[RunStatus.PENDING, RunStatus.RUNNING])
+        .exists()
+    ):
+        raise Conflict("The thread has a run in progress: stop it first.")
+    thread.delete()
+
+
+# --- Runs -------------------------------------------------------------------------------------
+
+
+def normalise_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Input items in the SDK's Responses format; a string is one user message."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            raise ValidationFailed("The message is empty.", fields={"input": "Type a message."})
+        items: list[dict[str, Any]] = [{"role": "user", "content": text}]
+    elif isinstance(value, list) and value:
+        items = []
+        for index, item in enumerate(value):
+            role, content = (
+                (item.get("role"), item.get("content")) if isinstance(item, dict) else (None, None)
+            )
+            if role not in ("user", "system", "developer") or not isinstance(content, (str, list)):
+                raise ValidationFailed(
+                    "Invalid input message.",
+                    fields={f"input.{index}": "Each message needs a role (user) and a content."},
+                )
+            items.append({"role": role, "content": content})
+    else:
+        raise ValidationFailed("The input is empty.", fields={"input": "Send a message."})
+    if sum(len(str(i["content"])) for i in items) > MAX_INPUT_CHARS:
+        raise ValidationFailed(
+            "The input is too long.", fields={"input": f"At most {MAX_INPUT_CHARS} characters."}
+        )
+    return items
+
+
+def run_create(
+    *,
+    tenant: Tenant,
+    end_user: EndUser,
+    thread_id: Any,
+    input: str | list[dict[str, Any]],
+    source: str = RunSource.CHAT,
+    strategy: str = MultitaskStrategy.REJECT,
+    actor: Actor | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Run:
+    """Store the input and a pending run on the thread, applying `strategy` if a run is active:
+
+    - reject (default): ThreadBusy, nothing written;
+    - enqueue: the run waits (queued) and starts when the active one ends;
+    - interrupt: the active run ends as `interrupted` (what it said stays), this one starts;
+    - rollback: the active run ends as `cancelled` and its items are removed, this one starts.
+
+    The run records the agent version it will use (the live one, now).
+    """
+    if strategy not in MultitaskStrategy.values:
+        raise ValidationFailed(
+            "Unknown strategy.",
+            fields={"multitask_strategy": f"One of {MultitaskStrategy.values}."},
+        )
+    if source not in RunSource.values:
+        raise ValidationFailed("Unknown source.", fields={"source": f"One of {RunSource.values}."})
+    items = normalise_input(input)
+    try:
+        with transaction.atomic():
+            return _run_create(
+                tenant, end_user, thread_id, items, source, strategy, actor, metadata
+            )
+    except IntegrityError:
+        # The unique index caught a concurrent creator that the row lock did not serialise
+        # (e.g. a run promoted by a finishing one): the answer is the same as for `reject`.
+        raise ThreadBusy("This conversation is busy with another reply. Try again in a moment.")
+
+
+def _run_create(
+    tenant: Tenant,
+    end_user: EndUser,
+    thread_id: Any,
+    items: list[dict[str, Any]],
+    source: str,
+    strategy: str,
+    actor: Actor | None,
+    metadata: dict[str, Any] | None,
+) -> Run:
+    thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
+    # Serialise run creation per thread.
+    Thread.objects.for_tenant(tenant).select_for_update().filter(pk=thread.pk).first()
+    agent = agent_selectors.agent_get(tenant=tenant, agent_id=thread.agent_id)
+    if agent.published_version is None:
+        raise Conflict(f"{agent.name} is not published any more.")
+    active = (
+        Run.objects.for_tenant(tenant)
+        .select_for_update()
+        .filter(thread=thread, status__in=[RunStatus.PENDING, RunStatus.RUNNING], queued=False)
+        .first()
+    )
+    queued = False
+    now = timezone.now()
+    if active is not None:
+        if strategy == MultitaskStrategy.REJECT:
+            raise ThreadBusy("This conversation is busy with another reply. Try again in a moment.")
+        if strategy == MultitaskStrategy.ENQUEUE:
+            queued = True
+        else:
+            interrupted = strategy == MultitaskStrategy.INTERRUPT
+            active.status = RunStatus.INTERRUPTED if interrupted else RunStatus.CANCELLED
+            active.error = (
+                "Interrupted by a newer message." if interrupted else "Replaced by a newer message."
+            )
+            active.finished_at = now
+            active.save(update_fields=["status", "error", "finished_at"])
+            if not interrupted:
+                Item.objects.for_tenant(tenant).filter(run=active).delete()
+    run = Run.objects.create(
+        tenant=tenant,
+        thread=thread,
+        agent=agent,
+        version=agent.published_version,
+        end_user=end_user,
+        status=RunStatus.PENDING,
+        queued=queued,
+        strategy=strategy,
+        source=source,
+        input=items,
+        metadata=metadata or {},
+        created_by=actor.user if actor else None,
+        api_key=actor.api_key if actor else None,
+    )
+    thread.status = ThreadStatus.BUSY
+    thread.updated_at = now
+    if not thread.title and isinstance(items[-1]["content"], str):
+        thread.title = items[-1]["content"][:80]
+    thread.save(update_fields=["status", "updated_at", "title"])
+    return run

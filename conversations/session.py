@@ -1,0 +1,109 @@
+"""An Agents SDK `Session` backed by the thread's `Item` rows: the short-term memory of a
+conversation.
+
+Reads return the latest `limit` items in order (the history window). Writes belong to one
+attempt of one run and are fenced on it: once a newer attempt has taken the run over (or the
+run was interrupted or cancelled), a superseded attempt can add nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from agents.memory import SessionSettings
+from asgiref.sync import sync_to_async
+from django.db import transaction
+
+from conversations.models import Item, Run, RunStatus
+
+DEFAULT_HISTORY_WINDOW = 100
+
+
+class SupersededAttempt(RuntimeError):
+    """This attempt no longer owns the run: its writes are refused."""
+
+
+class ThreadSession:
+    def __init__(
+        self,
+        *,
+        tenant_id: UUID,
+        thread_id: UUID,
+        run_id: UUID | None = None,
+        attempt: int | None = None,
+        limit: int | None = DEFAULT_HISTORY_WINDOW,
+    ) -> None:
+        self.session_id = str(thread_id)
+        self.session_settings: SessionSettings | None = SessionSettings(limit=limit)
+        self.tenant_id, self.thread_id = tenant_id, thread_id
+        self.run_id, self.attempt = run_id, attempt
+
+    def _items(self):  # type: ignore[no-untyped-def]
+        return Item.objects.filter(tenant_id=self.tenant_id, thread_id=self.thread_id)
+
+    # --- sync bodies (run in a worker thread) ---
+
+    def _get(self, limit: int | None) -> list[Any]:
+        rows = self._items().order_by("-id")
+        if limit is not None:
+            rows = rows[:limit]
+        return [row.data for row in reversed(list(rows.only("data")))]
+
+    def _check_owner(self) -> None:
+        if self.run_id is None:
+            return
+        run = (
+            Run.objects.filter(tenant_id=self.tenant_id, pk=self.run_id)
+            .select_for_update()
+            .only("attempt", "status")
+            .first()
+        )
+        if run is None or run.attempt != self.attempt or run.status != RunStatus.RUNNING:
+            raise SupersededAttempt(f"attempt {self.attempt} of run {self.run_id} is superseded")
+
+    def _add(self, items: list[Any]) -> None:
+        with transaction.atomic():
+            self._check_owner()
+            # tenant-scope: every new row carries this session's tenant (set below)
+            Item.objects.bulk_create(
+                [
+                    Item(
+                        tenant_id=self.tenant_id,
+                        thread_id=self.thread_id,
+                        run_id=self.run_id,
+                        data=item,
+                    )
+                    for item in items
+                ]
+            )
+
+    def _pop(self) -> Any:
+        with transaction.atomic():
+            self._check_owner()
+            last = self._items().select_for_update().order_by("-id").first()
+            if last is None:
+                return None
+            last.delete()
+            return last.data
+
+    def _clear(self) -> None:
+        with transaction.atomic():
+            self._check_owner()
+            self._items().delete()
+
+    # --- the Session protocol ---
+
+    async def get_items(self, limit: int | None = None) -> list[Any]:
+        window = limit if limit is not None else (self.session_settings or SessionSettings()).limit
+        return await sync_to_async(self._get)(window)
+
+    async def add_items(self, items: list[Any]) -> None:
+        if items:
+            await sync_to_async(self._add)(list(items))
+
+    async def pop_item(self) -> Any:
+        return await sync_to_async(self._pop)()
+
+    async def clear_session(self) -> None:
+        await sync_to_async(self._clear)()

@@ -1,0 +1,174 @@
+"""Threads and run creation: the double-texting strategies, one active run per thread under
+concurrency, and isolation between tenants and end users."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from django.db import connection, connections
+
+from ai_agents import services as agent_services
+from controlplane.errors import NotFound, ValidationFailed
+from conversations import services
+from conversations.models import EndUser, Item, Run, RunStatus, Thread
+
+
+def _published_agent(world, name="Helper"):
+    agent = agent_services.agent_create(tenant=world.tenant, actor=world.actor(), name=name)
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    return agent
+
+
+@pytest.fixture
+def chat(world_a):
+    agent = _published_agent(world_a)
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    thread = services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+    return world_a, end_user, thread
+
+
+def _send(world, end_user, thread, text="hello", **kwargs):
+    return services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input=text, **kwargs
+    )
+
+
+def _runs(world, thread):
+    return list(Run.objects.for_tenant(world.tenant).filter(thread=thread).order_by("created_at"))
+
+
+def test_a_message_stores_its_input_and_a_pending_run_on_the_live_version(chat):
+    world, end_user, thread = chat
+    run = _send(world, end_user, thread, "What can you do?")
+    assert run.status == RunStatus.PENDING and not run.queued
+    assert run.input == [{"role": "user", "content": "What can you do?"}]
+    assert run.version == run.agent.published_version
+    thread.refresh_from_db()
+    assert thread.status == "busy" and thread.title == "What can you do?"
+
+
+def test_reject_is_the_default_and_writes_nothing(chat):
+    world, end_user, thread = chat
+    first = _send(world, end_user, thread)
+    with pytest.raises(services.ThreadBusy, match="busy"):
+        _send(world, end_user, thread, "again")
+    assert _runs(world, thread) == [first]
+
+
+def test_enqueue_waits_behind_the_active_run(chat):
+    world, end_user, thread = chat
+    first = _send(world, end_user, thread)
+    second = _send(world, end_user, thread, "and then?", strategy="enqueue")
+    assert (first.is_active, second.is_active, second.queued) == (True, False, True)
+
+
+def test_interrupt_keeps_what_was_said_and_rollback_forgets_it(chat):
+    world, end_user, thread = chat
+    first = _send(world, end_user, thread)
+    Item.objects.create(
+        tenant=world.tenant,
+        thread=thread,
+        run=first,
+        data={"role": "assistant", "content": "partial answer"},
+    )
+    second = _send(world, end_user, thread, "stop, new question", strategy="interrupt")
+    first.refresh_from_db()
+    assert first.status == RunStatus.INTERRUPTED and second.is_active
+    assert Item.objects.for_tenant(world.tenant).filter(run=first).count() == 1
+
+    Item.objects.create(
+        tenant=world.tenant,
+        thread=thread,
+        run=second,
+        data={"role": "assistant", "content": "draft"},
+    )
+    third = _send(world, end_user, thread, "forget that", strategy="rollback")
+    second.refresh_from_db()
+    assert second.status == RunStatus.CANCELLED and third.is_active
+    assert not Item.objects.for_tenant(world.tenant).filter(run=second).exists()
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("strategy", ["reject", "enqueue", "interrupt", "rollback"])
+def test_fifty_concurrent_messages_never_make_two_active_runs(world_a, strategy):
+    agent = _published_agent(world_a)
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    thread = services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+    connection.close()
+
+    def send(i: int) -> str:
+        try:
+            _send(world_a, end_user, thread, f"message {i}", strategy=strategy)
+            return "created"
+        except services.ThreadBusy:
+            return "busy"
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(send, range(50)))
+    runs = _runs(world_a, thread)
+    active = [r for r in runs if r.is_active]
+    assert len(active) == 1
+    if strategy == "reject":
+        assert results.count("created") == 1 and len(runs) == 1
+    else:
+        assert results.count("created") == 50 and len(runs) == 50  # nothing lost
+
+
+def test_another_tenants_or_end_users_thread_is_not_found(chat, world_b):
+    world, end_user, thread = chat
+    other_user = services.end_user_for_member(tenant=world.tenant, user=world.admin)
+    with pytest.raises(NotFound):
+        _send(world, other_user, thread)
+    stranger = services.end_user_for_member(tenant=world_b.tenant, user=world_b.member)
+    with pytest.raises(NotFound):
+        services.run_create(
+            tenant=world_b.tenant, end_user=stranger, thread_id=thread.pk, input="hi"
+        )
+    with pytest.raises(NotFound):
+        services.thread_get(tenant=world.tenant, end_user=end_user, thread_id="not-a-uuid")
+    assert not Run.objects.for_tenant(world.tenant).exists()
+
+
+def test_bad_input_names_the_field(chat):
+    world, end_user, thread = chat
+    for bad, field in [
+        ("   ", "input"),
+        ([], "input"),
+        ([{"role": "tool", "content": "x"}], "input.0"),
+        ("x" * 100_001, "input"),
+    ]:
+        with pytest.raises(ValidationFailed) as exc:
+            _send(world, end_user, thread, bad)
+        assert field in exc.value.fields
+    with pytest.raises(ValidationFailed):
+        _send(world, end_user, thread, strategy="shout")
+    assert not Run.objects.for_tenant(world.tenant).exists()
+
+
+def test_end_users_are_created_once_and_kept_apart(world_a, world_b):
+    a1 = services.end_user_for_external(tenant=world_a.tenant, external_id="cust-42")
+    a2 = services.end_user_for_external(tenant=world_a.tenant, external_id="cust-42")
+    b1 = services.end_user_for_external(tenant=world_b.tenant, external_id="cust-42")
+    assert a1 == a2 and a1 != b1
+    assert services.end_user_for_member(tenant=world_a.tenant, user=world_a.owner) == (
+        services.end_user_for_member(tenant=world_a.tenant, user=world_a.owner)
+    )
+    assert EndUser.objects.for_tenant(world_a.tenant).count() == 2
+    with pytest.raises(ValidationFailed):
+        services.end_user_for_external(tenant=world_a.tenant, external_id=" ")
+
+
+def test_a_thread_needs_a_published_agent_of_the_tenant(world_a, world_b):
+    draft_only = agent_services.agent_create(
+        tenant=world_a.tenant, actor=world_a.actor(), name="Draft"
+    )
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    with pytest.raises(Exception, match="not published"):
+        services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=draft_only.pk)
+    theirs = _published_agent(world_b, "Theirs")
+    with pytest.raises(NotFound):
+        services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=theirs.pk)
+    assert not Thread.objects.for_tenant(world_a.tenant).exists()
