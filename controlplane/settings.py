@@ -311,6 +311,16 @@ EGRESS_ALLOWED_PORTS = env.list("EGRESS_ALLOWED_PORTS", cast=int, default=[])
 # Seconds between tokens of the built-in offline model, so streaming is visible in the UI.
 OFFLINE_MODEL_WORD_DELAY = env.float("OFFLINE_MODEL_WORD_DELAY", default=0.02)
 
+# --- Runs (conversations/executor.py). -----------------------------------------------------------
+RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30.0)
+RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
+RUN_TIMEOUT_SECONDS = env.float("RUN_TIMEOUT_SECONDS", default=600.0)
+RUN_STREAM_TTL_SECONDS = env.int("RUN_STREAM_TTL_SECONDS", default=3600)
+THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
+CELERY_BEAT_SCHEDULE = {
+    "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},
+}
+
 # --- The API. -----------------------------------------------------------------------------------
 NINJA_PAGINATION_PER_PAGE = 50
 API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)

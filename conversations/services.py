@@ -8,6 +8,7 @@ and stores the run with its input. The database guarantees at most one active ru
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from django.core.exceptions import ValidationError
@@ -16,6 +17,7 @@ from django.utils import timezone
 
 from ai_agents import selectors as agent_selectors
 from controlplane.errors import Conflict, NotFound, ValidationFailed
+from conversations import executor
 from conversations.models import (
     EndUser,
     EndUserKind,
@@ -263,4 +265,7 @@ def _run_create(
     if not thread.title and isinstance(items[-1]["content"], str):
         thread.title = items[-1]["content"][:80]
     thread.save(update_fields=["status", "updated_at", "title"])
+    if not queued:
+        # Only a kick: if it is lost, the sweeper finds the pending run and kicks it again.
+        transaction.on_commit(partial(executor.kick, run.pk))
     return run

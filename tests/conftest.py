@@ -40,6 +40,17 @@ def _close_pools_before_teardown(django_db_setup, django_db_blocker):
 
 
 @pytest.fixture(autouse=True)
+def kicked(monkeypatch) -> list[str]:
+    """Runs that would have been handed to a worker. Tests drive execution themselves (or start
+    real workers); nothing else consumes the broker during the suite."""
+    from conversations import executor
+
+    calls: list[str] = []
+    monkeypatch.setattr(executor, "kick", lambda run_id: calls.append(str(run_id)))
+    return calls
+
+
+@pytest.fixture(autouse=True)
 def _isolated_redis(settings):
     prefix = f"test-{uuid.uuid4().hex[:12]}"
     settings.CACHES = {

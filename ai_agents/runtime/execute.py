@@ -101,9 +101,13 @@ async def run_version(
     depth: int = 0,
     context: RunContext | None = None,
     on_event: EventSink | None = None,
+    session: Any = None,
 ) -> RunOutcome:
     """Run `version` on `input` to the end. Never raises for a failure of the agent, its model,
-    tools or MCP servers: those become `RunOutcome(status="error", message=...)`."""
+    tools or MCP servers: those become `RunOutcome(status="error", message=...)`.
+
+    `session` (an Agents SDK Session, e.g. a thread's) supplies the history and receives the new
+    items; `on_event` receives every SDK stream event as it happens."""
     ctx = context or await sync_to_async(context_for)(tenant=tenant, version=version, depth=depth)
     try:
         built = await sync_to_async(build)(tenant=tenant, version=version, depth=depth)
@@ -125,6 +129,7 @@ async def run_version(
             max_turns=built.config.max_turns,
             hooks=TraceHooks(ctx.trace),
             run_config=built.run_config,
+            session=session,
         )
         async for event in result.stream_events():
             if on_event is not None:

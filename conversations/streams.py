@@ -1,0 +1,441 @@
+"""One Redis Stream per run: the events of `conversations.events`, in order, readable from any id
+(DESIGN.md, "A run, end to end", steps 3, 4, 6 and 7; docs/run-events.md).
+
+- Keys: `cp:run:{<run id>}:events` (the stream) and `cp:run:{<run id>}:attempt` (the fence). The
+  braces are a Redis Cluster hash tag: both keys of a run live in one slot, so the scripts below
+  stay valid on a cluster.
+- Fencing: every write names the attempt that makes it. A Lua script compares it with the fence
+  and writes atomically, so a superseded attempt's events never reach the stream. A newer attempt
+  raises the fence and empties the stream (keeping its last id, so ids stay monotonic for readers
+  already following): the stream tells the story of the current attempt only.
+- `finish` appends the terminal `run.status`, closes the stream to further writes and gives both
+  keys the TTL `RUN_STREAM_TTL_SECONDS`. While a run is live its keys carry a longer TTL,
+  renewed on every write, so a run whose worker vanished does not leave keys behind forever.
+- Redis failures surface as `StreamUnavailable`: the web side answers 503 or falls back to
+  PostgreSQL, the worker carries on without the stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import redis
+import redis.asyncio as aioredis
+from django.conf import settings
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from conversations import events as run_events
+
+log = logging.getLogger(__name__)
+
+# Approximate cap (XADD MAXLEN ~) on a stream's entries: a long answer is a few thousand deltas;
+# `message.completed` carries the whole text anyway.
+MAXLEN = 10_000
+# TTL of a live run's keys, renewed on every write; `finish` shortens it.
+LIVE_TTL_SECONDS = 24 * 3600
+# A blocking XREAD waits at most this long per call, below the client's socket timeout; longer
+# waits loop (`follow` does).
+MAX_BLOCK_MS = 3_000
+SOCKET_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 2.0
+
+_ID = re.compile(r"^\d+(-\d+)?$")
+
+Entry = tuple[str, dict[str, Any]]
+
+
+class StreamUnavailable(Exception):
+    """Redis could not be reached (or answered with an error) for a run's stream."""
+
+
+def stream_ttl() -> int:
+    return int(getattr(settings, "RUN_STREAM_TTL_SECONDS", 3600))
+
+
+def _run(run_id: UUID | str) -> str:
+    return str(run_id if isinstance(run_id, UUID) else UUID(str(run_id)))
+
+
+def stream_key(run_id: UUID | str) -> str:
+    return f"cp:run:{{{_run(run_id)}}}:events"
+
+
+def attempt_key(run_id: UUID | str) -> str:
+    return f"cp:run:{{{_run(run_id)}}}:attempt"
+
+
+# --- Lua: the fence ------------------------------------------------------------------------------
+# KEYS[1] = attempt key, KEYS[2] = stream key; ARGV[1] = attempt, ARGV[2] = live TTL.
+# The attempt key holds "<n>" while attempt n runs and "<n>:done" once it finished.
+_FENCE = """
+local function fence()
+  local attempt = tonumber(ARGV[1])
+  local raw = redis.call('GET', KEYS[1])
+  local current, done = 0, false
+  if raw then
+    current = tonumber(string.match(raw, '^%d+')) or 0
+    done = string.find(raw, ':done', 1, true) ~= nil
+  end
+  if attempt < current or (attempt == current and done) then
+    return false
+  end
+  if attempt > current then
+    redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+    if redis.call('EXISTS', KEYS[2]) == 1 then
+      redis.call('XTRIM', KEYS[2], 'MAXLEN', 0)
+    end
+  else
+    redis.call('EXPIRE', KEYS[1], ARGV[2])
+  end
+  return true
+end
+"""
+
+_CLAIM = (
+    _FENCE
+    + """
+if not fence() then return 0 end
+return 1
+"""
+)
+
+# ARGV[3] = maxlen, ARGV[4..] = events (JSON). Returns the new ids, or false when refused.
+_APPEND = (
+    _FENCE
+    + """
+if not fence() then return false end
+local ids = {}
+for i = 4, #ARGV do
+  ids[#ids + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+                             'attempt', ARGV[1], 'event', ARGV[i])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return ids
+"""
+)
+
+# ARGV[3] = maxlen, ARGV[4] = final TTL, ARGV[5] = the terminal event. Returns its id or false.
+_FINISH = (
+    _FENCE
+    + """
+if not fence() then return false end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*',
+                      'attempt', ARGV[1], 'event', ARGV[5])
+redis.call('SET', KEYS[1], ARGV[1] .. ':done', 'EX', ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+return id
+"""
+)
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+
+def _options() -> dict[str, Any]:
+    return {
+        "decode_responses": True,
+        "protocol": 2,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": SOCKET_TIMEOUT,
+        "health_check_interval": 30,
+    }
+
+
+@dataclass
+class _AsyncConn:
+    client: aioredis.Redis
+    claim: Any
+    append: Any
+    finish: Any
+
+
+@dataclass
+class _SyncConn:
+    client: redis.Redis
+    claim: Any
+    append: Any
+    finish: Any
+
+
+# An asyncio client's connections belong to the loop that opened them: one client per running
+# loop (and URL). Not a WeakKeyDictionary: the client refers to its loop, which would keep the
+# entry alive forever; the entries of closed loops are dropped instead when a new loop connects.
+_async_conns: dict[asyncio.AbstractEventLoop, dict[str, _AsyncConn]] = {}
+_sync_conns: dict[str, _SyncConn] = {}
+_sync_lock = threading.Lock()
+
+
+def _aconn() -> _AsyncConn:
+    loop = asyncio.get_running_loop()
+    url = settings.REDIS_URL
+    if loop not in _async_conns:
+        for old in [old for old in _async_conns if old.is_closed()]:
+            # Its sockets cannot be closed without their loop; the garbage collector ends them.
+            del _async_conns[old]
+    per_loop = _async_conns.setdefault(loop, {})
+    conn = per_loop.get(url)
+    if conn is None:
+        # One retry on a broken connection (e.g. a pooled one after a Redis restart); none on a
+        # timeout, which could write an append twice.
+        retry = AsyncRetry(
+            ExponentialBackoff(cap=0.2, base=0.05), 1, (redis.exceptions.ConnectionError,)
+        )
+        client = aioredis.Redis.from_url(url, retry=retry, **_options())
+        conn = _AsyncConn(
+            client,
+            client.register_script(_CLAIM),
+            client.register_script(_APPEND),
+            client.register_script(_FINISH),
+        )
+        per_loop[url] = conn
+    return conn
+
+
+def _sconn() -> _SyncConn:
+    url = settings.REDIS_URL
+    with _sync_lock:
+        conn = _sync_conns.get(url)
+        if conn is None:
+            retry = Retry(
+                ExponentialBackoff(cap=0.2, base=0.05), 1, (redis.exceptions.ConnectionError,)
+            )
+            client = redis.Redis.from_url(url, retry=retry, **_options())
+            conn = _SyncConn(
+                client,
+                client.register_script(_CLAIM),
+                client.register_script(_APPEND),
+                client.register_script(_FINISH),
+            )
+            _sync_conns[url] = conn
+    return conn
+
+
+async def aclose() -> None:
+    """Close the clients of the running loop (tests, shutdown)."""
+    per_loop = _async_conns.pop(asyncio.get_running_loop(), {})
+    for conn in per_loop.values():
+        await conn.client.aclose()
+
+
+def close_sync() -> None:
+    with _sync_lock:
+        conns = list(_sync_conns.values())
+        _sync_conns.clear()
+    for conn in conns:
+        conn.client.close()
+
+
+@contextlib.contextmanager
+def _unavailable(run_id: UUID | str) -> Iterator[None]:
+    try:
+        yield
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise StreamUnavailable(
+            f"The event stream of run {run_id} is unavailable: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+# --- helpers shared by the async and sync APIs ---------------------------------------------------
+
+
+def _encode(event: Mapping[str, Any], attempt: int) -> str:
+    if not isinstance(event.get("type"), str):
+        raise ValueError(f"an event needs a type: {event!r}")
+    data = dict(event)
+    if data["type"] == run_events.RUN_STATUS:
+        data.setdefault("attempt", attempt)
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _fence_args(run_id: UUID | str, attempt: int) -> tuple[list[str], list[Any]]:
+    if int(attempt) < 1:
+        raise ValueError("attempts are numbered from 1")
+    return [attempt_key(run_id), stream_key(run_id)], [int(attempt), LIVE_TTL_SECONDS]
+
+
+def _final(final_event: Mapping[str, Any]) -> None:
+    if not run_events.is_terminal(final_event):
+        raise ValueError(f"finish needs a terminal run.status event, not {final_event!r}")
+
+
+def _check_after(after: str) -> str:
+    if not _ID.match(after):
+        raise ValueError(f"{after!r} is not a stream id (like 1700000000000-0)")
+    return after
+
+
+def _block(block_ms: int | None) -> int | None:
+    if block_ms is None:
+        return None
+    # BLOCK 0 would wait forever, past the socket timeout.
+    return max(1, min(int(block_ms), MAX_BLOCK_MS))
+
+
+def _entries(reply: Any) -> list[Entry]:
+    out: list[Entry] = []
+    for _key, rows in reply or []:
+        for entry_id, fields in rows:
+            try:
+                out.append((entry_id, json.loads(fields["event"])))
+            except (KeyError, TypeError, ValueError):
+                log.warning("skipping a malformed stream entry %s", entry_id)
+    return out
+
+
+def _refused(run_id: UUID | str, attempt: int, what: str) -> None:
+    log.info("run %s: %s by attempt %s refused: superseded or finished", run_id, what, attempt)
+
+
+# --- async API (the worker, websocket consumers, SSE) --------------------------------------------
+
+
+async def claim(run_id: UUID | str, attempt: int) -> bool:
+    """Raise the run's fence to `attempt` (call it when the attempt starts). A newer attempt
+    empties the stream of the earlier attempts' events. False if `attempt` is superseded or
+    already finished; it may then write nothing."""
+    keys, args = _fence_args(run_id, attempt)
+    conn = _aconn()
+    with _unavailable(run_id):
+        ok = bool(await conn.claim(keys=keys, args=args))
+    if not ok:
+        _refused(run_id, attempt, "claim")
+    return ok
+
+
+async def append(
+    run_id: UUID | str, attempt: int, events: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Append `events` in order, atomically, in one round trip. Returns their stream ids, or []
+    when `attempt` is superseded or finished (then nothing was written). A `run.status` event
+    gets `attempt` filled in."""
+    if not events:
+        return []
+    payload = [_encode(event, attempt) for event in events]
+    keys, args = _fence_args(run_id, attempt)
+    conn = _aconn()
+    with _unavailable(run_id):
+        ids = await conn.append(keys=keys, args=[*args, MAXLEN, *payload])
+    if not ids:
+        _refused(run_id, attempt, "append")
+        return []
+    return list(ids)
+
+
+async def finish(run_id: UUID | str, attempt: int, final_event: Mapping[str, Any]) -> str | None:
+    """Append the terminal `run.status`, close the stream to further writes and keep it for
+    `RUN_STREAM_TTL_SECONDS`. Returns the event's id, or None for a superseded attempt."""
+    _final(final_event)
+    payload = _encode(final_event, attempt)
+    keys, args = _fence_args(run_id, attempt)
+    conn = _aconn()
+    with _unavailable(run_id):
+        entry_id = await conn.finish(keys=keys, args=[*args, MAXLEN, stream_ttl(), payload])
+    if not entry_id:
+        _refused(run_id, attempt, "finish")
+        return None
+    return str(entry_id)
+
+
+async def read(
+    run_id: UUID | str, after: str = "0-0", block_ms: int | None = None, count: int = 500
+) -> list[Entry]:
+    """Up to `count` events after the id `after` ("0-0": from the start), oldest first. With
+    `block_ms`, wait that long (at most MAX_BLOCK_MS) for one to arrive. [] if none (or if the
+    stream does not exist: not started yet, or expired)."""
+    key = stream_key(run_id)
+    _check_after(after)
+    conn = _aconn()
+    with _unavailable(run_id):
+        reply = await conn.client.xread({key: after}, count=count, block=_block(block_ms))
+    return _entries(reply)
+
+
+async def follow(
+    run_id: UUID | str, after: str = "0-0", *, heartbeat_s: float | None = 15
+) -> AsyncIterator[Entry]:
+    """Yield the run's events after `after` as they arrive, ending after the terminal
+    `run.status`. When nothing arrives for `heartbeat_s` seconds, yield `(last id, heartbeat)`:
+    the reader can send a keep-alive, check it may still listen, and decide to give up (a run
+    whose stream expired or that never started yields only heartbeats)."""
+    last = _check_after(after)
+    idle_since = time.monotonic()
+    while True:
+        wait_ms = MAX_BLOCK_MS
+        if heartbeat_s is not None:
+            left = heartbeat_s - (time.monotonic() - idle_since)
+            wait_ms = max(1, min(MAX_BLOCK_MS, int(left * 1000)))
+        entries = await read(run_id, last, block_ms=wait_ms)
+        if not entries:
+            if heartbeat_s is not None and time.monotonic() - idle_since >= heartbeat_s:
+                yield last, run_events.heartbeat()
+                idle_since = time.monotonic()
+            continue
+        for entry_id, event in entries:
+            last = entry_id
+            yield entry_id, event
+            if run_events.is_terminal(event):
+                return
+        idle_since = time.monotonic()
+
+
+# --- sync API (views and services that run under the sync ORM) -----------------------------------
+
+
+def claim_sync(run_id: UUID | str, attempt: int) -> bool:
+    keys, args = _fence_args(run_id, attempt)
+    conn = _sconn()
+    with _unavailable(run_id):
+        ok = bool(conn.claim(keys=keys, args=args))
+    if not ok:
+        _refused(run_id, attempt, "claim")
+    return ok
+
+
+def append_sync(run_id: UUID | str, attempt: int, events: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not events:
+        return []
+    payload = [_encode(event, attempt) for event in events]
+    keys, args = _fence_args(run_id, attempt)
+    conn = _sconn()
+    with _unavailable(run_id):
+        ids = conn.append(keys=keys, args=[*args, MAXLEN, *payload])
+    if not ids:
+        _refused(run_id, attempt, "append")
+        return []
+    return list(ids)
+
+
+def finish_sync(run_id: UUID | str, attempt: int, final_event: Mapping[str, Any]) -> str | None:
+    _final(final_event)
+    payload = _encode(final_event, attempt)
+    keys, args = _fence_args(run_id, attempt)
+    conn = _sconn()
+    with _unavailable(run_id):
+        entry_id = conn.finish(keys=keys, args=[*args, MAXLEN, stream_ttl(), payload])
+    if not entry_id:
+        _refused(run_id, attempt, "finish")
+        return None
+    return str(entry_id)
+
+
+def read_sync(
+    run_id: UUID | str, after: str = "0-0", block_ms: int | None = None, count: int = 500
+) -> list[Entry]:
+    key = stream_key(run_id)
+    _check_after(after)
+    conn = _sconn()
+    with _unavailable(run_id):
+        reply = conn.client.xread({key: after}, count=count, block=_block(block_ms))
+    return _entries(reply)

@@ -1,0 +1,187 @@
+"""Executing runs: claim, attempt fencing, finishing, queue promotion, timeouts and the sweeper,
+against real PostgreSQL and Redis (the agent is the built-in offline model)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from asgiref.sync import async_to_sync
+from django.utils import timezone
+
+from ai_agents import services as agent_services
+from conversations import executor, services, streams
+from conversations.models import Item, Run, RunStatus
+
+
+@pytest.fixture
+def thread(world_a):
+    agent = agent_services.agent_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Calc",
+        config={"tools": [{"name": "calculator"}]},
+    )
+    agent_services.agent_publish(tenant=world_a.tenant, actor=world_a.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    return services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+
+
+def _send(world, thread, text="use the calculator to compute 6 * 7", **kw):
+    return services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input=text, **kw
+    )
+
+
+def _events(run):
+    return [event for _id, event in streams.read_sync(run.pk)]
+
+
+def test_a_run_executes_streams_and_lands_in_postgres(
+    world_a, thread, kicked, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        run = _send(world_a, thread)
+    assert kicked == [str(run.pk)]  # handed to a worker on commit
+    held = executor.claim(run.pk, owner="test")
+    assert held is not None and held.attempt == 1
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCESS and "42" in run.output
+    assert run.total_tokens > 0 and run.finished_at and not run.lease_owner
+    assert [s["tool"] for s in run.trace if s["kind"] == "tool_call"] == ["calculator"]
+    items = list(Item.objects.for_tenant(world_a.tenant).filter(thread=thread).order_by("id"))
+    assert items[0].data == {"role": "user", "content": "use the calculator to compute 6 * 7"}
+    assert items[-1].data["role"] == "assistant" and all(i.run_id == run.pk for i in items)
+    thread.refresh_from_db()
+    assert thread.status == "idle"
+
+    events = _events(run)
+    kinds = [e["type"] for e in events]
+    assert kinds[0] == "run.status" and events[0]["status"] == "running"
+    assert "tool.started" in kinds and "tool.finished" in kinds and "usage" in kinds
+    assert events[-1] == {**events[-1], "type": "run.status", "status": "success"}
+    text = "".join(e["text"] for e in events if e["type"] == "message.delta")
+    assert "42" in text
+
+
+def test_a_second_claim_is_refused_while_the_lease_holds(world_a, thread):
+    run = _send(world_a, thread)
+    assert executor.claim(run.pk, owner="w1") is not None
+    assert executor.claim(run.pk, owner="w2") is None
+
+
+def test_a_superseded_attempt_writes_nothing_and_one_reply_lands(world_a, thread):
+    run = _send(world_a, thread)
+    first = executor.claim(run.pk, owner="stalled-worker")
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )  # its heartbeat stopped
+    second = executor.claim(run.pk, owner="healthy-worker")
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert async_to_sync(executor.execute)(first) == "superseded"
+    assert not Item.objects.for_tenant(world_a.tenant).filter(thread=thread).exists()
+    assert async_to_sync(executor.execute)(second) == RunStatus.SUCCESS
+    replies = Item.objects.for_tenant(world_a.tenant).filter(thread=thread, data__role="assistant")
+    assert replies.count() == 1
+    assert all(e.get("attempt", 2) == 2 for e in _events(run) if e["type"] == "run.status")
+
+
+def test_a_run_that_keeps_losing_its_worker_fails_with_a_reason(world_a, thread, settings):
+    settings.RUN_MAX_ATTEMPTS = 2
+    run = _send(world_a, thread)
+    for _ in range(2):
+        assert executor.claim(run.pk, owner="dies") is not None
+        Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+    assert executor.claim(run.pk, owner="third") is None
+    run.refresh_from_db()
+    assert run.status == RunStatus.ERROR and "after 2 attempts" in run.error
+    thread.refresh_from_db()
+    assert thread.status == "error"
+    _send(world_a, thread, "hello again")  # the thread is usable again
+
+
+def test_an_enqueued_run_starts_when_the_active_one_ends(
+    world_a, thread, kicked, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        first = _send(world_a, thread)
+        second = _send(world_a, thread, "and then?", strategy="enqueue")
+    assert kicked == [str(first.pk)]
+    assert executor.claim(second.pk, owner="w") is None  # queued: not yet
+    with django_capture_on_commit_callbacks(execute=True):
+        async_to_sync(executor.execute)(executor.claim(first.pk, owner="w"))
+    second.refresh_from_db()
+    assert not second.queued and kicked == [str(first.pk), str(second.pk)]
+    assert async_to_sync(executor.execute)(executor.claim(second.pk, owner="w")) == "success"
+
+
+def test_a_run_past_its_wall_clock_limit_times_out(world_a, thread, settings):
+    settings.RUN_TIMEOUT_SECONDS = 0.05
+    settings.OFFLINE_MODEL_WORD_DELAY = 0.05  # a slow reply
+    run = _send(world_a, thread, "tell me something long please")
+    assert async_to_sync(executor.execute)(executor.claim(run.pk, owner="w")) == RunStatus.TIMEOUT
+    run.refresh_from_db()
+    assert run.status == RunStatus.TIMEOUT and "longer than 0.05 seconds" in run.error
+
+
+def test_the_sweeper_kicks_runs_whose_worker_died_and_runs_nobody_took(world_a, thread, kicked):
+    lapsed = _send(world_a, thread)
+    executor.claim(lapsed.pk, owner="dead")
+    Run.objects.for_tenant(world_a.tenant).filter(pk=lapsed.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    other = services.thread_create(
+        tenant=world_a.tenant, end_user=thread.end_user, agent_id=thread.agent_id
+    )
+    forgotten = _send(world_a, other)
+    Run.objects.for_tenant(world_a.tenant).filter(pk=forgotten.pk).update(
+        created_at=timezone.now() - timedelta(minutes=5)
+    )
+    fresh_thread = services.thread_create(
+        tenant=world_a.tenant, end_user=thread.end_user, agent_id=thread.agent_id
+    )
+    fresh = _send(world_a, fresh_thread)
+    kicked.clear()
+    assert sorted(executor.sweep()) == sorted([str(lapsed.pk), str(forgotten.pk)])
+    assert str(fresh.pk) not in kicked
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_worker_process_holds_hundreds_of_runs_at_once(settings):
+    """The run host runs every claimed run on one event loop: 200 runs are in flight together
+    in one process, and each lands exactly one reply."""
+    from concurrent.futures import wait
+
+    from conversations.worker import RunHost
+    from tests.conftest import make_world
+
+    settings.OFFLINE_MODEL_WORD_DELAY = 0.02  # each reply takes a while, like a real model
+    world = make_world("Busy")
+    agent = agent_services.agent_create(tenant=world.tenant, actor=world.actor(), name="Echo")
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    runs = []
+    for i in range(200):
+        thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+        runs.append(
+            services.run_create(
+                tenant=world.tenant,
+                end_user=end_user,
+                thread_id=thread.pk,
+                input=f"hello number {i}",
+            )
+        )
+    host = RunHost()
+    futures = [host.submit(executor.claim(run.pk, owner=host.owner)) for run in runs]
+    peak = 0
+    while not all(f.done() for f in futures):
+        peak = max(peak, host.active)
+        wait(futures, timeout=0.05)
+    assert [f.result() for f in futures] == ["success"] * 200
+    assert peak >= 100, f"only {peak} runs were in flight at once"
+    assert Run.objects.for_tenant(world.tenant).filter(status="success").count() == 200
+    replies = Item.objects.for_tenant(world.tenant).filter(data__role="assistant")
+    assert replies.count() == 200

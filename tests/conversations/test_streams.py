@@ -1,0 +1,295 @@
+"""The per-run event stream (conversations.streams) against the real Redis of the settings, and
+the event vocabulary (conversations.events) mapped from real Agents SDK runs. No database."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+
+import pytest
+import redis
+from agents import (
+    Agent,
+    AgentUpdatedStreamEvent,
+    RunConfig,
+    RunItemStreamEvent,
+    Runner,
+    ToolCallOutputItem,
+    function_tool,
+)
+from agents.testing import ScriptedModel, assistant_message, function_call
+from django.conf import settings as django_settings
+
+from ai_agents.runtime.offline import OfflineModel
+from conversations import events, streams
+
+
+@pytest.fixture
+async def run_id():
+    """A fresh run id; its keys are deleted and the loop's client closed afterwards."""
+    rid = uuid.uuid4()
+    url = django_settings.REDIS_URL  # a test may point the settings elsewhere
+    yield rid
+    client = redis.Redis.from_url(url)
+    try:
+        client.delete(streams.stream_key(rid), streams.attempt_key(rid))
+    finally:
+        client.close()
+    await streams.aclose()
+
+
+def _types(entries):
+    return [event["type"] for _id, event in entries]
+
+
+def _texts(entries):
+    return [event.get("text") for _id, event in entries]
+
+
+async def test_append_reads_back_in_order_and_resumes_from_a_middle_id(run_id):
+    assert await streams.claim(run_id, 1)
+    first = await streams.append(
+        run_id,
+        1,
+        [events.status("running"), events.message_delta("Hel", agent="A")],
+    )
+    second = await streams.append(run_id, 1, [events.message_delta("lo", agent="A")])
+    ids = first + second
+    assert len(ids) == 3 and ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+
+    entries = await streams.read(run_id)
+    assert [entry_id for entry_id, _ in entries] == ids
+    assert entries[0][1] == {"type": "run.status", "status": "running", "message": "", "attempt": 1}
+    assert _texts(entries[1:]) == ["Hel", "lo"]
+
+    resumed = await streams.read(run_id, after=ids[1])
+    assert resumed == [(ids[2], {"type": "message.delta", "text": "lo", "agent": "A"})]
+    assert await streams.read(run_id, after=ids[2]) == []
+    # The web side's sync reader sees the same entries.
+    assert streams.read_sync(run_id, after=ids[0]) == entries[1:]
+
+
+async def test_read_rejects_an_id_that_is_not_a_stream_id(run_id):
+    with pytest.raises(ValueError):
+        await streams.read(run_id, after="$")
+    with pytest.raises(ValueError):
+        await streams.read(run_id, after="abc-1")
+
+
+async def _collect(run_id, after="0-0", started: asyncio.Event | None = None):
+    seen = []
+    async for entry in streams.follow(run_id, after, heartbeat_s=None):
+        seen.append(entry)
+        if started is not None:
+            started.set()
+    return seen
+
+
+async def test_follow_ends_at_the_terminal_event_and_a_late_follower_gets_everything_once(run_id):
+    await streams.claim(run_id, 1)
+    await streams.append(run_id, 1, [events.status("running")])
+    started = asyncio.Event()
+    early = asyncio.create_task(_collect(run_id, started=started))
+    await started.wait()  # the follower has read what was there and waits for more
+    for word in ("one ", "two ", "three"):
+        await streams.append(run_id, 1, [events.message_delta(word, agent="A")])
+    final_id = await streams.finish(run_id, 1, events.status("success"))
+
+    seen = await asyncio.wait_for(early, timeout=10)
+    assert _types(seen) == ["run.status", *["message.delta"] * 3, "run.status"]
+    assert seen[-1] == (final_id, {**seen[-1][1], "status": "success"})
+
+    late = await asyncio.wait_for(_collect(run_id), timeout=10)
+    assert late == seen  # everything, once, in order
+    assert len({entry_id for entry_id, _ in late}) == len(late)
+    from_middle = await asyncio.wait_for(_collect(run_id, after=seen[2][0]), timeout=10)
+    assert from_middle == seen[3:]
+
+
+async def test_two_concurrent_followers_see_the_same_events(run_id):
+    await streams.claim(run_id, 1)
+    await streams.append(run_id, 1, [events.status("running")])
+    ready = [asyncio.Event(), asyncio.Event()]
+    followers = [asyncio.create_task(_collect(run_id, started=r)) for r in ready]
+    await asyncio.gather(*(r.wait() for r in ready))
+    await streams.append(
+        run_id,
+        1,
+        [
+            events.tool_started(call_id="c1", tool="calc", arguments="{}", agent="A"),
+            events.tool_finished(call_id="c1", tool="calc", output="42", agent="A"),
+        ],
+    )
+    await streams.append(run_id, 1, [events.message_delta("42", agent="A")])
+    await streams.finish(run_id, 1, events.status("error", message="boom"))
+    one, two = await asyncio.wait_for(asyncio.gather(*followers), timeout=10)
+    assert one == two
+    assert _types(one) == [
+        "run.status",
+        "tool.started",
+        "tool.finished",
+        "message.delta",
+        "run.status",
+    ]
+    assert one[-1][1]["message"] == "boom"
+
+
+async def test_follow_yields_heartbeats_while_nothing_happens(run_id):
+    await streams.claim(run_id, 1)
+    (first,) = await streams.append(run_id, 1, [events.status("running")])
+    stream = streams.follow(run_id, heartbeat_s=0.05)
+    assert await anext(stream) == (first, {**events.status("running"), "attempt": 1})
+    # Nothing more is written: the next thing is a heartbeat carrying the last id seen.
+    assert await asyncio.wait_for(anext(stream), timeout=5) == (first, {"type": "heartbeat"})
+    await stream.aclose()
+
+
+async def test_a_superseded_attempt_writes_nothing(run_id):
+    assert await streams.claim(run_id, 1)
+    await streams.append(
+        run_id, 1, [events.status("running"), events.message_delta("old", agent="A")]
+    )
+    before = await streams.read(run_id)
+
+    assert await streams.claim(run_id, 2)
+    assert not await streams.claim(run_id, 1)  # the fence does not go back
+    assert await streams.append(run_id, 1, [events.message_delta("zombie", agent="A")]) == []
+    assert await streams.append(run_id, 2, [events.status("running")])
+    assert await streams.append(run_id, 1, [events.message_delta("zombie", agent="A")]) == []
+    assert await streams.finish(run_id, 1, events.status("error", message="zombie")) is None
+    assert streams.append_sync(run_id, 1, [events.error("zombie")]) == []
+    final_id = await streams.finish(run_id, 2, events.status("success"))
+
+    entries = await streams.read(run_id)
+    assert [e for _, e in entries] == [
+        {"type": "run.status", "status": "running", "message": "", "attempt": 2},
+        {"type": "run.status", "status": "success", "message": "", "attempt": 2},
+    ]
+    # Ids stay monotonic across the new attempt, so a reader that saw attempt 1 keeps reading.
+    assert await streams.read(run_id, after=before[-1][0]) == entries
+    assert entries[-1][0] == final_id
+    # A finished attempt is closed too.
+    assert await streams.append(run_id, 2, [events.message_delta("late", agent="A")]) == []
+    assert len(await streams.read(run_id)) == 2
+
+
+async def test_finish_keeps_the_stream_for_the_configured_ttl(run_id, settings):
+    settings.RUN_STREAM_TTL_SECONDS = 120
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    try:
+        await streams.claim(run_id, 1)
+        await streams.append(run_id, 1, [events.status("running")])
+        live_ttl = client.ttl(streams.stream_key(run_id))
+        assert live_ttl > 120  # a live run's stream does not expire under it
+        with pytest.raises(ValueError):
+            await streams.finish(run_id, 1, events.status("running"))
+        await streams.finish(run_id, 1, events.status("cancelled"))
+        assert 100 < client.ttl(streams.stream_key(run_id)) <= 120
+        assert 100 < client.ttl(streams.attempt_key(run_id)) <= 120
+    finally:
+        client.close()
+
+
+@function_tool
+def get_weather(city: str) -> str:
+    """Get the weather for a city."""
+    return f"sunny in {city}"
+
+
+async def _mapped(agent, text, *, agent_name):
+    mapper = events.EventMapper(agent_name)
+    result = Runner.run_streamed(agent, text, run_config=RunConfig(tracing_disabled=True))
+    mapped = []
+    async for sdk_event in result.stream_events():
+        mapped.extend(mapper.map(sdk_event))
+    return mapped, result.final_output
+
+
+async def test_from_sdk_maps_a_streamed_tool_run_and_survives_the_stream(run_id):
+    agent = Agent(name="Weather", model=OfflineModel(token_delay=0), tools=[get_weather])
+    mapped, final = await _mapped(agent, "What's the weather in Lyon?", agent_name="Weather")
+
+    kinds = [e["type"] for e in mapped]
+    assert kinds[:2] == ["tool.started", "tool.finished"] and kinds[-1] == "message.completed"
+    started, finished = mapped[0], mapped[1]
+    assert started["tool"] == finished["tool"] == "get_weather"
+    assert started["call_id"] and started["call_id"] == finished["call_id"]
+    assert "Lyon" in started["arguments"] and finished["output"] == "sunny in Lyon"
+    deltas = [e for e in mapped if e["type"] == "message.delta"]
+    assert len(deltas) > 3  # the offline model streams word by word
+    assert "".join(e["text"] for e in deltas) == mapped[-1]["text"] == final
+    assert {e["agent"] for e in mapped} == {"Weather"}
+
+    await streams.claim(run_id, 1)
+    await streams.append(run_id, 1, mapped)
+    assert [e for _, e in await streams.read(run_id)] == mapped  # JSON round trip
+
+
+async def test_from_sdk_maps_a_handoff_and_attributes_later_text_to_the_new_agent():
+    model = ScriptedModel(
+        [
+            [function_call("get_weather", {"city": "Oslo"}, call_id="call_w")],
+            [function_call("transfer_to_billing", {}, call_id="call_h")],
+            [assistant_message("Billing here.")],
+        ]
+    )
+    billing = Agent(name="Billing", model=model, handoff_description="invoices")
+    triage = Agent(name="Triage", model=model, tools=[get_weather], handoffs=[billing])
+    mapped, final = await _mapped(triage, "hi", agent_name="Triage")
+
+    assert mapped == [
+        {
+            "type": "tool.started",
+            "call_id": "call_w",
+            "tool": "get_weather",
+            "arguments": '{"city":"Oslo"}',
+            "agent": "Triage",
+        },
+        {
+            "type": "tool.finished",
+            "call_id": "call_w",
+            "tool": "get_weather",
+            "output": "sunny in Oslo",
+            "agent": "Triage",
+        },
+        {"type": "handoff", "from_agent": "Triage", "to_agent": "Billing"},
+        {"type": "message.delta", "text": "Billing here.", "agent": "Billing"},
+        {"type": "message.completed", "text": "Billing here.", "agent": "Billing"},
+    ]
+    assert final == "Billing here."
+    # Without a mapper's memory: the agent update maps to nothing.
+    assert events.from_sdk(AgentUpdatedStreamEvent(new_agent=billing), agent_name="Triage") == []
+
+
+def test_tool_output_is_clipped():
+    agent = Agent(name="A")
+    item = ToolCallOutputItem(
+        agent=agent,
+        raw_item={"call_id": "c9", "output": "x", "type": "function_call_output"},
+        output="x" * 10_000,
+    )
+    (event,) = events.from_sdk(RunItemStreamEvent(name="tool_output", item=item), agent_name="A")
+    assert event["call_id"] == "c9" and event["tool"] == ""
+    assert len(event["output"]) == events.MAX_TOOL_TEXT + 1 and event["output"].endswith("…")
+
+
+def _unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_an_unreachable_redis_raises_stream_unavailable(run_id, settings):
+    settings.REDIS_URL = f"redis://127.0.0.1:{_unused_port()}/0"
+    with pytest.raises(streams.StreamUnavailable):
+        await streams.claim(run_id, 1)
+    with pytest.raises(streams.StreamUnavailable):
+        await streams.append(run_id, 1, [events.status("running")])
+    with pytest.raises(streams.StreamUnavailable):
+        await streams.read(run_id)
+    with pytest.raises(streams.StreamUnavailable):
+        await anext(streams.follow(run_id))
+    with pytest.raises(streams.StreamUnavailable):
+        streams.read_sync(run_id)
+    streams.close_sync()
