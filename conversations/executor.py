@@ -60,7 +60,7 @@ def _runs(reason: str):  # type: ignore[no-untyped-def]
     return Run.objects.unscoped(reason)
 
 
-def _end_thread(run: Run, status: str) -> UUID | None:
+def end_thread(run: Run, status: str) -> UUID | None:
     """Set the thread's status after `run` ended; promote the next queued run (returns its id)."""
     following = (
         Run.objects.for_tenant(run.tenant)
@@ -82,6 +82,16 @@ def _end_thread(run: Run, status: str) -> UUID | None:
         status=thread_status, updated_at=timezone.now()
     )
     return following.pk if following is not None else None
+
+
+def close_stream(run_id: UUID, attempt: int, status: str, message: str) -> None:
+    """End a run's event stream from outside its worker (cancel, interrupt, rollback): a newer
+    fence shuts the worker's attempt out, then the terminal event is written under it."""
+    try:
+        if streams.claim_sync(run_id, attempt + 1):
+            streams.finish_sync(run_id, attempt + 1, run_events.status(status, message=message))
+    except streams.StreamUnavailable:
+        log.warning("run %s: could not close its event stream", run_id)
 
 
 def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
@@ -108,7 +118,7 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
             run.save(
                 update_fields=["status", "finished_at", "error", "lease_owner", "lease_expires_at"]
             )
-            next_id = _end_thread(run, RunStatus.ERROR)
+            next_id = end_thread(run, RunStatus.ERROR)
             if next_id is not None:
                 transaction.on_commit(lambda: kick(next_id))
             return None
@@ -163,7 +173,7 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
         run.save()
-        next_id = _end_thread(run, final)
+        next_id = end_thread(run, final)
         if next_id is not None:
             transaction.on_commit(lambda: kick(next_id))
     return True

@@ -242,9 +242,17 @@ def _run_create(
                 "Interrupted by a newer message." if interrupted else "Replaced by a newer message."
             )
             active.finished_at = now
-            active.save(update_fields=["status", "error", "finished_at"])
+            active.lease_owner, active.lease_expires_at = "", None
+            active.save(
+                update_fields=["status", "error", "finished_at", "lease_owner", "lease_expires_at"]
+            )
             if not interrupted:
                 Item.objects.for_tenant(tenant).filter(run=active).delete()
+            transaction.on_commit(
+                partial(
+                    executor.close_stream, active.pk, active.attempt, active.status, active.error
+                )
+            )
     run = Run.objects.create(
         tenant=tenant,
         thread=thread,
@@ -268,4 +276,41 @@ def _run_create(
     if not queued:
         # Only a kick: if it is lost, the sweeper finds the pending run and kicks it again.
         transaction.on_commit(partial(executor.kick, run.pk))
+    return run
+
+
+def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) -> Run:
+    """Stop a run (the chat's stop button, the API's cancel). Idempotent: an ended run is
+    returned as it is. With `end_user`, only that end user's runs are found. The worker holding
+    the run loses its lease at its next heartbeat and stops; its writes are fenced out now."""
+    with transaction.atomic():
+        runs = Run.objects.for_tenant(tenant).select_for_update()
+        if end_user is not None:
+            runs = runs.filter(end_user=end_user)
+        try:
+            run = runs.get(pk=run_id)
+        except (Run.DoesNotExist, ValueError, ValidationError):
+            raise NotFound("No such run.")
+        if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
+            return run
+        was_queued = run.queued
+        run.status, run.error, run.finished_at = RunStatus.CANCELLED, "Stopped.", timezone.now()
+        run.queued, run.lease_owner, run.lease_expires_at = False, "", None
+        run.save(
+            update_fields=[
+                "status",
+                "error",
+                "finished_at",
+                "queued",
+                "lease_owner",
+                "lease_expires_at",
+            ]
+        )
+        if not was_queued:
+            next_id = executor.end_thread(run, RunStatus.CANCELLED)
+            if next_id is not None:
+                transaction.on_commit(partial(executor.kick, next_id))
+        transaction.on_commit(
+            partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, "Stopped.")
+        )
     return run

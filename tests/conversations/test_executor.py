@@ -10,6 +10,7 @@ from asgiref.sync import async_to_sync
 from django.utils import timezone
 
 from ai_agents import services as agent_services
+from controlplane.errors import NotFound
 from conversations import executor, services, streams
 from conversations.models import Item, Run, RunStatus
 
@@ -185,3 +186,39 @@ def test_one_worker_process_holds_hundreds_of_runs_at_once(settings):
     assert Run.objects.for_tenant(world.tenant).filter(status="success").count() == 200
     replies = Item.objects.for_tenant(world.tenant).filter(data__role="assistant")
     assert replies.count() == 200
+
+
+def test_stopping_a_run_ends_it_for_everyone_and_starts_the_next(
+    world_a, thread, kicked, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        running = _send(world_a, thread)
+        waiting = _send(world_a, thread, "next one", strategy="enqueue")
+    held = executor.claim(running.pk, owner="w")
+    async_to_sync(streams.claim)(running.pk, held.attempt)  # the worker has started streaming
+    stranger = services.end_user_for_member(tenant=world_a.tenant, user=world_a.admin)
+    with pytest.raises(NotFound):
+        services.run_cancel(tenant=world_a.tenant, run_id=running.pk, end_user=stranger)
+    with django_capture_on_commit_callbacks(execute=True):
+        stopped = services.run_cancel(
+            tenant=world_a.tenant, run_id=running.pk, end_user=thread.end_user
+        )
+    assert stopped.status == RunStatus.CANCELLED
+    assert _events(running)[-1]["status"] == "cancelled"  # followers see the end at once
+    assert async_to_sync(executor.execute)(held) == "superseded"  # the worker's writes are refused
+    assert not Item.objects.for_tenant(world_a.tenant).filter(run=running).exists()
+    waiting.refresh_from_db()
+    assert not waiting.queued and kicked[-1] == str(waiting.pk)
+    assert services.run_cancel(tenant=world_a.tenant, run_id=running.pk).status == "cancelled"
+
+
+def test_interrupting_closes_the_old_runs_stream(
+    world_a, thread, django_capture_on_commit_callbacks
+):
+    first = _send(world_a, thread)
+    held = executor.claim(first.pk, owner="w")
+    async_to_sync(streams.claim)(first.pk, held.attempt)
+    with django_capture_on_commit_callbacks(execute=True):
+        _send(world_a, thread, "new question", strategy="interrupt")
+    assert _events(first)[-1]["status"] == "interrupted"
+    assert async_to_sync(executor.execute)(held) == "superseded"
