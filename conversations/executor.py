@@ -57,6 +57,7 @@ class Claim:
 
 
 def _runs(reason: str):  # type: ignore[no-untyped-def]
+    # tenant-scope: workers and the sweeper address runs by id; callers give the reason
     return Run.objects.unscoped(reason)
 
 

@@ -56,6 +56,7 @@ tenant_patterns: list[URLPattern | URLResolver] = [
     path("api-keys/<uuid:api_key_id>/revoke/", views.api_key_revoke, name="api-key-revoke"),
     path("audit/", views.audit_log, name="audit-log"),
     path("", include("ai_agents.urls")),
+    path("", include("conversations.urls")),
 ]
 
 urlpatterns = [

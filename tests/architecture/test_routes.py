@@ -98,7 +98,28 @@ TENANT_ROUTES: dict[str, Case] = {
     ),
     "mcp-server-delete": Case(lambda w: _ids(server_id="server")(w), ("post",)),
     "mcp-server-tools": Case(lambda w: _ids(server_id="server")(w), ("post",)),
+    # Chat: A's thread belongs to A's owner; B's owner must not reach it from either slug.
+    "chat-home": Case(),
+    "chat-start": Case(
+        methods=("post",), data={"agent_id": "00000000-0000-0000-0000-000000000000"}
+    ),
+    "chat-thread": Case(lambda w: {"thread_id": _thread_of(w).pk}),
+    "chat-items": Case(lambda w: {"thread_id": _thread_of(w).pk}),
+    "chat-rename": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",), {"title": "pwned"}),
+    "chat-delete": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",)),
 }
+
+
+def _thread_of(world: World):
+    """A chat thread of `world`'s owner with its published agent (made once per test)."""
+    if not hasattr(world, "chat_thread"):
+        from conversations import services
+
+        end_user = services.end_user_for_member(tenant=world.tenant, user=world.owner)
+        world.chat_thread = services.thread_create(
+            tenant=world.tenant, end_user=end_user, agent_id=agents_of(world)["agent"].pk
+        )
+    return world.chat_thread
 
 
 def _walk(patterns, prefix="", namespace=""):
@@ -350,8 +371,46 @@ def test_another_tenants_key_gets_404_or_nothing_of_theirs(two_worlds, method, p
 
 # --- Websocket routes -------------------------------------------------------------------------
 
+
+class _ChatThreadRoute:
+    """`format(slug=...)`: the chat socket of a thread of that tenant's owner. The test formats
+    routes from async code, so the thread is made in a worker thread that closes its connection
+    (the transactional test database sees it)."""
+
+    def format(self, *, slug: str) -> str:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from django.db import connections
+
+        def make() -> str:
+            from ai_agents import services as agent_services
+            from conversations import services
+            from tenants.actors import Actor
+            from tenants.models import Membership, Role
+
+            try:
+                owner = Membership.objects.select_related("tenant", "user").get(
+                    tenant__slug=slug, role=Role.OWNER
+                )
+                who = Actor(user=owner.user, membership=owner)
+                agent = agent_services.agent_create(tenant=owner.tenant, actor=who, name="Chat")
+                agent_services.agent_publish(tenant=owner.tenant, actor=who, agent_id=agent.pk)
+                end_user = services.end_user_for_member(tenant=owner.tenant, user=owner.user)
+                thread = services.thread_create(
+                    tenant=owner.tenant, end_user=end_user, agent_id=agent.pk
+                )
+                return str(thread.pk)
+            finally:
+                connections.close_all()
+
+        with ThreadPoolExecutor(1) as pool:
+            thread_id = pool.submit(make).result()
+        return f"/ws/t/{slug}/chat/{thread_id}/"
+
+
 WEBSOCKET_ROUTES = {
     "ws-tenant-events": "/ws/t/{slug}/events/",
+    "ws-chat-thread": _ChatThreadRoute(),
 }
 
 

@@ -1,0 +1,280 @@
+"""The chat websocket of one thread: `/ws/t/<slug>/chat/<thread_id>/`.
+
+Before accepting: the session's user must be a member of the tenant in the route and the thread
+must belong to that member's end user in that tenant; anything else is refused with 4404, exactly
+like an unknown thread. The socket joins the membership and user groups, so removing the member,
+or a logout or password change, closes it (4403) like `TenantEventsConsumer`.
+
+Tokens never travel over the channel layer (at-most-once, DESIGN.md step 7): each followed run is
+read from its Redis Stream (`streams.follow`) by a background task, from the id the client last
+saw, so a reload or a second tab resumes where it was. The layer only wakes the other sockets of
+the thread when a new run starts. Protocol: docs/run-events.md and the module's README below.
+
+Client → server:
+    {"type": "send", "text": "...", "strategy": "reject"}   start a run (strategy optional)
+    {"type": "cancel"}                                       stop the active run
+    {"type": "resume", "run_id": "...", "after": "<id>"}     follow a run from an event id
+    {"type": "ping"}
+Server → client:
+    {"type": "hello", "thread_id", "active_run": id | null}
+    {"type": "run.created", "run_id"}                      (to the sender; others get run.started)
+    {"type": "run.started", "run_id"}
+    {"type": "event", "id": "<stream id>", "run_id", "event": {...}}
+    {"type": "error", "code", "message", "run_id"?}  codes: thread_busy, invalid, not_found,
+        conflict, unavailable (Redis down: reload the history over HTTP), bad_request
+    {"type": "run.ended", "run_id", "status"}   the run ended without a readable stream:
+        reload the history over HTTP
+    {"type": "revoked", "reason"} then close 4403
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from contextlib import suppress
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncJsonWebsocketConsumer
+
+from controlplane.errors import Conflict, DomainError, NotFound, ValidationFailed
+from conversations import events as run_events
+from conversations import selectors, services, streams
+from conversations.models import FINAL_STATUSES, MultitaskStrategy, RunSource
+from tenants import realtime
+from tenants import selectors as tenant_selectors
+from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
+
+log = logging.getLogger(__name__)
+
+STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+MAX_TEXT = services.MAX_INPUT_CHARS
+
+
+def thread_group(thread_id: Any) -> str:
+    """The sockets open on one thread (woken when a run starts on it)."""
+    return f"chat.thread.{thread_id}"
+
+
+def _stream_id(value: Any) -> str:
+    return value if isinstance(value, str) and STREAM_ID.match(value) else "0-0"
+
+
+def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any, Any]:
+    """Membership, end user, thread and its active run; NotFound for anything not theirs."""
+    membership = tenant_selectors.membership_for(slug=slug, user=user)
+    tenant = membership.tenant
+    end_user = services.end_user_for_member(tenant=tenant, user=user)
+    thread = services.thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
+    return membership, end_user, thread, selectors.run_active(tenant=tenant, thread=thread)
+
+
+class ChatConsumer(AsyncJsonWebsocketConsumer):
+    groups: list[str] = []
+
+    async def connect(self) -> None:
+        self.joined: list[str] = []
+        self.followers: dict[str, asyncio.Task[None]] = {}
+        self.revoked = False
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        kwargs = self.scope["url_route"]["kwargs"]
+        slug, thread_id = kwargs["tenant_slug"], kwargs["thread_id"]
+        try:
+            membership, end_user, thread, active = await database_sync_to_async(_lookup)(
+                slug, user, thread_id
+            )
+        except NotFound:
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        self.tenant, self.end_user, self.thread = membership.tenant, end_user, thread
+        self.joined = [
+            realtime.membership_group(membership.pk),
+            realtime.user_group(user.pk),
+            thread_group(thread.pk),
+        ]
+        for group in self.joined:
+            await self.channel_layer.group_add(group, self.channel_name)
+        # A removal (or thread deletion) that committed before we joined reached nobody: look
+        # again now that any later revoke will reach us.
+        try:
+            _m, _e, _t, active = await database_sync_to_async(_lookup)(slug, user, thread_id)
+        except NotFound:
+            await self._leave()
+            await self.close(code=CLOSE_NOT_FOUND)
+            return
+        await self.accept()
+        await self.send_json(
+            {
+                "type": "hello",
+                "thread_id": str(thread.pk),
+                "active_run": str(active.pk) if active else None,
+            }
+        )
+        if active is not None:
+            query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+            self._follow(str(active.pk), _stream_id((query.get("after") or ["0-0"])[0]))
+
+    async def disconnect(self, code: int) -> None:
+        await self._stop_following()
+        await self._leave()
+
+    async def _leave(self) -> None:
+        for group in getattr(self, "joined", []):
+            await self.channel_layer.group_discard(group, self.channel_name)
+        self.joined = []
+
+    async def _stop_following(self) -> None:
+        tasks = list(getattr(self, "followers", {}).values())
+        self.followers = {}
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with suppress(asyncio.CancelledError, Exception):
+                await task
+
+    # --- from the client ---------------------------------------------------------------------
+
+    async def receive_json(self, content: Any, **kwargs: Any) -> None:
+        if self.revoked:
+            return
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "send":
+            await self._send_message(content)
+        elif kind == "resume":
+            run_id = str(content.get("run_id", ""))
+            run = await database_sync_to_async(selectors.run_get)(
+                tenant=self.tenant, thread=self.thread, run_id=run_id
+            )
+            if run is None:
+                await self._error("not_found", "No such run in this conversation.")
+                return
+            self._follow(str(run.pk), _stream_id(content.get("after")))
+        elif kind == "cancel":
+            await self._cancel()
+        elif kind == "ping":
+            await self.send_json({"type": "pong"})
+        else:
+            await self._error("bad_request", "Unknown message type.")
+
+    async def _send_message(self, content: dict[str, Any]) -> None:
+        text = content.get("text")
+        strategy = content.get("strategy") or MultitaskStrategy.REJECT
+        if not isinstance(text, str) or not isinstance(strategy, str):
+            await self._error("invalid", "Type a message.")
+            return
+        try:
+            run = await database_sync_to_async(services.run_create)(
+                tenant=self.tenant,
+                end_user=self.end_user,
+                thread_id=self.thread.pk,
+                input=text,
+                source=RunSource.CHAT,
+                strategy=strategy,
+            )
+        except services.ThreadBusy as exc:
+            await self._error("thread_busy", exc.message)
+            return
+        except ValidationFailed as exc:
+            await self._error("invalid", exc.message, fields=exc.fields)
+            return
+        except NotFound as exc:
+            await self._error("not_found", exc.message)
+            return
+        except (Conflict, DomainError) as exc:
+            await self._error(exc.code, exc.message)
+            return
+        run_id = str(run.pk)
+        await self.send_json({"type": "run.created", "run_id": run_id})
+        self._follow(run_id, "0-0")
+        # Wake the thread's other sockets (another tab): they follow the same stream.
+        await self.channel_layer.group_send(
+            thread_group(self.thread.pk),
+            {"type": "chat.run_started", "run_id": run_id, "origin": self.channel_name},
+        )
+
+    async def _cancel(self) -> None:
+        """The stop button: stop this thread's active run (every tab sees it end)."""
+        active = await database_sync_to_async(selectors.run_active)(
+            tenant=self.tenant, thread=self.thread
+        )
+        if active is None:
+            await self._error("not_found", "There is no reply to stop.")
+            return
+        await database_sync_to_async(services.run_cancel)(
+            tenant=self.tenant, run_id=active.pk, end_user=self.end_user
+        )
+
+    async def _error(self, code: str, message: str, **extra: Any) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message, **extra})
+
+    # --- following runs ----------------------------------------------------------------------
+
+    def _follow(self, run_id: str, after: str) -> None:
+        """(Re)start reading `run_id`'s stream after `after` in the background."""
+        previous = self.followers.pop(run_id, None)
+        if previous is not None:
+            previous.cancel()
+        self.followers[run_id] = asyncio.create_task(self._relay(run_id, after))
+
+    async def _relay(self, run_id: str, after: str) -> None:
+        try:
+            async for event_id, event in streams.follow(run_id, after=after):
+                if self.revoked:
+                    return
+                if event.get("type") == run_events.HEARTBEAT:
+                    # Quiet for a while: if PostgreSQL says the run ended (its stream expired or
+                    # was never written), stop and let the client reload the history.
+                    status = await database_sync_to_async(selectors.run_status)(
+                        tenant=self.tenant, thread=self.thread, run_id=run_id
+                    )
+                    if status is None or status in FINAL_STATUSES:
+                        await self.send_json(
+                            {"type": "run.ended", "run_id": run_id, "status": status}
+                        )
+                        return
+                    continue
+                await self.send_json(
+                    {"type": "event", "id": event_id, "run_id": run_id, "event": event}
+                )
+        except streams.StreamUnavailable:
+            if not self.revoked:
+                await self._error(
+                    "unavailable",
+                    "Live updates are unavailable right now; the conversation is reloaded "
+                    "when the reply is saved.",
+                    run_id=run_id,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a reader bug must not kill the socket silently
+            log.exception("chat: following run %s failed", run_id)
+            if not self.revoked:
+                await self._error("unavailable", "Live updates stopped.", run_id=run_id)
+        finally:
+            task = self.followers.get(run_id)
+            if task is asyncio.current_task():
+                del self.followers[run_id]
+
+    # --- from the channel layer --------------------------------------------------------------
+
+    async def chat_run_started(self, message: dict[str, Any]) -> None:
+        if self.revoked or message.get("origin") == self.channel_name:
+            return
+        run_id = str(message.get("run_id", ""))
+        if run_id and run_id not in self.followers:
+            await self.send_json({"type": "run.started", "run_id": run_id})
+            self._follow(run_id, "0-0")
+
+    async def connection_revoke(self, message: dict[str, Any]) -> None:
+        if self.revoked:
+            return
+        self.revoked = True
+        await self._leave()
+        await self._stop_following()
+        await self.send_json({"type": "revoked", "reason": message.get("reason", "")})
+        await self.close(code=CLOSE_REVOKED)

@@ -1,0 +1,147 @@
+"""Reads for the end-user chat: a member's threads, a thread's items page by page, its active run.
+
+Every function takes the tenant first and filters on it; threads are also filtered on the end user,
+so another member's thread is as invisible as another tenant's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
+from django.utils.safestring import SafeString
+
+from conversations import markdown
+from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, Thread
+from tenants.models import Tenant
+
+PAGE_SIZE = 50
+
+
+def thread_list(*, tenant: Tenant, end_user: EndUser, q: str = "") -> QuerySet[Thread]:
+    """The end user's threads in this tenant, most recently active first; `q` filters titles."""
+    qs = (
+        Thread.objects.for_tenant(tenant)
+        .filter(end_user=end_user)
+        .select_related("agent")
+        .order_by("-updated_at", "-created_at")
+    )
+    q = q.strip()
+    return qs.filter(title__icontains=q) if q else qs
+
+
+def run_active(*, tenant: Tenant, thread: Thread) -> Run | None:
+    """The thread's active (pending or running, not queued) run, if any."""
+    return (
+        Run.objects.for_tenant(tenant)
+        .filter(thread=thread, status__in=ACTIVE_STATUSES, queued=False)
+        .order_by("-created_at")
+        .first()
+    )
+
+
+def run_get(*, tenant: Tenant, thread: Thread, run_id: Any) -> Run | None:
+    """A run of this thread (None for a malformed id, another thread's or tenant's run)."""
+    try:
+        return Run.objects.for_tenant(tenant).filter(thread=thread, pk=run_id).first()
+    except (ValueError, TypeError, ValidationError):  # a malformed id
+        return None
+
+
+def run_status(*, tenant: Tenant, thread: Thread, run_id: Any) -> str | None:
+    """The status of a run of this thread (None if it is not one)."""
+    run = run_get(tenant=tenant, thread=thread, run_id=run_id)
+    return run.status if run is not None else None
+
+
+@dataclass
+class Entry:
+    """One rendered item of the history: a message bubble or a compact step."""
+
+    id: int
+    kind: str  # user | assistant | tool_call | tool_output | handoff | other
+    html: SafeString | None = None
+    title: str = ""
+    detail: str = ""
+    run_id: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                text = part.get("text") or part.get("refusal")
+                if isinstance(text, str):
+                    parts.append(text)
+        return "\n".join(parts)
+    return ""
+
+
+def _pretty(value: Any) -> str:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def entry_for(item: Item) -> Entry | None:
+    """How an item (SDK Responses format) is shown; None for items the user does not see."""
+    data = item.data if isinstance(item.data, dict) else {}
+    kind, role = data.get("type"), data.get("role")
+    base: dict[str, Any] = {"id": item.pk, "run_id": item.run_id}
+    if role == "user":
+        return Entry(kind="user", html=markdown.render_plain(_text_of(data.get("content"))), **base)
+    if role == "assistant" and kind in (None, "message"):
+        return Entry(
+            kind="assistant",
+            html=markdown.render_markdown(_text_of(data.get("content"))),
+            **base,
+        )
+    if kind == "function_call":
+        name = str(data.get("name", ""))
+        if name.startswith("transfer_to_"):
+            target = name.removeprefix("transfer_to_").replace("_", " ")
+            return Entry(kind="handoff", title=f"Handed off to {target}", **base)
+        return Entry(
+            kind="tool_call", title=name, detail=_pretty(data.get("arguments", "")), **base
+        )
+    if kind == "function_call_output":
+        return Entry(kind="tool_output", title="Result", detail=_pretty(data.get("output")), **base)
+    if role in ("system", "developer") or kind == "reasoning":
+        return None
+    return Entry(kind="other", title=str(kind or role or "item"), detail=_pretty(data), **base)
+
+
+def _entries(items: list[Item]) -> list[Entry]:
+    return [e for e in (entry_for(i) for i in items) if e is not None]
+
+
+def item_page(
+    *, tenant: Tenant, thread: Thread, before: int | None = None, limit: int = PAGE_SIZE
+) -> tuple[list[Entry], int | None]:
+    """The `limit` items of the thread before item id `before` (the latest without it), oldest
+    first, and the id to page further back from (None when this page reaches the start)."""
+    qs = Item.objects.for_tenant(tenant).filter(thread=thread).order_by("-id")
+    if before is not None:
+        qs = qs.filter(id__lt=before)
+    rows = list(qs[: limit + 1])
+    more = len(rows) > limit
+    rows = list(reversed(rows[:limit]))
+    return _entries(rows), (rows[0].pk if more and rows else None)
+
+
+def item_after(*, tenant: Tenant, thread: Thread, after: int, limit: int = 200) -> list[Entry]:
+    """Items newer than id `after`, oldest first (what a finished reply added)."""
+    rows = list(
+        Item.objects.for_tenant(tenant).filter(thread=thread, id__gt=after).order_by("id")[:limit]
+    )
+    return _entries(rows)

@@ -1,0 +1,321 @@
+// The end-user chat page: streams a reply over the thread's websocket and renders it as it comes.
+// No inline scripts (CSP) and no build step. Everything that comes from events is untrusted: it is
+// only ever put in the page with textContent, never innerHTML. When a run ends, the final
+// messages are fetched from the server (htmx), where markdown is rendered and sanitised.
+(function () {
+  "use strict";
+
+  var root = document.getElementById("chat");
+  if (!root || !window.WebSocket) return;
+  var log = document.getElementById("chat-log");
+  var form = document.getElementById("chat-composer");
+  var input = document.getElementById("chat-input");
+  var sendBtn = document.getElementById("chat-send");
+  var stopBtn = document.getElementById("chat-stop");
+  var statusEl = document.getElementById("chat-status");
+  var wsPath = root.getAttribute("data-ws-url");
+  var itemsUrl = root.getAttribute("data-items-url");
+  var KEY = "chat:" + wsPath;
+
+  var ws = null;
+  var retry = 1000;
+  var closedForGood = false;
+  var run = null; // {id, after, text, steps: [...], attempt}
+  var bubble = null; // the pending assistant bubble being written
+  var lastAgent = null;
+
+  // --- state kept across a page refresh (per tab) ---
+  function save() {
+    if (run) sessionStorage.setItem(KEY, JSON.stringify(run));
+    else sessionStorage.removeItem(KEY);
+  }
+  function load() {
+    try { return JSON.parse(sessionStorage.getItem(KEY) || "null"); } catch (e) { return null; }
+  }
+
+  function status(text, kind) {
+    if (!text) { statusEl.hidden = true; statusEl.textContent = ""; return; }
+    statusEl.hidden = false;
+    statusEl.className = "chat-status" + (kind ? " chat-status-" + kind : "");
+    statusEl.textContent = text;
+  }
+
+  function busy(on) {
+    stopBtn.hidden = !on;
+    sendBtn.disabled = on;
+  }
+
+  function el(tag, cls, text) {
+    var node = document.createElement(tag);
+    if (cls) node.className = cls;
+    if (text != null) node.textContent = text;
+    return node;
+  }
+
+  function scrollDown() { log.scrollTop = log.scrollHeight; }
+
+  function dropEmpty() {
+    var empty = document.getElementById("chat-empty");
+    if (empty) empty.remove();
+  }
+
+  // --- rendering the live reply (all textContent) ---
+  function pendingBubble(agent) {
+    if (!bubble) {
+      var wrap = el("div", "msg msg-assistant msg-pending");
+      wrap.setAttribute("data-pending", "");
+      if (agent) wrap.appendChild(el("div", "msg-agent muted small", agent));
+      bubble = el("div", "bubble");
+      wrap.appendChild(bubble);
+      log.appendChild(wrap);
+    }
+    return bubble;
+  }
+
+  function addStep(step) {
+    dropEmpty();
+    if (step.kind === "handoff") {
+      var h = el("div", "step step-handoff", "\u21aa Handed off from " + step.from + " to " + step.to);
+      h.setAttribute("data-pending", "");
+      log.appendChild(h);
+      bubble = null;
+      return;
+    }
+    var d = el("details", "step step-tool_call");
+    d.setAttribute("data-pending", "");
+    d.setAttribute("data-call-id", step.call_id || "");
+    var summary = el("summary", null, "Used tool ");
+    summary.appendChild(el("span", "mono", step.tool || "tool"));
+    d.appendChild(summary);
+    d.appendChild(el("pre", null, step.arguments || ""));
+    if (step.output != null) d.appendChild(el("pre", "step-output", step.output));
+    log.appendChild(d);
+    bubble = null; // text after a tool call goes into a new bubble
+  }
+
+  function finishStep(callId, output) {
+    var steps = log.querySelectorAll("details[data-pending][data-call-id]");
+    for (var i = 0; i < steps.length; i++) {
+      if (steps[i].getAttribute("data-call-id") === callId) {
+        steps[i].appendChild(el("pre", "step-output", output || ""));
+        return;
+      }
+    }
+  }
+
+  function redraw() {
+    // After a refresh: what this tab had already shown of the running reply.
+    if (!run) return;
+    dropEmpty();
+    (run.steps || []).forEach(function (s) {
+      if (s.kind === "text") { bubble = null; pendingBubble(s.agent).textContent = s.text; }
+      else addStep(s);
+    });
+    scrollDown();
+  }
+
+  function lastItemId() {
+    var items = log.querySelectorAll("[data-item-id]");
+    var max = 0;
+    for (var i = 0; i < items.length; i++) {
+      var n = parseInt(items[i].getAttribute("data-item-id"), 10);
+      if (n > max) max = n;
+    }
+    return max;
+  }
+
+  // The server's sanitised rendering replaces what was streamed.
+  function reloadNewItems() {
+    var url = itemsUrl + "?after=" + lastItemId();
+    var done = function () {
+      log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
+      bubble = null;
+      scrollDown();
+    };
+    if (window.htmx) {
+      log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
+      htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(done, done);
+    } else {
+      location.reload();
+    }
+  }
+
+  function endRun(ev) {
+    busy(false);
+    if (ev && ev.status && ev.status !== "success") {
+      status(ev.message || ("The reply ended: " + ev.status + "."), "error");
+    } else {
+      status("");
+    }
+    run = null;
+    save();
+    reloadNewItems();
+  }
+
+  function onEvent(msg) {
+    var ev = msg.event || {};
+    if (!run || run.id !== msg.run_id) {
+      run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
+    }
+    run.after = msg.id;
+    switch (ev.type) {
+      case "run.status":
+        if (ev.status === "running") {
+          if (run.attempt !== null && ev.attempt !== run.attempt) {
+            // A retry of the run starts the reply over.
+            log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });
+            run.steps = [];
+            bubble = null;
+          }
+          run.attempt = ev.attempt == null ? null : ev.attempt;
+          busy(true);
+          status("Replying\u2026");
+        } else if (ev.status === "pending") {
+          busy(true);
+        } else {
+          save();
+          endRun(ev);
+          return;
+        }
+        break;
+      case "message.delta":
+        dropEmpty();
+        var last = run.steps[run.steps.length - 1];
+        if (!last || last.kind !== "text" || last.done) {
+          last = { kind: "text", text: "", agent: ev.agent || "" };
+          run.steps.push(last);
+          bubble = null;
+        }
+        last.text += ev.text || "";
+        pendingBubble(ev.agent !== lastAgent ? ev.agent : null).textContent = last.text;
+        lastAgent = ev.agent;
+        status("");
+        break;
+      case "message.completed":
+        var cur = run.steps[run.steps.length - 1];
+        if (cur && cur.kind === "text") cur.done = true;
+        bubble = null;
+        break;
+      case "tool.started":
+        var step = { kind: "tool", call_id: ev.call_id, tool: ev.tool, arguments: ev.arguments };
+        run.steps.push(step);
+        addStep(step);
+        break;
+      case "tool.finished":
+        run.steps.forEach(function (s) { if (s.call_id === ev.call_id) s.output = ev.output; });
+        finishStep(ev.call_id, ev.output);
+        break;
+      case "handoff":
+        var hs = { kind: "handoff", from: ev.from_agent, to: ev.to_agent };
+        run.steps.push(hs);
+        addStep(hs);
+        break;
+      case "guardrail.tripped":
+        status("A guardrail stopped the reply: " + (ev.message || ""), "error");
+        break;
+      case "error":
+        status(ev.message || "Something went wrong.", "error");
+        break;
+      default:
+        break; // usage and anything new: nothing to show
+    }
+    save();
+    scrollDown();
+  }
+
+  // --- the socket ---
+  function connect() {
+    var url = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + wsPath;
+    var active = root.getAttribute("data-active-run");
+    if (run && run.after && (!active || active === run.id)) url += "?after=" + encodeURIComponent(run.after);
+    ws = new WebSocket(url);
+    ws.onopen = function () { retry = 1000; };
+    ws.onmessage = function (raw) {
+      var msg;
+      try { msg = JSON.parse(raw.data); } catch (e) { return; }
+      if (msg.type === "hello") {
+        if (!msg.active_run) {
+          if (run) endRun(null); // it ended while we were away: show the saved reply
+          busy(false);
+        } else {
+          root.setAttribute("data-active-run", msg.active_run);
+          if (run && run.id !== msg.active_run) { run = null; save(); }
+          busy(true);
+        }
+      } else if (msg.type === "event") {
+        onEvent(msg);
+      } else if (msg.type === "run.created" || msg.type === "run.started") {
+        root.setAttribute("data-active-run", msg.run_id);
+        run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
+        save();
+        busy(true);
+        status("Waiting for the agent\u2026");
+      } else if (msg.type === "run.ended") {
+        endRun({ status: msg.status });
+      } else if (msg.type === "error") {
+        onError(msg);
+      } else if (msg.type === "revoked") {
+        closedForGood = true;
+        status("Your access to this tenant has ended (" + (msg.reason || "") + ").", "error");
+        setTimeout(function () { location.href = "/"; }, 2500);
+      }
+    };
+    ws.onclose = function (ev) {
+      if (closedForGood || ev.code === 4401 || ev.code === 4403 || ev.code === 4404) {
+        if (!closedForGood) status("This conversation is not available any more.", "error");
+        busy(false);
+        return;
+      }
+      status("Connection lost; reconnecting\u2026", "warn");
+      setTimeout(connect, retry);
+      retry = Math.min(retry * 2, 30000);
+    };
+  }
+
+  function onError(msg) {
+    if (msg.code === "thread_busy") {
+      status(msg.message, "warn");
+      log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
+      if (pendingText && !input.value) input.value = pendingText;
+    } else if (msg.code === "unavailable") {
+      // Redis is down: the reply still lands in PostgreSQL; reload the history a bit later.
+      status("Live updates are unavailable; the reply will appear when it is saved.", "warn");
+      setTimeout(reloadNewItems, 5000);
+    } else {
+      status(msg.message || "Something went wrong.", "error");
+      if (msg.code === "invalid") {
+        log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
+        busy(false);
+      }
+    }
+  }
+
+  var pendingText = "";
+  form.addEventListener("submit", function (e) {
+    e.preventDefault();
+    var text = input.value.trim();
+    if (!text || !ws || ws.readyState !== WebSocket.OPEN) return;
+    pendingText = text;
+    dropEmpty();
+    var mine = el("div", "msg msg-user");
+    mine.setAttribute("data-pending", "");
+    mine.appendChild(el("div", "bubble", text));
+    log.appendChild(mine);
+    scrollDown();
+    ws.send(JSON.stringify({ type: "send", text: text }));
+    input.value = "";
+  });
+  input.addEventListener("keydown", function (e) {
+    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
+  });
+  stopBtn.addEventListener("click", function () {
+    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "cancel" }));
+  });
+
+  run = load();
+  var active = root.getAttribute("data-active-run");
+  if (run && active && run.id === active) redraw();
+  else if (run && !active) { run = null; save(); }
+  scrollDown();
+  connect();
+})();

@@ -1,0 +1,490 @@
+"""The end-user chat: pages, markdown sanitising, and the thread websocket driven through the
+whole ASGI stack (origin check, session auth, routing) against real PostgreSQL and Redis.
+
+Runs are executed in the test itself (`executor.claim` + `executor.execute`) on the built-in
+offline model; nothing sleeps: each wait is a receive with a timeout that only bounds a failure.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from asgiref.sync import async_to_sync
+from channels.db import database_sync_to_async
+from channels.layers import get_channel_layer
+from channels.testing import WebsocketCommunicator
+from django.conf import settings as django_settings
+from django.test import Client
+from django.urls import reverse
+
+from ai_agents import services as agent_services
+from controlplane.asgi import application
+from conversations import executor, markdown, services, streams
+from conversations.models import Item, Run, RunStatus, Thread
+from tenants import services as tenant_services
+from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
+from tests.conftest import make_world
+
+WAIT = 5
+CALC = "use the calculator to compute 6 * 7"
+
+
+def _agent(world, name="Calc", publish=True):
+    agent = agent_services.agent_create(
+        tenant=world.tenant, actor=world.actor(), name=name,
+        config={"tools": [{"name": "calculator"}]},
+    )  # fmt: skip
+    if publish:
+        agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    return agent
+
+
+def _thread(world, user, agent, title=""):
+    end_user = services.end_user_for_member(tenant=world.tenant, user=user)
+    return services.thread_create(
+        tenant=world.tenant, end_user=end_user, agent_id=agent.pk, title=title
+    )
+
+
+def _url(name, world, **kw):
+    return reverse(name, kwargs={"tenant_slug": world.tenant.slug, **kw})
+
+
+def _run_to_end(world, thread, text=CALC):
+    run = services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input=text
+    )
+    held = executor.claim(run.pk, owner="t")
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
+    return run
+
+
+# --- Markdown ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("source", "absent"),
+    [
+        ("hi <script>alert(1)</script>", "<script"),
+        ("[click](javascript:alert(1))", 'href="javascript'),
+        ('<a href="https://e.example">raw</a>', "<a href"),
+        ("<img src=x onerror=alert(1)>", "<img"),
+        ("![cat](https://evil.example/cat.png)", "<img"),
+        ('<div onclick="x()">hi</div>', "<div"),
+    ],
+)
+def test_markdown_drops_scripts_raw_html_javascript_links_and_images(source, absent):
+    html = markdown.render_markdown(source)
+    assert absent not in html
+
+
+def test_markdown_renders_formatting_and_safe_links():
+    html = markdown.render_markdown("**bold** and [docs](https://docs.example/x)\n\n- a\n- b")
+    assert "<strong>bold</strong>" in html and "<li>a</li>" in html
+    assert 'href="https://docs.example/x"' in html
+    assert 'rel="noopener noreferrer nofollow"' in html and 'target="_blank"' in html
+
+
+def test_markdown_image_becomes_a_link_that_loads_nothing():
+    html = markdown.render_markdown("![a cat](https://evil.example/cat.png)")
+    assert "<img" not in html
+    assert 'href="https://evil.example/cat.png"' in html and "Image: a cat" in html
+
+
+def test_user_text_is_escaped_not_rendered():
+    html = markdown.render_plain("<b>hi</b>\n**x**")
+    assert html == "&lt;b&gt;hi&lt;/b&gt;<br>**x**"
+
+
+# --- Pages ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def chat(world_a, world_b):
+    agent = _agent(world_a)
+    draft = _agent(world_a, name="Unpublished", publish=False)
+    mine = _thread(world_a, world_a.member, agent, title="My trip to Lisbon")
+    theirs = _thread(world_a, world_a.admin, agent, title="Admin secret plans")
+    other_tenant = _thread(world_b, world_b.member, _agent(world_b, name="Globex bot"), "Globex")
+    return SimpleNamespace(
+        agent=agent, draft=draft, mine=mine, theirs=theirs, other_tenant=other_tenant
+    )
+
+
+def test_chat_home_shows_published_agents_and_only_my_threads(
+    world_a, chat, django_assert_max_num_queries
+):
+    for i in range(5):  # more threads and agents cost no more queries
+        _thread(world_a, world_a.member, _agent(world_a, name=f"Helper {i}"), title=f"T{i}")
+    client = world_a.client_for(world_a.member)
+    with django_assert_max_num_queries(7):
+        response = client.get(_url("chat-home", world_a))
+    assert response.status_code == 200
+    text = response.content.decode()
+    assert "Calc" in text and "Unpublished" not in text and "Globex bot" not in text
+    assert "My trip to Lisbon" in text
+    assert "Admin secret plans" not in text and "Globex" not in text.replace("Globex bot", "")
+    assert (
+        _url("chat-home", world_a)
+        in world_a.client_for(world_a.member).get(_url("tenant-overview", world_a)).content.decode()
+    ), "every member has the Chat link"
+
+
+def test_chat_home_empty_states(world_a):
+    text = world_a.client_for(world_a.member).get(_url("chat-home", world_a)).content.decode()
+    assert "No agent is published yet" in text and "No conversations yet" in text
+
+
+def test_search_by_title(world_a, chat):
+    _thread(world_a, world_a.member, chat.agent, title="Groceries")
+    client = world_a.client_for(world_a.member)
+    text = client.get(_url("chat-home", world_a), {"q": "lisbon"}).content.decode()
+    assert "My trip to Lisbon" in text and "Groceries" not in text
+    fragment = client.get(
+        _url("chat-home", world_a), {"q": "groc"}, HTTP_HX_REQUEST="true",
+        HTTP_HX_TARGET="thread-list",
+    )  # fmt: skip
+    body = fragment.content.decode()
+    assert "Groceries" in body and "Lisbon" not in body and "<html" not in body
+    text = client.get(_url("chat-home", world_a), {"q": "nothing-like-this"}).content.decode()
+    assert "No conversation has" in text
+
+
+def test_starting_a_chat_creates_a_thread_and_opens_it(world_a, chat):
+    client = world_a.client_for(world_a.member)
+    response = client.post(_url("chat-start", world_a), {"agent_id": chat.agent.pk})
+    thread = Thread.objects.for_tenant(world_a.tenant).order_by("-created_at").first()
+    assert thread.agent_id == chat.agent.pk and thread.end_user.user_id == world_a.member.pk
+    assert response.status_code == 302
+    assert response["Location"] == _url("chat-thread", world_a, thread_id=thread.pk)
+    # An unpublished agent cannot be chatted with.
+    response = client.post(_url("chat-start", world_a), {"agent_id": chat.draft.pk}, follow=True)
+    assert "not published" in response.content.decode()
+
+
+def test_rename_and_delete_with_htmx(world_a, chat):
+    client = world_a.client_for(world_a.member)
+    response = client.post(
+        _url("chat-rename", world_a, thread_id=chat.mine.pk), {"title": "Porto instead"},
+        HTTP_HX_REQUEST="true",
+    )  # fmt: skip
+    assert response.status_code == 200 and "Porto instead" in response.content.decode()
+    chat.mine.refresh_from_db()
+    assert chat.mine.title == "Porto instead"
+    response = client.post(
+        _url("chat-delete", world_a, thread_id=chat.mine.pk), HTTP_HX_REQUEST="true"
+    )
+    assert response.status_code == 200 and response.content == b""
+    assert not Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).exists()
+
+
+def test_a_busy_thread_is_not_deleted(world_a, chat):
+    services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="hi"
+    )
+    response = world_a.client_for(world_a.member).post(
+        _url("chat-delete", world_a, thread_id=chat.mine.pk), HTTP_HX_REQUEST="true"
+    )
+    assert "stop it first" in response.content.decode()
+    assert Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "method"),
+    [
+        ("chat-thread", "get"),
+        ("chat-items", "get"),
+        ("chat-rename", "post"),
+        ("chat-delete", "post"),
+    ],
+)
+def test_another_members_and_another_tenants_threads_are_404(world_a, chat, name, method):
+    client = world_a.client_for(world_a.member)
+    for thread in (chat.theirs, chat.other_tenant):
+        response = getattr(client, method)(_url(name, world_a, thread_id=thread.pk), {"title": "x"})
+        assert response.status_code == 404, (name, thread.title)
+    chat.theirs.refresh_from_db()
+    assert chat.theirs.title == "Admin secret plans"
+
+
+def test_thread_page_renders_history_with_steps_and_sanitised_markdown(world_a, chat):
+    _run_to_end(world_a, chat.mine)
+    Item.objects.create(
+        tenant=world_a.tenant, thread=chat.mine,
+        data={"role": "user", "content": "<b>not bold</b>"},
+    )  # fmt: skip
+    Item.objects.create(
+        tenant=world_a.tenant, thread=chat.mine,
+        data={"type": "message", "role": "assistant", "content": [
+            {"type": "output_text", "text": "**yes** <script>alert(1)</script>"}]},
+    )  # fmt: skip
+    response = world_a.client_for(world_a.member).get(
+        _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    )
+    text = response.content.decode()
+    assert response.status_code == 200
+    assert CALC in text and "42" in text
+    assert '<details class="step step-tool_call"' in text and "calculator" in text
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in text
+    assert "<strong>yes</strong>" in text and "<script>alert(1)" not in text
+    assert 'data-ws-url="/ws/t/acme/chat/' in text and "js/chat.js" in text
+
+
+def test_load_earlier_pages_back_by_item_id(world_a, chat):
+    Item.objects.bulk_create(
+        Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:02}"})
+        for i in range(60)
+    )
+    client = world_a.client_for(world_a.member)
+    text = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+    assert "m59" in text and "m10" in text and "m09" not in text
+    first_shown = Item.objects.for_tenant(world_a.tenant).filter(data__content="m10").get().pk
+    assert f"?before={first_shown}" in text
+    older = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"before": first_shown}
+    ).content.decode()
+    assert "m00" in older and "m09" in older and "m10" not in older
+    assert "?before=" not in older  # the start of the conversation
+    newer = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": first_shown}
+    ).content.decode()
+    assert "m11" in newer and "m10" not in newer
+
+
+# --- The websocket --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def ws_env(settings, _isolated_redis):
+    settings.ALLOWED_HOSTS = ["localhost", "testserver"]
+
+
+@pytest.fixture
+async def _close_async_clients(ws_env):
+    yield
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.flush()
+    await streams.aclose()
+
+
+def _setup():
+    a, b = make_world("Acme"), make_world("Globex")
+    agent = _agent(a)
+    return SimpleNamespace(
+        a=a, b=b, agent=agent,
+        mine=_thread(a, a.member, agent),
+        theirs=_thread(a, a.admin, agent),
+        other_tenant=_thread(b, b.member, _agent(b)),
+    )  # fmt: skip
+
+
+def _session(user) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[django_settings.SESSION_COOKIE_NAME].value
+
+
+async def _socket(w, thread, user, query="", tenant=None):
+    session = await database_sync_to_async(_session)(user)
+    slug = (tenant or w.a.tenant).slug
+    headers = [
+        (b"host", b"localhost"),
+        (b"origin", b"http://localhost"),
+        (b"cookie", f"{django_settings.SESSION_COOKIE_NAME}={session}".encode()),
+    ]
+    return WebsocketCommunicator(
+        application, f"/ws/t/{slug}/chat/{thread.pk}/{query}", headers=headers
+    )
+
+
+async def _open(w, thread, user, query=""):
+    socket = await _socket(w, thread, user, query)
+    connected, code = await socket.connect(timeout=WAIT)
+    if not connected:
+        pytest.fail(f"refused with {code}")
+    hello = await socket.receive_json_from(timeout=WAIT)
+    assert hello["type"] == "hello" and hello["thread_id"] == str(thread.pk)
+    return socket, hello
+
+
+async def _until_terminal(socket) -> list[dict]:
+    """Every message up to and including the terminal run.status event."""
+    got = []
+    while True:
+        msg = await socket.receive_json_from(timeout=WAIT)
+        got.append(msg)
+        ev = msg.get("event", {})
+        if msg["type"] == "event" and ev.get("type") == "run.status" and ev["status"] in (
+            "success", "error", "cancelled", "interrupted", "timeout"
+        ):  # fmt: skip
+            return got
+
+
+async def _execute(run_id):
+    held = await database_sync_to_async(executor.claim)(run_id, owner="t")
+    assert held is not None
+    return await executor.execute(held)
+
+
+pytestmark_ws = pytest.mark.django_db(transaction=True)
+
+
+@pytestmark_ws
+async def test_refused_for_another_users_thread_another_tenant_and_anonymous(
+    _close_async_clients,
+):
+    w = await database_sync_to_async(_setup)()
+    for thread, tenant in ((w.theirs, None), (w.other_tenant, None), (w.other_tenant, w.b.tenant)):
+        socket = await _socket(w, thread, w.a.member, tenant=tenant)
+        connected, code = await socket.connect(timeout=WAIT)
+        assert not connected and code == CLOSE_NOT_FOUND
+    anonymous = WebsocketCommunicator(
+        application, f"/ws/t/acme/chat/{w.mine.pk}/",
+        headers=[(b"host", b"localhost"), (b"origin", b"http://localhost")],
+    )  # fmt: skip
+    connected, code = await anonymous.connect(timeout=WAIT)
+    assert not connected and code == CLOSE_UNAUTHENTICATED
+
+
+@pytestmark_ws
+async def test_sending_a_message_starts_a_run_and_streams_the_reply(kicked, _close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    socket, hello = await _open(w, w.mine, w.a.member)
+    assert hello["active_run"] is None
+    second_tab, _ = await _open(w, w.mine, w.a.member)
+    try:
+        await socket.send_json_to({"type": "send", "text": CALC})
+        created = await socket.receive_json_from(timeout=WAIT)
+        assert created["type"] == "run.created"
+        run_id = created["run_id"]
+        assert kicked == [run_id]
+        assert (await second_tab.receive_json_from(timeout=WAIT)) == {
+            "type": "run.started", "run_id": run_id,
+        }  # fmt: skip
+        assert await _execute(run_id) == RunStatus.SUCCESS
+        for tab in (socket, second_tab):
+            got = await _until_terminal(tab)
+            kinds = [m["event"]["type"] for m in got]
+            assert all(m["type"] == "event" and m["run_id"] == run_id for m in got)
+            assert kinds[0] == "run.status" and "tool.started" in kinds
+            assert "42" in "".join(
+                m["event"]["text"] for m in got if m["event"]["type"] == "message.delta"
+            )
+            assert got[-1]["event"]["status"] == "success"
+            ids = [m["id"] for m in got]
+            assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    finally:
+        await socket.disconnect()
+        await second_tab.disconnect()
+
+
+@pytestmark_ws
+async def test_a_busy_thread_answers_thread_busy(_close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        await socket.send_json_to({"type": "send", "text": "first"})
+        assert (await socket.receive_json_from(timeout=WAIT))["type"] == "run.created"
+        await socket.send_json_to({"type": "send", "text": "second"})
+        answer = await socket.receive_json_from(timeout=WAIT)
+        assert answer["type"] == "error" and answer["code"] == "thread_busy"
+        assert answer["message"]
+        runs = Run.objects.for_tenant(w.a.tenant).filter(thread=w.mine)
+        assert await runs.acount() == 1
+        # the stop button ends the run for every reader: the followed stream says so
+        await socket.send_json_to({"type": "cancel"})
+        while True:
+            message = await socket.receive_json_from(timeout=WAIT)
+            if message["type"] == "event" and message["event"]["type"] == "run.status":
+                break
+        assert message["event"]["status"] == "cancelled"
+        assert [r.status async for r in runs] == ["cancelled"]
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_resume_from_a_middle_event_gets_only_the_rest(_close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    run = await database_sync_to_async(services.run_create)(
+        tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input=CALC
+    )
+    assert await _execute(run.pk) == RunStatus.SUCCESS
+    stored = await streams.read(run.pk)
+    middle = len(stored) // 2
+    socket, hello = await _open(w, w.mine, w.a.member)
+    assert hello["active_run"] is None
+    try:
+        await socket.send_json_to(
+            {"type": "resume", "run_id": str(run.pk), "after": stored[middle][0]}
+        )
+        got = await _until_terminal(socket)
+        assert [(m["id"], m["event"]) for m in got] == [(i, e) for i, e in stored[middle + 1 :]]
+        # Another member's run cannot be followed from this socket.
+        other = await database_sync_to_async(services.run_create)(
+            tenant=w.a.tenant, end_user=w.theirs.end_user, thread_id=w.theirs.pk, input="hi"
+        )
+        await socket.send_json_to({"type": "resume", "run_id": str(other.pk), "after": "0-0"})
+        answer = await socket.receive_json_from(timeout=WAIT)
+        assert answer["type"] == "error" and answer["code"] == "not_found"
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_connecting_during_a_run_follows_it_from_the_given_id(_close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    run = await database_sync_to_async(services.run_create)(
+        tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input="hello"
+    )
+    held = await database_sync_to_async(executor.claim)(run.pk, owner="t")
+    from conversations import events as ev
+
+    ids = await streams.append(
+        run.pk, held.attempt,
+        [ev.status("running"), ev.message_delta("Hel", agent="Calc"),
+         ev.message_delta("lo", agent="Calc")],
+    )  # fmt: skip
+    # A refreshed page reconnects with the last id it saw.
+    socket, hello = await _open(w, w.mine, w.a.member, query=f"?after={ids[1]}")
+    assert hello["active_run"] == str(run.pk)
+    try:
+        first = await socket.receive_json_from(timeout=WAIT)
+        assert first["id"] == ids[2] and first["event"]["text"] == "lo"
+        await streams.finish(run.pk, held.attempt, ev.status("success"))
+        last = await socket.receive_json_from(timeout=WAIT)
+        assert last["event"]["type"] == "run.status" and last["event"]["status"] == "success"
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_redis_down_answers_unavailable(settings, _close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    await database_sync_to_async(services.run_create)(
+        tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input="hello"
+    )
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there: the streams are down
+    socket, hello = await _open(w, w.mine, w.a.member)
+    try:
+        assert hello["active_run"]
+        answer = await socket.receive_json_from(timeout=WAIT)
+        assert answer["type"] == "error" and answer["code"] == "unavailable"
+        assert "unavailable right now" in answer["message"]  # the stream, not a reader bug
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_removing_the_membership_closes_the_chat_socket(_close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    socket, _ = await _open(w, w.mine, w.a.member)
+    await database_sync_to_async(tenant_services.membership_remove)(
+        tenant=w.a.tenant, actor=await database_sync_to_async(w.a.actor)(w.a.owner),
+        membership_id=w.a.member_membership.pk,
+    )  # fmt: skip
+    assert (await socket.receive_json_from(timeout=WAIT))["type"] == "revoked"
+    closing = await socket.receive_output(timeout=WAIT)
+    assert closing == {"type": "websocket.close", "code": CLOSE_REVOKED}
