@@ -105,12 +105,14 @@ def processes(env: dict[str, str]) -> dict[str, str]:
     host = env.get("HOST", "127.0.0.1")
     port = env.get("PORT", "8000")
     py = shlex.quote(PYTHON)
+    # Celery forks its pool processes: a psycopg pool opened before the fork cannot be reused in
+    # the children, so worker and beat use plain connections (CONN_HEALTH_CHECKS still applies).
     return {
         "web": f"{py} -m uvicorn controlplane.asgi:application --host {shlex.quote(host)} "
         f"--port {shlex.quote(port)} --no-access-log",
-        "worker": f"{py} -m celery -A controlplane worker --loglevel INFO --concurrency 2 "
-        "--without-mingle --without-gossip",
-        "beat": f"{py} -m celery -A controlplane beat --loglevel INFO "
+        "worker": f"DATABASE_POOL=0 {py} -m celery -A controlplane worker --loglevel INFO "
+        "--concurrency 2 --without-mingle --without-gossip",
+        "beat": f"DATABASE_POOL=0 {py} -m celery -A controlplane beat --loglevel INFO "
         "--scheduler django_celery_beat.schedulers:DatabaseScheduler",
     }
 

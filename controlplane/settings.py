@@ -166,7 +166,9 @@ CHANNEL_LAYERS = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
-            "hosts": [REDIS_URL],
+            # redis-py 8 times out socket reads after 5 s by default, exactly channels-redis's
+            # 5 s blocking receive: the race kills idle websockets. Reads may block longer.
+            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
             "prefix": env.str("CHANNEL_LAYER_PREFIX", default="cp:asgi"),
         },
     }

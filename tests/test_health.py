@@ -22,3 +22,13 @@ def test_healthz_answers_503_naming_the_part_that_is_down(db, settings):
     assert body["checks"]["database"]["ok"] is True
     assert "Connection" in body["checks"]["redis"]["error"]
     assert response["Cache-Control"].startswith("max-age=0")
+
+
+def test_idle_websockets_outlive_the_channel_layers_blocking_receive(settings):
+    """redis-py 8 times out socket reads after 5 s by default, which is exactly how long
+    channels-redis blocks on a receive: the race killed idle websockets. Reads must be allowed
+    to block longer than the layer's receive."""
+    from channels_redis.core import RedisChannelLayer
+
+    [host] = settings.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"]
+    assert host["socket_timeout"] > RedisChannelLayer.brpop_timeout
