@@ -109,10 +109,13 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
         )
         if run.status != RunStatus.PENDING and not lapsed:
             return None
-        if run.attempt >= max_attempts():
+        if run.attempt >= max_attempts() or (lapsed and run.side_effects):
             run.status, run.finished_at = RunStatus.ERROR, now
             run.error = (
-                f"The run was stopped after {run.attempt} attempts: its worker kept "
+                "The reply was stopped: its worker disappeared after a tool that may change "
+                "things had started, and repeating it could do that twice."
+                if run.side_effects
+                else f"The run was stopped after {run.attempt} attempts: its worker kept "
                 "disappearing before it could finish."
             )
             run.lease_owner, run.lease_expires_at = "", None
@@ -148,6 +151,21 @@ def renew(claims: list[Claim]) -> list[Claim]:
         if not updated:
             lost.append(held)
     return lost
+
+
+def has_side_effects(tool: str) -> bool:
+    """Built-in tools say whether they change anything; any other tool (MCP) is assumed to."""
+    from ai_agents.tools import CATALOGUE
+
+    spec = CATALOGUE.get(tool)
+    return spec.has_side_effects if spec is not None else True
+
+
+def mark_side_effects(held: Claim) -> None:
+    # tenant-scope: the claim carries the run id; the attempt fences the write
+    _runs("recording a side effect of a claimed run").filter(
+        pk=held.run_id, attempt=held.attempt, status=RunStatus.RUNNING
+    ).update(side_effects=True)
 
 
 def _status_of(outcome: agent_execute.RunOutcome) -> str:
@@ -207,6 +225,18 @@ async def execute(held: Claim) -> str:
     except streams.StreamUnavailable:
         log.warning("run %s: the event stream is unavailable; running without it", held.run_id)
     mapper = run_events.EventMapper(run.version.agent.name)  # follows handoffs and tool names
+
+    marked = False
+
+    async def before_tool(tool: str) -> None:
+        # Runs before the tool does (a trace hook), so a worker that dies inside the tool has
+        # already recorded that the run must not be repeated.
+        nonlocal marked
+        if not marked and has_side_effects(tool):
+            marked = True
+            await sync_to_async(mark_side_effects)(held)
+
+    ctx.extra["before_tool"] = before_tool
 
     async def on_event(event: Any) -> None:
         mapped = mapper.map(event)

@@ -145,6 +145,9 @@ class Run(TenantOwned):
     attempt = models.PositiveIntegerField(default=0)
     lease_owner = models.CharField(max_length=200, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Set once a tool that may change the world started (an MCP tool, another agent): such a
+    # run is not retried after its worker dies, so the effect cannot happen twice.
+    side_effects = models.BooleanField(default=False)
     # Outcome.
     output = models.JSONField(null=True, blank=True)
     error = models.TextField(blank=True)

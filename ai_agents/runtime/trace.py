@@ -73,6 +73,9 @@ class TraceHooks(RunHooks[Any]):
         self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool
     ) -> None:
         self._tool_started[_call_id(context, tool)] = time.monotonic()
+        before_tool = getattr(context.context, "extra", {}).get("before_tool")
+        if before_tool is not None:  # e.g. the executor records side effects before they happen
+            await before_tool(tool.name)
 
     async def on_tool_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: Any

@@ -222,3 +222,33 @@ def test_interrupting_closes_the_old_runs_stream(
         _send(world_a, thread, "new question", strategy="interrupt")
     assert _events(first)[-1]["status"] == "interrupted"
     assert async_to_sync(executor.execute)(held) == "superseded"
+
+
+def test_a_run_whose_worker_died_after_a_side_effect_is_not_repeated(world_a):
+    agent = agent_services.agent_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Delegator",
+        config={"tools": [{"name": "run_agent"}, {"name": "calculator"}]},
+    )
+    agent_services.agent_publish(tenant=world_a.tenant, actor=world_a.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    thread = services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+
+    safe = _send(world_a, thread)  # the calculator changes nothing
+    async_to_sync(executor.execute)(executor.claim(safe.pk, owner="w"))
+    safe.refresh_from_db()
+    assert safe.side_effects is False
+
+    risky = _send(world_a, thread, "use the run_agent tool to ask helper about invoices")
+    async_to_sync(executor.execute)(executor.claim(risky.pk, owner="w"))
+    risky.refresh_from_db()
+    assert risky.side_effects is True  # recorded before the tool ran
+
+    # Had its worker died after that point, the sweeper's next claim refuses to repeat it.
+    Run.objects.for_tenant(world_a.tenant).filter(pk=risky.pk).update(
+        status=RunStatus.RUNNING, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert executor.claim(risky.pk, owner="w2") is None
+    risky.refresh_from_db()
+    assert risky.status == RunStatus.ERROR and "could do that twice" in risky.error
