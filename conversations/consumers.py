@@ -53,9 +53,7 @@ STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 MAX_TEXT = services.MAX_INPUT_CHARS
 
 
-def thread_group(thread_id: Any) -> str:
-    """The sockets open on one thread (woken when a run starts on it)."""
-    return f"chat.thread.{thread_id}"
+thread_group = realtime.thread_group
 
 
 def _stream_id(value: Any) -> str:
@@ -191,11 +189,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         run_id = str(run.pk)
         await self.send_json({"type": "run.created", "run_id": run_id})
         self._follow(run_id, "0-0")
-        # Wake the thread's other sockets (another tab): they follow the same stream.
-        await self.channel_layer.group_send(
-            thread_group(self.thread.pk),
-            {"type": "chat.run_started", "run_id": run_id, "origin": self.channel_name},
-        )
+        # run_create announces the run to the thread's other sockets (another tab) on commit.
 
     async def _cancel(self) -> None:
         """The stop button: stop this thread's active run (every tab sees it end)."""
@@ -263,7 +257,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # --- from the channel layer --------------------------------------------------------------
 
     async def chat_run_started(self, message: dict[str, Any]) -> None:
-        if self.revoked or message.get("origin") == self.channel_name:
+        if self.revoked:
             return
         run_id = str(message.get("run_id", ""))
         if run_id and run_id not in self.followers:

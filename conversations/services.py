@@ -29,6 +29,7 @@ from conversations.models import (
     Thread,
     ThreadStatus,
 )
+from tenants import realtime
 from tenants.actors import Actor
 from tenants.models import Tenant, User
 
@@ -133,7 +134,9 @@ def thread_delete(*, tenant: Tenant, end_user: EndUser, thread_id: Any) -> None:
         .exists()
     ):
         raise Conflict("The thread has a run in progress: stop it first.")
+    group = realtime.thread_group(thread.pk)
     thread.delete()
+    transaction.on_commit(partial(realtime.close_connections, group, reason="thread deleted"))
 
 
 # --- Runs -------------------------------------------------------------------------------------
@@ -276,6 +279,7 @@ def _run_create(
     if not queued:
         # Only a kick: if it is lost, the sweeper finds the pending run and kicks it again.
         transaction.on_commit(partial(executor.kick, run.pk))
+        transaction.on_commit(partial(realtime.announce_run, thread.pk, run.pk))
     return run
 
 

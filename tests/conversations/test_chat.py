@@ -488,3 +488,41 @@ async def test_removing_the_membership_closes_the_chat_socket(_close_async_clien
     assert (await socket.receive_json_from(timeout=WAIT))["type"] == "revoked"
     closing = await socket.receive_output(timeout=WAIT)
     assert closing == {"type": "websocket.close", "code": CLOSE_REVOKED}
+
+
+@pytestmark_ws
+async def test_a_run_started_elsewhere_is_followed_by_open_chats(_close_async_clients):
+    """A run created by any source (the REST API, a schedule) shows up in the open chat."""
+    w = await database_sync_to_async(_setup)()
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        run = await database_sync_to_async(services.run_create)(
+            tenant=w.a.tenant,
+            end_user=w.mine.end_user,
+            thread_id=w.mine.pk,
+            input=CALC,
+            source="api",
+        )
+        started = await socket.receive_json_from(timeout=WAIT)
+        assert started == {"type": "run.started", "run_id": str(run.pk)}
+        assert await _execute(run.pk) == RunStatus.SUCCESS
+        got = await _until_terminal(socket)
+        assert "42" in "".join(
+            m["event"]["text"] for m in got if m["event"].get("type") == "message.delta"
+        )
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_deleting_a_thread_closes_its_open_chats(_close_async_clients):
+    w = await database_sync_to_async(_setup)()
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        await database_sync_to_async(services.thread_delete)(
+            tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk
+        )
+        assert (await socket.receive_json_from(timeout=WAIT))["type"] == "revoked"
+        assert (await socket.receive_output(timeout=WAIT))["code"] == CLOSE_REVOKED
+    finally:
+        await socket.disconnect()
