@@ -9,6 +9,7 @@ writes are fenced in any case.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import socket
@@ -34,7 +35,11 @@ class RunHost:
         threading.Thread(target=self._heartbeat, name="run-host-heartbeat", daemon=True).start()
 
     def submit(self, held: executor.Claim) -> Future[str]:
-        future = asyncio.run_coroutine_threadsafe(executor.execute(held), self._loop)
+        # A fresh context: the caller's (e.g. asgiref's thread markers) must not leak into the
+        # run, whose database calls would then try the caller's executor.
+        future = contextvars.Context().run(
+            asyncio.run_coroutine_threadsafe, executor.execute(held), self._loop
+        )
         with self._lock:
             self._held[held] = future
         future.add_done_callback(partial(self._done, held))

@@ -107,9 +107,11 @@
     // After a refresh: what this tab had already shown of the running reply.
     if (!run) return;
     dropEmpty();
+    // Steps the server already rendered from saved items are not drawn twice.
+    var saved = log.querySelector('[data-run-id="' + run.id + '"]') !== null;
     (run.steps || []).forEach(function (s) {
       if (s.kind === "text") { bubble = null; pendingBubble(s.agent).textContent = s.text; }
-      else addStep(s);
+      else if (!saved) addStep(s);
     });
     scrollDown();
   }

@@ -1,0 +1,276 @@
+"""The end-user chat in a real browser: a member talks to a published agent over the websocket.
+
+The live server of pytest-django speaks WSGI only, so `asgi_site` serves the real ASGI app
+(HTTP through Django, websockets through Channels) with uvicorn on a thread of its own, and runs
+really execute: `executor.kick` claims the run and hands it to a `RunHost`, whose asyncio loop
+thread streams the built-in offline model's reply into the run's Redis Stream.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from ai_agents import services as agent_services
+from conversations import executor, services, worker
+from conversations.models import Item, Run, RunStatus
+from tests.browser.test_dashboard import log_in
+from tests.conftest import make_world
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+QUESTION = "Use the calculator to compute 12 * 12"
+REPLY = "[built-in offline model] The calculator tool returned: 144."
+WORD_DELAY = 0.3  # seconds per streamed word: slow enough to refresh the page mid-reply
+LONG = 15_000  # ms; bounds a failure, never a timing
+
+
+@dataclass
+class AsgiSite:
+    url: str
+    host: worker.RunHost
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def asgi_site(settings, monkeypatch, kicked) -> Iterator[AsgiSite]:
+    """The real ASGI application under uvicorn on 127.0.0.1, and runs executed in-process."""
+    import uvicorn
+
+    settings.ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+    settings.SESSION_COOKIE_SECURE = False  # a Secure cookie is dropped over http
+    settings.CSRF_COOKIE_SECURE = False
+    settings.SECURE_SSL_REDIRECT = False
+    settings.SECURE_HSTS_SECONDS = 0
+    settings.OFFLINE_MODEL_WORD_DELAY = WORD_DELAY
+
+    # Built after the settings change, as controlplane/asgi.py builds it: its middleware chain
+    # (SecurityMiddleware reads the SSL settings once) sees the values above.
+    from channels.auth import AuthMiddlewareStack
+    from channels.routing import ProtocolTypeRouter, URLRouter
+    from django.core.asgi import get_asgi_application
+
+    from controlplane.routing import websocket_urlpatterns
+    from controlplane.websocket import AllowedHostsOriginValidator
+
+    app = ProtocolTypeRouter(
+        {
+            "http": get_asgi_application(),
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            ),
+        }
+    )
+
+    host = worker.RunHost()
+
+    def kick(run_id) -> None:  # what a Celery worker does with the message, in-process
+        held = executor.claim(run_id, owner=host.owner)
+        if held is not None:
+            # Called on commit inside the consumer's `database_sync_to_async` thread: the host
+            # must not carry that thread's context into the run.
+            host.submit(held)
+
+    monkeypatch.setattr(executor, "kick", kick)
+
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    started = threading.Event()
+    for _ in range(200):  # up to 10 s for the socket to listen
+        if server.started:
+            started.set()
+            break
+        started.wait(0.05)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield AsgiSite(url=f"http://127.0.0.1:{port}", host=host)
+    finally:
+        server.should_exit = True
+        thread.join(2)
+        if thread.is_alive():  # a connection still open: uvicorn would wait for it
+            server.force_exit = True
+            thread.join(5)
+        assert not thread.is_alive(), "uvicorn did not stop"
+        host._stop.set()
+        host._loop.call_soon_threadsafe(host._loop.stop)
+
+
+@pytest.fixture
+def site(asgi_site: AsgiSite) -> str:
+    """The browser fixture (`run_in_browser`) opens its contexts on the ASGI server."""
+    return asgi_site.url
+
+
+def _published_agent(world):
+    agent = agent_services.agent_create(
+        tenant=world.tenant,
+        actor=world.actor(),
+        name="Calc",
+        description="Does arithmetic with its calculator.",
+        config={"tools": [{"name": "calculator"}]},
+    )
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    return agent
+
+
+def chat_socket(ws) -> bool:
+    return "/chat/" in ws.url
+
+
+def _pending_text(page: Page) -> str:
+    return page.evaluate(
+        "() => { const b = document.querySelector('.msg-pending .bubble');"
+        " return b ? b.textContent : null; }"
+    )
+
+
+def test_member_chats_with_a_tool_reply_that_streams_survives_a_refresh_and_reaches_a_2nd_tab(
+    asgi_site, run_in_browser
+):
+    world = make_world("Acme")
+    _published_agent(world)
+    member = world.member.email
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: chat_socket(ws) and sockets.append(ws.url))
+        log_in(page, member)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+
+        # The member picks the published agent on the chat page and starts a conversation.
+        page.goto("/t/acme/chat/")
+        card = page.locator(".chat-agent-card", has_text="Calc")
+        expect(card).to_contain_text("Does arithmetic with its calculator.")
+        with page.expect_websocket(chat_socket) as opened:
+            card.get_by_role("button", name="Start a chat").click()
+        opened.value.wait_for_event("framereceived")  # the server's hello: the socket is up
+        expect(page).to_have_url(re.compile(r"/t/acme/chat/[0-9a-f-]{36}/$"))
+        thread_url = page.url
+        expect(page.get_by_text("Say hello to Calc")).to_be_visible()
+
+        # The same member has the conversation open in a second browser too.
+        other = new_context().new_page()
+        log_in(other, member)
+        expect(other).to_have_url(re.compile(r"/t/acme/$"))
+        with other.expect_websocket(chat_socket) as opened:
+            other.goto(thread_url)
+        opened.value.wait_for_event("framereceived")
+        expect(other.get_by_text("Say hello to Calc")).to_be_visible()
+
+        page.get_by_label("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".msg-user").last).to_have_text(QUESTION)
+        expect(page.get_by_role("button", name="Send")).to_be_disabled()  # busy replying
+
+        # The tool step appears with the calculator's result, then the reply streams in.
+        step = page.locator("details.step-tool_call[data-pending]")
+        expect(step).to_contain_text("calculator", timeout=LONG)
+        expect(step.locator(".step-output")).to_have_text("144", timeout=LONG)
+        page.wait_for_function(
+            "() => { const b = document.querySelector('.msg-pending .bubble');"
+            " return b && b.textContent.length > 0; }",
+            timeout=LONG,
+        )
+        first = _pending_text(page)
+        page.wait_for_function(
+            "n => { const b = document.querySelector('.msg-pending .bubble');"
+            " return b && b.textContent.length > n; }",
+            arg=len(first),
+            timeout=LONG,
+        )
+        second = _pending_text(page)
+        assert REPLY.startswith(first) and REPLY.startswith(second), (first, second)
+        assert len(first) < len(second) < len(REPLY), "the reply is still being written"
+        # The second browser is following the same reply live.
+        other_step = other.locator("details.step-tool_call[data-pending]")
+        expect(other_step.locator(".step-output")).to_have_text("144")
+
+        # Refresh in the middle of the reply: what was shown is drawn again at once, and the
+        # reply continues from where it was (not from the start: no word appears twice).
+        before_refresh = second
+        seen_before = len(sockets)
+        page.reload()
+        expect(page.locator(".msg-pending .bubble")).to_contain_text(
+            before_refresh.strip(), timeout=LONG
+        )
+        page.wait_for_function(
+            "n => { const b = document.querySelector('.msg-pending .bubble');"
+            " return !b || b.textContent.length > n; }",
+            arg=len(before_refresh),
+            timeout=LONG,
+        )
+        resumed = _pending_text(page)
+        assert resumed is None or REPLY.startswith(resumed), resumed
+        reconnect = sockets[seen_before]
+        assert re.search(r"\?after=\d+-\d+$", reconnect), reconnect
+        assert not reconnect.endswith("after=0-0"), reconnect
+
+        # The run ends: the streamed bubble is replaced by the server's rendering of the reply.
+        final = page.locator(".msg-assistant[data-item-id]")
+        expect(final).to_have_count(1, timeout=LONG)
+        expect(final).to_have_text(REPLY)
+        expect(page.locator("[data-pending]")).to_have_count(0)
+        expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        expect(page.locator("#chat-log")).to_contain_text("144")
+        assert page.locator(".msg-assistant", has_text="144").count() == 1
+        assert page.locator(".msg-user", has_text=QUESTION).count() == 1
+        tool_steps = page.locator("details.step-tool_call")
+        expect(tool_steps).to_have_count(1)
+        expect(tool_steps).to_contain_text("calculator")
+        kept = page.evaluate("() => Object.keys(sessionStorage).filter(k => k.startsWith('chat:'))")
+        assert kept == [], "a finished reply leaves nothing to resume"
+
+        # The second browser followed the same reply and ends on the same final message.
+        other_final = other.locator(".msg-assistant[data-item-id]")
+        expect(other_final).to_have_count(1, timeout=LONG)
+        expect(other_final).to_have_text(REPLY)
+        expect(other.locator("[data-pending]")).to_have_count(0)
+        assert other.locator(".msg-assistant", has_text="144").count() == 1
+        assert other.locator(".msg-user", has_text=QUESTION).count() == 1
+
+        # A reload of the finished conversation shows the same, from the server.
+        page.reload()
+        expect(page.locator(".msg-assistant")).to_have_text([REPLY])
+
+    run_in_browser(flow)
+
+    run = Run.objects.for_tenant(world.tenant).get()
+    assert run.status == RunStatus.SUCCESS
+    assert run.attempt == 1, "the refresh did not restart the run"
+    # The question, the tool call, its result and the reply: saved once each.
+    assert Item.objects.for_tenant(world.tenant).filter(thread=run.thread).count() == 4
+
+
+def test_stop_button_shows_only_while_a_reply_is_written(asgi_site, run_in_browser):
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        with page.expect_websocket(chat_socket) as opened:
+            page.goto(f"/t/acme/chat/{thread.pk}/")
+        opened.value.wait_for_event("framereceived")
+        expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        expect(page.get_by_role("button", name="Stop")).to_be_hidden(timeout=1_000)
+
+    run_in_browser(flow)
