@@ -36,7 +36,7 @@ from ai_agents.models import (
 from controlplane import crypto
 from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
 from tenants.actors import Actor
-from tenants.audit import audit_record, changes
+from tenants.audit import audit_changes, audit_record, changes
 from tenants.models import Tenant
 
 
@@ -141,15 +141,14 @@ def provider_update(
         _set_key(provider, api_key)
     provider.updated_at = timezone.now()
     _save_unique(provider, "name", "A provider with this name exists.")
-    change_set = changes(before, _provider_state(provider))
-    if change_set:
-        audit_record(
-            tenant=tenant,
-            actor=actor,
-            action="provider.updated",
-            target=provider,
-            change_set=change_set,
-        )
+    audit_changes(
+        tenant=tenant,
+        actor=actor,
+        action="provider.updated",
+        target=provider,
+        before=before,
+        after=_provider_state(provider),
+    )
     return provider
 
 
@@ -352,15 +351,14 @@ def mcp_server_update(
         _set_headers(server, headers)
     server.updated_at = timezone.now()
     _save_unique(server, "name", "An MCP server with this name exists.")
-    change_set = changes(before, _mcp_state(server))
-    if change_set:
-        audit_record(
-            tenant=tenant,
-            actor=actor,
-            action="mcp_server.updated",
-            target=server,
-            change_set=change_set,
-        )
+    audit_changes(
+        tenant=tenant,
+        actor=actor,
+        action="mcp_server.updated",
+        target=server,
+        before=before,
+        after=_mcp_state(server),
+    )
     return server
 
 
@@ -505,11 +503,14 @@ def agent_update(*, tenant: Tenant, actor: Actor, agent_id, name: str, descripti
     agent.name, agent.description = name.strip()[:100], description.strip()
     agent.updated_at = timezone.now()
     agent.save(update_fields=["name", "description", "updated_at"])
-    change_set = changes(before, {"name": agent.name, "description": agent.description})
-    if change_set:
-        audit_record(
-            tenant=tenant, actor=actor, action="agent.updated", target=agent, change_set=change_set
-        )
+    audit_changes(
+        tenant=tenant,
+        actor=actor,
+        action="agent.updated",
+        target=agent,
+        before=before,
+        after={"name": agent.name, "description": agent.description},
+    )
     return agent
 
 

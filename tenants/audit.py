@@ -37,6 +37,24 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> dict[str, list[Any
     return out
 
 
+def audit_changes(
+    *,
+    tenant: Tenant,
+    actor: Actor,
+    action: str,
+    target: models.Model,
+    before: dict[str, Any],
+    after: dict[str, Any],
+) -> AuditEvent | None:
+    """Record an update with its {field: [before, after]}, or nothing when nothing changed."""
+    change_set = changes(before, after)
+    if not change_set:
+        return None
+    return audit_record(
+        tenant=tenant, actor=actor, action=action, target=target, change_set=change_set
+    )
+
+
 def audit_record(
     *,
     tenant: Tenant,

@@ -23,7 +23,7 @@ from django.utils.text import slugify
 from controlplane.errors import AuthenticationFailed, NotFound, PermissionDenied, ValidationFailed
 from tenants import realtime
 from tenants.actors import Actor
-from tenants.audit import audit_record, changes
+from tenants.audit import audit_changes, audit_record, changes
 from tenants.models import (
     ApiKey,
     ApiKeyScope,
@@ -115,15 +115,14 @@ def tenant_update(*, tenant: Tenant, actor: Actor, name: str, slug: str) -> Tena
     before = {"name": tenant.name, "slug": tenant.slug}
     tenant.name, tenant.slug = name[:100], new_slug
     tenant.save(update_fields=["name", "slug"])
-    change_set = changes(before, {"name": tenant.name, "slug": tenant.slug})
-    if change_set:
-        audit_record(
-            tenant=tenant,
-            actor=actor,
-            action="tenant.updated",
-            target=tenant,
-            change_set=change_set,
-        )
+    audit_changes(
+        tenant=tenant,
+        actor=actor,
+        action="tenant.updated",
+        target=tenant,
+        before=before,
+        after={"name": tenant.name, "slug": tenant.slug},
+    )
     return tenant
 
 
