@@ -187,7 +187,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._error(exc.code, exc.message)
             return
         run_id = str(run.pk)
-        await self.send_json({"type": "run.created", "run_id": run_id})
+        await self.send_json({"type": "run.created", "run_id": run_id, "queued": run.queued})
         self._follow(run_id, "0-0")
         # run_create announces the run to the thread's other sockets (another tab) on commit.
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +33,7 @@ from conversations.models import (
     ThreadStatus,
 )
 from conversations.session import SupersededAttempt, ThreadSession
+from tenants import realtime
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,8 @@ def _runs(reason: str):  # type: ignore[no-untyped-def]
 
 
 def end_thread(run: Run, status: str) -> UUID | None:
-    """Set the thread's status after `run` ended; promote the next queued run (returns its id)."""
+    """Set the thread's status after `run` ended; promote the next queued run (returns its id):
+    on commit it is kicked and announced to the chats open on the thread, which follow it."""
     following = (
         Run.objects.for_tenant(run.tenant)
         .select_for_update()
@@ -79,6 +82,8 @@ def end_thread(run: Run, status: str) -> UUID | None:
         following.queued = False
         following.save(update_fields=["queued"])
         thread_status = ThreadStatus.BUSY
+        transaction.on_commit(partial(kick, following.pk))
+        transaction.on_commit(partial(realtime.announce_run, run.thread_id, following.pk))
     Thread.objects.for_tenant(run.tenant).filter(pk=run.thread_id).update(
         status=thread_status, updated_at=timezone.now()
     )
@@ -122,9 +127,7 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
             run.save(
                 update_fields=["status", "finished_at", "error", "lease_owner", "lease_expires_at"]
             )
-            next_id = end_thread(run, RunStatus.ERROR)
-            if next_id is not None:
-                transaction.on_commit(lambda: kick(next_id))
+            end_thread(run, RunStatus.ERROR)
             return None
         run.attempt += 1
         run.status = RunStatus.RUNNING
@@ -192,9 +195,7 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
         run.save()
-        next_id = end_thread(run, final)
-        if next_id is not None:
-            transaction.on_commit(lambda: kick(next_id))
+        end_thread(run, final)
     return True
 
 

@@ -139,6 +139,33 @@ def item_page(
     return _entries(rows), (rows[0].pk if more and rows else None)
 
 
+def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
+    """The messages of runs that have not started writing to the thread yet (waiting for a
+    worker, or queued behind the active run), oldest first: shown as sent, marked as waiting.
+    A run's input becomes items of the thread only when its worker starts it."""
+    waiting = (
+        Run.objects.for_tenant(tenant)
+        .filter(thread=thread, status__in=ACTIVE_STATUSES)
+        .exclude(pk__in=Item.objects.for_tenant(tenant).filter(thread=thread).values("run_id"))
+        .order_by("created_at")
+        .only("pk", "input", "queued")
+    )
+    entries = []
+    for run in waiting:
+        for message in run.input if isinstance(run.input, list) else []:
+            if isinstance(message, dict) and message.get("role") == "user":
+                entries.append(
+                    Entry(
+                        id=0,
+                        kind="user",
+                        html=markdown.render_plain(_text_of(message.get("content"))),
+                        run_id=run.pk,
+                        extra={"waiting": True, "queued": run.queued},
+                    )
+                )
+    return entries
+
+
 def item_after(*, tenant: Tenant, thread: Thread, after: int, limit: int = 200) -> list[Entry]:
     """Items newer than id `after`, oldest first (what a finished reply added)."""
     rows = list(

@@ -311,9 +311,7 @@ def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) 
             ]
         )
         if not was_queued:
-            next_id = executor.end_thread(run, RunStatus.CANCELLED)
-            if next_id is not None:
-                transaction.on_commit(partial(executor.kick, next_id))
+            executor.end_thread(run, RunStatus.CANCELLED)
         transaction.on_commit(
             partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, "Stopped.")
         )

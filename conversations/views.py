@@ -79,7 +79,13 @@ def chat_thread(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Ht
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
     entries, earlier = selectors.item_page(tenant=request.tenant, thread=thread)
     active = selectors.run_active(tenant=request.tenant, thread=thread)
-    context = {"thread": thread, "entries": entries, "earlier": earlier, "active_run": active}
+    context = {
+        "thread": thread,
+        "entries": entries,
+        "earlier": earlier,
+        "active_run": active,
+        "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
+    }
     return render(request, "conversations/thread.html", context)
 
 
@@ -90,7 +96,13 @@ def chat_items(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Htt
     after = _int_or_none(request.GET.get("after"))
     if after is not None:
         entries = selectors.item_after(tenant=request.tenant, thread=thread, after=after)
-        context = {"thread": thread, "entries": entries, "earlier": None, "newer": True}
+        context = {
+            "thread": thread,
+            "entries": entries,
+            "earlier": None,
+            "newer": True,
+            "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
+        }
     else:
         entries, earlier = selectors.item_page(
             tenant=request.tenant, thread=thread, before=_int_or_none(request.GET.get("before"))

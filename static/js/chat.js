@@ -13,6 +13,7 @@
   var sendBtn = document.getElementById("chat-send");
   var stopBtn = document.getElementById("chat-stop");
   var statusEl = document.getElementById("chat-status");
+  var strategyEl = document.getElementById("chat-strategy");
   var wsPath = root.getAttribute("data-ws-url");
   var itemsUrl = root.getAttribute("data-items-url");
   var KEY = "chat:" + wsPath;
@@ -40,9 +41,11 @@
     statusEl.textContent = text;
   }
 
+  // While a reply is being written, a new message goes with the strategy picked next to Send
+  // (after the reply, stopping it, or replacing the last message); otherwise it simply starts.
   function busy(on) {
     stopBtn.hidden = !on;
-    sendBtn.disabled = on;
+    if (strategyEl) strategyEl.hidden = !on;
   }
 
   function el(tag, cls, text) {
@@ -142,16 +145,25 @@
     }
   }
 
+  // The latest page of the history, from the server (a replaced message has left it).
+  function reloadAll() {
+    if (!window.htmx) { location.reload(); return; }
+    bubble = null;
+    htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(scrollDown, scrollDown);
+  }
+
   function endRun(ev) {
     busy(false);
+    var replaced = ev && (ev.status === "cancelled" || ev.status === "interrupted");
     if (ev && ev.status && ev.status !== "success") {
-      status(ev.message || ("The reply ended: " + ev.status + "."), "error");
+      status(ev.message || ("The reply ended: " + ev.status + "."), replaced ? "warn" : "error");
     } else {
       status("");
     }
     run = null;
     save();
-    reloadNewItems();
+    if (replaced) reloadAll();
+    else reloadNewItems();
   }
 
   function onEvent(msg) {
@@ -246,6 +258,11 @@
         }
       } else if (msg.type === "event") {
         onEvent(msg);
+      } else if (msg.type === "run.created" && msg.queued) {
+        // Waits in line behind the reply being written: it starts when that one ends.
+        var mine = log.querySelectorAll(".msg-user[data-pending]");
+        if (mine.length) mine[mine.length - 1].appendChild(
+          el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
       } else if (msg.type === "run.created" || msg.type === "run.started") {
         root.setAttribute("data-active-run", msg.run_id);
         run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
@@ -304,7 +321,9 @@
     mine.appendChild(el("div", "bubble", text));
     log.appendChild(mine);
     scrollDown();
-    ws.send(JSON.stringify({ type: "send", text: text }));
+    var message = { type: "send", text: text };
+    if (strategyEl && !strategyEl.hidden) message.strategy = strategyEl.value;
+    ws.send(JSON.stringify(message));
     input.value = "";
   });
   input.addEventListener("keydown", function (e) {

@@ -176,7 +176,8 @@ def test_member_chats_with_a_tool_reply_that_streams_survives_a_refresh_and_reac
         page.get_by_label("Message").fill(QUESTION)
         page.get_by_role("button", name="Send").click()
         expect(page.locator(".msg-user").last).to_have_text(QUESTION)
-        expect(page.get_by_role("button", name="Send")).to_be_disabled()  # busy replying
+        # Busy replying: a new message would go with the picked strategy.
+        expect(page.get_by_label("While a reply is being written")).to_be_visible()
 
         # The tool step appears with the calculator's result, then the reply streams in.
         step = page.locator("details.step-tool_call[data-pending]")
@@ -227,6 +228,7 @@ def test_member_chats_with_a_tool_reply_that_streams_survives_a_refresh_and_reac
         expect(final).to_have_text(REPLY)
         expect(page.locator("[data-pending]")).to_have_count(0)
         expect(page.get_by_role("button", name="Send")).to_be_enabled()
+        expect(page.get_by_label("While a reply is being written")).to_be_hidden()
         expect(page.locator("#chat-log")).to_contain_text("144")
         assert page.locator(".msg-assistant", has_text="144").count() == 1
         assert page.locator(".msg-user", has_text=QUESTION).count() == 1
@@ -274,3 +276,48 @@ def test_stop_button_shows_only_while_a_reply_is_written(asgi_site, run_in_brows
         expect(page.get_by_role("button", name="Stop")).to_be_hidden(timeout=1_000)
 
     run_in_browser(flow)
+
+
+def test_a_message_sent_during_a_reply_waits_in_line_and_survives_a_refresh(
+    asgi_site, run_in_browser
+):
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    follow_up = "Thanks, and what is 2 + 3?"
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        with page.expect_websocket(chat_socket) as opened:
+            page.goto(f"/t/acme/chat/{thread.pk}/")
+        opened.value.wait_for_event("framereceived")
+        page.get_by_label("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        picker = page.get_by_label("While a reply is being written")
+        expect(picker).to_be_visible(timeout=LONG)
+        picker.select_option(label="Send after this reply")
+        page.get_by_label("Message").fill(follow_up)
+        page.get_by_role("button", name="Send").click()
+        queued = page.locator(".msg-user", has_text=follow_up)
+        expect(queued).to_contain_text("Queued: sent when the current reply ends", timeout=LONG)
+
+        # A refresh while it waits still shows it, as waiting in line (from the server).
+        page.reload()
+        expect(page.locator(".msg-waiting", has_text=follow_up)).to_contain_text("Queued")
+
+        # Both replies arrive, in order: the question, its reply, the follow-up, its reply.
+        replies = page.locator(".msg-assistant[data-item-id]")
+        expect(replies).to_have_count(2, timeout=3 * LONG)
+        expect(page.locator("[data-pending]")).to_have_count(0, timeout=LONG)
+        texts = page.locator(".msg[data-item-id]").all_inner_texts()
+        assert [t for t in texts if follow_up in t] == [follow_up]
+        assert texts.index(follow_up) > texts.index(REPLY)
+
+    run_in_browser(flow)
+
+    runs = list(Run.objects.for_tenant(world.tenant).order_by("created_at"))
+    assert [r.status for r in runs] == [RunStatus.SUCCESS, RunStatus.SUCCESS]
+    assert runs[1].strategy == "enqueue"

@@ -21,7 +21,7 @@ from django.urls import reverse
 from ai_agents import services as agent_services
 from controlplane.asgi import application
 from conversations import executor, markdown, services, streams
-from conversations.models import Item, Run, RunStatus, Thread
+from conversations.models import Item, MultitaskStrategy, Run, RunSource, RunStatus, Thread
 from tenants import services as tenant_services
 from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
 from tests.conftest import make_world
@@ -250,6 +250,35 @@ def test_load_earlier_pages_back_by_item_id(world_a, chat):
         _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": first_shown}
     ).content.decode()
     assert "m11" in newer and "m10" not in newer
+
+
+def test_messages_not_yet_started_show_as_waiting_or_queued(world_a, chat):
+    """A refresh before the worker picks a run up (or while it waits in line) still shows what
+    the user sent; once the run writes its items, the message shows from them, once."""
+    first = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk,
+        input="First <question>", source=RunSource.CHAT,
+    )  # fmt: skip
+    services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk,
+        input="Second question", source=RunSource.CHAT, strategy=MultitaskStrategy.ENQUEUE,
+    )  # fmt: skip
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+    assert "First &lt;question&gt;" in page and "Waiting for the agent" in page
+    assert "Second question" in page and "Queued: sent when the current reply ends" in page
+    assert page.index("First &lt;question&gt;") < page.index("Second question")
+    assert "Say hello" not in page
+
+    Item.objects.create(
+        tenant=world_a.tenant, thread=chat.mine, run=first,
+        data={"role": "user", "content": "First <question>"},
+    )  # fmt: skip
+    newer = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": 0}
+    ).content.decode()
+    assert newer.count("First &lt;question&gt;") == 1 and "Waiting for the agent" not in newer
+    assert "Second question" in newer and "Queued" in newer
 
 
 # --- The websocket --------------------------------------------------------------------------
