@@ -6,7 +6,7 @@ from uuid import UUID
 from ninja import Field, Query, Router, Schema, Status
 from ninja.pagination import LimitOffsetPagination, paginate
 
-from tenants import selectors, services
+from tenants import limits, selectors, services
 from tenants.auth import require_scope
 from tenants.requests import ApiRequest
 
@@ -38,9 +38,30 @@ class ApiKeyOut(Schema):
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    requests_per_minute: int | None = Field(
+        description="The key's request limit; null: the tenant's limit for keys. 0: none."
+    )
+    runs_per_minute: int | None = Field(
+        description="The key's run-start limit; null: the tenant's limit for keys. 0: none."
+    )
 
 
-class ApiKeyCreateIn(Schema):
+class ApiKeyLimitsIn(Schema):
+    requests_per_minute: int | None = Field(
+        None,
+        ge=0,
+        le=limits.MAX_LIMIT,
+        description="Requests per minute; null: the tenant's limit, 0: none.",
+    )
+    runs_per_minute: int | None = Field(
+        None,
+        ge=0,
+        le=limits.MAX_LIMIT,
+        description="Runs started per minute; null: the tenant's limit, 0: none.",
+    )
+
+
+class ApiKeyCreateIn(ApiKeyLimitsIn):
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(min_length=1, examples=[["read", "run"]])
     expires_at: datetime | None = None
@@ -96,6 +117,8 @@ def create_api_key(request: ApiRequest, payload: ApiKeyCreateIn):
         name=payload.name,
         scopes=payload.scopes,
         expires_at=payload.expires_at,
+        requests_per_minute=payload.requests_per_minute,
+        runs_per_minute=payload.runs_per_minute,
     )
     created = ApiKeyOut.from_orm(key).model_dump()
     return Status(201, ApiKeyCreatedOut(**created, key=raw))
@@ -114,6 +137,15 @@ def revoke_api_key(request: ApiRequest, key_id: UUID):
         tenant=request.tenant,
         actor=request.actor,
         api_key_id=key_id,
+    )
+
+
+@router.put("/api-keys/{key_id}/limits", response=ApiKeyOut)
+def set_api_key_limits(request: ApiRequest, key_id: UUID, payload: ApiKeyLimitsIn):
+    """Set the key's rate limits (both; null uses the tenant's limit for keys)."""
+    require_scope(request, "admin")
+    return services.api_key_limits_update(
+        tenant=request.tenant, actor=request.actor, api_key_id=key_id, **payload.dict()
     )
 
 
