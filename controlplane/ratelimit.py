@@ -185,6 +185,12 @@ def _reachable(url: str) -> bool:
 # --- the check -----------------------------------------------------------------------------------
 
 
+def clock_ms() -> int | None:
+    """The time of a check: None lets Redis use its own clock, shared by every web process.
+    (Tests replace this to check the window math without waiting.)"""
+    return None
+
+
 def hit(tenant_id: Any, windows: Sequence[Window], *, now_ms: int | None = None) -> Decision:
     """Count one hit against every window, or none if any is full. One round trip.
 
@@ -197,6 +203,8 @@ def hit(tenant_id: Any, windows: Sequence[Window], *, now_ms: int | None = None)
         return Decision(True)
     keys = tuple(window_key(tenant_id, w) for w in windows)
     member = uuid.uuid4().hex
+    if now_ms is None:
+        now_ms = clock_ms()
     args: list[Any] = ["" if now_ms is None else int(now_ms), member]
     for w in windows:
         args += [w.limit, w.seconds * 1000]

@@ -222,7 +222,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         unit = "hour" if window == 3600 else "minute"
         await self._error(
             "rate_limited",
-            f"Your message was not sent: you can send {limit} messages per {unit}. "
+            f"Your message was not sent: you can send {limit} "
+            f"message{'' if limit == 1 else 's'} per {unit}. "
             f"You can send it again in {_duration(wait)}.",
             retry_after=wait,
             limit=limit,

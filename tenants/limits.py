@@ -93,7 +93,7 @@ def validate(values: dict[str, Any]) -> dict[str, int | None]:
 class _Rule:
     window: ratelimit.Window
     scope: str
-    message: str  # with {limit}, {unit} and {wait}
+    message: str  # with {limit}, {s} (plural), {unit} and {wait}
 
 
 def _rule(subject: str, limit: int, seconds: int, scope: str, message: str) -> list[_Rule]:
@@ -107,7 +107,10 @@ def _refuse(rules: list[_Rule], decision: ratelimit.Decision) -> RateLimited:
     window = rule.window
     wait = decision.retry_after
     message = rule.message.format(
-        limit=window.limit, unit=_UNITS.get(window.seconds, f"{window.seconds} s"), wait=wait
+        limit=window.limit,
+        s="" if window.limit == 1 else "s",
+        unit=_UNITS.get(window.seconds, f"{window.seconds} s"),
+        wait=wait,
     )
     return RateLimited(
         message,
@@ -132,7 +135,7 @@ def api_request(*, key: ApiKey, now_ms: int | None = None) -> None:
         key_limit(key, "requests_per_minute"),
         60,
         "api_key_requests",
-        "This API key may make {limit} requests per {unit}; try again in {wait} s.",
+        "This API key may make {limit} request{s} per {unit}; try again in {wait} s.",
     )
     _check(key.tenant_id, rules, now_ms)
 
@@ -147,7 +150,7 @@ def _run_rules(
             key_limit(api_key, "runs_per_minute", tenant),
             60,
             "api_key_runs",
-            "This API key may start {limit} runs per {unit}; try again in {wait} s.",
+            "This API key may start {limit} run{s} per {unit}; try again in {wait} s.",
         )
     if end_user_id is not None and source in END_USER_SOURCES:
         for field, seconds in (("end_user_runs_per_minute", 60), ("end_user_runs_per_hour", 3600)):
@@ -156,7 +159,7 @@ def _run_rules(
                 tenant_limit(tenant, field),
                 seconds,
                 "end_user_runs",
-                "This end user may start {limit} runs per {unit}; try again in {wait} s.",
+                "This end user may start {limit} run{s} per {unit}; try again in {wait} s.",
             )
     return rules
 
