@@ -20,8 +20,7 @@ tag, so the windows of one decision share a slot. Every key expires one window a
 
 Redis down: the check **fails open** (the hit is allowed and a warning logged), and for
 `OUTAGE_BACKOFF_SECONDS` later checks skip Redis without waiting for a connection: a limiter must
-not turn a Redis outage into refused or slow requests. The per-tenant budgets, which live in
-PostgreSQL, still bound what an outage can cost.
+not turn a Redis outage into refused or slow requests.
 """
 
 from __future__ import annotations
