@@ -20,6 +20,30 @@ class TenantOut(Schema):
     created_at: datetime
 
 
+def _limit_field(description: str):
+    return Field(None, ge=0, le=limits.MAX_LIMIT, description=description)
+
+
+class TenantLimitsIn(Schema):
+    """The tenant's rate limits (docs/rate-limits.md): null uses the operator's default, 0 means
+    no limit."""
+
+    end_user_runs_per_minute: int | None = _limit_field("Runs one end user may start a minute.")
+    end_user_runs_per_hour: int | None = _limit_field("Runs one end user may start an hour.")
+    api_key_requests_per_minute: int | None = _limit_field(
+        "Requests one API key may make a minute (unless the key has its own limit)."
+    )
+    api_key_runs_per_minute: int | None = _limit_field(
+        "Runs one API key may start a minute (unless the key has its own limit)."
+    )
+
+
+class TenantLimitsOut(TenantLimitsIn):
+    effective: dict[str, int] = Field(
+        description="The limits in force, defaults filled in (0: no limit)."
+    )
+
+
 class MemberOut(Schema):
     id: UUID
     email: str = Field(alias="user.email")
@@ -94,6 +118,28 @@ class AuditFilter(Schema):
 def get_tenant(request: ApiRequest):
     require_scope(request, "read")
     return request.tenant
+
+
+def _limits_out(tenant) -> dict:
+    own = {field: getattr(tenant, field) for field in limits.TENANT_DEFAULTS}
+    effective = {field: limits.tenant_limit(tenant, field) for field in limits.TENANT_DEFAULTS}
+    return {**own, "effective": effective}
+
+
+@router.get("/tenant/limits", response=TenantLimitsOut)
+def get_tenant_limits(request: ApiRequest):
+    require_scope(request, "read")
+    return _limits_out(request.tenant)
+
+
+@router.put("/tenant/limits", response=TenantLimitsOut)
+def set_tenant_limits(request: ApiRequest, payload: TenantLimitsIn):
+    """Set all four limits (an omitted or null one uses the operator's default)."""
+    require_scope(request, "admin")
+    tenant = services.tenant_limits_update(
+        tenant=request.tenant, actor=request.actor, **payload.dict()
+    )
+    return _limits_out(tenant)
 
 
 @router.get("/members", response=list[MemberOut])

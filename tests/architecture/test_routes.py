@@ -270,6 +270,10 @@ def _ids(**names: str) -> Callable[[World], dict]:
 API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
     ("GET", "/api/v1/tenant"): ApiCase(scoped_list=True),
     ("GET", "/api/v1/members"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/tenant/limits"): ApiCase(scoped_list=True),
+    ("PUT", "/api/v1/tenant/limits"): ApiCase(
+        body={"end_user_runs_per_minute": 1}, scoped_list=True
+    ),
     ("GET", "/api/v1/api-keys"): ApiCase(scoped_list=True),
     ("POST", "/api/v1/api-keys"): ApiCase(body={"name": "x", "scopes": ["read"]}, scoped_list=True),
     ("GET", "/api/v1/api-keys/{key_id}"): ApiCase(lambda w: {"key_id": w.read_key.pk}),

@@ -339,6 +339,31 @@ def test_key_limits_over_the_api_are_validated_and_audited(world_a, api_client):
     assert event.changes == {"requests_per_minute": [None, 30], "runs_per_minute": [5, None]}
 
 
+def test_tenant_limits_over_the_api(world_a, world_b, api_client, settings):
+    settings.RATE_LIMIT_END_USER_RUNS_PER_HOUR = 300
+    admin = api_client(world_a.admin_key_raw)
+    body = json.dumps({"end_user_runs_per_minute": 5, "api_key_runs_per_minute": 0})
+    response = admin.put("/api/v1/tenant/limits", body, content_type="application/json")
+    assert response.status_code == 200
+    got = api_client(world_a.read_key_raw).get("/api/v1/tenant/limits").json()
+    assert got["end_user_runs_per_minute"] == 5 and got["end_user_runs_per_hour"] is None
+    assert got["effective"]["end_user_runs_per_hour"] == 300
+    assert got["effective"]["api_key_runs_per_minute"] == 0
+    event = AuditEvent.objects.for_tenant(world_a.tenant).get(action="tenant.limits_updated")
+    assert event.actor_api_key == world_a.admin_key
+    bad = admin.put(
+        "/api/v1/tenant/limits", json.dumps({"end_user_runs_per_hour": "lots"}),
+        content_type="application/json",
+    )  # fmt: skip
+    assert bad.status_code == 422 and "end_user_runs_per_hour" in bad.json()["metadata"]["fields"]
+    read_only = api_client(world_a.read_key_raw).put(
+        "/api/v1/tenant/limits", body, content_type="application/json"
+    )
+    assert read_only.status_code == 403
+    world_b.tenant.refresh_from_db()
+    assert world_b.tenant.end_user_runs_per_minute is None
+
+
 # --- Redis down ---------------------------------------------------------------------------------
 
 
