@@ -35,6 +35,7 @@ from ai_agents.models import (
 )
 from controlplane import crypto
 from controlplane.errors import Conflict, NotFound, PermissionDenied, ValidationFailed
+from tenants import limits
 from tenants.actors import Actor
 from tenants.audit import audit_changes, audit_record, changes
 from tenants.models import Tenant
@@ -378,7 +379,8 @@ def mcp_server_delete(*, tenant: Tenant, actor: Actor, server_id) -> None:
 
 def playground_run(*, tenant: Tenant, actor: Actor, agent_id, input: str) -> PlaygroundRun:
     """Run the agent's working version (its draft, else the live one) once and keep the result
-    with its trace. The model is called outside any transaction."""
+    with its trace. The model is called outside any transaction. Started with an API key, the
+    run counts against the key's run limit (RateLimited when it is reached)."""
     _require_manager(actor)
     if not input.strip():
         raise ValidationFailed("Say something to the agent.", fields={"input": "Type a message."})
@@ -388,6 +390,8 @@ def playground_run(*, tenant: Tenant, actor: Actor, agent_id, input: str) -> Pla
         raise Conflict("This agent has no version to run.")
     from ai_agents.runtime import execute  # the runtime builds on these services
 
+    if actor.api_key is not None:  # a run started over the API counts against the key
+        limits.run_check(tenant=tenant, api_key=actor.api_key, source="api")
     started = time.monotonic()
     outcome = async_to_sync(execute.run_version)(tenant=tenant, version=version, input=input)
     return PlaygroundRun.objects.create(

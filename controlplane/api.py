@@ -34,7 +34,11 @@ def _error(request: HttpRequest, status: int, code: str, message: str, **extra) 
 
 @api.exception_handler(DomainError)
 def on_domain_error(request: HttpRequest, exc: DomainError) -> HttpResponse:
-    return _error(request, exc.status, exc.code, exc.message, fields=exc.fields, **exc.metadata)
+    response = _error(request, exc.status, exc.code, exc.message, fields=exc.fields, **exc.metadata)
+    retry_after = exc.metadata.get("retry_after")
+    if isinstance(retry_after, int) and retry_after > 0:
+        response["Retry-After"] = str(retry_after)
+    return response
 
 
 def _field_name(loc: list | tuple) -> str:

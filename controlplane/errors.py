@@ -44,6 +44,13 @@ class QuotaExceeded(DomainError):
     status = 429
 
 
+class RateLimited(QuotaExceeded):
+    """Too many requests or runs in a sliding window. `metadata` holds `limit`, `window`
+    (seconds), `scope` and `retry_after` (whole seconds), which the API sends as Retry-After."""
+
+    code = "rate_limited"
+
+
 class Unavailable(DomainError):
     """Something outside the control plane (a model provider, an MCP server) failed."""
 

@@ -323,6 +323,15 @@ CELERY_BEAT_SCHEDULE = {
     "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},
 }
 
+# --- Rate limits (tenants/limits.py, docs/rate-limits.md). ----------------------------------------
+# Defaults for tenants that did not set their own; 0 turns a limit off.
+RATE_LIMIT_END_USER_RUNS_PER_MINUTE = env.int("RATE_LIMIT_END_USER_RUNS_PER_MINUTE", default=20)
+RATE_LIMIT_END_USER_RUNS_PER_HOUR = env.int("RATE_LIMIT_END_USER_RUNS_PER_HOUR", default=300)
+RATE_LIMIT_API_KEY_REQUESTS_PER_MINUTE = env.int(
+    "RATE_LIMIT_API_KEY_REQUESTS_PER_MINUTE", default=600
+)
+RATE_LIMIT_API_KEY_RUNS_PER_MINUTE = env.int("RATE_LIMIT_API_KEY_RUNS_PER_MINUTE", default=60)
+
 # --- The API. -----------------------------------------------------------------------------------
 NINJA_PAGINATION_PER_PAGE = 50
 API_KEY_LAST_USED_RESOLUTION = timedelta(seconds=60)

@@ -21,7 +21,8 @@ Server → client:
     {"type": "run.started", "run_id"}
     {"type": "event", "id": "<stream id>", "run_id", "event": {...}}
     {"type": "error", "code", "message", "run_id"?}  codes: thread_busy, invalid, not_found,
-        conflict, unavailable (Redis down: reload the history over HTTP), bad_request
+        conflict, unavailable (Redis down: reload the history over HTTP), bad_request,
+        rate_limited (with retry_after seconds, limit and window: nothing was written)
     {"type": "run.ended", "run_id", "status"}   the run ended without a readable stream:
         reload the history over HTTP
     {"type": "revoked", "reason"} then close 4403
@@ -39,7 +40,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from controlplane.errors import Conflict, DomainError, NotFound, ValidationFailed
+from controlplane.errors import Conflict, DomainError, NotFound, RateLimited, ValidationFailed
 from conversations import events as run_events
 from conversations import selectors, services, streams
 from conversations.models import FINAL_STATUSES, MultitaskStrategy, RunSource
@@ -54,6 +55,13 @@ MAX_TEXT = services.MAX_INPUT_CHARS
 
 
 thread_group = realtime.thread_group
+
+
+def _duration(seconds: int) -> str:
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = -(-seconds // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
 def _stream_id(value: Any) -> str:
@@ -177,6 +185,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except services.ThreadBusy as exc:
             await self._error("thread_busy", exc.message)
             return
+        except RateLimited as exc:
+            await self._rate_limited(exc)
+            return
         except ValidationFailed as exc:
             await self._error("invalid", exc.message, fields=exc.fields)
             return
@@ -201,6 +212,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         await database_sync_to_async(services.run_cancel)(
             tenant=self.tenant, run_id=active.pk, end_user=self.end_user
+        )
+
+    async def _rate_limited(self, exc: RateLimited) -> None:
+        """In the chat's words: the message was not sent, how many are allowed, and when the
+        next one may go (the page keeps the typed text and counts down)."""
+        limit, window = exc.metadata.get("limit"), exc.metadata.get("window")
+        wait = int(exc.metadata.get("retry_after") or 1)
+        unit = "hour" if window == 3600 else "minute"
+        await self._error(
+            "rate_limited",
+            f"Your message was not sent: you can send {limit} "
+            f"message{'' if limit == 1 else 's'} per {unit}. "
+            f"You can send it again in {_duration(wait)}.",
+            retry_after=wait,
+            limit=limit,
+            window=window,
         )
 
     async def _error(self, code: str, message: str, **extra: Any) -> None:

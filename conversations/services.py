@@ -29,7 +29,7 @@ from conversations.models import (
     Thread,
     ThreadStatus,
 )
-from tenants import realtime
+from tenants import limits, realtime
 from tenants.actors import Actor
 from tenants.models import Tenant, User
 
@@ -188,7 +188,9 @@ def run_create(
     - interrupt: the active run ends as `interrupted` (what it said stays), this one starts;
     - rollback: the active run ends as `cancelled` and its items are removed, this one starts.
 
-    The run records the agent version it will use (the live one, now).
+    The run records the agent version it will use (the live one, now). Before anything is
+    written, the start counts against the rate limits of the end user and of the actor's API key
+    (`tenants.limits`): RateLimited (429) when one is reached.
     """
     if strategy not in MultitaskStrategy.values:
         raise ValidationFailed(
@@ -199,7 +201,16 @@ def run_create(
         raise ValidationFailed("Unknown source.", fields={"source": f"One of {RunSource.values}."})
     items = normalise_input(input)
     try:
-        with transaction.atomic():
+        # Rate limits first, so a refused run writes nothing; a run refused below is not counted.
+        with (
+            limits.run_start(
+                tenant=tenant,
+                end_user_id=end_user.pk,
+                api_key=actor.api_key if actor else None,
+                source=source,
+            ),
+            transaction.atomic(),
+        ):
             return _run_create(
                 tenant, end_user, thread_id, items, source, strategy, actor, metadata
             )

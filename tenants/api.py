@@ -6,7 +6,7 @@ from uuid import UUID
 from ninja import Field, Query, Router, Schema, Status
 from ninja.pagination import LimitOffsetPagination, paginate
 
-from tenants import selectors, services
+from tenants import limits, selectors, services
 from tenants.auth import require_scope
 from tenants.requests import ApiRequest
 
@@ -18,6 +18,30 @@ class TenantOut(Schema):
     name: str
     slug: str
     created_at: datetime
+
+
+def _limit_field(description: str):
+    return Field(None, ge=0, le=limits.MAX_LIMIT, description=description)
+
+
+class TenantLimitsIn(Schema):
+    """The tenant's rate limits (docs/rate-limits.md): null uses the operator's default, 0 means
+    no limit."""
+
+    end_user_runs_per_minute: int | None = _limit_field("Runs one end user may start a minute.")
+    end_user_runs_per_hour: int | None = _limit_field("Runs one end user may start an hour.")
+    api_key_requests_per_minute: int | None = _limit_field(
+        "Requests one API key may make a minute (unless the key has its own limit)."
+    )
+    api_key_runs_per_minute: int | None = _limit_field(
+        "Runs one API key may start a minute (unless the key has its own limit)."
+    )
+
+
+class TenantLimitsOut(TenantLimitsIn):
+    effective: dict[str, int] = Field(
+        description="The limits in force, defaults filled in (0: no limit)."
+    )
 
 
 class MemberOut(Schema):
@@ -38,9 +62,30 @@ class ApiKeyOut(Schema):
     last_used_at: datetime | None
     expires_at: datetime | None
     revoked_at: datetime | None
+    requests_per_minute: int | None = Field(
+        description="The key's request limit; null: the tenant's limit for keys. 0: none."
+    )
+    runs_per_minute: int | None = Field(
+        description="The key's run-start limit; null: the tenant's limit for keys. 0: none."
+    )
 
 
-class ApiKeyCreateIn(Schema):
+class ApiKeyLimitsIn(Schema):
+    requests_per_minute: int | None = Field(
+        None,
+        ge=0,
+        le=limits.MAX_LIMIT,
+        description="Requests per minute; null: the tenant's limit, 0: none.",
+    )
+    runs_per_minute: int | None = Field(
+        None,
+        ge=0,
+        le=limits.MAX_LIMIT,
+        description="Runs started per minute; null: the tenant's limit, 0: none.",
+    )
+
+
+class ApiKeyCreateIn(ApiKeyLimitsIn):
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(min_length=1, examples=[["read", "run"]])
     expires_at: datetime | None = None
@@ -75,6 +120,28 @@ def get_tenant(request: ApiRequest):
     return request.tenant
 
 
+def _limits_out(tenant) -> dict:
+    own = {field: getattr(tenant, field) for field in limits.TENANT_DEFAULTS}
+    effective = {field: limits.tenant_limit(tenant, field) for field in limits.TENANT_DEFAULTS}
+    return {**own, "effective": effective}
+
+
+@router.get("/tenant/limits", response=TenantLimitsOut)
+def get_tenant_limits(request: ApiRequest):
+    require_scope(request, "read")
+    return _limits_out(request.tenant)
+
+
+@router.put("/tenant/limits", response=TenantLimitsOut)
+def set_tenant_limits(request: ApiRequest, payload: TenantLimitsIn):
+    """Set all four limits (an omitted or null one uses the operator's default)."""
+    require_scope(request, "admin")
+    tenant = services.tenant_limits_update(
+        tenant=request.tenant, actor=request.actor, **payload.dict()
+    )
+    return _limits_out(tenant)
+
+
 @router.get("/members", response=list[MemberOut])
 def list_members(request: ApiRequest):
     require_scope(request, "read")
@@ -96,6 +163,8 @@ def create_api_key(request: ApiRequest, payload: ApiKeyCreateIn):
         name=payload.name,
         scopes=payload.scopes,
         expires_at=payload.expires_at,
+        requests_per_minute=payload.requests_per_minute,
+        runs_per_minute=payload.runs_per_minute,
     )
     created = ApiKeyOut.from_orm(key).model_dump()
     return Status(201, ApiKeyCreatedOut(**created, key=raw))
@@ -114,6 +183,15 @@ def revoke_api_key(request: ApiRequest, key_id: UUID):
         tenant=request.tenant,
         actor=request.actor,
         api_key_id=key_id,
+    )
+
+
+@router.put("/api-keys/{key_id}/limits", response=ApiKeyOut)
+def set_api_key_limits(request: ApiRequest, key_id: UUID, payload: ApiKeyLimitsIn):
+    """Set the key's rate limits (both; null uses the tenant's limit for keys)."""
+    require_scope(request, "admin")
+    return services.api_key_limits_update(
+        tenant=request.tenant, actor=request.actor, api_key_id=key_id, **payload.dict()
     )
 
 

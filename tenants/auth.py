@@ -13,7 +13,7 @@ from django.http import HttpRequest
 from ninja.security.base import AuthBase
 
 from controlplane.errors import AuthenticationFailed, PermissionDenied
-from tenants import services
+from tenants import limits, services
 from tenants.actors import Actor
 from tenants.models import ApiKey
 from tenants.requests import ApiRequest
@@ -51,6 +51,7 @@ class ApiKeyAuth(AuthBase):
                 "An API key is required: send `Authorization: Bearer <key>` or `X-Api-Key: <key>`."
             )
         key = services.api_key_authenticate(raw=raw)
+        limits.api_request(key=key)  # every request of a key counts; 429 past its limit
         api_request = cast(ApiRequest, request)
         api_request.tenant = key.tenant
         api_request.api_key = key

@@ -8,7 +8,8 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.utils import timezone
 
 from controlplane.errors import ValidationFailed
-from tenants.models import ApiKeyScope, Role
+from tenants import limits
+from tenants.models import ApiKeyScope, Role, Tenant
 
 
 def apply_domain_errors(form: forms.Form, exc: ValidationFailed) -> None:
@@ -96,6 +97,50 @@ class RoleForm(forms.Form):
 EXPIRY_CHOICES = [("", "Never"), ("30", "In 30 days"), ("90", "In 90 days"), ("365", "In a year")]
 
 
+def limit_field(label: str, default: int) -> forms.Field:
+    """An optional limit: empty for the default (shown as the placeholder), 0 for none."""
+    placeholder = "default: no limit" if default == 0 else f"default: {default:,}"
+    return forms.IntegerField(
+        label=label,
+        required=False,
+        min_value=0,
+        max_value=limits.MAX_LIMIT,
+        widget=forms.NumberInput(
+            attrs={"placeholder": placeholder, "min": 0, "inputmode": "numeric"}
+        ),
+    )
+
+
+class TenantLimitsForm(forms.Form):
+    """The tenant's rate limits; each empty field uses the operator's default."""
+
+    LABELS = {
+        "end_user_runs_per_minute": "Runs per end user per minute",
+        "end_user_runs_per_hour": "Runs per end user per hour",
+        "api_key_requests_per_minute": "API requests per key per minute",
+        "api_key_runs_per_minute": "Runs per API key per minute",
+    }
+
+    def __init__(self, *args, tenant: Tenant, **kwargs):
+        super().__init__(*args, **kwargs)
+        for field, label in self.LABELS.items():
+            self.fields[field] = limit_field(label, limits.default(field))
+            self.initial.setdefault(field, getattr(tenant, field))
+
+
+class ApiKeyLimitsForm(forms.Form):
+    """A key's own limits; each empty field uses the tenant's limit for keys."""
+
+    def __init__(self, *args, tenant: Tenant, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["requests_per_minute"] = limit_field(
+            "Requests per minute", limits.tenant_limit(tenant, "api_key_requests_per_minute")
+        )
+        self.fields["runs_per_minute"] = limit_field(
+            "Runs per minute", limits.tenant_limit(tenant, "api_key_runs_per_minute")
+        )
+
+
 class ApiKeyForm(forms.Form):
     name = forms.CharField(
         max_length=100,
@@ -108,6 +153,11 @@ class ApiKeyForm(forms.Form):
         error_messages={"required": "Choose at least one scope."},
     )
     expires_in = forms.ChoiceField(choices=EXPIRY_CHOICES, required=False, label="Expires")
+
+    def __init__(self, *args, tenant: Tenant, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The key's own limits; the placeholders say what an empty field means.
+        self.fields.update(ApiKeyLimitsForm(tenant=tenant).fields)
 
     def expires_at(self):
         days = self.cleaned_data.get("expires_in")

@@ -63,6 +63,11 @@ class Tenant(models.Model):
     created_by = models.ForeignKey(
         User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Rate limits (tenants/limits.py). None: the operator's default from settings; 0: no limit.
+    end_user_runs_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    end_user_runs_per_hour = models.PositiveIntegerField(null=True, blank=True)
+    api_key_requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    api_key_runs_per_minute = models.PositiveIntegerField(null=True, blank=True)
 
     def __str__(self) -> str:
         return self.name
@@ -156,6 +161,9 @@ class ApiKey(TenantOwned):
     revoked_by = models.ForeignKey(
         User, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
+    # Rate limits of this key. None: the tenant's limit for keys; 0: no limit.
+    requests_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    runs_per_minute = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["tenant", "-created_at"], name="apikey_tenant_recent")]

@@ -21,7 +21,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from controlplane.errors import AuthenticationFailed, NotFound, PermissionDenied, ValidationFailed
-from tenants import realtime
+from tenants import limits, realtime
 from tenants.actors import Actor
 from tenants.audit import audit_changes, audit_record, changes
 from tenants.models import (
@@ -122,6 +122,31 @@ def tenant_update(*, tenant: Tenant, actor: Actor, name: str, slug: str) -> Tena
         target=tenant,
         before=before,
         after={"name": tenant.name, "slug": tenant.slug},
+    )
+    return tenant
+
+
+@transaction.atomic
+def tenant_limits_update(*, tenant: Tenant, actor: Actor, **values: int | None) -> Tenant:
+    """Set the tenant's rate limits (tenants/limits.py): None for the operator's default, 0 for
+    no limit. Owners and admins only; ValidationFailed names each bad field. Takes effect for
+    the next request (open chats: the next time they connect)."""
+    _require_manager(actor)
+    unknown = sorted(set(values) - set(limits.TENANT_DEFAULTS))
+    if unknown:
+        raise ValidationFailed("Unknown limits.", fields={f: "Not a limit." for f in unknown})
+    clean = limits.validate(values)
+    before = {field: getattr(tenant, field) for field in clean}
+    for field, value in clean.items():
+        setattr(tenant, field, value)
+    tenant.save(update_fields=list(clean))
+    audit_changes(
+        tenant=tenant,
+        actor=actor,
+        action="tenant.limits_updated",
+        target=tenant,
+        before=before,
+        after=clean,
     )
     return tenant
 
@@ -454,11 +479,20 @@ def api_key_create(
     name: str,
     scopes: list[str],
     expires_at: datetime | None = None,
+    requests_per_minute: int | None = None,
+    runs_per_minute: int | None = None,
 ) -> tuple[ApiKey, str]:
-    """Create a key; returns it with the raw secret, which is never stored or shown again."""
+    """Create a key; returns it with the raw secret, which is never stored or shown again.
+    Its rate limits: None for the tenant's, 0 for none."""
     _require_manager(actor)
     name = name.strip()
     errors: dict[str, str] = {}
+    try:
+        key_limits = limits.validate(
+            {"requests_per_minute": requests_per_minute, "runs_per_minute": runs_per_minute}
+        )
+    except ValidationFailed as exc:
+        errors.update(exc.fields)
     if not name:
         errors["name"] = "Give the key a name that says where it is used."
     unknown = sorted(set(scopes) - set(ApiKeyScope.values))
@@ -480,6 +514,7 @@ def api_key_create(
         scopes=sorted(set(scopes)),
         created_by=actor.user,
         expires_at=expires_at,
+        **key_limits,
     )
     audit_record(
         tenant=tenant,
@@ -487,10 +522,45 @@ def api_key_create(
         action="api_key.created",
         target=key,
         change_set=changes(
-            {}, {"name": key.name, "scopes": key.scopes, "expires_at": key.expires_at}
+            {},
+            {"name": key.name, "scopes": key.scopes, "expires_at": key.expires_at, **key_limits},
         ),
     )
     return key, raw
+
+
+@transaction.atomic
+def api_key_limits_update(
+    *,
+    tenant: Tenant,
+    actor: Actor,
+    api_key_id,
+    requests_per_minute: int | None,
+    runs_per_minute: int | None,
+) -> ApiKey:
+    """Set a key's rate limits: None for the tenant's, 0 for none. Owners and admins only; another
+    tenant's key is NotFound. Takes effect with the key's next request."""
+    _require_manager(actor)
+    try:
+        key = ApiKey.objects.for_tenant(tenant).select_for_update().get(pk=api_key_id)
+    except (ApiKey.DoesNotExist, ValueError, ValidationError):
+        raise NotFound("No such API key.")
+    clean = limits.validate(
+        {"requests_per_minute": requests_per_minute, "runs_per_minute": runs_per_minute}
+    )
+    before = {field: getattr(key, field) for field in clean}
+    for field, value in clean.items():
+        setattr(key, field, value)
+    key.save(update_fields=list(clean))
+    audit_changes(
+        tenant=tenant,
+        actor=actor,
+        action="api_key.limits_updated",
+        target=key,
+        before=before,
+        after=clean,
+    )
+    return key
 
 
 @transaction.atomic

@@ -42,6 +42,7 @@ account_patterns = [
 tenant_patterns: list[URLPattern | URLResolver] = [
     path("", views.tenant_overview, name="tenant-overview"),
     path("settings/", views.tenant_settings, name="tenant-settings"),
+    path("settings/limits/", views.tenant_limits, name="tenant-limits"),
     path("members/", views.member_list, name="member-list"),
     path("members/invite/", views.member_invite, name="member-invite"),
     path("members/<uuid:membership_id>/role/", views.member_change_role, name="member-change-role"),
@@ -54,6 +55,7 @@ tenant_patterns: list[URLPattern | URLResolver] = [
     path("api-keys/", views.api_key_list, name="api-key-list"),
     path("api-keys/create/", views.api_key_create, name="api-key-create"),
     path("api-keys/<uuid:api_key_id>/revoke/", views.api_key_revoke, name="api-key-revoke"),
+    path("api-keys/<uuid:api_key_id>/limits/", views.api_key_limits, name="api-key-limits"),
     path("audit/", views.audit_log, name="audit-log"),
     path("", include("ai_agents.urls")),
     path("", include("conversations.urls")),

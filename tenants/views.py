@@ -24,7 +24,7 @@ from django.urls import reverse
 from django.views.decorators.http import require_POST
 
 from controlplane.errors import NotFound, PermissionDenied, ValidationFailed
-from tenants import forms, realtime, selectors, services
+from tenants import forms, limits, realtime, selectors, services
 from tenants.actors import Actor
 from tenants.models import Role
 from tenants.requests import AuthenticatedRequest, TenantRequest
@@ -148,6 +148,34 @@ def tenant_overview(request: TenantRequest) -> HttpResponse:
     return render(request, "tenants/overview.html", context)
 
 
+def _settings_page(request: TenantRequest, status: int = 200, **forms_: Any) -> HttpResponse:
+    tenant = request.tenant
+    context = {
+        "form": forms.TenantForm(initial={"name": tenant.name, "slug": tenant.slug}),
+        "limits_form": forms.TenantLimitsForm(tenant=tenant),
+        **forms_,
+    }
+    return render(request, "tenants/settings.html", context, status=status)
+
+
+@tenant_view(manage=True)
+def tenant_limits(request: TenantRequest) -> HttpResponse:
+    if request.method != "POST":
+        return _back(request, "tenant-settings")
+    form = forms.TenantLimitsForm(request.POST, tenant=request.tenant)
+    if form.is_valid():
+        try:
+            services.tenant_limits_update(
+                tenant=request.tenant, actor=request.actor, **form.cleaned_data
+            )
+        except ValidationFailed as exc:
+            forms.apply_domain_errors(form, exc)
+        else:
+            messages.success(request, "Rate limits saved.")
+            return _back(request, "tenant-settings")
+    return _settings_page(request, status=422, limits_form=form)
+
+
 @tenant_view(manage=True)
 def tenant_settings(request: TenantRequest) -> HttpResponse:
     tenant = request.tenant
@@ -167,7 +195,7 @@ def tenant_settings(request: TenantRequest) -> HttpResponse:
         else:
             messages.success(request, "Settings saved.")
             return redirect("tenant-settings", tenant_slug=tenant.slug)
-    return render(request, "tenants/settings.html", {"form": form})
+    return _settings_page(request, form=form)
 
 
 # --- Members and invitations -----------------------------------------------------------------
@@ -365,11 +393,27 @@ def invitation_accept(request: HttpRequest, token: str) -> HttpResponse:
 
 
 def _keys_context(request: TenantRequest, **extra: Any) -> dict[str, Any]:
-    return {
-        "keys": selectors.api_key_list(tenant=request.tenant),
-        "form": forms.ApiKeyForm(),
-        **extra,
-    }
+    tenant = request.tenant
+    keys = list(selectors.api_key_list(tenant=tenant))
+    editing, editing_form = extra.pop("editing", None), extra.pop("editing_form", None)
+    rows = []
+    for key in keys:
+        if editing == str(key.pk):
+            form = editing_form
+        else:
+            form = forms.ApiKeyLimitsForm(
+                tenant=tenant,
+                initial={"requests_per_minute": key.requests_per_minute,
+                         "runs_per_minute": key.runs_per_minute},
+                auto_id=f"id_{key.pk}_%s",
+            )  # fmt: skip
+        # What the key may do, and whether each number is its own or the tenant's.
+        shown = [
+            (label, limits.key_limit(key, field, tenant), getattr(key, field) is None)
+            for field, label in (("requests_per_minute", "requests"), ("runs_per_minute", "runs"))
+        ]
+        rows.append({"key": key, "limits": shown, "form": form, "open": form is editing_form})
+    return {"keys": rows, "form": forms.ApiKeyForm(tenant=tenant), **extra}
 
 
 @tenant_view(manage=True)
@@ -380,7 +424,7 @@ def api_key_list(request: TenantRequest) -> HttpResponse:
 @tenant_view(manage=True)
 @require_POST
 def api_key_create(request: TenantRequest) -> HttpResponse:
-    form = forms.ApiKeyForm(request.POST)
+    form = forms.ApiKeyForm(request.POST, tenant=request.tenant)
     created = raw = None
     if form.is_valid():
         try:
@@ -390,11 +434,13 @@ def api_key_create(request: TenantRequest) -> HttpResponse:
                 name=form.cleaned_data["name"],
                 scopes=form.cleaned_data["scopes"],
                 expires_at=form.expires_at(),
+                requests_per_minute=form.cleaned_data["requests_per_minute"],
+                runs_per_minute=form.cleaned_data["runs_per_minute"],
             )
         except ValidationFailed as exc:
             forms.apply_domain_errors(form, exc)
         else:
-            form = forms.ApiKeyForm()
+            form = forms.ApiKeyForm(tenant=request.tenant)
     # The secret is rendered into this one response and nowhere else, ever.
     context = _keys_context(request, form=form, created=created, raw_key=raw)
     template = "tenants/api_keys.html#keys-panel" if request.htmx else "tenants/api_keys.html"
@@ -422,6 +468,35 @@ def api_key_revoke(request: TenantRequest, api_key_id: str) -> HttpResponse:
         )
     messages.success(request, f"“{key.name}” is revoked.")
     return _back(request, "api-key-list")
+
+
+@tenant_view(manage=True)
+@require_POST
+def api_key_limits(request: TenantRequest, api_key_id: str) -> HttpResponse:
+    form = forms.ApiKeyLimitsForm(
+        request.POST, tenant=request.tenant, auto_id=f"id_{api_key_id}_%s"
+    )
+    context: dict[str, Any] = {}
+    if form.is_valid():
+        try:
+            key = services.api_key_limits_update(
+                tenant=request.tenant, actor=request.actor, api_key_id=api_key_id,
+                **form.cleaned_data,
+            )  # fmt: skip
+        except NotFound:
+            raise Http404("No such API key")
+        except ValidationFailed as exc:
+            forms.apply_domain_errors(form, exc)
+        else:
+            context["notice"] = f"The limits of “{key.name}” are saved."
+            if not request.htmx:
+                messages.success(request, context["notice"])
+                return _back(request, "api-key-list")
+    if form.errors:  # shown open under the key, with the errors next to the fields
+        context.update(editing=str(api_key_id), editing_form=form)
+    template = "tenants/api_keys.html#keys-panel" if request.htmx else "tenants/api_keys.html"
+    status = 200 if request.htmx or not form.errors else 422
+    return render(request, template, _keys_context(request, **context), status=status)
 
 
 # --- Audit log --------------------------------------------------------------------------------

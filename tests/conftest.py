@@ -67,6 +67,10 @@ def _isolated_redis(settings):
     settings.EGRESS_ALLOWED_NETWORKS = []
     settings.OFFLINE_MODEL_WORD_DELAY = 0  # the offline model streams without pauses in tests
     settings.SECURE_SSL_REDIRECT = False
+    # Tests that start dozens of runs as one end user are not about rate limits; the tests that
+    # are (tests/tenants/test_limits.py) set the limits they need.
+    settings.RATE_LIMIT_END_USER_RUNS_PER_MINUTE = 0
+    settings.RATE_LIMIT_END_USER_RUNS_PER_HOUR = 0
     yield
 
 

@@ -44,8 +44,38 @@
   // While a reply is being written, a new message goes with the strategy picked next to Send
   // (after the reply, stopping it, or replacing the last message); otherwise it simply starts.
   function busy(on) {
+    running = on;
     stopBtn.hidden = !on;
     if (strategyEl) strategyEl.hidden = !on;
+    sendBtn.disabled = limited();
+  }
+
+  // --- rate limits: the refused message stays in the composer; Send waits for the window ---
+  var running = false;
+  var limitedUntil = 0;
+  var limitTimer = null;
+  function limited() { return Date.now() < limitedUntil; }
+  function rateLimited(msg) {
+    var seconds = Math.max(1, parseInt(msg.retry_after, 10) || 1);
+    var base = (msg.message || "").replace(/ You can send it again in .*$/, "");
+    limitedUntil = Date.now() + seconds * 1000;
+    sendBtn.disabled = true;
+    clearInterval(limitTimer);
+    var tick = function () {
+      var left = Math.ceil((limitedUntil - Date.now()) / 1000);
+      if (left <= 0) {
+        clearInterval(limitTimer);
+        limitTimer = null;
+        sendBtn.disabled = false;
+        status("You can send your message now.", "");
+        return;
+      }
+      var when = left < 60 ? left + (left === 1 ? " second" : " seconds")
+        : Math.ceil(left / 60) + (Math.ceil(left / 60) === 1 ? " minute" : " minutes");
+      status(base + " You can send it again in " + when + ".", "warn");
+    };
+    tick();
+    limitTimer = setInterval(tick, 1000);
   }
 
   function el(tag, cls, text) {
@@ -292,7 +322,12 @@
   }
 
   function onError(msg) {
-    if (msg.code === "thread_busy") {
+    if (msg.code === "rate_limited") {
+      // Nothing was sent: take the bubble back and give the text back to the composer.
+      log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
+      if (pendingText && !input.value) input.value = pendingText;
+      rateLimited(msg);
+    } else if (msg.code === "thread_busy") {
       status(msg.message, "warn");
       log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
       if (pendingText && !input.value) input.value = pendingText;
@@ -313,7 +348,7 @@
   form.addEventListener("submit", function (e) {
     e.preventDefault();
     var text = input.value.trim();
-    if (!text || !ws || ws.readyState !== WebSocket.OPEN) return;
+    if (!text || !ws || ws.readyState !== WebSocket.OPEN || limited()) return;
     pendingText = text;
     dropEmpty();
     var mine = el("div", "msg msg-user");

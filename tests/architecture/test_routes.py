@@ -51,6 +51,7 @@ class Case:
 TENANT_ROUTES: dict[str, Case] = {
     "tenant-overview": Case(),
     "tenant-settings": Case(methods=("get", "post"), data={"name": "Pwned", "slug": "pwned"}),
+    "tenant-limits": Case(methods=("get", "post"), data={"end_user_runs_per_minute": "1"}),
     "member-list": Case(),
     "member-invite": Case(methods=("post",), data={"email": "x@example.test", "role": "owner"}),
     "member-change-role": Case(
@@ -61,6 +62,9 @@ TENANT_ROUTES: dict[str, Case] = {
     "api-key-list": Case(),
     "api-key-create": Case(methods=("post",), data={"name": "pwn", "scopes": ["admin"]}),
     "api-key-revoke": Case(lambda w: {"api_key_id": w.read_key.pk}, ("post",)),
+    "api-key-limits": Case(
+        lambda w: {"api_key_id": w.read_key.pk}, ("post",), {"requests_per_minute": "1"}
+    ),
     "audit-log": Case(),
     # Agents: ids from `agents_of(a)` (made in `two_worlds`, before the snapshot).
     "agent-list": Case(),
@@ -172,9 +176,15 @@ def _snapshot(world: World):
         sorted(AgentVersion.objects.for_tenant(world.tenant).values_list("pk", "state", "number")),
         sorted(ModelProvider.objects.for_tenant(world.tenant).values_list("name", "default_model")),
         sorted(McpServer.objects.for_tenant(world.tenant).values_list("name", "url")),
-        world.tenant.__class__.objects.values_list("name", "slug").get(pk=world.tenant.pk),
+        world.tenant.__class__.objects.values_list(
+            "name", "slug", "end_user_runs_per_minute", "api_key_requests_per_minute"
+        ).get(pk=world.tenant.pk),
         sorted(Membership.objects.for_tenant(world.tenant).values_list("user__email", "role")),
-        sorted(ApiKey.objects.for_tenant(world.tenant).values_list("name", "revoked_at")),
+        sorted(
+            ApiKey.objects.for_tenant(world.tenant).values_list(
+                "name", "revoked_at", "requests_per_minute"
+            )
+        ),
         sorted(Invitation.objects.for_tenant(world.tenant).values_list("email", "revoked_at")),
     )
 
@@ -260,10 +270,17 @@ def _ids(**names: str) -> Callable[[World], dict]:
 API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
     ("GET", "/api/v1/tenant"): ApiCase(scoped_list=True),
     ("GET", "/api/v1/members"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/tenant/limits"): ApiCase(scoped_list=True),
+    ("PUT", "/api/v1/tenant/limits"): ApiCase(
+        body={"end_user_runs_per_minute": 1}, scoped_list=True
+    ),
     ("GET", "/api/v1/api-keys"): ApiCase(scoped_list=True),
     ("POST", "/api/v1/api-keys"): ApiCase(body={"name": "x", "scopes": ["read"]}, scoped_list=True),
     ("GET", "/api/v1/api-keys/{key_id}"): ApiCase(lambda w: {"key_id": w.read_key.pk}),
     ("POST", "/api/v1/api-keys/{key_id}/revoke"): ApiCase(lambda w: {"key_id": w.read_key.pk}),
+    ("PUT", "/api/v1/api-keys/{key_id}/limits"): ApiCase(
+        lambda w: {"key_id": w.read_key.pk}, body={"requests_per_minute": 1}
+    ),
     ("GET", "/api/v1/audit-events"): ApiCase(scoped_list=True),
     ("GET", "/api/v1/providers"): ApiCase(scoped_list=True),
     ("POST", "/api/v1/providers"): ApiCase(
