@@ -1,0 +1,71 @@
+"""Sampling profiles of the web and worker processes during a cell, with py-spy.
+
+`py-spy record --format raw` writes collapsed stacks ("frame;frame;frame count"); `summarise`
+ranks functions by self time (the leaf frame) and by inclusive time (anywhere on the stack,
+counted once per sample), in percent of the process's busy samples.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+RATE = 200  # samples per second
+
+
+def available() -> bool:
+    return shutil.which("py-spy") is not None
+
+
+def start(pid: int, out: Path, duration_s: float, *, subprocesses: bool) -> subprocess.Popen[bytes]:
+    argv = [
+        str(shutil.which("py-spy")), "record", "--pid", str(pid), "--format", "raw",
+        "--output", str(out), "--rate", str(RATE), "--duration", str(max(1, round(duration_s))),
+        "--nonblocking",
+    ]  # fmt: skip
+    if subprocesses:
+        argv.append("--subprocesses")
+    log = out.with_suffix(".log").open("wb")
+    return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _frame(frame: str) -> str:
+    # py-spy: "function (path/to/module.py:line)"; keep function and file, drop the line.
+    name, _, where = frame.partition(" (")
+    path = where.rstrip(")").rsplit(":", 1)[0]
+    for marker in ("site-packages/", "python3.11/", "python3.12/", "wt-bench/", "/work/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+    return f"{name} ({path})" if path else name
+
+
+def summarise(path: Path, top: int = 20) -> dict[str, Any]:
+    self_counts: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    if not path.exists():
+        return {"samples": 0, "self": [], "inclusive": []}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_frame(f) for f in stack.split(";") if f and not f.startswith("process ")]
+        frames = [f for f in frames if not f.startswith("thread ")]
+        if not frames:
+            continue
+        total += count
+        self_counts[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+
+    def ranked(counter: Counter[str]) -> list[dict[str, Any]]:
+        return [
+            {"function": name, "samples": n, "percent": round(100 * n / total, 1)}
+            for name, n in counter.most_common(top)
+        ]
+
+    return {"samples": total, "self": ranked(self_counts), "inclusive": ranked(inclusive)}
