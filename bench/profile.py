@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,19 @@ from typing import Any
 RATE = 200  # samples per second
 
 
+def executable() -> str | None:
+    """py-spy next to this Python (the virtualenv's), else on PATH."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.exists() else shutil.which("py-spy")
+
+
 def available() -> bool:
-    return shutil.which("py-spy") is not None
+    return executable() is not None
 
 
 def start(pid: int, out: Path, duration_s: float, *, subprocesses: bool) -> subprocess.Popen[bytes]:
     argv = [
-        str(shutil.which("py-spy")), "record", "--pid", str(pid), "--format", "raw",
+        str(executable()), "record", "--pid", str(pid), "--format", "raw",
         "--output", str(out), "--rate", str(RATE), "--duration", str(max(1, round(duration_s))),
         "--nonblocking",
     ]  # fmt: skip
