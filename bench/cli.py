@@ -98,6 +98,13 @@ def parser() -> argparse.ArgumentParser:
         help="the Celery pool of the one worker process (prefork, as deployed)",
     )
     p.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an environment variable for the worker only (repeatable), to try a setting",
+    )
+    p.add_argument(
         "--profile",
         type=_cells,
         default=None,
@@ -127,6 +134,7 @@ def config_from(args: argparse.Namespace, out: Path) -> Config:
         ttft_ms=args.ttft_ms,
         floor=not args.no_floor,
         worker_pool=args.worker_pool,
+        worker_env=dict(item.split("=", 1) for item in args.worker_env if "=" in item),
         profile=args.profile,
         out=out,
     )
@@ -147,6 +155,7 @@ def run(config: Config, env: dict[str, str], *, migrate: bool = True) -> dict[st
         logs=config.out / "logs",
         migrate=migrate,
         worker_pool=config.worker_pool,
+        worker_env=config.worker_env,
         ttft_ms=config.ttft_ms,
     ) as running:
         if not apps.ready:  # the harness uses the stack's settings for its own setup

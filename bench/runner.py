@@ -38,6 +38,7 @@ class Config:
     ttft_ms: float = 0.0
     floor: bool = True
     worker_pool: str = "prefork"
+    worker_env: dict[str, str] | None = None
     profile: list[tuple[int, float]] | None = None
     out: Path = Path("var/bench")
 
@@ -53,6 +54,7 @@ class Config:
             "ttft_ms": self.ttft_ms,
             "floor": self.floor,
             "worker_pool": self.worker_pool,
+            "worker_env": self.worker_env or {},
             "profile": [f"{c}:{d:g}" for c, d in self.profile or []],
         }
 

@@ -158,6 +158,7 @@ def running(
     logs: Path,
     migrate: bool = True,
     worker_pool: str = "prefork",
+    worker_env: dict[str, str] | None = None,
     ttft_ms: float = 0.0,
     token_delay_ms: float = 0.0,
 ) -> Iterator[Stack]:
@@ -194,7 +195,9 @@ def running(
             logs,
         )  # fmt: skip
         # Celery forks its pool: plain connections in the worker, as in devstack and compose.
-        worker_env = {**env, "DATABASE_POOL": "0"}
+        # `worker_env` tries other settings for the worker alone (e.g. DATABASE_POOL=1 with
+        # `--worker-pool solo`).
+        worker_env = {**env, "DATABASE_POOL": "0", **(worker_env or {})}
         procs["worker"] = _start(
             "worker",
             [
