@@ -94,9 +94,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         kwargs = self.scope["url_route"]["kwargs"]
         slug, thread_id = kwargs["tenant_slug"], kwargs["thread_id"]
         try:
-            membership, end_user, thread, active = await _db(_lookup)(
-                slug, user, thread_id
-            )
+            membership, end_user, thread, active = await _db(_lookup)(slug, user, thread_id)
         except NotFound:
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -204,15 +202,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _cancel(self) -> None:
         """The stop button: stop this thread's active run (every tab sees it end)."""
-        active = await _db(selectors.run_active)(
-            tenant=self.tenant, thread=self.thread
-        )
+        active = await _db(selectors.run_active)(tenant=self.tenant, thread=self.thread)
         if active is None:
             await self._error("not_found", "There is no reply to stop.")
             return
-        await _db(services.run_cancel)(
-            tenant=self.tenant, run_id=active.pk, end_user=self.end_user
-        )
+        await _db(services.run_cancel)(tenant=self.tenant, run_id=active.pk, end_user=self.end_user)
 
     async def _error(self, code: str, message: str, **extra: Any) -> None:
         await self.send_json({"type": "error", "code": code, "message": message, **extra})
