@@ -112,6 +112,11 @@ def parser() -> argparse.ArgumentParser:
         help="profile web and worker with py-spy during these stack cells",
     )
     p.add_argument(
+        "--profile-wall",
+        action="store_true",
+        help="sample every busy thread (where processes wait), not only the GIL holder (CPU)",
+    )
+    p.add_argument(
         "--database-url",
         default=os.environ.get("BENCH_DATABASE_URL") or os.environ.get("DATABASE_URL"),
     )
@@ -136,6 +141,7 @@ def config_from(args: argparse.Namespace, out: Path) -> Config:
         worker_pool=args.worker_pool,
         worker_env=dict(item.split("=", 1) for item in args.worker_env if "=" in item),
         profile=args.profile,
+        profile_gil=not args.profile_wall,
         out=out,
     )
 

@@ -2,7 +2,7 @@
 
 `py-spy record --format raw` writes collapsed stacks ("frame;frame;frame count"); `summarise`
 ranks functions by self time (the leaf frame) and by inclusive time (anywhere on the stack,
-counted once per sample), in percent of the process's busy samples.
+counted once per sample), and packages by self time, in percent of the process's busy samples.
 """
 
 from __future__ import annotations
@@ -27,7 +27,12 @@ def available() -> bool:
     return executable() is not None
 
 
-def start(pid: int, out: Path, duration_s: float, *, subprocesses: bool) -> subprocess.Popen[bytes]:
+def start(
+    pid: int, out: Path, duration_s: float, *, subprocesses: bool, gil: bool = True
+) -> subprocess.Popen[bytes]:
+    """Record `pid` for `duration_s`. With `gil`, only the thread holding the GIL is sampled:
+    where the process spends CPU in Python. Without it, every thread that is not idle: also
+    where it waits (e.g. on PostgreSQL), which shows serialisation rather than cost."""
     argv = [
         str(executable()), "record", "--pid", str(pid), "--format", "raw",
         "--output", str(out), "--rate", str(RATE), "--duration", str(max(1, round(duration_s))),
@@ -35,6 +40,8 @@ def start(pid: int, out: Path, duration_s: float, *, subprocesses: bool) -> subp
     ]  # fmt: skip
     if subprocesses:
         argv.append("--subprocesses")
+    if gil:
+        argv.append("--gil")
     log = out.with_suffix(".log").open("wb")
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
 
@@ -49,12 +56,24 @@ def _frame(frame: str) -> str:
     return f"{name} ({path})" if path else name
 
 
+def _package(frame: str) -> str:
+    """The package (or module of the project) a frame's file belongs to."""
+    where = frame.rpartition(" (")[2].rstrip(")")
+    parts = where.split("/")
+    if len(parts) == 1:
+        return parts[0].removesuffix(".py") or "?"
+    if parts[0] in ("django", "agents", "channels") and len(parts) > 2:
+        return "/".join(parts[:2])  # django/db, agents/models: big enough to split
+    return parts[0]
+
+
 def summarise(path: Path, top: int = 20) -> dict[str, Any]:
     self_counts: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
     if not path.exists():
-        return {"samples": 0, "self": [], "inclusive": []}
+        return {"samples": 0, "self": [], "inclusive": [], "packages": []}
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
@@ -66,6 +85,7 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
             continue
         total += count
         self_counts[frames[-1]] += count
+        packages[_package(frames[-1])] += count
         for frame in set(frames):
             inclusive[frame] += count
 
@@ -75,4 +95,9 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
             for name, n in counter.most_common(top)
         ]
 
-    return {"samples": total, "self": ranked(self_counts), "inclusive": ranked(inclusive)}
+    return {
+        "samples": total,
+        "self": ranked(self_counts),
+        "inclusive": ranked(inclusive),
+        "packages": ranked(packages),
+    }

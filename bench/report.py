@@ -170,6 +170,10 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {a['percent']} | `{a['function']}` | | {b['percent']} | `{b['function']}` |"
             )
+        by_package = ", ".join(
+            f"{p['function']} {p['percent']}%" for p in prof.get("packages", [])[:12]
+        )
+        lines += ["", f"Self time by package: {by_package}."]
     return "\n".join(lines) + "\n"
 
 

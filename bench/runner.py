@@ -40,6 +40,7 @@ class Config:
     worker_pool: str = "prefork"
     worker_env: dict[str, str] | None = None
     profile: list[tuple[int, float]] | None = None
+    profile_gil: bool = True
     out: Path = Path("var/bench")
 
     def as_dict(self) -> dict[str, Any]:
@@ -56,6 +57,7 @@ class Config:
             "worker_pool": self.worker_pool,
             "worker_env": self.worker_env or {},
             "profile": [f"{c}:{d:g}" for c, d in self.profile or []],
+            "profile_mode": "gil" if self.profile_gil else "wall",
         }
 
 
@@ -110,10 +112,10 @@ class Bench:
                 {"ttft_ms": self.config.ttft_ms, "token_delay_ms": delay},
             )
             for c in self.config.concurrency:
-                if self.config.floor:
-                    cells.append(self.cell("floor", c, delay))
-                cells.append(self.cell("stack", c, delay))
-                print(report.markdown_row(cells[-1]), flush=True)
+                kinds = ["floor", "stack"] if self.config.floor else ["stack"]
+                for kind in kinds:
+                    cells.append(self.cell(kind, c, delay))
+                    print(report.markdown_row(cells[-1]), flush=True)
         return cells
 
     def probe(self) -> None:
