@@ -36,7 +36,7 @@ def start(
     argv = [
         str(executable()), "record", "--pid", str(pid), "--format", "raw",
         "--output", str(out), "--rate", str(RATE), "--duration", str(max(1, round(duration_s))),
-        "--nonblocking",
+        "--nonblocking", "--threads",
     ]  # fmt: skip
     if subprocesses:
         argv.append("--subprocesses")
@@ -67,7 +67,31 @@ def _package(frame: str) -> str:
     return parts[0]
 
 
-def summarise(path: Path, top: int = 20) -> dict[str, Any]:
+_MACHINERY = {
+    "Thread._bootstrap",
+    "Thread._bootstrap_inner",
+    "Thread.run",
+    "_run_module_as_main",
+    "_run_code",
+    "<module>",
+    "main",
+    "_worker",
+    "BaseEventLoop.run_forever",
+}
+
+
+def _role(frames: list[str]) -> str:
+    """What a thread does: its outermost frame below the thread and runpy machinery."""
+    for frame in frames:
+        if frame.split(" (", 1)[0] not in _MACHINERY:
+            return frame
+    return frames[-1] if frames else "?"
+
+
+def summarise(path: Path, top: int = 20, *, seconds: float | None = None) -> dict[str, Any]:
+    """`seconds`: the recording's length, to express each thread's busy share of it."""
+    threads: Counter[str] = Counter()
+    roles: dict[str, Counter[str]] = {}
     self_counts: Counter[str] = Counter()
     packages: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
@@ -79,10 +103,13 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [_frame(f) for f in stack.split(";") if f and not f.startswith("process ")]
-        frames = [f for f in frames if not f.startswith("thread ")]
+        raw = [f for f in stack.split(";") if f and not f.startswith("process ")]
+        thread = next((f for f in raw if f.startswith("thread ")), "thread ?")
+        frames = [_frame(f) for f in raw if not f.startswith("thread ")]
         if not frames:
             continue
+        threads[thread] += count
+        roles.setdefault(thread, Counter())[_role(frames)] += count
         total += count
         self_counts[frames[-1]] += count
         packages[_package(frames[-1])] += count
@@ -95,8 +122,24 @@ def summarise(path: Path, top: int = 20) -> dict[str, Any]:
             for name, n in counter.most_common(top)
         ]
 
+    window = (seconds or 0) * RATE
+
+    def label(thread: str) -> str:
+        role = roles[thread].most_common(1)[0][0]
+        name = thread.split("): ", 1)[1] if "): " in thread else ""
+        return f"{name}: {role}" if name else role
+
+    busy = [
+        {
+            "function": label(thread),
+            "samples": n,
+            "percent": round(100 * n / window, 1) if window else None,
+        }
+        for thread, n in threads.most_common(8)
+    ]
     return {
         "samples": total,
+        "threads": busy,
         "self": ranked(self_counts),
         "inclusive": ranked(inclusive),
         "packages": ranked(packages),

@@ -134,6 +134,23 @@ def markdown(result: dict[str, Any]) -> str:
         *HEADER,
     ]
     lines += [markdown_row(cell) for cell in result["cells"]]
+    phased = [c for c in result["cells"] if c.get("phases_ms")]
+    if phased:
+        lines += [
+            "",
+            "Where a stack run's time goes, from the run's own timestamps (ms): queued = created "
+            "→ claimed by the worker; running = claimed → finished.",
+            "",
+            "| c | delay ms | queued p50 / p95 / p99 | running p50 / p95 / p99 |",
+            "|--:|--:|--|--|",
+        ]
+        for cell in phased:
+            q, r = cell["phases_ms"]["queued"], cell["phases_ms"]["running"]
+            lines.append(
+                f"| {cell['concurrency']} | {cell['token_delay_ms']:g} "
+                f"| {_fmt(q['p50'])} / {_fmt(q['p95'])} / {_fmt(q['p99'])} "
+                f"| {_fmt(r['p50'])} / {_fmt(r['p95'])} / {_fmt(r['p99'])} |"
+            )
     lines += [
         "",
         "Targets (issue 4):",
@@ -170,6 +187,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(
                 f"| {a['percent']} | `{a['function']}` | | {b['percent']} | `{b['function']}` |"
             )
+        busiest = ", ".join(f"{t['function']} {t['percent']}%" for t in prof.get("threads", [])[:6])
+        lines += ["", f"Busiest threads (share of the window each was sampled busy): {busiest}."]
         by_package = ", ".join(
             f"{p['function']} {p['percent']}%" for p in prof.get("packages", [])[:12]
         )

@@ -147,7 +147,15 @@ class Bench:
             profile_cell=profiled,
         )
         fake = _llm(self.stack, "/_bench/timings")
-        return self._figures(kind, c, delay, records, window, marks, fake, extra, profiled)
+        cell = self._figures(kind, c, delay, records, window, marks, fake, extra, profiled)
+        if kind == "stack":
+            from bench import world as world_mod
+
+            t1, t2 = window
+            ids = [r.run_id for r in records if r.run_id and t1 <= r.started < t2]
+            phases = world_mod.run_phases(self.world, ids)
+            cell["phases_ms"] = {name: report.latency(v) for name, v in phases.items()}
+        return cell
 
     def _drive(
         self,
@@ -323,7 +331,8 @@ class Bench:
                     proc.wait(30)
                 except Exception:
                     proc.kill()
-                profiles[name] = {"file": str(path), **profile.summarise(path)}
+                summary = profile.summarise(path, seconds=round(seconds))
+                profiles[name] = {"file": str(path), **summary}
             cell["profiles"] = profiles
         return cell
 

@@ -122,3 +122,24 @@ def add_threads(world: World, per_chatter: int) -> None:
 def release() -> None:
     """Close this process's database connections: nothing of the harness is open in a cell."""
     connections.close_all()
+
+
+def run_phases(world: World, run_ids: list[str]) -> dict[str, list[float]]:
+    """Per run, in ms, from the runs' own timestamps: `queued` (created -> claimed by a worker)
+    and `running` (claimed -> finished)."""
+    from conversations.models import Run
+
+    tenant = Tenant.objects.get(pk=world.tenant_id)
+    rows = (
+        Run.objects.for_tenant(tenant)
+        .filter(pk__in=run_ids)
+        .values_list("created_at", "started_at", "finished_at")
+    )
+    queued, running = [], []
+    for created, started, finished in rows:
+        if started is not None:
+            queued.append((started - created).total_seconds() * 1000)
+            if finished is not None:
+                running.append((finished - started).total_seconds() * 1000)
+    release()
+    return {"queued": queued, "running": running}
