@@ -4,9 +4,10 @@
     python -m bench -c 50 -d 20 --duration 30       # one cell
     python -m bench -c 50 -d 20 --profile 50:20     # and py-spy profiles of web and worker
 
-With neither `--database-url` nor `--redis-url` (nor BENCH_DATABASE_URL / BENCH_REDIS_URL,
-DATABASE_URL / REDIS_URL), embedded PostgreSQL and Redis are started as for `make run`, in the
-database `cp_bench`. The report goes to `var/bench/<UTC timestamp>.json` and `.md`.
+Without `--database-url` / `--redis-url` (BENCH_DATABASE_URL / BENCH_REDIS_URL; else the
+server of DATABASE_URL with the database `cp_bench`, and REDIS_URL), embedded PostgreSQL and
+Redis are started as for `make run`, in the database `cp_bench`. The report goes to
+`var/bench/<UTC timestamp>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
-from bench import report
+from bench import report, stack
 from bench.runner import Config
 
 DEFAULT_CONCURRENCY = [1, 50, 200]
@@ -48,6 +50,18 @@ def _cells(text: str) -> list[tuple[int, float]]:
         except ValueError:
             raise argparse.ArgumentTypeError("give cells as C:DELAY, e.g. 50:20") from None
     return cells
+
+
+def _database_url() -> str | None:
+    """BENCH_DATABASE_URL as given; else DATABASE_URL's server, but the bench's own database
+    (the bench must not fill the database you develop with)."""
+    if os.environ.get("BENCH_DATABASE_URL"):
+        return os.environ["BENCH_DATABASE_URL"]
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        return None
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{stack.BENCH_DATABASE}"))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -118,7 +132,9 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--database-url",
-        default=os.environ.get("BENCH_DATABASE_URL") or os.environ.get("DATABASE_URL"),
+        default=_database_url(),
+        help="default: BENCH_DATABASE_URL, else DATABASE_URL's server with the database cp_bench, "
+        "else an embedded server",
     )
     p.add_argument(
         "--redis-url", default=os.environ.get("BENCH_REDIS_URL") or os.environ.get("REDIS_URL")
@@ -197,8 +213,6 @@ def run(config: Config, env: dict[str, str], *, migrate: bool = True) -> dict[st
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from bench import stack
-
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out.resolve()
     config = config_from(args, out / stamp)
