@@ -25,6 +25,10 @@ import psutil
 from bench import load, procs, profile, report
 from bench.stack import Stack
 
+# After a stack cell, how long to wait for the runs its chats gave up on to end, so that they
+# do not run during the next cell.
+DRAIN_TIMEOUT_S = 120.0
+
 
 @dataclass
 class Config:
@@ -153,7 +157,9 @@ class Bench:
 
             t1, t2 = window
             ids = [r.run_id for r in records if r.run_id and t1 <= r.started < t2]
-            phases = world_mod.run_phases(self.world, ids)
+            waited, left = world_mod.wait_idle(self.world, DRAIN_TIMEOUT_S)
+            cell["drain_s"], cell["left_active"] = round(waited, 1), left
+            phases = world_mod.run_phases(self.world, ids)  # every run has ended by now
             cell["phases_ms"] = {name: report.latency(v) for name, v in phases.items()}
         return cell
 

@@ -143,3 +143,24 @@ def run_phases(world: World, run_ids: list[str]) -> dict[str, list[float]]:
                 running.append((finished - started).total_seconds() * 1000)
     release()
     return {"queued": queued, "running": running}
+
+
+def wait_idle(world: World, timeout_s: float) -> tuple[float, int]:
+    """Wait until none of the world's runs is pending or running (runs the chats gave up on
+    still execute), so the next cell starts on an idle stack. Returns (seconds waited, runs
+    still active at the timeout)."""
+    import time
+
+    from conversations.models import Run, RunStatus
+
+    tenant = Tenant.objects.get(pk=world.tenant_id)
+    active = Run.objects.for_tenant(tenant).filter(
+        status__in=[RunStatus.PENDING, RunStatus.RUNNING]
+    )
+    started = time.monotonic()
+    left = active.count()
+    while left and time.monotonic() - started < timeout_s:
+        time.sleep(0.25)
+        left = active.count()
+    release()
+    return time.monotonic() - started, left
