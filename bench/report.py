@@ -73,6 +73,19 @@ def check_targets(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if value is not None:
             met = value >= bound if op == ">=" else value <= bound
         rows.append({"target": label, "bound": f"{op} {bound:g}", "value": value, "met": met})
+    floor = [
+        x
+        for x in cells
+        if x["kind"] == "floor" and x["concurrency"] == 50 and x["token_delay_ms"] == 20.0
+    ]
+    rows.append(
+        {
+            "target": "c=50, 20 ms: the floor's runs/s (issue 4 measured about 113)",
+            "bound": "reference",
+            "value": floor[0]["runs_per_s"] if floor else None,
+            "met": None,
+        }
+    )
     return rows
 
 
@@ -160,6 +173,8 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     for row in result["targets"]:
         met = {True: "yes", False: "**no**", None: "not measured"}[row["met"]]
+        if row["bound"] == "reference":
+            met = "–"
         lines.append(f"| {row['target']} | {row['bound']} | {_fmt(row['value'])} | {met} |")
     failed = [c for c in result["cells"] if c["failures"]]
     if failed:

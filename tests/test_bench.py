@@ -66,7 +66,7 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
         assert cell["added_ttft_ms"]["p50"] is not None
     assert stack["cpu_ms_per_run"]["web"] > 0 and stack["cpu_ms_per_run"]["worker"] > 0
     assert stack["peak_rss_mb"]["web"] > 0 and stack["peak_rss_mb"]["worker"] > 0
-    assert {row["target"] for row in result["targets"]} == {t[0] for t in report.TARGETS}
+    assert {t[0] for t in report.TARGETS} <= {row["target"] for row in result["targets"]}
 
     json_path, md_path = report.write(result, tmp_path, "smoke")
     assert json.loads(json_path.read_text())["cells"][1]["ok"] == stack["ok"]
