@@ -63,6 +63,12 @@ class Plan:
     stop: asyncio.Event
     records: list[RunRecord]
     turns: int = 5  # messages per thread before a chat moves on to its next thread
+    ramp_s: float = 0.0  # chats start evenly spread over this long, as people do not all at once
+    chats: int = 1
+
+    async def start(self, chat: int) -> None:
+        if self.ramp_s > 0 and self.chats > 1:
+            await asyncio.sleep(self.ramp_s * chat / self.chats)
 
     def marker(self, chat: int, seq: int) -> str:
         return f"bench-{self.cell}-{chat}-{seq}"
@@ -159,6 +165,7 @@ async def ws_chat(index: int, target: ChatTarget, plan: Plan) -> None:
     headers = {"Cookie": target.session_cookie}
     seq = 0
     thread_index = 0
+    await plan.start(index)
     while not plan.stop.is_set():
         thread = target.threads[thread_index % len(target.threads)]
         thread_index += 1
@@ -262,6 +269,7 @@ async def floor_chat(index: int, target: FloorTarget, plan: Plan) -> None:
     """One chat against the fake LLM itself: the same messages, no control plane in between."""
     client = _Http(target)
     seq = 0
+    await plan.start(index)
     try:
         while not plan.stop.is_set():
             seq += 1

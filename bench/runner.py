@@ -222,7 +222,15 @@ class Bench:
     ) -> tuple[list[load.RunRecord], tuple[float, float], dict[str, Any], dict[str, Any]]:
         stop = asyncio.Event()
         records: list[load.RunRecord] = []
-        plan = load.Plan(cell_id, self.config.run_timeout_s, stop, records, self.config.turns)
+        plan = load.Plan(
+            cell_id,
+            self.config.run_timeout_s,
+            stop,
+            records,
+            self.config.turns,
+            ramp_s=warmup_s / 2,  # every chat is connected and running before the window opens
+            chats=len(targets),
+        )
         chat = load.ws_chat if kind == "stack" else load.floor_chat
         tasks = [asyncio.create_task(chat(i, t, plan)) for i, t in enumerate(targets)]  # type: ignore[arg-type]
         extra: dict[str, Any] = {"load_start": procs.load_average()}

@@ -50,7 +50,7 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
     env["DJANGO_SECRET_KEY"] = settings.SECRET_KEY  # the sessions the harness makes must verify
     env["SECRETS_ENCRYPTION_KEYS"] = ",".join(settings.SECRETS_ENCRYPTION_KEYS)
     config = Config(
-        concurrency=[2], delays_ms=[0], warmup_s=0.3, duration_s=15, runs=6, turns=2, out=tmp_path
+        concurrency=[2], delays_ms=[0], warmup_s=0.3, duration_s=15, runs=4, turns=2, out=tmp_path
     )
 
     result = cli.run(config, env, migrate=False)
@@ -60,7 +60,7 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
     for cell in (floor, stack):
         assert cell["concurrency"] == 2 and cell["token_delay_ms"] == 0
         assert cell["failed"] == 0, cell["failures"]
-        assert cell["ok"] >= 6 and cell["runs_per_s"] > 0
+        assert cell["ok"] >= 4 and cell["runs_per_s"] > 0
         # Every measured run was matched with the fake LLM's own timing of it.
         assert cell["ttft_correlated"] == cell["client_ttft_ms"]["n"] > 0
         assert cell["added_ttft_ms"]["p50"] is not None
