@@ -124,7 +124,7 @@ class Sampler:
         with self._lock:
             for group in self.groups:
                 group.rss_peak = 0
-                group.seen = set(group.cpu)
+                group.seen = set()  # the next sample (the window's first mark) fills it
 
     def peaks(self) -> dict[str, int]:
         with self._lock:
