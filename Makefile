@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEVSTACK := $(PY) -m controlplane.devstack
 
-.PHONY: run test lint typecheck install lock reset-demo-password clean
+.PHONY: run test lint typecheck install lock reset-demo-password clean bench
 
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	DJANGO_SECRET_KEY=typecheck-only $(VENV)/bin/mypy controlplane tenants ai_agents conversations
+	DJANGO_SECRET_KEY=typecheck-only $(VENV)/bin/mypy controlplane tenants ai_agents conversations bench
+
+## bench: the chat load benchmark (docs/benchmark.md); BENCH_ARGS="-c 50 -d 20" picks cells
+bench: $(STAMP)
+	$(PY) -m bench $(BENCH_ARGS)
 
 lock:
 	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe -o requirements.txt requirements.in

@@ -64,6 +64,14 @@ def _duration(seconds: int) -> str:
     return f"{minutes} minute{'s' if minutes != 1 else ''}"
 
 
+def _db(func: Any) -> Any:
+    """`func` (ORM work) off the event loop, on the loop's pool of threads. asgiref's default
+    (`thread_sensitive=True`) runs every socket's queries on one shared thread: with many chats
+    open, each connect and each message queued behind all the others' (docs/benchmark.md).
+    Each pool thread has its own connection from the psycopg pool, as a sync view has."""
+    return database_sync_to_async(func, thread_sensitive=False)
+
+
 def _stream_id(value: Any) -> str:
     return value if isinstance(value, str) and STREAM_ID.match(value) else "0-0"
 
@@ -83,6 +91,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.joined: list[str] = []
         self.followers: dict[str, asyncio.Task[None]] = {}
+        # Runs this socket followed to their end: a late `chat.run.started` for one of them
+        # must not replay it from the start.
+        self.finished: set[str] = set()
         self.revoked = False
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -91,9 +102,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         kwargs = self.scope["url_route"]["kwargs"]
         slug, thread_id = kwargs["tenant_slug"], kwargs["thread_id"]
         try:
-            membership, end_user, thread, active = await database_sync_to_async(_lookup)(
-                slug, user, thread_id
-            )
+            membership, end_user, thread, active = await _db(_lookup)(slug, user, thread_id)
         except NotFound:
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -108,7 +117,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # A removal (or thread deletion) that committed before we joined reached nobody: look
         # again now that any later revoke will reach us.
         try:
-            _m, _e, _t, active = await database_sync_to_async(_lookup)(slug, user, thread_id)
+            _m, _e, _t, active = await _db(_lookup)(slug, user, thread_id)
         except NotFound:
             await self._leave()
             await self.close(code=CLOSE_NOT_FOUND)
@@ -153,7 +162,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._send_message(content)
         elif kind == "resume":
             run_id = str(content.get("run_id", ""))
-            run = await database_sync_to_async(selectors.run_get)(
+            run = await _db(selectors.run_get)(
                 tenant=self.tenant, thread=self.thread, run_id=run_id
             )
             if run is None:
@@ -174,7 +183,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._error("invalid", "Type a message.")
             return
         try:
-            run = await database_sync_to_async(services.run_create)(
+            run = await _db(services.run_create)(
                 tenant=self.tenant,
                 end_user=self.end_user,
                 thread_id=self.thread.pk,
@@ -204,15 +213,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _cancel(self) -> None:
         """The stop button: stop this thread's active run (every tab sees it end)."""
-        active = await database_sync_to_async(selectors.run_active)(
-            tenant=self.tenant, thread=self.thread
-        )
+        active = await _db(selectors.run_active)(tenant=self.tenant, thread=self.thread)
         if active is None:
             await self._error("not_found", "There is no reply to stop.")
             return
-        await database_sync_to_async(services.run_cancel)(
-            tenant=self.tenant, run_id=active.pk, end_user=self.end_user
-        )
+        await _db(services.run_cancel)(tenant=self.tenant, run_id=active.pk, end_user=self.end_user)
 
     async def _rate_limited(self, exc: RateLimited) -> None:
         """In the chat's words: the message was not sent, how many are allowed, and when the
@@ -247,10 +252,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             async for event_id, event in streams.follow(run_id, after=after):
                 if self.revoked:
                     return
+                if run_events.is_terminal(event):
+                    self.finished.add(run_id)
                 if event.get("type") == run_events.HEARTBEAT:
                     # Quiet for a while: if PostgreSQL says the run ended (its stream expired or
                     # was never written), stop and let the client reload the history.
-                    status = await database_sync_to_async(selectors.run_status)(
+                    status = await _db(selectors.run_status)(
                         tenant=self.tenant, thread=self.thread, run_id=run_id
                     )
                     if status is None or status in FINAL_STATUSES:
@@ -287,7 +294,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.revoked:
             return
         run_id = str(message.get("run_id", ""))
-        if run_id and run_id not in self.followers:
+        if run_id and run_id not in self.followers and run_id not in self.finished:
             await self.send_json({"type": "run.started", "run_id": run_id})
             self._follow(run_id, "0-0")
 

@@ -50,6 +50,9 @@ LIVE_TTL_SECONDS = 24 * 3600
 MAX_BLOCK_MS = 3_000
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
+# Every blocked `follow()` holds one connection of its loop's pool: redis-py's default cap (100)
+# refused the 101st open chat of a web process (measured with `make bench`, c = 200).
+MAX_CONNECTIONS = 5_000
 
 _ID = re.compile(r"^\d+(-\d+)?$")
 
@@ -192,7 +195,10 @@ def _aconn() -> _AsyncConn:
         retry = AsyncRetry(
             ExponentialBackoff(cap=0.2, base=0.05), 1, (redis.exceptions.ConnectionError,)
         )
-        client = aioredis.Redis.from_url(url, retry=retry, **_options())
+        max_connections = int(getattr(settings, "RUN_STREAM_MAX_CONNECTIONS", MAX_CONNECTIONS))
+        client = aioredis.Redis.from_url(
+            url, retry=retry, max_connections=max_connections, **_options()
+        )
         conn = _AsyncConn(
             client,
             client.register_script(_CLAIM),

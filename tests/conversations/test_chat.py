@@ -22,6 +22,7 @@ from ai_agents import services as agent_services
 from controlplane.asgi import application
 from conversations import executor, markdown, services, streams
 from conversations.models import Item, MultitaskStrategy, Run, RunSource, RunStatus, Thread
+from tenants import realtime
 from tenants import services as tenant_services
 from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
 from tests.conftest import make_world
@@ -407,6 +408,29 @@ async def test_sending_a_message_starts_a_run_and_streams_the_reply(kicked, _clo
     finally:
         await socket.disconnect()
         await second_tab.disconnect()
+
+
+@pytestmark_ws
+async def test_a_late_announcement_of_a_run_the_socket_followed_does_not_replay_it(
+    _close_async_clients,
+):
+    w = await database_sync_to_async(_setup)()
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        await socket.send_json_to({"type": "send", "text": CALC})
+        run_id = (await socket.receive_json_from(timeout=WAIT))["run_id"]
+        assert await _execute(run_id) == RunStatus.SUCCESS
+        await _until_terminal(socket)
+        # The channel layer delivers the run's announcement after the socket read it to the end.
+        layer = get_channel_layer()
+        await layer.group_send(
+            realtime.thread_group(w.mine.pk), {"type": "chat.run_started", "run_id": run_id}
+        )
+        await socket.send_json_to({"type": "ping"})
+        assert await socket.receive_json_from(timeout=WAIT) == {"type": "pong"}
+        assert await socket.receive_nothing(timeout=0.2)
+    finally:
+        await socket.disconnect()
 
 
 @pytestmark_ws
