@@ -317,6 +317,10 @@ OFFLINE_MODEL_WORD_DELAY = env.float("OFFLINE_MODEL_WORD_DELAY", default=0.02)
 RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30.0)
 RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_TIMEOUT_SECONDS = env.float("RUN_TIMEOUT_SECONDS", default=600.0)
+# Failed model calls (and malformed tool arguments) a run retries (ai_agents/runtime/retry.py).
+RUN_MODEL_RETRIES = env.int("RUN_MODEL_RETRIES", default=3)
+RUN_MODEL_RETRY_BACKOFF_SECONDS = env.float("RUN_MODEL_RETRY_BACKOFF_SECONDS", default=1.0)
+RUN_MODEL_RETRY_MAX_WAIT_SECONDS = env.float("RUN_MODEL_RETRY_MAX_WAIT_SECONDS", default=30.0)
 RUN_STREAM_TTL_SECONDS = env.int("RUN_STREAM_TTL_SECONDS", default=3600)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
 CELERY_BEAT_SCHEDULE = {
