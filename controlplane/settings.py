@@ -106,6 +106,7 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     "csp.middleware.CSPMiddleware",
     "axes.middleware.AxesMiddleware",
+    "controlplane.middleware.DependencyUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -133,9 +134,9 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/controlplane")
 }
-DATABASES["default"]["CONN_MAX_AGE"] = (
-    0  # ASGI: connections come from the pool, never kept per thread
-)
+# ASGI: connections come from the pool, never kept per thread. Without the pool (Celery workers,
+# DATABASE_POOL=0) a worker's threads may keep theirs: the run host checks them before each use.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("OPTIONS", {})
 # `postgres://user@/db?host=/socket/dir` spells a unix socket (the embedded server uses one).
