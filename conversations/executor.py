@@ -126,6 +126,11 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
             next_id = end_thread(run, RunStatus.ERROR)
             if next_id is not None:
                 transaction.on_commit(lambda: kick(next_id))
+            # Readers following the run's stream see it end now, with the reason.
+            failed_id, failed_attempt, reason = run.pk, run.attempt, run.error
+            transaction.on_commit(
+                lambda: close_stream(failed_id, failed_attempt, RunStatus.ERROR, reason)
+            )
             return None
         if run.attempt:
             # A retry starts the run over from its input: what an earlier attempt stored (its

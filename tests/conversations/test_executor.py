@@ -308,3 +308,19 @@ def test_an_unexpected_failure_ends_the_run_with_a_reason_at_once(world_a, threa
     assert _events(run)[-1]["status"] == "error"
     thread.refresh_from_db()
     assert thread.status == "error"
+
+
+def test_a_run_failed_by_the_sweeper_ends_its_stream_with_the_reason(
+    world_a, thread, django_capture_on_commit_callbacks
+):
+    run = _send(world_a, thread)
+    held = executor.claim(run.pk, owner="dies")
+    async_to_sync(streams.claim)(run.pk, held.attempt)  # it had started streaming
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        side_effects=True, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert executor.claim(run.pk, owner="w2") is None
+    last = _events(run)[-1]
+    assert last["type"] == "run.status" and last["status"] == "error"
+    assert "could do that twice" in last["message"]
