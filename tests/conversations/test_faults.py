@@ -16,6 +16,8 @@ and only bounds a failure.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -31,16 +33,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 import redis
+import websockets
 from django.conf import settings as django_settings
 from django.db import connection
+from django.test import Client
 
 from ai_agents import services as agent_services
 from ai_agents import tools
 from ai_agents.fakeserver import FakeOpenAIServer
-from conversations import executor, services, streams
+from conversations import events, executor, services, streams
 from conversations.models import Item, Run, RunStatus
 from tests.conftest import make_world
 
@@ -687,3 +692,169 @@ def test_a_frozen_worker_is_superseded_and_its_writes_are_refused(chat):
     assert len(_replies(c, run)) == 1
     assert {attempt for _i, _e, attempt in _entries(run)} == {2}
     assert _deltas(run) == f"You said: {text}"
+
+
+# --- a web process killed while a chat streams ----------------------------------------------------
+
+
+def _try(connect: Callable[[], Any]) -> Any:
+    try:
+        return asyncio.run(connect())
+    except (OSError, websockets.WebSocketException, TimeoutError):
+        return None
+
+
+def _session_cookie(chat: Chat) -> str:
+    client = Client()
+    client.force_login(chat.world.member)
+    return client.cookies[django_settings.SESSION_COOKIE_NAME].value
+
+
+async def _receive(ws: Any, within: float = 30) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), within))
+
+
+def _socket(port: int, path: str, cookie: str) -> Any:
+    return websockets.connect(
+        f"ws://127.0.0.1:{port}{path}",
+        additional_headers={
+            "Cookie": f"{django_settings.SESSION_COOKIE_NAME}={cookie}",
+            "Origin": f"http://127.0.0.1:{port}",
+        },
+    )
+
+
+def test_a_web_process_killed_while_streaming_is_resumed_on_another(chat):
+    c = chat()
+    stack = c.stack
+    web_a, port_a = stack.ready_web("web-a")
+    _web_b, port_b = stack.ready_web("web-b")
+    stack.fake.state.token_delay_ms = TOKEN_DELAY_MS
+    cookie = _session_cookie(c)
+    text = _echo(40, "webkill")
+    path = f"/ws/t/{c.world.tenant.slug}/chat/{c.thread.pk}/"
+
+    async def scenario() -> tuple[str, list[dict[str, Any]], list[dict[str, Any]]]:
+        seen_a: list[dict[str, Any]] = []
+        async with _socket(port_a, path, cookie) as ws:
+            assert (await _receive(ws))["type"] == "hello"
+            await ws.send(json.dumps({"type": "send", "text": text}))
+            created = await _receive(ws)
+            assert created["type"] == "run.created", created
+            while sum(m["event"]["type"] == "message.delta" for m in seen_a) < 5:
+                message = await _receive(ws)
+                if message["type"] == "event":
+                    seen_a.append(message)
+            web_a.kill()  # SIGKILL mid-stream: the socket just dies
+            with contextlib.suppress(Exception):
+                while True:
+                    await _receive(ws, within=5)
+        seen_b: list[dict[str, Any]] = []
+        async with _socket(port_b, f"{path}?after={seen_a[-1]['id']}", cookie) as ws:
+            hello = await _receive(ws)
+            assert hello["type"] == "hello" and hello["active_run"] == created["run_id"]
+            while not seen_b or not events.is_terminal(seen_b[-1]["event"]):
+                message = await _receive(ws)
+                if message["type"] == "event":
+                    seen_b.append(message)
+        return created["run_id"], seen_a, seen_b
+
+    run_id, seen_a, seen_b = asyncio.run(scenario())
+    run = Run.objects.for_tenant(c.world.tenant).get(pk=run_id)
+    # Every event exactly once, in order, across the two web processes.
+    ids = [m["id"] for m in seen_a + seen_b]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    assert len(set(ids)) == len(ids)
+    assert [(i, e) for i, e, _a in _entries(run)] == [
+        (m["id"], m["event"]) for m in seen_a + seen_b
+    ]
+    assert seen_b[-1]["event"]["status"] == "success"
+    streamed = "".join(
+        m["event"]["text"] for m in seen_a + seen_b if m["event"]["type"] == "message.delta"
+    )
+    assert streamed == f"You said: {text}"
+    assert _ended(run).attempt == 1  # the worker carried on: only the web process died
+    assert len(_replies(c, run)) == 1
+
+
+# --- Redis restarted mid-stream -------------------------------------------------------------------
+
+
+def test_redis_restarted_mid_stream(chat):
+    """The private Redis (broker, streams, channel layer) is SIGKILLed while a reply streams
+    and started again, empty. The reply lands in PostgreSQL, where the client reads it; HTTP
+    answers 503 or works during the outage, never 500; a run asked for during the outage is
+    picked up by the sweeper once Redis is back, and the workers consume again."""
+    c = chat()
+    later = chat("Later")
+    stack = c.stack
+    _web, port = stack.ready_web("web-b")
+    stack.fake.state.token_delay_ms = TOKEN_DELAY_MS
+    cookie = _session_cookie(c)
+    text = _echo(60, "outage")
+    path = f"/ws/t/{c.world.tenant.slug}/chat/{c.thread.pk}/"
+    base = f"http://127.0.0.1:{port}"
+    http = httpx.Client(base_url=base, cookies={django_settings.SESSION_COOKIE_NAME: cookie})
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {c.world.admin_key_raw}"})
+
+    async def scenario() -> tuple[str, str]:
+        async with _socket(port, path, cookie) as ws:
+            await _receive(ws)
+            await ws.send(json.dumps({"type": "send", "text": text}))
+            created = await _receive(ws)
+            deltas = 0
+            while deltas < 3:
+                message = await _receive(ws)
+                deltas += message["type"] == "event" and message["event"]["type"] == "message.delta"
+            assert stack.redis_proc is not None
+            stack.redis_proc.kill()
+            # The socket either says live updates stopped, or drops (its channel layer is
+            # Redis): the chat then shows "reconnecting" and reloads the history once back.
+            try:
+                while True:
+                    message = await _receive(ws)
+                    if message["type"] == "error":
+                        return created["run_id"], message["code"]
+            except websockets.ConnectionClosed:
+                return created["run_id"], "closed"
+
+    async def reconnect() -> dict[str, Any]:
+        async with _socket(port, path, cookie) as ws:
+            return await _receive(ws)
+
+    try:
+        run_id, notice = asyncio.run(scenario())
+        assert notice in ("unavailable", "closed")
+
+        # During the outage: 503 with a reason, or a working page; never a 500.
+        health = http.get("/healthz")
+        assert health.status_code == 503 and "redis" in health.json()["down"]
+        for response in (
+            http.get(f"/t/{c.world.tenant.slug}/chat/{c.thread.pk}/"),
+            http.get(f"/t/{c.world.tenant.slug}/chat/"),
+            api.get("/api/v1/providers"),
+        ):
+            assert response.status_code in (200, 503), (response.status_code, response.text)
+        # A message sent now is stored; its kick is lost with the broker.
+        waiting = later.send("sent while redis was down", queue="celery")
+
+        run = Run.objects.for_tenant(c.world.tenant).get(pk=run_id)
+        done = _ended(run)  # the worker finished the reply without its stream
+        assert done.status == RunStatus.SUCCESS, done.error
+        stack.start_redis()
+
+        # The client reconnects and gets the final reply from PostgreSQL.
+        hello = wait_for("the chat socket to reconnect", lambda: _try(reconnect), timeout=30)
+        assert hello["type"] == "hello" and hello["active_run"] is None
+        page = http.get(f"/t/{c.world.tenant.slug}/chat/{c.thread.pk}/items/?after=0")
+        assert page.status_code == 200 and f"You said: {text}" in page.text
+        # The sweeper kicks the run nobody got; the workers consume again.
+        picked = _ended(waiting)
+        assert picked.status == RunStatus.SUCCESS, picked.error
+        assert len(_replies(later, waiting)) == 1
+        assert http.get("/healthz").status_code == 200
+    finally:
+        http.close()
+        api.close()
+        if stack.redis_proc is None or stack.redis_proc.popen.poll() is not None:
+            stack.start_redis()
