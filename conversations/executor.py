@@ -166,6 +166,7 @@ def _close_dangling_calls(run: Run) -> None:
         and item.data.get("call_id")
         and item.data["call_id"] not in answered
     ]
+    # tenant-scope: every new row carries the run's tenant (set below)
     Item.objects.bulk_create(
         [
             Item(
