@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from ai_agents.runtime import execute as agent_execute
@@ -316,7 +316,10 @@ async def execute(held: Claim) -> str:
         )
     except SupersededAttempt:
         return "superseded"
-    except asyncio.CancelledError:
+    except (InterfaceError, OperationalError):
+        # PostgreSQL went away for a moment: this attempt stops here and writes nothing more;
+        # its lease lapses and the sweeper runs the run again on a healthy connection.
+        log.warning("run %s attempt %s: database error", held.run_id, held.attempt)
         raise
     except TimeoutError:
         status = RunStatus.TIMEOUT
@@ -327,7 +330,7 @@ async def execute(held: Claim) -> str:
             usage=ctx.trace.usage(),
         )
     except Exception:
-        # A bug, or an infrastructure failure the agent runtime does not explain: the run
+        # A bug, or a failure the agent runtime does not explain: the run
         # still ends, with a reason, instead of waiting for its lease to lapse and be retried.
         log.exception("run %s attempt %s failed unexpectedly", held.run_id, held.attempt)
         ctx.trace.add("end", status="error", message="unexpected failure")

@@ -324,3 +324,27 @@ def test_a_run_failed_by_the_sweeper_ends_its_stream_with_the_reason(
     last = _events(run)[-1]
     assert last["type"] == "run.status" and last["status"] == "error"
     assert "could do that twice" in last["message"]
+
+
+def test_a_database_failure_mid_run_leaves_the_run_to_be_retried(world_a, thread, monkeypatch):
+    from django.db import OperationalError
+
+    from ai_agents.runtime import execute as agent_execute
+
+    async def cut_off(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    original = agent_execute.run_version
+    monkeypatch.setattr(agent_execute, "run_version", cut_off)
+    run = _send(world_a, thread)
+    with pytest.raises(OperationalError):
+        async_to_sync(executor.execute)(executor.claim(run.pk, owner="w"))
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.attempt == 1  # its lease lapses, then...
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    monkeypatch.setattr(agent_execute, "run_version", original)
+    held = executor.claim(run.pk, owner="w2")  # ...the sweeper's kick runs it again
+    assert held is not None and held.attempt == 2
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
