@@ -575,8 +575,8 @@ def test_a_worker_killed_at_several_points_of_its_runs(chat):
     site = HoldingSite()
     locks: list[HeldLock] = []
     try:
-        long_text = _echo(100, "streaming")  # about 8 s of tokens: still streaming at the kill
-        short_text = _echo(8, "saving")
+        long_text = _echo(130, "streaming")  # about 10 s of tokens: still streaming at the kill
+        short_text = _echo(25, "saving")  # 2 s: time to take the lock below
         read_text = f'call http_get {{"url": "{site.url}"}}'
         write_text = f'call run_agent {{"agent": "{helper.agent.slug}", "input": "hold on"}}'
         runs = {
