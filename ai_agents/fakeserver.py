@@ -62,6 +62,18 @@ Optional on any step: ``usage`` (``prompt_tokens``/``input_tokens``,
 ``delay_ms`` (wait before answering at all, headers included), ``ttft_ms`` and
 ``token_delay_ms`` (override the server's timing for this answer).
 
+Faults in the middle of an answer (with ``text`` and/or ``tool_calls``), counted in emitted tokens
+(text tokens, then per tool call one for the call and one per argument fragment):
+``reset_after: N``
+    Send N tokens, then drop the connection without finishing the body (the client sees the
+    stream break: ``httpx.RemoteProtocolError``). ``0`` drops it right after the headers. A
+    non-streamed answer is dropped after its headers whatever N is.
+``stall_after: N``
+    Send N tokens, then nothing more, keeping the connection open (until the client gives up
+    or the server stops): the client's read timeout fires. ``0`` stalls right after the headers.
+Malformed tool arguments need no fault of their own: give ``arguments`` as a string that is not
+a JSON object (e.g. ``"{\"city\": "``) and it is streamed verbatim.
+
 Default rules (no step queued)
 ------------------------------
 1. The last input item is a tool result (chat ``role: tool``; responses
@@ -152,6 +164,8 @@ _STEP_KEYS = {
     "delay_ms",
     "ttft_ms",
     "token_delay_ms",
+    "reset_after",
+    "stall_after",
 }
 _USAGE_KEYS = {
     "prompt_tokens",
@@ -219,6 +233,8 @@ class Step:
     delay_ms: float = 0.0
     ttft_ms: float | None = None
     token_delay_ms: float | None = None
+    reset_after: int | None = None
+    stall_after: int | None = None
 
 
 def _non_negative(raw: Mapping[str, Any], key: str) -> float | None:
@@ -287,6 +303,17 @@ def parse_step(raw: Any) -> Step:
     if "garbage" in raw and not (garbage is True or isinstance(garbage, str)):
         raise ScriptError("`garbage` must be true or a raw body string")
 
+    for key in ("reset_after", "stall_after"):
+        value = raw.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ScriptError(f"`{key}` must be a non-negative number of tokens, got {value!r}")
+        if not has_reply:
+            raise ScriptError(f"`{key}` needs a `text` and/or `tool_calls` answer to break")
+    if "reset_after" in raw and "stall_after" in raw:
+        raise ScriptError("a step has at most one of `reset_after` and `stall_after`")
+
     usage = raw.get("usage")
     if usage is not None:
         if not isinstance(usage, Mapping) or set(usage) - _USAGE_KEYS:
@@ -306,6 +333,8 @@ def parse_step(raw: Any) -> Step:
         delay_ms=_non_negative(raw, "delay_ms") or 0.0,
         ttft_ms=_non_negative(raw, "ttft_ms"),
         token_delay_ms=_non_negative(raw, "token_delay_ms"),
+        reset_after=raw.get("reset_after"),
+        stall_after=raw.get("stall_after"),
     )
 
 
@@ -499,6 +528,8 @@ class _Reply:
     total_tokens: int
     ttft_s: float
     token_delay_s: float
+    reset_after: int | None = None
+    stall_after: int | None = None
     tokens: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -602,7 +633,31 @@ def _plan(step: Step | None, conversation: _Conversation, state: FakeState) -> _
         total_tokens=total if total is not None else prompt + completion,
         ttft_s=ttft / 1000,
         token_delay_s=delay / 1000,
+        reset_after=step.reset_after if step is not None else None,
+        stall_after=step.stall_after if step is not None else None,
     )
+
+
+class _ConnectionReset(Exception):
+    """Raised inside a streamed body: uvicorn drops the connection with the body unfinished."""
+
+
+# How long a stalled answer keeps its connection open without a byte (the client gives up first).
+STALL_SECONDS = 3600.0
+
+
+async def _fault(reply: _Reply, emitted: int) -> None:
+    """Before token number `emitted` (0-based): break or stall the answer if it is scripted to."""
+    if reply.reset_after is not None and emitted >= reply.reset_after:
+        raise _ConnectionReset(f"scripted reset after {reply.reset_after} tokens")
+    if reply.stall_after is not None and emitted >= reply.stall_after:
+        await asyncio.sleep(STALL_SECONDS)
+
+
+async def _broken_body(reply: _Reply) -> AsyncIterator[str]:
+    """The body of a non-streamed answer scripted to reset or stall: headers, then the fault."""
+    await _fault(reply, max(reply.reset_after or 0, reply.stall_after or 0))
+    yield ""  # never reached
 
 
 async def _sleep(seconds: float) -> None:
@@ -722,11 +777,14 @@ async def _chat_stream(reply: _Reply, model: str, include_usage: bool) -> AsyncI
         return f"data: {_dumps(payload)}\n\n"
 
     await _sleep(reply.ttft_s)
+    if reply.reset_after == 0 or reply.stall_after == 0:
+        await _fault(reply, 0)
     yield chunk({"role": "assistant", "content": ""})
     emitted = 0
 
     async def pace() -> None:
         nonlocal emitted
+        await _fault(reply, emitted)
         if emitted:
             await _sleep(reply.token_delay_s)
         emitted += 1
@@ -852,6 +910,8 @@ async def _responses_stream(
             created_at=created_at,
         )
 
+    if reply.reset_after == 0 or reply.stall_after == 0:
+        await _fault(reply, 0)
     yield event("response.created", response=snapshot("in_progress", [], None))
     yield event("response.in_progress", response=snapshot("in_progress", [], None))
     await _sleep(reply.ttft_s)
@@ -859,6 +919,7 @@ async def _responses_stream(
 
     async def pace() -> None:
         nonlocal emitted
+        await _fault(reply, emitted)
         if emitted:
             await _sleep(reply.token_delay_s)
         emitted += 1
@@ -1029,6 +1090,8 @@ def create_app(state: FakeState) -> Starlette:
                 media_type="text/event-stream",
                 headers=_headers({"cache-control": "no-cache"}),
             )
+        if reply.reset_after is not None or reply.stall_after is not None:
+            return StreamingResponse(_broken_body(reply), media_type="application/json")
         await _generation_time(reply)
         return JSONResponse(_chat_completion(reply, model), headers=_headers())
 
@@ -1049,6 +1112,8 @@ def create_app(state: FakeState) -> Starlette:
                 media_type="text/event-stream",
                 headers=_headers({"cache-control": "no-cache"}),
             )
+        if reply.reset_after is not None or reply.stall_after is not None:
+            return StreamingResponse(_broken_body(reply), media_type="application/json")
         await _generation_time(reply)
         result = _response_object(
             _new_id("resp_"),

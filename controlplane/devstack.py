@@ -110,8 +110,8 @@ def processes(env: dict[str, str]) -> dict[str, str]:
     return {
         "web": f"{py} -m uvicorn controlplane.asgi:application --host {shlex.quote(host)} "
         f"--port {shlex.quote(port)} --no-access-log",
-        "worker": f"DATABASE_POOL=0 {py} -m celery -A controlplane worker --loglevel INFO "
-        "--concurrency 2 --without-mingle --without-gossip",
+        "worker": f"DATABASE_POOL=0 DATABASE_CONN_MAX_AGE=60 {py} -m celery -A controlplane worker "
+        "--loglevel INFO --concurrency 2 --without-mingle --without-gossip",
         "beat": f"DATABASE_POOL=0 {py} -m celery -A controlplane beat --loglevel INFO "
         "--scheduler django_celery_beat.schedulers:DatabaseScheduler",
     }

@@ -106,6 +106,7 @@ MIDDLEWARE = [
     "django_htmx.middleware.HtmxMiddleware",
     "csp.middleware.CSPMiddleware",
     "axes.middleware.AxesMiddleware",
+    "controlplane.middleware.DependencyUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "controlplane.urls"
@@ -133,9 +134,9 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/controlplane")
 }
-DATABASES["default"]["CONN_MAX_AGE"] = (
-    0  # ASGI: connections come from the pool, never kept per thread
-)
+# ASGI: connections come from the pool, never kept per thread. Without the pool (Celery workers,
+# DATABASE_POOL=0) a worker's threads may keep theirs: the run host checks them before each use.
+DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASES["default"].setdefault("OPTIONS", {})
 # `postgres://user@/db?host=/socket/dir` spells a unix socket (the embedded server uses one).
@@ -317,6 +318,10 @@ OFFLINE_MODEL_WORD_DELAY = env.float("OFFLINE_MODEL_WORD_DELAY", default=0.02)
 RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30.0)
 RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_TIMEOUT_SECONDS = env.float("RUN_TIMEOUT_SECONDS", default=600.0)
+# Failed model calls (and malformed tool arguments) a run retries (ai_agents/runtime/retry.py).
+RUN_MODEL_RETRIES = env.int("RUN_MODEL_RETRIES", default=3)
+RUN_MODEL_RETRY_BACKOFF_SECONDS = env.float("RUN_MODEL_RETRY_BACKOFF_SECONDS", default=1.0)
+RUN_MODEL_RETRY_MAX_WAIT_SECONDS = env.float("RUN_MODEL_RETRY_MAX_WAIT_SECONDS", default=30.0)
 RUN_STREAM_TTL_SECONDS = env.int("RUN_STREAM_TTL_SECONDS", default=3600)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
 CELERY_BEAT_SCHEDULE = {

@@ -34,11 +34,13 @@ import asyncio
 import logging
 import re
 from contextlib import suppress
+from functools import wraps
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
+from django.db import connections
 
 from controlplane.errors import Conflict, DomainError, NotFound, RateLimited, ValidationFailed
 from conversations import events as run_events
@@ -68,8 +70,19 @@ def _db(func: Any) -> Any:
     """`func` (ORM work) off the event loop, on the loop's pool of threads. asgiref's default
     (`thread_sensitive=True`) runs every socket's queries on one shared thread: with many chats
     open, each connect and each message queued behind all the others' (docs/benchmark.md).
-    Each pool thread has its own connection from the psycopg pool, as a sync view has."""
-    return database_sync_to_async(func, thread_sensitive=False)
+    Like a request, each call hands its connection back when it ends: a thread of that pool
+    may sit idle (or die with its loop) holding nothing."""
+
+    @wraps(func)
+    def unit(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        finally:
+            for connection in connections.all(initialized_only=True):
+                if not connection.in_atomic_block:
+                    connection.close()
+
+    return database_sync_to_async(unit, thread_sensitive=False)
 
 
 def _stream_id(value: Any) -> str:

@@ -27,6 +27,8 @@ from agents import (
 )
 from openai.types.responses import ResponseTextDeltaEvent
 
+from ai_agents.runtime.retry import ModelRetryEvent
+
 RUN_STATUS: Final = "run.status"
 MESSAGE_DELTA: Final = "message.delta"
 MESSAGE_COMPLETED: Final = "message.completed"
@@ -36,6 +38,7 @@ HANDOFF: Final = "handoff"
 GUARDRAIL_TRIPPED: Final = "guardrail.tripped"
 USAGE: Final = "usage"
 ERROR: Final = "error"
+MODEL_RETRY: Final = "model.retry"
 # Never stored: `streams.follow` yields it when nothing happened for a while, so a websocket or
 # SSE reader can send a keep-alive and re-check the reader's permissions.
 HEARTBEAT: Final = "heartbeat"
@@ -51,6 +54,7 @@ TYPES: Final = frozenset(
         GUARDRAIL_TRIPPED,
         USAGE,
         ERROR,
+        MODEL_RETRY,
         HEARTBEAT,
     }
 )
@@ -167,6 +171,32 @@ def error(message: str) -> Event:
     return {"type": ERROR, "message": message}
 
 
+def model_retry(
+    *,
+    reason: str,
+    message: str,
+    retry: int,
+    max_retries: int,
+    wait_ms: int,
+    discard: bool,
+    agent: str,
+) -> Event:
+    """`model.retry`: a model call failed and is tried again after `wait_ms`. With `discard`,
+    that call had already streamed text: readers drop the `message.delta` text they received
+    since the last `message.completed`, `tool.started`, `tool.finished` or `handoff`, because
+    the new call writes the message again from its start."""
+    return {
+        "type": MODEL_RETRY,
+        "reason": reason,
+        "message": message,
+        "retry": int(retry),
+        "max_retries": int(max_retries),
+        "wait_ms": int(wait_ms),
+        "discard": bool(discard),
+        "agent": agent,
+    }
+
+
 def heartbeat() -> Event:
     return {"type": HEARTBEAT}
 
@@ -194,6 +224,18 @@ class EventMapper:
             data = event.data
             if isinstance(data, ResponseTextDeltaEvent) and data.delta:
                 return [message_delta(data.delta, agent=self.agent)]
+            if isinstance(data, ModelRetryEvent):
+                return [
+                    model_retry(
+                        reason=data.reason,
+                        message=data.message,
+                        retry=data.retry,
+                        max_retries=data.max_retries,
+                        wait_ms=data.wait_ms,
+                        discard=data.discard,
+                        agent=self.agent,
+                    )
+                ]
             return []
         if isinstance(event, AgentUpdatedStreamEvent):
             # No event of its own: the starting agent is the run's agent, and every later change

@@ -17,9 +17,8 @@ from functools import partial
 from typing import Any
 from uuid import UUID
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import transaction
+from django.db import InterfaceError, OperationalError, transaction
 from django.utils import timezone
 
 from ai_agents.runtime import execute as agent_execute
@@ -27,12 +26,13 @@ from ai_agents.runtime.build import context_for
 from conversations import events as run_events
 from conversations import streams
 from conversations.models import (
+    Item,
     Run,
     RunStatus,
     Thread,
     ThreadStatus,
 )
-from conversations.session import SupersededAttempt, ThreadSession
+from conversations.session import SupersededAttempt, ThreadSession, orm
 from tenants import realtime
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
         if run.status != RunStatus.PENDING and not lapsed:
             return None
         if run.attempt >= max_attempts() or (lapsed and run.side_effects):
+            _close_dangling_calls(run)
             run.status, run.finished_at = RunStatus.ERROR, now
             run.error = (
                 "The reply was stopped: its worker disappeared after a tool that may change "
@@ -128,7 +129,17 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
                 update_fields=["status", "finished_at", "error", "lease_owner", "lease_expires_at"]
             )
             end_thread(run, RunStatus.ERROR)
+            # Readers following the run's stream see it end now, with the reason.
+            failed_id, failed_attempt, reason = run.pk, run.attempt, run.error
+            transaction.on_commit(
+                lambda: close_stream(failed_id, failed_attempt, RunStatus.ERROR, reason)
+            )
             return None
+        if run.attempt:
+            # A retry starts the run over from its input: what an earlier attempt stored (its
+            # input, tool calls, maybe its whole reply before its worker died) goes, so the
+            # thread never holds two replies, or two copies of the question, for one run.
+            Item.objects.filter(tenant_id=run.tenant_id, run=run).delete()
         run.attempt += 1
         run.status = RunStatus.RUNNING
         run.lease_owner = owner
@@ -138,6 +149,43 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
             update_fields=["attempt", "status", "lease_owner", "lease_expires_at", "started_at"]
         )
         return Claim(run_id=run.pk, tenant_id=run.tenant_id, attempt=run.attempt, owner=owner)
+
+
+def _close_dangling_calls(run: Run) -> None:
+    """A run that fails after its worker died may have stored a tool call whose output never
+    came. Model providers refuse a history with such a call, so the thread would be stuck:
+    answer each one, saying what happened."""
+    items = list(Item.objects.filter(tenant_id=run.tenant_id, run=run).order_by("id"))
+    answered = {
+        item.data.get("call_id")
+        for item in items
+        if isinstance(item.data, dict) and item.data.get("type") == "function_call_output"
+    }
+    lost = [
+        item.data["call_id"]
+        for item in items
+        if isinstance(item.data, dict)
+        and item.data.get("type") == "function_call"
+        and item.data.get("call_id")
+        and item.data["call_id"] not in answered
+    ]
+    # tenant-scope: every new row carries the run's tenant (set below)
+    Item.objects.bulk_create(
+        [
+            Item(
+                tenant_id=run.tenant_id,
+                thread_id=run.thread_id,
+                run=run,
+                data={
+                    "type": "function_call_output",
+                    "call_id": call_id,
+                    "output": "No result: the worker running this tool stopped before it "
+                    "answered, and the reply was ended.",
+                },
+            )
+            for call_id in lost
+        ]
+    )
 
 
 def renew(claims: list[Claim]) -> list[Claim]:
@@ -217,7 +265,7 @@ def _load(held: Claim) -> tuple[Run, Any]:
 async def execute(held: Claim) -> str:
     """Run one attempt to its end. Returns the final status ("superseded" if the attempt lost
     the run on the way: then it wrote nothing more)."""
-    run, ctx = await sync_to_async(_load)(held)
+    run, ctx = await orm(_load)(held)
     try:
         await streams.claim(held.run_id, held.attempt)
         await streams.append(
@@ -235,7 +283,7 @@ async def execute(held: Claim) -> str:
         nonlocal marked
         if not marked and has_side_effects(tool):
             marked = True
-            await sync_to_async(mark_side_effects)(held)
+            await orm(mark_side_effects)(held)
 
     ctx.extra["before_tool"] = before_tool
 
@@ -269,6 +317,11 @@ async def execute(held: Claim) -> str:
         )
     except SupersededAttempt:
         return "superseded"
+    except (InterfaceError, OperationalError):
+        # PostgreSQL went away for a moment: this attempt stops here and writes nothing more;
+        # its lease lapses and the sweeper runs the run again on a healthy connection.
+        log.warning("run %s attempt %s: database error", held.run_id, held.attempt)
+        raise
     except TimeoutError:
         status = RunStatus.TIMEOUT
         outcome = agent_execute.RunOutcome(
@@ -277,8 +330,20 @@ async def execute(held: Claim) -> str:
             trace=ctx.trace.spans,
             usage=ctx.trace.usage(),
         )
+    except Exception:
+        # A bug, or a failure the agent runtime does not explain: the run
+        # still ends, with a reason, instead of waiting for its lease to lapse and be retried.
+        log.exception("run %s attempt %s failed unexpectedly", held.run_id, held.attempt)
+        ctx.trace.add("end", status="error", message="unexpected failure")
+        outcome = agent_execute.RunOutcome(
+            "error",
+            message="The reply failed because of an error on our side. It is logged; "
+            "please try again.",
+            trace=ctx.trace.spans,
+            usage=ctx.trace.usage(),
+        )
     final = status or _status_of(outcome)
-    if not await sync_to_async(finish)(held, outcome, status=final):
+    if not await orm(finish)(held, outcome, status=final):
         return "superseded"
     try:
         if outcome.usage:

@@ -8,16 +8,37 @@ run was interrupted or cancelled), a superseded attempt can add nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 from uuid import UUID
 
 from agents.memory import SessionSettings
 from asgiref.sync import sync_to_async
-from django.db import transaction
+from django.db import connections, transaction
 
 from conversations.models import Item, Run, RunStatus
 
 DEFAULT_HISTORY_WINDOW = 100
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def orm(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
+    """`fn` as one unit of ORM work of the run host, run in a thread. Like a request, a unit
+    starts by dropping connections that are broken (a PostgreSQL restart) or past CONN_MAX_AGE,
+    so one failure does not poison every later run of the worker process. A connection inside a
+    transaction (a caller's `atomic`, e.g. a test's) is left alone."""
+
+    @wraps(fn)
+    def unit(*args: P.args, **kwargs: P.kwargs) -> R:
+        for connection in connections.all(initialized_only=True):
+            if not connection.in_atomic_block:
+                connection.close_if_unusable_or_obsolete()
+        return fn(*args, **kwargs)
+
+    return sync_to_async(unit)
 
 
 class SupersededAttempt(RuntimeError):
@@ -96,14 +117,14 @@ class ThreadSession:
 
     async def get_items(self, limit: int | None = None) -> list[Any]:
         window = limit if limit is not None else (self.session_settings or SessionSettings()).limit
-        return await sync_to_async(self._get)(window)
+        return await orm(self._get)(window)
 
     async def add_items(self, items: list[Any]) -> None:
         if items:
-            await sync_to_async(self._add)(list(items))
+            await orm(self._add)(list(items))
 
     async def pop_item(self) -> Any:
-        return await sync_to_async(self._pop)()
+        return await orm(self._pop)()
 
     async def clear_session(self) -> None:
-        await sync_to_async(self._clear)()
+        await orm(self._clear)()

@@ -18,7 +18,7 @@ from ai_agents import selectors, services, tools
 from ai_agents.config import AgentConfig
 from ai_agents.models import Agent as AgentRow
 from ai_agents.models import AgentVersion, McpServer, McpTransport, ModelProvider, ProviderApi
-from ai_agents.runtime import guardrails, models
+from ai_agents.runtime import guardrails, models, retry
 from ai_agents.runtime.context import RunContext
 from ai_agents.runtime.schema import JsonSchemaOutput
 from ai_agents.runtime.trace import Trace
@@ -119,7 +119,11 @@ def _mcp_server(row: McpServer, headers: dict[str, str]) -> MCPServer:
     return MCPServerStreamableHttp(params=params, **common)  # type: ignore[arg-type]
 
 
-def model_for(*, tenant: Tenant, config: AgentConfig) -> tuple[Model, ModelSettings]:
+def model_for(
+    *, tenant: Tenant, config: AgentConfig, trace: Trace | None = None, agent: str = ""
+) -> tuple[Model, ModelSettings]:
+    """The agent's model and settings. With the run's `trace`, a provider's failed calls are
+    retried within the run's budget (`ai_agents.runtime.retry`), each retry a span of it."""
     provider: ModelProvider | None = None
     if config.provider_id is not None:
         provider = selectors.provider_get(tenant=tenant, provider_id=config.provider_id)
@@ -131,19 +135,30 @@ def model_for(*, tenant: Tenant, config: AgentConfig) -> tuple[Model, ModelSetti
     )
     if provider is None:
         return models.offline_model(), settings
-    return models.provider_model(
-        provider, model_name=config.model or provider.default_model
-    ), settings
+    model = models.provider_model(provider, model_name=config.model or provider.default_model)
+    if trace is not None:
+        model = retry.RetryingModel(
+            model, trace=trace, agent=agent, timeout=provider.timeout_seconds
+        )
+    return model, settings
 
 
 def build(
-    *, tenant: Tenant, version: AgentVersion, depth: int = 0, _seen: frozenset[str] = frozenset()
+    *,
+    tenant: Tenant,
+    version: AgentVersion,
+    depth: int = 0,
+    trace: Trace | None = None,
+    _seen: frozenset[str] = frozenset(),
 ) -> BuiltAgent:
     """The SDK agent for `version`, with its tools, MCP servers, guardrails and handoffs (each
-    handoff target at its published version)."""
+    handoff target at its published version). With the run's `trace`, failed model calls are
+    retried within the run's budget."""
     config = AgentConfig.model_validate(version.config)
     agent_row: AgentRow = version.agent
-    model, model_settings = model_for(tenant=tenant, config=config)
+    model, model_settings = model_for(
+        tenant=tenant, config=config, trace=trace, agent=agent_row.name
+    )
     sdk_tools: list[Tool] = [tools.build(t.name, t.settings) for t in config.tools]
 
     mcp: list[McpBinding] = []
@@ -164,7 +179,11 @@ def build(
             if target.published_version is None:
                 continue  # never published: nothing to hand off to yet
             built = build(
-                tenant=tenant, version=target.published_version, depth=depth + 1, _seen=seen
+                tenant=tenant,
+                version=target.published_version,
+                depth=depth + 1,
+                trace=trace,
+                _seen=seen,
             )
             handoffs.append(built.agent)
             mcp.extend(built.mcp)

@@ -3,6 +3,7 @@ every way it can end into a status and a message a person understands."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from asgiref.sync import sync_to_async
 
 from ai_agents import selectors
 from ai_agents.models import AgentVersion, ModelProvider, ProviderApi
-from ai_agents.runtime import models
+from ai_agents.runtime import models, retry
 from ai_agents.runtime.build import McpRequiredUnavailable, build, context_for
 from ai_agents.runtime.context import RunContext
 from ai_agents.runtime.trace import TraceHooks
@@ -82,7 +83,14 @@ def explain_provider_error(exc: BaseException, *, timeout: float | None = None) 
         cause = exc.__cause__ or exc
         return f"Could not connect to the model provider: {cause}."
     if isinstance(exc, openai.APIStatusError):
-        return f"The model provider answered with an error (HTTP {exc.status_code}): {exc.message}"
+        detail = re.sub(r"^Error code: \d+ - ", "", exc.message)  # the status is said already
+        return f"The model provider answered with an error (HTTP {exc.status_code}): {detail}"
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "TimeoutException" in names:  # httpx's, raised as is while a stream is read
+        within = f" for {timeout:g} s" if timeout else ""
+        return f"The model provider stopped answering (nothing{within})."
+    if "TransportError" in names:
+        return f"The connection to the model provider broke ({type(exc).__name__}: {exc})."
     if isinstance(exc, (openai.APIResponseValidationError, ModelBehaviorError, ValueError)):
         return (
             "The model provider answered, but not with a valid completion "
@@ -110,7 +118,9 @@ async def run_version(
     items; `on_event` receives every SDK stream event as it happens."""
     ctx = context or await sync_to_async(context_for)(tenant=tenant, version=version, depth=depth)
     try:
-        built = await sync_to_async(build)(tenant=tenant, version=version, depth=depth)
+        built = await sync_to_async(build)(
+            tenant=tenant, version=version, depth=depth, trace=ctx.trace
+        )
     except NotFound as exc:
         return RunOutcome(
             "error",
@@ -158,12 +168,34 @@ async def run_version(
     except McpRequiredUnavailable as exc:
         return _ended("error", str(exc), ctx, last_agent)
     except Exception as exc:
+        exhausted = _retries_exhausted(exc)
+        if exhausted is not None:
+            return _ended("error", _gave_up(exhausted, timeout), ctx, last_agent)
         message = explain_provider_error(exc, timeout=timeout)
         if message is None:
             raise
         return _ended("error", message, ctx, last_agent)
     finally:
         await built.close()
+
+
+def _retries_exhausted(exc: BaseException) -> retry.RetriesExhausted | None:
+    # The SDK wraps what a hook raises (e.g. in a UserError): look along the chain.
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None or isinstance(current, retry.RetriesExhausted):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _gave_up(exc: retry.RetriesExhausted, timeout: float | None) -> str:
+    if exc.message:
+        return exc.message
+    cause = exc.__cause__ or exc
+    times = "once more" if exc.retries == 1 else f"{exc.retries} more times"
+    explained = explain_provider_error(cause, timeout=timeout) or str(cause)
+    return f"{explained} It was tried {times}, without success."
 
 
 def _ended(status: str, message: str, ctx: RunContext, last_agent: str) -> RunOutcome:

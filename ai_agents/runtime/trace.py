@@ -4,11 +4,12 @@ with the run instead (a list of JSON-able spans)."""
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents import Agent, ModelResponse, RunContextWrapper, RunHooks, Tool
+from agents import Agent, FunctionTool, ModelResponse, RunContextWrapper, RunHooks, Tool
 
 MAX_TEXT = 2_000  # characters of a tool argument or output kept in a span
 
@@ -73,9 +74,37 @@ class TraceHooks(RunHooks[Any]):
         self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool
     ) -> None:
         self._tool_started[_call_id(context, tool)] = time.monotonic()
+        arguments = getattr(context, "tool_arguments", None)
+        if isinstance(tool, FunctionTool) and not _valid_arguments(arguments):
+            # The SDK will not run the tool: it answers the model with the parse error, so the
+            # model gets another try. That try counts against the run's retries.
+            self._malformed(agent, tool, str(arguments))
+            return
         before_tool = getattr(context.context, "extra", {}).get("before_tool")
         if before_tool is not None:  # e.g. the executor records side effects before they happen
             await before_tool(tool.name)
+
+    def _malformed(self, agent: Agent[Any], tool: Tool, arguments: str) -> None:
+        from ai_agents.runtime import retry
+
+        message = f"The model called {tool.name} with arguments that are not a JSON object."
+        used, allowed = retry.retries_used(self.trace), retry.budget()
+        if used >= allowed:
+            raise retry.RetriesExhausted(
+                f"{message} It was told and tried again, but kept doing so, so the reply was "
+                "stopped."
+            )
+        self.trace.add(
+            "retry",
+            agent=agent.name,
+            reason=retry.MALFORMED_TOOL_ARGUMENTS,
+            message=f"{message} The tool did not run; the model was told and tries again.",
+            retry=used + 1,
+            wait_ms=0,
+            discarded=False,
+            tool=tool.name,
+            arguments=_clip(arguments),
+        )
 
     async def on_tool_end(
         self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: Any
@@ -94,6 +123,16 @@ class TraceHooks(RunHooks[Any]):
         self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]
     ) -> None:
         self.trace.add("handoff", from_agent=from_agent.name, to_agent=to_agent.name)
+
+
+def _valid_arguments(arguments: Any) -> bool:
+    """Arguments a function tool can be called with: a JSON object (or nothing at all)."""
+    if arguments is None or (isinstance(arguments, str) and not arguments.strip()):
+        return True
+    try:
+        return isinstance(json.loads(arguments), dict)
+    except (TypeError, ValueError):
+        return False
 
 
 def _call_id(context: RunContextWrapper[Any], tool: Tool) -> str:

@@ -257,6 +257,18 @@
       case "guardrail.tripped":
         status("A guardrail stopped the reply: " + (ev.message || ""), "error");
         break;
+      case "model.retry":
+        // The model call failed and is tried again. With `discard`, the text it had streamed is
+        // written again from the start: drop it, so the reply is never shown twice.
+        var partial = run.steps[run.steps.length - 1];
+        if (ev.discard && partial && partial.kind === "text" && !partial.done) {
+          run.steps.pop();
+          if (bubble && bubble.parentNode) bubble.parentNode.remove();
+          bubble = null;
+          lastAgent = null;
+        }
+        status(ev.message || "Trying again\u2026", "warn");
+        break;
       case "error":
         status(ev.message || "Something went wrong.", "error");
         break;

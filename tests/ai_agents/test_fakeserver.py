@@ -288,6 +288,51 @@ async def test_garbage_surfaces_as_an_error_not_a_hang(api, streamed, server, cl
     assert (await run(agent, "again")).final_output == "You said: again"
 
 
+@pytest.mark.parametrize("api", APIS)
+async def test_a_scripted_reset_breaks_the_stream_after_n_tokens(api, server, client):
+    server.script([{"text": "one two three four five six", "reset_after": 3}])
+    agent = make_agent(api, client)
+    result = Runner.run_streamed(agent, "hi", run_config=RUN)
+    deltas: list[str] = []
+
+    async def consume() -> None:
+        async for event in result.stream_events():
+            if event.type == "raw_response_event" and isinstance(
+                event.data, ResponseTextDeltaEvent
+            ):
+                deltas.append(event.data.delta)
+
+    with pytest.raises((httpx.RemoteProtocolError, openai.APIConnectionError)):
+        await asyncio.wait_for(consume(), HANG)
+    assert "".join(deltas) == "one two three "  # exactly three tokens, then the break
+    # The next request is answered normally: the failure consumed exactly one step.
+    assert (await run(agent, "again")).final_output == "You said: again"
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["run", "streamed"])
+async def test_a_scripted_stall_sends_nothing_until_the_client_gives_up(streamed, server):
+    server.script([{"text": "one two three", "stall_after": 1}])
+    impatient = AsyncOpenAI(base_url=server.base_url, api_key="sk-test", max_retries=0, timeout=0.3)
+    agent = make_agent("chat", impatient)
+    started = time.monotonic()
+    with pytest.raises((httpx.ReadTimeout, openai.APITimeoutError)):
+        await (run_streamed(agent, "hi") if streamed else run(agent, "hi"))
+    assert time.monotonic() - started < HANG
+    await impatient.close()
+
+
+def test_reset_and_stall_steps_are_validated(server):
+    for bad in (
+        {"text": "x", "reset_after": -1},
+        {"text": "x", "stall_after": "2"},
+        {"error": {"status": 500}, "reset_after": 1},
+        {"text": "x", "reset_after": 1, "stall_after": 1},
+    ):
+        with pytest.raises(ValueError):
+            server.script([bad])
+    assert server.pending() == []
+
+
 async def test_server_api_key_is_checked():
     with FakeOpenAIServer(api_key="sk-right") as srv:
         wrong = AsyncOpenAI(base_url=srv.base_url, api_key="sk-wrong", max_retries=0)

@@ -248,7 +248,10 @@ def test_a_slow_provider_times_out_with_a_clear_error(world_a, fake_llm):
     assert not ok and "did not answer within 1 s" in message
 
 
-def test_garbage_from_the_provider_is_reported_not_crashed_on(world_a, provider, fake_llm):
+def test_garbage_from_the_provider_is_reported_not_crashed_on(
+    world_a, provider, fake_llm, settings
+):
+    settings.RUN_MODEL_RETRIES = 0  # retries are tested in test_model_faults.py
     agent = _make(world_a, provider_id=str(provider.pk))
     fake_llm.script([{"garbage": True}])
     outcome = _run(world_a, agent, "hello")

@@ -252,3 +252,99 @@ def test_a_run_whose_worker_died_after_a_side_effect_is_not_repeated(world_a):
     assert executor.claim(risky.pk, owner="w2") is None
     risky.refresh_from_db()
     assert risky.status == RunStatus.ERROR and "could do that twice" in risky.error
+
+
+def test_a_retried_run_starts_over_and_the_thread_keeps_one_reply(world_a, thread):
+    run = _send(world_a, thread, "hello there")
+    first = executor.claim(run.pk, owner="dies-after-the-reply")
+    # What attempt 1 had stored when its worker died before saving the status.
+    for data in (
+        {"role": "user", "content": "hello there"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "an old reply"}]},
+    ):
+        Item.objects.create(tenant=world_a.tenant, thread=thread, run=run, data=data)
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    second = executor.claim(run.pk, owner="healthy")
+    assert (first.attempt, second.attempt) == (1, 2)
+    assert not Item.objects.for_tenant(world_a.tenant).filter(run=run).exists()
+    assert async_to_sync(executor.execute)(second) == RunStatus.SUCCESS
+    items = Item.objects.for_tenant(world_a.tenant).filter(thread=thread)
+    assert items.filter(data__role="user").count() == 1
+    assert items.filter(data__role="assistant").count() == 1
+
+
+def test_a_run_failed_after_its_worker_died_answers_its_open_tool_calls(world_a, thread):
+    run = _send(world_a, thread)
+    executor.claim(run.pk, owner="dies-inside-a-tool")
+    call = {"type": "function_call", "call_id": "call_1", "name": "run_agent", "arguments": "{}"}
+    Item.objects.create(tenant=world_a.tenant, thread=thread, run=run, data=call)
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        side_effects=True, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    assert executor.claim(run.pk, owner="w2") is None
+    run.refresh_from_db()
+    assert run.status == RunStatus.ERROR and "could do that twice" in run.error
+    [answer] = Item.objects.for_tenant(world_a.tenant).filter(data__type="function_call_output")
+    assert answer.data["call_id"] == "call_1" and "stopped" in answer.data["output"]
+    # The thread is usable again: the next run's history is one a provider accepts.
+    following = _send(world_a, thread, "hello again")
+    held = executor.claim(following.pk, owner="w3")
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
+
+
+def test_an_unexpected_failure_ends_the_run_with_a_reason_at_once(world_a, thread, monkeypatch):
+    from ai_agents.runtime import execute as agent_execute
+
+    async def broken(**kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(agent_execute, "run_version", broken)
+    run = _send(world_a, thread)
+    assert async_to_sync(executor.execute)(executor.claim(run.pk, owner="w")) == "error"
+    run.refresh_from_db()
+    assert run.status == RunStatus.ERROR and "error on our side" in run.error
+    assert _events(run)[-1]["status"] == "error"
+    thread.refresh_from_db()
+    assert thread.status == "error"
+
+
+def test_a_run_failed_by_the_sweeper_ends_its_stream_with_the_reason(
+    world_a, thread, django_capture_on_commit_callbacks
+):
+    run = _send(world_a, thread)
+    held = executor.claim(run.pk, owner="dies")
+    async_to_sync(streams.claim)(run.pk, held.attempt)  # it had started streaming
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        side_effects=True, lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    with django_capture_on_commit_callbacks(execute=True):
+        assert executor.claim(run.pk, owner="w2") is None
+    last = _events(run)[-1]
+    assert last["type"] == "run.status" and last["status"] == "error"
+    assert "could do that twice" in last["message"]
+
+
+def test_a_database_failure_mid_run_leaves_the_run_to_be_retried(world_a, thread, monkeypatch):
+    from django.db import OperationalError
+
+    from ai_agents.runtime import execute as agent_execute
+
+    async def cut_off(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    original = agent_execute.run_version
+    monkeypatch.setattr(agent_execute, "run_version", cut_off)
+    run = _send(world_a, thread)
+    with pytest.raises(OperationalError):
+        async_to_sync(executor.execute)(executor.claim(run.pk, owner="w"))
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.attempt == 1  # its lease lapses, then...
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    monkeypatch.setattr(agent_execute, "run_version", original)
+    held = executor.claim(run.pk, owner="w2")  # ...the sweeper's kick runs it again
+    assert held is not None and held.attempt == 2
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
