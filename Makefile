@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	DJANGO_SECRET_KEY=typecheck-only $(VENV)/bin/mypy controlplane tenants ai_agents conversations
+	DJANGO_SECRET_KEY=typecheck-only $(VENV)/bin/mypy controlplane tenants ai_agents conversations usage
 
 lock:
 	$(VENV)/bin/pip-compile -q --strip-extras --no-header --allow-unsafe -o requirements.txt requirements.in
