@@ -137,6 +137,20 @@ def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState 
     return BudgetState.of(budget, budget.used_tokens, budget.used_cost, month)  # type: ignore[attr-defined]
 
 
+def month_usage(*, tenant: Tenant) -> tuple[date, int, Decimal]:
+    """This month, its tokens and its cost so far, from the running total (one query)."""
+    from usage.services import month_of
+
+    month = month_of(timezone.now())
+    row = (
+        MonthlyUsage.objects.for_tenant(tenant)
+        .filter(month=month)
+        .values_list("total_tokens", "cost")
+        .first()
+    )
+    return month, *(row or (0, Decimal(0)))
+
+
 def month_totals(*, tenant: Tenant, month: date) -> dict[str, Any]:
     start = timezone.make_aware(datetime.combine(month, time.min), UTC)
     end = timezone.make_aware(datetime.combine(next_month(month), time.min), UTC)
@@ -246,23 +260,43 @@ def records_in(*, tenant: Tenant, period: Period) -> QuerySet[UsageRecord]:
     )
 
 
+SUMS = (
+    "input_tokens",
+    "cached_input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost",
+    "unpriced_tokens",
+    "calls",
+)
+
+
 def _sums() -> dict[str, Any]:
+    # Annotated under other names: an annotation may not shadow the field it sums.
     return {
-        "input_tokens": Coalesce(Sum("input_tokens"), 0),
-        "cached_input_tokens": Coalesce(Sum("cached_input_tokens"), 0),
-        "output_tokens": Coalesce(Sum("output_tokens"), 0),
-        "total_tokens": Coalesce(Sum("total_tokens"), 0),
-        "cost": Coalesce(Sum("cost"), Decimal(0)),
-        "unpriced_tokens": Coalesce(Sum("total_tokens", filter=Q(cost__isnull=True)), 0),
-        "calls": Count("id"),
+        "sum_input_tokens": Coalesce(Sum("input_tokens"), 0),
+        "sum_cached_input_tokens": Coalesce(Sum("cached_input_tokens"), 0),
+        "sum_output_tokens": Coalesce(Sum("output_tokens"), 0),
+        "sum_total_tokens": Coalesce(Sum("total_tokens"), 0),
+        "sum_cost": Coalesce(Sum("cost"), Decimal(0)),
+        "sum_unpriced_tokens": Coalesce(Sum("total_tokens", filter=Q(cost__isnull=True)), 0),
+        "sum_calls": Count("id"),
     }
+
+
+def _named(row: dict[str, Any]) -> dict[str, Any]:
+    for name in SUMS:
+        row[name] = row.pop(f"sum_{name}")
+    return row
 
 
 def usage_totals(*, tenant: Tenant, period: Period) -> dict[str, Any]:
     """Tokens, cost and calls of the period, plus the number of runs they came from."""
-    return records_in(tenant=tenant, period=period).aggregate(
-        **_sums(),
-        runs=Count("run", distinct=True) + Count("playground_run", distinct=True),
+    return _named(
+        records_in(tenant=tenant, period=period).aggregate(
+            **_sums(),
+            runs=Count("run", distinct=True) + Count("playground_run", distinct=True),
+        )
     )
 
 
@@ -328,9 +362,14 @@ def usage_by(
     """Aggregates of the period per `group` (day, agent, model, end_user, api_key), largest
     `metric` first (days in order); each row has `key` and `label`. One query."""
     qs = _grouped(records_in(tenant=tenant, period=period), group).annotate(**_sums())
-    qs = qs.order_by("day") if group == "day" else qs.order_by(f"-{metric}", *_GROUP_FIELDS[group])
+    qs = (
+        qs.order_by("day")
+        if group == "day"
+        else qs.order_by(f"-sum_{metric}", *_GROUP_FIELDS[group])
+    )
     rows: list[dict[str, Any]] = list(qs[:limit] if limit else qs)
     for row in rows:
+        _named(row)
         row["key"], row["label"] = _label(group, row)
     return rows
 

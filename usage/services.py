@@ -18,7 +18,7 @@ from django.utils import timezone
 from ai_agents.runtime.trace import model_calls
 from controlplane.errors import PermissionDenied, ValidationFailed
 from tenants.actors import SYSTEM, Actor
-from tenants.audit import audit_changes, audit_record
+from tenants.audit import audit_changes, audit_record, changes
 from tenants.models import Tenant
 from usage import catalog, selectors
 from usage.errors import BudgetExhausted
@@ -208,7 +208,7 @@ def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
     )
     run.cost = sum((r.cost for r in records if r.cost is not None), Decimal(0))
     if records:
-        UsageRecord.objects.bulk_create(records)
+        UsageRecord.objects.bulk_create(records)  # tenant-scope: every record carries the tenant
         _add_to_month(tenant, records, now)
     return records
 
@@ -230,7 +230,7 @@ def record_playground(*, tenant: Tenant, actor: Actor, run: PlaygroundRun) -> li
         playground_run=run,
     )
     if records:
-        UsageRecord.objects.bulk_create(records)
+        UsageRecord.objects.bulk_create(records)  # tenant-scope: every record carries the tenant
         _add_to_month(tenant, records, now)
     return records
 
@@ -392,7 +392,7 @@ def price_create(*, tenant: Tenant, actor: Actor, **values: Any) -> ModelPrice:
         actor=actor,
         action="price.created",
         target=price,
-        change_set={k: [None, v] for k, v in audit_plain(_price_state(price)).items()},
+        change_set=changes({}, audit_plain(_price_state(price))),
     )
     return price
 

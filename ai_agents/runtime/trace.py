@@ -34,8 +34,11 @@ def identity_of(model: Any) -> dict[str, Any]:
     if isinstance(model, OfflineModel):
         return {"model": "offline", "provider_id": None, "provider": "builtin"}
     name = model if isinstance(model, str) else getattr(model, "model", None)
-    return {"model": name if isinstance(name, str) and name else "unknown", "provider_id": None,
-            "provider": ""}
+    return {
+        "model": name if isinstance(name, str) and name else "unknown",
+        "provider_id": None,
+        "provider": "",
+    }
 
 
 def model_calls(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:

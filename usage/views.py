@@ -1,0 +1,283 @@
+"""Dashboard pages of the usage app: the usage page and its CSV export, the price table, and the
+monthly budget. Owners and admins only (`tenant_view(manage=True)`); the budget is changed by
+owners."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from functools import wraps
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from ai_agents import selectors as agent_selectors
+from controlplane.errors import NotFound, PermissionDenied, ValidationFailed
+from tenants.forms import apply_domain_errors
+from tenants.requests import TenantRequest
+from tenants.views import tenant_view
+from usage import charts, forms, selectors, services
+
+TOP_N = 10
+
+
+def not_found_is_404(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A selector's NotFound (missing, or another tenant's) is the 404 page."""
+
+    @wraps(view)
+    def wrapper(request: TenantRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return view(request, *args, **kwargs)
+        except NotFound as exc:
+            raise Http404(exc.message)
+
+    return wrapper
+
+
+def _period(request: TenantRequest) -> tuple[forms.PeriodForm, selectors.Period, str, str]:
+    form = forms.PeriodForm(request.GET or None)
+    period = selectors.period_for()
+    by, metric = "agent", "total_tokens"
+    if form.is_valid():
+        data = form.cleaned_data
+        try:
+            period = selectors.period_for(
+                preset=data["period"], since=data["since"], until=data["until"]
+            )
+        except ValidationFailed as exc:
+            apply_domain_errors(form, exc)
+        by, metric = data["by"] or by, data["metric"] or metric
+    return form, period, by, metric
+
+
+def _chart(request: TenantRequest, period: selectors.Period, by: str, metric: str) -> Any:
+    series = selectors.usage_series(tenant=request.tenant, period=period, group=by, metric=metric)
+    return charts.stacked_bars(period.dates(), series, metric)
+
+
+@tenant_view(manage=True)
+def usage_page(request: TenantRequest) -> HttpResponse:
+    form, period, by, metric = _period(request)
+    query = request.GET.copy()
+    query.pop("fragment", None)
+    base = query.copy()
+    for key in ("by", "metric"):
+        base.pop(key, None)
+    context: dict[str, Any] = {
+        "form": form,
+        "period": period,
+        "by": by,
+        "metric": metric,
+        "groups": [(k, v) for k, v in selectors.GROUPS.items() if k != "day"],
+        "chart": _chart(request, period, by, metric),
+        "metrics": [("total_tokens", "Tokens"), ("cost", "Cost")],
+        "query": query.urlencode(),
+        "base_query": base.urlencode(),
+    }
+    if request.htmx and request.GET.get("fragment") == "chart":
+        return render(request, "usage/usage.html#usage-chart", context)
+    tenant = request.tenant
+    context.update(
+        totals=selectors.usage_totals(tenant=tenant, period=period),
+        unpriced=selectors.unpriced_models(tenant=tenant, period=period),
+        tables=[
+            (label, selectors.usage_by(tenant=tenant, period=period, group=key, limit=TOP_N))
+            for key, label in (
+                ("agent", "Agents"),
+                ("model", "Models"),
+                ("end_user", "End users"),
+                ("api_key", "API keys"),
+            )
+        ],
+        budget=selectors.budget_state(tenant=tenant),
+    )
+    return render(request, "usage/usage.html", context)
+
+
+def _safe(value: Any) -> Any:
+    # A cell that starts like a formula is text, not a formula, in a spreadsheet.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+class _Echo:
+    def write(self, value: str) -> str:
+        return value
+
+
+CSV_COLUMNS = [
+    ("time", "created_at"),
+    ("source", "source"),
+    ("agent_id", "agent_id"),
+    ("agent", "agent_name"),
+    ("agent_version", "version_number"),
+    ("called_agent", "called_agent"),
+    ("model", "model"),
+    ("provider", "provider_name"),
+    ("end_user_id", "end_user_id"),
+    ("end_user", "end_user__display_name"),
+    ("end_user_external_id", "end_user__external_id"),
+    ("api_key", "api_key__prefix"),
+    ("user", "user__email"),
+    ("run_id", "run_id"),
+    ("thread_id", "thread_id"),
+    ("playground_run_id", "playground_run_id"),
+    ("input_tokens", "input_tokens"),
+    ("cached_input_tokens", "cached_input_tokens"),
+    ("output_tokens", "output_tokens"),
+    ("total_tokens", "total_tokens"),
+    ("cost_usd", "cost"),
+]
+
+
+def _csv_rows(request: TenantRequest, period: selectors.Period) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow([name for name, _ in CSV_COLUMNS])
+    rows = (
+        selectors.records_in(tenant=request.tenant, period=period)
+        .order_by("created_at", "id")
+        .values_list(*[f for _, f in CSV_COLUMNS])
+    )
+    for row in rows.iterator(chunk_size=2000):
+        cells = [_safe(v.isoformat() if i == 0 else v) for i, v in enumerate(row)]
+        yield writer.writerow(cells)
+
+
+@tenant_view(manage=True)
+def usage_export(request: TenantRequest) -> HttpResponse:
+    """Every usage record of the period, as CSV, streamed. A cost cell is empty when the model
+    had no price."""
+    form, period, _, _ = _period(request)
+    if form.errors:
+        return HttpResponse(
+            "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()),
+            status=400,
+            content_type="text/plain",
+        )
+    response = StreamingHttpResponse(_csv_rows(request, period), content_type="text/csv")
+    name = f"usage-{request.tenant.slug}-{period.first}-{period.last}.csv"
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response  # type: ignore[return-value]  # streamed: a month can hold many rows
+
+
+# --- Prices -------------------------------------------------------------------------------------
+
+
+def _providers(request: TenantRequest) -> Any:
+    return agent_selectors.provider_list(tenant=request.tenant)
+
+
+def _prices_context(request: TenantRequest, form: forms.PriceForm | None = None) -> dict:
+    return {
+        "prices": selectors.price_list(tenant=request.tenant),
+        "form": form or forms.PriceForm(providers=_providers(request)),
+    }
+
+
+@tenant_view(manage=True)
+def price_list(request: TenantRequest) -> HttpResponse:
+    """The price table; POST adds a price (htmx swaps the section, errors next to the fields)."""
+    form = None
+    if request.method == "POST":
+        form = forms.PriceForm(request.POST, providers=_providers(request))
+        if form.is_valid():
+            try:
+                price = services.price_create(
+                    tenant=request.tenant, actor=request.actor, **form.values()
+                )
+            except ValidationFailed as exc:
+                apply_domain_errors(form, exc)
+            else:
+                messages.success(request, f"Price for {price.model} added.")
+                form = None
+                if not request.htmx:
+                    return redirect("price-list", tenant_slug=request.tenant.slug)
+    context = _prices_context(request, form)
+    if request.htmx and not request.htmx.boosted:
+        return render(request, "usage/prices.html#price-section", context)
+    return render(request, "usage/prices.html", context, status=400 if form else 200)
+
+
+@tenant_view(manage=True)
+@not_found_is_404
+def price_detail(request: TenantRequest, price_id: str) -> HttpResponse:
+    price = selectors.price_get(tenant=request.tenant, price_id=price_id)
+    initial = {
+        "model": price.model,
+        "provider": str(price.provider_id or ""),
+        "input_per_million": price.input_per_million,
+        "cached_input_per_million": price.cached_input_per_million,
+        "output_per_million": price.output_per_million,
+        "note": price.note,
+    }
+    form = forms.PriceForm(request.POST or None, initial=initial, providers=_providers(request))
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.price_update(
+                tenant=request.tenant, actor=request.actor, price_id=price.pk, **form.values()
+            )
+        except ValidationFailed as exc:
+            apply_domain_errors(form, exc)
+        else:
+            messages.success(request, f"Price for {form.cleaned_data['model']} saved.")
+            return redirect("price-list", tenant_slug=request.tenant.slug)
+    return render(request, "usage/price_detail.html", {"price": price, "form": form})
+
+
+@tenant_view(manage=True)
+@require_POST
+@not_found_is_404
+def price_delete(request: TenantRequest, price_id: str) -> HttpResponse:
+    price = selectors.price_get(tenant=request.tenant, price_id=price_id)
+    services.price_delete(tenant=request.tenant, actor=request.actor, price_id=price.pk)
+    messages.success(request, f"Price for {price.model} removed: its calls now have no price.")
+    return redirect("price-list", tenant_slug=request.tenant.slug)
+
+
+@tenant_view(manage=True)
+@require_POST
+def price_list_prices(request: TenantRequest) -> HttpResponse:
+    added = services.price_add_list_prices(tenant=request.tenant, actor=request.actor)
+    if added:
+        messages.success(
+            request,
+            f"Added OpenAI list prices for {len(added)} models. Check them against your contract.",
+        )
+    else:
+        messages.info(request, "Every model of the list already has a price.")
+    return redirect("price-list", tenant_slug=request.tenant.slug)
+
+
+# --- Budget -------------------------------------------------------------------------------------
+
+
+@tenant_view(manage=True)
+def budget_settings(request: TenantRequest) -> HttpResponse:
+    """The monthly budget: owners change it, admins see it."""
+    state = selectors.budget_state(tenant=request.tenant)
+    budget = state.budget if state else None
+    initial = {
+        "token_limit": budget.token_limit if budget else None,
+        "cost_limit": budget.cost_limit if budget else None,
+        "warn_percent": budget.warn_percent if budget else 80,
+    }
+    form = forms.BudgetForm(request.POST or None, initial=initial)
+    if request.method == "POST":
+        if not request.actor.is_owner:
+            raise DjangoPermissionDenied("Only owners can change the budget.")
+        if form.is_valid():
+            try:
+                services.budget_set(tenant=request.tenant, actor=request.actor, **form.cleaned_data)
+            except ValidationFailed as exc:
+                apply_domain_errors(form, exc)
+            except PermissionDenied as exc:
+                raise DjangoPermissionDenied(exc.message)
+            else:
+                messages.success(request, "Budget saved.")
+                return redirect("budget-settings", tenant_slug=request.tenant.slug)
+    return render(request, "usage/budget.html", {"form": form, "state": state})
