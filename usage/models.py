@@ -162,8 +162,8 @@ class Budget(TenantOwned):
 
 class MonthlyUsage(TenantOwned):
     """The running total of one tenant for one calendar month (UTC), added to in the transaction
-    that records the calls, so the budget check before a run is one indexed read. The records
-    are the truth; `usage.services.monthly_rebuild` recomputes this row from them."""
+    that records the calls, so the budget check before a run is one indexed read (never a sum
+    over the month's records)."""
 
     id = models.BigAutoField(primary_key=True)
     month = models.DateField()  # the first day of the month

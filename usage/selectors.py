@@ -151,22 +151,6 @@ def month_usage(*, tenant: Tenant) -> tuple[date, int, Decimal]:
     return month, *(row or (0, Decimal(0)))
 
 
-def month_totals(*, tenant: Tenant, month: date) -> dict[str, Any]:
-    start = timezone.make_aware(datetime.combine(month, time.min), UTC)
-    end = timezone.make_aware(datetime.combine(next_month(month), time.min), UTC)
-    agg = (
-        UsageRecord.objects.for_tenant(tenant)
-        .filter(created_at__gte=start, created_at__lt=end)
-        .aggregate(
-            total_tokens=Coalesce(Sum("total_tokens"), 0),
-            cost=Coalesce(Sum("cost"), Decimal(0)),
-            unpriced_tokens=Coalesce(Sum("total_tokens", filter=Q(cost__isnull=True)), 0),
-            calls=Count("id"),
-        )
-    )
-    return agg
-
-
 # --- Periods and aggregates ---------------------------------------------------------------------
 
 PRESETS = {

@@ -235,15 +235,6 @@ def record_playground(*, tenant: Tenant, actor: Actor, run: PlaygroundRun) -> li
     return records
 
 
-def monthly_rebuild(*, tenant: Tenant, month: date) -> MonthlyUsage:
-    """Recompute a month's running total from the records (they are the truth)."""
-    totals = selectors.month_totals(tenant=tenant, month=month)
-    row, _ = MonthlyUsage.objects.for_tenant(tenant).update_or_create(
-        tenant=tenant, month=month, defaults=totals
-    )
-    return row
-
-
 # --- The budget ---------------------------------------------------------------------------------
 
 

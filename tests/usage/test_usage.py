@@ -499,3 +499,74 @@ def test_the_usage_api_groups_over_a_range(used, api_client, world_b):
     assert backwards.status_code == 422 and "until" in backwards.json()["metadata"]["fields"]
     theirs = api_client(world_b.read_key_raw).get("/api/v1/usage").json()
     assert theirs["totals"]["total_tokens"] == 0 and theirs["groups"] == []
+
+
+# --- End to end, and the cost on the hot path -----------------------------------------------------
+
+
+@pytest.fixture
+def fake_llm(settings):
+    from ai_agents.fakeserver import FakeOpenAIServer
+
+    settings.EGRESS_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]
+    with FakeOpenAIServer(api_key="sk-fake-provider-key") as server:
+        yield server
+
+
+def test_a_model_behind_a_provider_is_recorded_by_name_provider_and_price(world_a, fake_llm):
+    actor = world_a.actor()
+    provider = agent_services.provider_create(
+        tenant=world_a.tenant,
+        actor=actor,
+        name="Fake LLM",
+        base_url=fake_llm.base_url,
+        default_model="fake-model",
+        api_key="sk-fake-provider-key",
+        timeout_seconds=5,
+    )
+    agent = agent_services.agent_create(
+        tenant=world_a.tenant,
+        actor=actor,
+        name="Remote",
+        config={"provider_id": str(provider.pk), "model": "fake-large"},
+    )
+    _price(world_a, "fake-large", provider=provider, inp="3", out="15")
+    fake_llm.script(
+        [
+            {
+                "text": "Hello!",
+                "usage": {"input_tokens": 1200, "output_tokens": 80, "total_tokens": 1280},
+            }
+        ]
+    )
+    run = agent_services.playground_run(
+        tenant=world_a.tenant, actor=actor, agent_id=agent.pk, input="hi"
+    )
+    assert run.status == "success", run.message
+    (record,) = _records(world_a, playground_run=run)
+    assert (record.model, record.provider_id, record.provider_name) == (
+        "fake-large",
+        provider.pk,
+        "Fake LLM",
+    )
+    assert (record.input_tokens, record.output_tokens) == (1200, 80)
+    assert record.cost == Decimal("0.0048")  # 1200 x $3/1M + 80 x $15/1M
+
+
+def test_recording_a_run_costs_a_few_queries_whatever_the_month_holds(
+    setup, django_assert_max_num_queries
+):
+    world, provider, agent, member, _ = setup
+    _budget(world, token_limit=10**9)
+    _price(world, "gpt-4o")
+    for _ in range(3):
+        _finished_run(world, agent, member, [_call()] * 5)
+    thread = services.thread_create(tenant=world.tenant, end_user=member, agent_id=agent.pk)
+    run = services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="x")
+    run.refresh_from_db()
+    assert run.tenant  # `finish` has the run's tenant already (it ends the thread with it)
+    # The prices, the agent's name, one insert, one upsert of the month, the budget.
+    with django_assert_max_num_queries(5):
+        usage_services.record_run(run, [_call(), _call("o3", provider), _call()])
+    with django_assert_max_num_queries(1):
+        usage_services.budget_check(tenant=world.tenant)
