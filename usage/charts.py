@@ -36,14 +36,16 @@ def amount(value: Any, metric: str) -> str:
 
 
 def _nice_ceiling(value: float) -> float:
+    """The top of the axis: four gridline steps of a round size (1, 1.5, 2, 2.5, 3, 4, 5, ...)."""
     if value <= 0:
-        return 1.0
-    exponent = math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        candidate = step * 10**exponent
-        if candidate >= value:
-            return candidate
-    return 10 ** (exponent + 1)
+        return 4.0
+    step = value / 4
+    exponent = math.floor(math.log10(step))
+    for size in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
+        candidate = size * 10**exponent
+        if candidate >= step:
+            return 4 * candidate
+    return 4 * 10 ** (exponent + 1)
 
 
 @dataclass

@@ -44,10 +44,14 @@ def _period(request: TenantRequest) -> tuple[forms.PeriodForm, selectors.Period,
     by, metric = "agent", "total_tokens"
     if form.is_valid():
         data = form.cleaned_data
+        preset, since, until = data["period"], data["since"], data["until"]
+        if preset and preset != "custom" and (since or until):
+            # The date fields show the preset's days; if they were changed, they are the choice.
+            shown = selectors.period_for(preset=preset)
+            if (since or shown.first, until or shown.last) != (shown.first, shown.last):
+                preset = "custom"
         try:
-            period = selectors.period_for(
-                preset=data["period"], since=data["since"], until=data["until"]
-            )
+            period = selectors.period_for(preset=preset, since=since, until=until)
         except ValidationFailed as exc:
             apply_domain_errors(form, exc)
         by, metric = data["by"] or by, data["metric"] or metric
@@ -72,7 +76,12 @@ def usage_page(request: TenantRequest) -> HttpResponse:
         "period": period,
         "by": by,
         "metric": metric,
-        "groups": [(k, v) for k, v in selectors.GROUPS.items() if k != "day"],
+        "groups": [
+            ("agent", "agent"),
+            ("model", "model"),
+            ("end_user", "end user"),
+            ("api_key", "API key"),
+        ],
         "chart": _chart(request, period, by, metric),
         "metrics": [("total_tokens", "Tokens"), ("cost", "Cost")],
         "query": query.urlencode(),

@@ -570,3 +570,43 @@ def test_recording_a_run_costs_a_few_queries_whatever_the_month_holds(
         usage_services.record_run(run, [_call(), _call("o3", provider), _call()])
     with django_assert_max_num_queries(1):
         usage_services.budget_check(tenant=world.tenant)
+
+
+def test_changing_the_dates_on_the_page_makes_a_custom_period(used):
+    world, *_ = used
+    owner = world.client_for(world.owner)
+    today = datetime.now(UTC).date()
+    first = today.replace(day=1)
+    shown = owner.get(
+        f"/t/{world.tenant.slug}/usage/?period=this_month&since={first}&until={today}"
+    )
+    assert shown.context["period"].preset == "this_month"
+    custom = owner.get(
+        f"/t/{world.tenant.slug}/usage/?period=this_month&since={today}&until={today}"
+    )
+    assert custom.context["period"].preset == "custom"
+    assert custom.context["totals"]["total_tokens"] == 2210  # today holds everything
+    before = today - timedelta(days=40)
+    old = owner.get(
+        f"/t/{world.tenant.slug}/usage/?period=this_month&since={before}&until={before}"
+    )
+    assert old.context["totals"]["total_tokens"] == 0
+
+
+def test_the_chart_stacks_each_days_groups_on_round_gridlines():
+    from datetime import date
+
+    from usage import charts
+    from usage.selectors import Series
+
+    days = [date(2026, 11, 1), date(2026, 11, 2)]
+    series = [Series("a", "Alpha", [3000, 0]), Series("other", "Other", [1410, 200])]
+    chart = charts.stacked_bars(days, series, "total_tokens")
+    assert [g["label"] for g in chart.gridlines] == ["0", "1.5k", "3k", "4.5k", "6k"]
+    day_one = [b for b in chart.bars if b.title.startswith("1 Nov")]
+    assert [b.css for b in day_one] == ["s0", "s5"]  # "Other" is always grey
+    plot_height = chart.baseline - charts.TOP
+    assert sum(b.height for b in day_one) == pytest.approx(plot_height * 4410 / 6000, abs=0.2)
+    assert day_one[1].title == "1 Nov 2026 · Other: 1.4k"
+    assert [entry["total"] for entry in chart.legend] == ["3k", "1.6k"]
+    assert charts.stacked_bars(days, [Series("a", "A", [0, 0])], "cost").empty

@@ -28,3 +28,13 @@ def amount(value: Any, metric: str = "total_tokens") -> str:
     from usage.charts import amount as fmt
 
     return fmt(value or 0, metric)
+
+
+@register.filter
+def exact(value: Any) -> str:
+    """An exact amount with thousands separators: 4,410 tokens, $12.50."""
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return f"${value:,.2f}"
+    return f"{int(value or 0):,}"
