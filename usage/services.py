@@ -183,6 +183,9 @@ def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
     one upsert of the month's total, the budget."""
     from ai_agents.models import AgentVersion
 
+    if not model_calls(trace):  # e.g. stopped before the model answered: nothing to count
+        run.cost = Decimal(0)
+        return []
     tenant = run.tenant
     now = timezone.now()
     number, agent_name = (

@@ -162,6 +162,8 @@ def test_failed_runs_count_the_tokens_they_spent(setup):
     run = _finished_run(world, agent, member, [_call(inp=70, out=30)], status="error")
     assert run.status == "error"
     assert sum(r.total_tokens for r in _records(world, run=run)) == 100
+    stopped_early = _finished_run(world, agent, member, [{"kind": "end"}], status="error")
+    assert _records(world, run=stopped_early) == [] and stopped_early.cost == 0
 
 
 def test_a_superseded_attempt_counts_nothing_and_the_winner_counts_once(setup):
@@ -610,3 +612,19 @@ def test_the_chart_stacks_each_days_groups_on_round_gridlines():
     assert day_one[1].title == "1 Nov 2026 · Other: 1.4k"
     assert [entry["total"] for entry in chart.legend] == ["3k", "1.6k"]
     assert charts.stacked_bars(days, [Series("a", "A", [0, 0])], "cost").empty
+
+
+def test_price_lists_cost_the_same_queries_for_many_prices(
+    setup, api_client, django_assert_max_num_queries
+):
+    world, provider, *_ = setup
+    for n in range(6):
+        _price(world, f"model-{n}", provider=provider if n % 2 else None)
+    owner = world.client_for(world.owner)
+    # session, user, membership, switcher, budget banner, the prices (providers joined), the form
+    with django_assert_max_num_queries(8):
+        page = owner.get(f"/t/{world.tenant.slug}/usage/prices/")
+    assert page.content.decode().count("/delete/") == 6
+    read = api_client(world.read_key_raw)
+    with django_assert_max_num_queries(4):
+        assert len(read.get("/api/v1/prices").json()) == 6
