@@ -12,7 +12,7 @@ from ninja import Field, Query, Router, Schema, Status
 
 from tenants.auth import require_scope
 from tenants.requests import ApiRequest
-from usage import selectors, services
+from usage import export, selectors, services
 
 router = Router(tags=["usage"])
 
@@ -157,6 +157,24 @@ def get_usage(request: ApiRequest, filters: Query[UsageFilter]):
             for m in selectors.unpriced_models(tenant=tenant, period=period)
         ],
     }
+
+
+@router.get(
+    "/usage/records",
+    response={200: None},
+    openapi_extra={
+        "responses": {
+            200: {"description": "CSV, one model call per row", "content": {"text/csv": {}}}
+        }
+    },
+)
+def export_usage_records(request: ApiRequest, filters: Query[UsageFilter]):
+    """Every usage record of the period as CSV, streamed: time, source, agent, version, model,
+    provider, end user, API key prefix, user, run, thread, tokens and `cost_usd` (empty when the
+    model had no price). `group_by` is ignored."""
+    require_scope(request, "read")
+    period = selectors.period_for(preset=filters.period, since=filters.since, until=filters.until)
+    return export.csv_response(tenant=request.tenant, period=period)
 
 
 @router.get("/prices", response=list[PriceOut])

@@ -4,14 +4,13 @@ owners."""
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpResponse, StreamingHttpResponse
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
@@ -20,7 +19,7 @@ from controlplane.errors import NotFound, PermissionDenied, ValidationFailed
 from tenants.forms import apply_domain_errors
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
-from usage import charts, forms, selectors, services
+from usage import charts, export, forms, selectors, services
 
 TOP_N = 10
 
@@ -107,56 +106,6 @@ def usage_page(request: TenantRequest) -> HttpResponse:
     return render(request, "usage/usage.html", context)
 
 
-def _safe(value: Any) -> Any:
-    # A cell that starts like a formula is text, not a formula, in a spreadsheet.
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
-        return "'" + value
-    return "" if value is None else value
-
-
-class _Echo:
-    def write(self, value: str) -> str:
-        return value
-
-
-CSV_COLUMNS = [
-    ("time", "created_at"),
-    ("source", "source"),
-    ("agent_id", "agent_id"),
-    ("agent", "agent_name"),
-    ("agent_version", "version_number"),
-    ("called_agent", "called_agent"),
-    ("model", "model"),
-    ("provider", "provider_name"),
-    ("end_user_id", "end_user_id"),
-    ("end_user", "end_user__display_name"),
-    ("end_user_external_id", "end_user__external_id"),
-    ("api_key", "api_key__prefix"),
-    ("user", "user__email"),
-    ("run_id", "run_id"),
-    ("thread_id", "thread_id"),
-    ("playground_run_id", "playground_run_id"),
-    ("input_tokens", "input_tokens"),
-    ("cached_input_tokens", "cached_input_tokens"),
-    ("output_tokens", "output_tokens"),
-    ("total_tokens", "total_tokens"),
-    ("cost_usd", "cost"),
-]
-
-
-def _csv_rows(request: TenantRequest, period: selectors.Period) -> Iterator[str]:
-    writer = csv.writer(_Echo())
-    yield writer.writerow([name for name, _ in CSV_COLUMNS])
-    rows = (
-        selectors.records_in(tenant=request.tenant, period=period)
-        .order_by("created_at", "id")
-        .values_list(*[f for _, f in CSV_COLUMNS])
-    )
-    for row in rows.iterator(chunk_size=2000):
-        cells = [_safe(v.isoformat() if i == 0 else v) for i, v in enumerate(row)]
-        yield writer.writerow(cells)
-
-
 @tenant_view(manage=True)
 def usage_export(request: TenantRequest) -> HttpResponse:
     """Every usage record of the period, as CSV, streamed. A cost cell is empty when the model
@@ -168,10 +117,7 @@ def usage_export(request: TenantRequest) -> HttpResponse:
             status=400,
             content_type="text/plain",
         )
-    response = StreamingHttpResponse(_csv_rows(request, period), content_type="text/csv")
-    name = f"usage-{request.tenant.slug}-{period.first}-{period.last}.csv"
-    response["Content-Disposition"] = f'attachment; filename="{name}"'
-    return response  # type: ignore[return-value]  # streamed: a month can hold many rows
+    return export.csv_response(tenant=request.tenant, period=period)  # type: ignore[return-value]
 
 
 # --- Prices -------------------------------------------------------------------------------------

@@ -354,6 +354,7 @@ API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
         _ids(agent_id="agent"), body={"input": "hello"}
     ),
     ("GET", "/api/v1/usage"): ApiCase(scoped_list=True, query=lambda w: "?group_by=agent"),
+    ("GET", "/api/v1/usage/records"): ApiCase(scoped_list=True),
     ("GET", "/api/v1/prices"): ApiCase(scoped_list=True),
     ("POST", "/api/v1/prices"): ApiCase(
         body={"model": "x", "input_per_million": "1", "output_per_million": "1"}, scoped_list=True
@@ -409,7 +410,8 @@ def test_another_tenants_key_gets_404_or_nothing_of_theirs(two_worlds, method, p
         )
     if case.scoped_list:
         assert response.status_code < 400, response.content
-        text = response.content.decode()
+        body = b"".join(response.streaming_content) if response.streaming else response.content
+        text = body.decode()
         for secret in (str(a.tenant.pk), a.tenant.slug, "acme.test", str(a.read_key.pk), "Acme"):
             assert secret not in text, f"{method} {path} leaks {secret!r} of another tenant"
     else:

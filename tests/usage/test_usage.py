@@ -628,3 +628,15 @@ def test_price_lists_cost_the_same_queries_for_many_prices(
     read = api_client(world.read_key_raw)
     with django_assert_max_num_queries(4):
         assert len(read.get("/api/v1/prices").json()) == 6
+
+
+def test_the_api_streams_the_same_csv_for_a_read_key(used, api_client, world_b):
+    world, *_ = used
+    response = api_client(world.read_key_raw).get("/api/v1/usage/records?period=this_month")
+    assert response.status_code == 200 and response["Content-Type"] == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert [r["total_tokens"] for r in rows] == ["2000", "200", "10"]
+    theirs = api_client(world_b.read_key_raw).get("/api/v1/usage/records")
+    assert b"".join(theirs.streaming_content).decode().count("\n") == 1  # the header only
+    bad = api_client(world.read_key_raw).get("/api/v1/usage/records?since=2026-13-01")
+    assert bad.status_code == 422 and "since" in bad.json()["metadata"]["fields"]
