@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	DJANGO_SECRET_KEY=typecheck-only $(VENV)/bin/mypy controlplane tenants ai_agents conversations bench
+	DJANGO_SECRET_KEY=typecheck-only $(VENV)/bin/mypy controlplane tenants ai_agents conversations bench usage
 
 ## bench: the chat load benchmark (docs/benchmark.md); BENCH_ARGS="-c 50 -d 20" picks cells
 bench: $(STAMP)

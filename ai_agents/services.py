@@ -389,11 +389,28 @@ def playground_run(*, tenant: Tenant, actor: Actor, agent_id, input: str) -> Pla
     if version is None:  # every agent is created with a draft
         raise Conflict("This agent has no version to run.")
     from ai_agents.runtime import execute  # the runtime builds on these services
+    from usage import services as usage_services  # usage builds on agents' models
 
     if actor.api_key is not None:  # a run started over the API counts against the key
         limits.run_check(tenant=tenant, api_key=actor.api_key, source="api")
+    usage_services.budget_check(tenant=tenant)  # a used-up monthly budget refuses test runs too
     started = time.monotonic()
     outcome = async_to_sync(execute.run_version)(tenant=tenant, version=version, input=input)
+    with transaction.atomic():
+        run = _playground_save(tenant, actor, agent, version, input, outcome, started)
+        usage_services.record_playground(tenant=tenant, actor=actor, run=run)
+    return run
+
+
+def _playground_save(
+    tenant: Tenant,
+    actor: Actor,
+    agent: Agent,
+    version: AgentVersion,
+    input: str,
+    outcome: Any,
+    started: float,
+) -> PlaygroundRun:
     return PlaygroundRun.objects.create(
         tenant=tenant,
         agent=agent,

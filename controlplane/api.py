@@ -93,3 +93,4 @@ def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
 
 api.add_router("/", "tenants.api.router")
 api.add_router("/", "ai_agents.api.router")
+api.add_router("/", "usage.api.router")

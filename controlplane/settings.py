@@ -92,6 +92,7 @@ INSTALLED_APPS = [
     "tenants",
     "ai_agents",
     "conversations",
+    "usage",
 ]
 
 MIDDLEWARE = [

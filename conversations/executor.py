@@ -34,6 +34,7 @@ from conversations.models import (
 )
 from conversations.session import SupersededAttempt, ThreadSession, orm
 from tenants import realtime
+from usage import services as usage_services
 
 log = logging.getLogger(__name__)
 
@@ -240,6 +241,7 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
         run.input_tokens = usage.get("input_tokens", 0)
         run.output_tokens = usage.get("output_tokens", 0)
         run.total_tokens = usage.get("total_tokens", 0)
+        usage_services.record_run(run, outcome.trace)  # usage and cost land with the outcome
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
         run.save()

@@ -32,6 +32,7 @@ from conversations.models import (
 from tenants import limits, realtime
 from tenants.actors import Actor
 from tenants.models import Tenant, User
+from usage import services as usage_services
 
 MAX_INPUT_CHARS = 100_000
 
@@ -200,6 +201,7 @@ def run_create(
     if source not in RunSource.values:
         raise ValidationFailed("Unknown source.", fields={"source": f"One of {RunSource.values}."})
     items = normalise_input(input)
+    usage_services.budget_check(tenant=tenant)  # a used-up monthly budget refuses new runs
     try:
         # Rate limits first, so a refused run writes nothing; a run refused below is not counted.
         with (

@@ -59,6 +59,7 @@ tenant_patterns: list[URLPattern | URLResolver] = [
     path("audit/", views.audit_log, name="audit-log"),
     path("", include("ai_agents.urls")),
     path("", include("conversations.urls")),
+    path("", include("usage.urls")),
 ]
 
 urlpatterns = [

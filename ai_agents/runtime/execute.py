@@ -25,7 +25,7 @@ from ai_agents.models import AgentVersion, ModelProvider, ProviderApi
 from ai_agents.runtime import models, retry
 from ai_agents.runtime.build import McpRequiredUnavailable, build, context_for
 from ai_agents.runtime.context import RunContext
-from ai_agents.runtime.trace import TraceHooks
+from ai_agents.runtime.trace import TraceHooks, model_calls
 from controlplane.errors import NotFound
 from tenants.models import Tenant
 
@@ -235,7 +235,13 @@ async def run_published_agent(
         end_user_id=parent.end_user_id,
     )
     outcome = await run_version(tenant=tenant, version=version, input=input, context=child)
-    parent.trace.add("agent_call", agent=agent_slug, status=outcome.status, usage=outcome.usage)
+    parent.trace.add(
+        "agent_call",
+        agent=agent_slug,
+        status=outcome.status,
+        usage=outcome.usage,
+        model_calls=model_calls(outcome.trace),  # its tokens count towards this run
+    )
     if outcome.status != "success":
         raise AgentUnavailable(f"{agent_slug} could not answer: {outcome.message}")
     return outcome.text

@@ -22,6 +22,7 @@ from agents import (
 
 from ai_agents.config import GuardrailConfig
 from ai_agents.runtime.context import RunContext
+from ai_agents.runtime.trace import Trace, TraceHooks
 
 
 def text_of(value: Any) -> str:
@@ -59,7 +60,9 @@ def _check(config: GuardrailConfig, text: str) -> str | None:
     return None
 
 
-async def _classify(config: GuardrailConfig, text: str, model: Model) -> str | None:
+async def _classify(
+    config: GuardrailConfig, text: str, model: Model, trace: Trace | None = None
+) -> str | None:
     judge = Agent(
         name="Guardrail classifier",
         instructions=(
@@ -68,7 +71,13 @@ async def _classify(config: GuardrailConfig, text: str, model: Model) -> str | N
         ),
         model=model,
     )
-    result = await Runner.run(judge, text, max_turns=1, run_config=RunConfig(tracing_disabled=True))
+    result = await Runner.run(
+        judge,
+        text,
+        max_turns=1,
+        run_config=RunConfig(tracing_disabled=True),
+        hooks=TraceHooks(trace) if trace is not None else None,  # its tokens count too
+    )
     answer = str(result.final_output).strip().lower()
     return (
         f"classifier answered {answer[:20]!r} to {config.question!r}"
@@ -85,7 +94,7 @@ def _check_function(config: GuardrailConfig, name: str, side: str, model: Model)
     ) -> GuardrailFunctionOutput:
         text = text_of(value)
         if config.kind == "classifier":
-            hit = await _classify(config, text, model)
+            hit = await _classify(config, text, model, ctx.context.trace)
         else:
             hit = _check(config, text)
         ctx.context.trace.add(

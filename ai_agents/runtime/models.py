@@ -8,13 +8,19 @@ from django.conf import settings
 from openai import AsyncOpenAI
 
 from ai_agents.models import ModelProvider, ProviderApi
+from ai_agents.runtime.trace import identify
 from controlplane import crypto
 
 
 def offline_model() -> Model:
     from ai_agents.runtime.offline import OfflineModel
 
-    return OfflineModel(token_delay=settings.OFFLINE_MODEL_WORD_DELAY)
+    return identify(
+        OfflineModel(token_delay=settings.OFFLINE_MODEL_WORD_DELAY),
+        name="offline",
+        provider_id=None,
+        provider="builtin",
+    )
 
 
 def openai_client(provider: ModelProvider) -> AsyncOpenAI:
@@ -32,6 +38,9 @@ def openai_client(provider: ModelProvider) -> AsyncOpenAI:
 
 def provider_model(provider: ModelProvider, *, model_name: str) -> Model:
     client = openai_client(provider)
+    model: Model
     if provider.api == ProviderApi.RESPONSES:
-        return OpenAIResponsesModel(model=model_name, openai_client=client)
-    return OpenAIChatCompletionsModel(model=model_name, openai_client=client)
+        model = OpenAIResponsesModel(model=model_name, openai_client=client)
+    else:
+        model = OpenAIChatCompletionsModel(model=model_name, openai_client=client)
+    return identify(model, name=model_name, provider_id=str(provider.pk), provider=provider.name)

@@ -6,12 +6,53 @@ from __future__ import annotations
 
 import json
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from agents import Agent, FunctionTool, ModelResponse, RunContextWrapper, RunHooks, Tool
+from agents import Agent, FunctionTool, Model, ModelResponse, RunContextWrapper, RunHooks, Tool
 
 MAX_TEXT = 2_000  # characters of a tool argument or output kept in a span
+
+
+# Which endpoint and model name a Model instance stands for, so that every model_call span can say
+# what was called (usage and cost are counted per model). Registered where models are built.
+_IDENTITIES: weakref.WeakKeyDictionary[Model, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def identify(model: Model, *, name: str, provider_id: str | None, provider: str) -> Model:
+    _IDENTITIES[model] = {"model": name, "provider_id": provider_id, "provider": provider}
+    return model
+
+
+def identity_of(model: Any) -> dict[str, Any]:
+    """{"model", "provider_id", "provider"} of an agent's model; `provider` is "builtin" for the
+    built-in offline model."""
+    from ai_agents.runtime.offline import OfflineModel
+
+    while isinstance(getattr(model, "inner", None), Model):  # a wrapper (retries) of the model
+        model = model.inner
+    if isinstance(model, Model) and model in _IDENTITIES:
+        return _IDENTITIES[model]
+    if isinstance(model, OfflineModel):
+        return {"model": "offline", "provider_id": None, "provider": "builtin"}
+    name = model if isinstance(model, str) else getattr(model, "model", None)
+    return {
+        "model": name if isinstance(name, str) and name else "unknown",
+        "provider_id": None,
+        "provider": "",
+    }
+
+
+def model_calls(spans: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every model call of a trace, including those of agents it called (the run_agent tool)."""
+    calls: list[dict[str, Any]] = []
+    for span in spans:
+        if span["kind"] == "model_call":
+            calls.append(span)
+        elif span["kind"] == "agent_call":
+            calls.extend(span.get("model_calls", []))
+    return calls
 
 
 def _clip(value: Any) -> str:
@@ -30,7 +71,7 @@ class Trace:
         return span
 
     def usage(self) -> dict[str, int]:
-        calls = [s for s in self.spans if s["kind"] == "model_call"]
+        calls = model_calls(self.spans)
         return {
             "requests": len(calls),
             "input_tokens": sum(s.get("input_tokens", 0) for s in calls),
@@ -61,11 +102,14 @@ class TraceHooks(RunHooks[Any]):
     ) -> None:
         started = self._llm_started.pop(agent.name, time.monotonic())
         usage = response.usage
+        details = getattr(usage, "input_tokens_details", None)
         self.trace.add(
             "model_call",
             agent=agent.name,
+            **identity_of(agent.model),
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             input_tokens=usage.input_tokens,
+            cached_input_tokens=getattr(details, "cached_tokens", 0) or 0,
             output_tokens=usage.output_tokens,
             total_tokens=usage.total_tokens,
         )

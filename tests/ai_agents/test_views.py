@@ -809,15 +809,16 @@ def test_the_agent_list_query_budget(world_a, owner, django_assert_max_num_queri
         agent = _agent(world_a, f"Agent {n}")
         if n % 2:
             _publish(world_a, agent)
-    # session, user, membership, the tenant switcher, the agents (live versions joined)
-    with django_assert_max_num_queries(5):
+    # session, user, membership, the tenant switcher, the agents (live versions joined), the
+    # budget banner
+    with django_assert_max_num_queries(6):
         response = owner.get("/t/acme/agents/")
     assert response.content.decode().count('id="agent-') == 8
     # the editor: + the agent, its draft, and the providers, servers and agents it offers
-    with django_assert_max_num_queries(10):
+    with django_assert_max_num_queries(11):
         response = owner.get(f"/t/acme/agents/{agent.pk}/")
     assert response.status_code == 200
-    with django_assert_max_num_queries(6):
+    with django_assert_max_num_queries(7):
         owner.get(f"/t/acme/agents/{agent.pk}/versions/")
 
 
@@ -825,9 +826,9 @@ def test_the_provider_and_mcp_list_query_budgets(world_a, owner, django_assert_m
     for n in range(6):
         _provider(world_a, f"Provider {n}")
         _server(world_a, f"Server {n}", headers={"X-Key": "v"})
-    with django_assert_max_num_queries(5):
+    with django_assert_max_num_queries(6):  # + the budget banner of owners and admins
         response = owner.get("/t/acme/providers/")
     assert response.content.decode().count('id="provider-check-') == 6
-    with django_assert_max_num_queries(5):
+    with django_assert_max_num_queries(6):
         response = owner.get("/t/acme/mcp-servers/")
     assert response.content.decode().count('id="server-') == 6

@@ -18,6 +18,10 @@ TENANT_OWNED = {
     "conversations.Thread": "a conversation with one tenant's agent",
     "conversations.Run": "one execution of a tenant's agent on a thread",
     "conversations.Item": "one conversation item of a tenant's thread",
+    "usage.ModelPrice": "a tenant's price for one model",
+    "usage.UsageRecord": "one model call of a tenant's agent, with its tokens and cost",
+    "usage.Budget": "a tenant's monthly budget",
+    "usage.MonthlyUsage": "a tenant's running total for one month",
 }
 
 GLOBAL = {

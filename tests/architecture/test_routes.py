@@ -111,6 +111,23 @@ TENANT_ROUTES: dict[str, Case] = {
     "chat-items": Case(lambda w: {"thread_id": _thread_of(w).pk}),
     "chat-rename": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",), {"title": "pwned"}),
     "chat-delete": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",)),
+    # Usage, prices and budget: A's price (made in `agents_of`).
+    "usage": Case(),
+    "usage-export": Case(),
+    "price-list": Case(
+        methods=("get", "post"),
+        data={"model": "pwned", "input_per_million": "1", "output_per_million": "1"},
+    ),
+    "price-list-prices": Case(methods=("post",)),
+    "price-detail": Case(
+        lambda w: _ids(price_id="price")(w),
+        ("get", "post"),
+        {"model": "pwned", "input_per_million": "9", "output_per_million": "9"},
+    ),
+    "price-delete": Case(lambda w: _ids(price_id="price")(w), ("post",)),
+    "budget-settings": Case(
+        methods=("get", "post"), data={"token_limit": "1", "warn_percent": "5"}
+    ),
 }
 
 
@@ -170,8 +187,13 @@ def _snapshot(world: World):
     """What a cross-tenant call must not change in tenant A."""
     from ai_agents.models import Agent, AgentVersion, McpServer, ModelProvider
     from tenants.models import ApiKey, Invitation, Membership
+    from usage.models import Budget, ModelPrice
 
     return (
+        sorted(
+            ModelPrice.objects.for_tenant(world.tenant).values_list("model", "output_per_million")
+        ),
+        sorted(Budget.objects.for_tenant(world.tenant).values_list("token_limit", "warn_percent")),
         sorted(Agent.objects.for_tenant(world.tenant).values_list("name", "published_version")),
         sorted(AgentVersion.objects.for_tenant(world.tenant).values_list("pk", "state", "number")),
         sorted(ModelProvider.objects.for_tenant(world.tenant).values_list("name", "default_model")),
@@ -253,7 +275,23 @@ def agents_of(world: World) -> dict:
         run = services.playground_run(
             tenant=world.tenant, actor=actor, agent_id=agent.pk, input="hello"
         )
+        from usage import services as usage_services
+
+        price = usage_services.price_create(
+            tenant=world.tenant,
+            actor=actor,
+            model="m",
+            provider_id=provider.pk,
+            input_per_million=1,
+            cached_input_per_million=None,
+            output_per_million=2,
+            note="",
+        )
+        usage_services.budget_set(
+            tenant=world.tenant, actor=actor, token_limit=10**9, cost_limit=None, warn_percent=80
+        )
         world.agent_objects = {
+            "price": price,
             "run": run,
             "agent": agent,
             "version": version,
@@ -332,6 +370,20 @@ API_OPERATIONS: dict[tuple[str, str], ApiCase] = {
     ("POST", "/api/v1/agents/{agent_id}/draft/run"): ApiCase(
         _ids(agent_id="agent"), body={"input": "hello"}
     ),
+    ("GET", "/api/v1/usage"): ApiCase(scoped_list=True, query=lambda w: "?group_by=agent"),
+    ("GET", "/api/v1/usage/records"): ApiCase(scoped_list=True),
+    ("GET", "/api/v1/prices"): ApiCase(scoped_list=True),
+    ("POST", "/api/v1/prices"): ApiCase(
+        body={"model": "x", "input_per_million": "1", "output_per_million": "1"}, scoped_list=True
+    ),
+    ("GET", "/api/v1/prices/{price_id}"): ApiCase(_ids(price_id="price")),
+    ("PUT", "/api/v1/prices/{price_id}"): ApiCase(
+        _ids(price_id="price"),
+        body={"model": "pwned", "input_per_million": "9", "output_per_million": "9"},
+    ),
+    ("DELETE", "/api/v1/prices/{price_id}"): ApiCase(_ids(price_id="price")),
+    ("GET", "/api/v1/budget"): ApiCase(scoped_list=True),
+    ("PUT", "/api/v1/budget"): ApiCase(body={"token_limit": 1}, scoped_list=True),
 }
 
 
@@ -375,7 +427,8 @@ def test_another_tenants_key_gets_404_or_nothing_of_theirs(two_worlds, method, p
         )
     if case.scoped_list:
         assert response.status_code < 400, response.content
-        text = response.content.decode()
+        body = b"".join(response.streaming_content) if response.streaming else response.content
+        text = body.decode()
         for secret in (str(a.tenant.pk), a.tenant.slug, "acme.test", str(a.read_key.pk), "Acme"):
             assert secret not in text, f"{method} {path} leaks {secret!r} of another tenant"
     else:

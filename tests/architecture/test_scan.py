@@ -23,6 +23,7 @@ APP_DIRS = [
     "schedules",
     "events",
     "protocol",
+    "usage",
 ]
 REASON = "# tenant-scope:"
 # Ways around the fail-closed default manager.

@@ -1,0 +1,642 @@
+"""Usage, cost and budgets: prices, what a finished run records and to whom, the fencing of a
+superseded attempt, the monthly budget (warn, stop, reset), the usage page, CSV and the API."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+from django.utils import timezone
+
+from ai_agents import services as agent_services
+from ai_agents.runtime.execute import RunOutcome
+from conversations import executor, services
+from conversations.models import Run
+from tenants.actors import Actor
+from tenants.models import AuditEvent
+from usage import services as usage_services
+from usage.errors import BudgetExhausted
+from usage.models import MonthlyUsage, UsageRecord
+
+
+def _call(model="gpt-4o", provider=None, inp=1000, cached=0, out=500, agent="Helper"):
+    return {
+        "kind": "model_call",
+        "agent": agent,
+        "model": model,
+        "provider_id": str(provider.pk) if provider else None,
+        "provider": provider.name if provider else "",
+        "input_tokens": inp,
+        "cached_input_tokens": cached,
+        "output_tokens": out,
+        "total_tokens": inp + out,
+    }
+
+
+@pytest.fixture
+def setup(world_a):
+    actor = world_a.actor()
+    provider = agent_services.provider_create(
+        tenant=world_a.tenant,
+        actor=actor,
+        name="openai",
+        base_url="https://api.openai.example.com/v1",
+        default_model="gpt-4o",
+        api_key="sk-test-usage-key",
+    )
+    agent = agent_services.agent_create(tenant=world_a.tenant, actor=actor, name="Helper")
+    agent_services.agent_publish(tenant=world_a.tenant, actor=actor, agent_id=agent.pk)
+    member = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    external = services.end_user_for_external(
+        tenant=world_a.tenant, external_id="cust-42", display_name="=HYPERLINK(evil)"
+    )
+    return world_a, provider, agent, member, external
+
+
+def _price(world, model, provider=None, inp="2.50", cached=None, out="10.00"):
+    return usage_services.price_create(
+        tenant=world.tenant,
+        actor=world.actor(),
+        model=model,
+        provider_id=provider.pk if provider else None,
+        input_per_million=Decimal(inp),
+        cached_input_per_million=Decimal(cached) if cached is not None else None,
+        output_per_million=Decimal(out),
+        note="",
+    )
+
+
+def _finished_run(world, agent, end_user, spans, actor=None, status="success"):
+    """A run created through run_create, claimed and finished with `spans` as its trace."""
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hi", actor=actor
+    )
+    held = executor.claim(run.pk, owner="test")
+    outcome = RunOutcome(
+        status if status == "success" else "error", output="ok", message="boom", trace=spans
+    )
+    assert executor.finish(held, outcome)
+    run.refresh_from_db()
+    return run
+
+
+def _records(world, **filters):
+    return list(UsageRecord.objects.for_tenant(world.tenant).filter(**filters).order_by("id"))
+
+
+# --- Cost -----------------------------------------------------------------------------------------
+
+
+def test_cost_uses_the_provider_price_first_then_the_general_one_and_cached_input(setup):
+    world, provider, *_ = setup
+    _price(world, "gpt-4o", inp="2.50", cached="1.25", out="10")
+    _price(world, "gpt-4o", provider=provider, inp="5", out="20")
+    _price(world, "gpt-4o-mini", inp="0.15", cached="0.075", out="0.60")
+    calls = [
+        _call("gpt-4o", provider, inp=1_000_000, out=0),  # provider's own price: $5
+        _call("gpt-4o", None, inp=1_000_000, cached=400_000, out=1_000_000),
+        _call("gpt-4o-mini", provider, inp=2_000, out=1_000),
+        _call("no-such-model", provider),
+        {**_call("offline"), "provider": "builtin"},
+    ]
+    rates = usage_services.rates_for(world.tenant, calls)
+    costs = [usage_services.cost_of(c, rates.get((c["provider_id"], c["model"]))) for c in calls]
+    # 600k uncached at 2.50 + 400k cached at 1.25 + 1M output at 10
+    assert costs[:3] == [Decimal("5"), Decimal("12"), Decimal("0.0009")]
+    assert costs[3] is None  # no price: not silently zero
+    assert ("", "offline") not in rates  # the offline model is free by rule, never looked up
+
+
+def test_other_tenants_prices_do_not_apply(setup, world_b):
+    world, provider, *_ = setup
+    _price(world_b, "gpt-4o")
+    assert usage_services.rates_for(world.tenant, [_call("gpt-4o", provider)]) == {}
+
+
+# --- Recording and attribution --------------------------------------------------------------------
+
+
+def test_a_finished_run_records_every_model_call_with_cost_and_attribution(setup):
+    world, provider, agent, member, _ = setup
+    _price(world, "gpt-4o", inp="2", out="8")
+    nested = {"kind": "agent_call", "agent": "other", "model_calls": [_call(inp=500, out=500)]}
+    spans = [_call(inp=1000, out=1000), {"kind": "tool_call"}, nested, _call("mystery", provider)]
+    run = _finished_run(world, agent, member, spans, actor=world.actor(world.member))
+
+    records = _records(world, run=run)
+    assert [r.model for r in records] == ["gpt-4o", "gpt-4o", "mystery"]
+    assert [r.cost for r in records] == [Decimal("0.01"), Decimal("0.005"), None]
+    assert run.cost == Decimal("0.015")  # the priced calls; the page names the unpriced model
+    first = records[0]
+    assert (first.agent_id, first.version_id, first.end_user_id) == (
+        agent.pk,
+        run.version_id,
+        member.pk,
+    )
+    assert (first.user_id, first.api_key_id, first.thread_id) == (
+        world.member.pk,
+        None,
+        run.thread_id,
+    )
+    assert first.agent_name == "Helper" and first.version_number == 1 and first.source == "chat"
+    month = MonthlyUsage.objects.for_tenant(world.tenant).get()
+    assert month.total_tokens == 2000 + 1000 + 1500 and month.cost == Decimal("0.015")
+    assert month.unpriced_tokens == 1500 and month.calls == 3
+
+
+def test_a_run_started_with_an_api_key_is_attributed_to_the_key(setup):
+    world, _, agent, _, external = setup
+    run = _finished_run(world, agent, external, [_call()], actor=Actor(api_key=world.admin_key))
+    (record,) = _records(world, run=run)
+    assert record.api_key_id == world.admin_key.pk and record.user_id is None
+    assert record.end_user_id == external.pk
+
+
+def test_failed_runs_count_the_tokens_they_spent(setup):
+    world, _, agent, member, _ = setup
+    run = _finished_run(world, agent, member, [_call(inp=70, out=30)], status="error")
+    assert run.status == "error"
+    assert sum(r.total_tokens for r in _records(world, run=run)) == 100
+    stopped_early = _finished_run(world, agent, member, [{"kind": "end"}], status="error")
+    assert _records(world, run=stopped_early) == [] and stopped_early.cost == 0
+
+
+def test_a_superseded_attempt_counts_nothing_and_the_winner_counts_once(setup):
+    world, _, agent, member, _ = setup
+    thread = services.thread_create(tenant=world.tenant, end_user=member, agent_id=agent.pk)
+    run = services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="hi")
+    stale = executor.claim(run.pk, owner="stalled")
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+    winner = executor.claim(run.pk, owner="new")
+    outcome = RunOutcome("success", output="ok", trace=[_call(inp=10, out=10)])
+    assert not executor.finish(stale, outcome)  # refused: it no longer holds the run
+    assert _records(world) == []
+    assert executor.finish(winner, outcome)
+    assert not executor.finish(winner, outcome)  # a repeated finish is refused too
+    assert len(_records(world)) == 1
+    assert MonthlyUsage.objects.for_tenant(world.tenant).get().total_tokens == 20
+
+
+def test_an_executed_run_on_the_offline_model_is_recorded_as_free(setup):
+    from asgiref.sync import async_to_sync
+
+    world, _, agent, member, _ = setup
+    thread = services.thread_create(tenant=world.tenant, end_user=member, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=member, thread_id=thread.pk, input="hello"
+    )
+    held = executor.claim(run.pk, owner="test")
+    assert async_to_sync(executor.execute)(held) == "success"
+    run.refresh_from_db()
+    records = _records(world, run=run)
+    assert records and all(r.model == "offline" and r.provider_name == "builtin" for r in records)
+    assert all(r.cost == 0 for r in records) and run.cost == 0
+    assert sum(r.total_tokens for r in records) == run.total_tokens > 0
+
+
+def test_playground_runs_count_attributed_to_the_user_or_the_key(setup, api_client):
+    world, _, agent, *_ = setup
+    agent_services.playground_run(
+        tenant=world.tenant, actor=world.actor(world.admin), agent_id=agent.pk, input="hello"
+    )
+    response = api_client(world.admin_key_raw).post(
+        f"/api/v1/agents/{agent.pk}/draft/run", {"input": "hi"}, content_type="application/json"
+    )
+    assert response.status_code == 200
+    records = _records(world, source="playground")
+    assert {(r.user_id, r.api_key_id) for r in records} == {
+        (world.admin.pk, None),
+        (None, world.admin_key.pk),
+    }
+    assert all(r.playground_run_id and r.agent_id == agent.pk for r in records)
+
+
+# --- Budget ---------------------------------------------------------------------------------------
+
+
+def _budget(world, **kw):
+    values = {"token_limit": None, "cost_limit": None, "warn_percent": 80, **kw}
+    return usage_services.budget_set(tenant=world.tenant, actor=world.actor(), **values)
+
+
+def test_budget_warns_once_then_stops_new_runs_with_a_clear_message(setup, world_b):
+    world, _, agent, member, _ = setup
+    _budget(world, token_limit=1000, warn_percent=50)
+    _finished_run(world, agent, member, [_call(inp=300, out=300)])
+    _finished_run(world, agent, member, [_call(inp=10, out=10)])
+    warnings = AuditEvent.objects.for_tenant(world.tenant).filter(action="budget.warning")
+    assert warnings.count() == 1  # once a month, not once per run
+
+    admin_page = world.client_for(world.admin).get(f"/t/{world.tenant.slug}/")
+    assert b"of the monthly budget is used" in admin_page.content
+    member_page = world.client_for(world.member).get(f"/t/{world.tenant.slug}/")
+    assert b"monthly budget" not in member_page.content
+
+    _finished_run(world, agent, member, [_call(inp=200, out=200)])  # 1020 of 1000
+    assert (
+        AuditEvent.objects.for_tenant(world.tenant).filter(action="budget.exhausted").count() == 1
+    )
+    thread = services.thread_create(tenant=world.tenant, end_user=member, agent_id=agent.pk)
+    with pytest.raises(BudgetExhausted) as refused:
+        services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="x")
+    now = timezone.now()
+    resets = (now.replace(day=28) + timedelta(days=4)).replace(day=1)
+    assert refused.value.status == 402
+    assert refused.value.message == (
+        "This workspace has used its monthly budget (1,020 tokens of 1,000); it resets on "
+        f"{resets.day} {resets:%B}. An owner can raise it in Settings."
+    )
+    assert Run.objects.for_tenant(world.tenant).filter(thread=thread).count() == 0
+
+    # The playground and the draft-run API are refused the same way; another tenant is not.
+    response = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/")
+    assert b"budget is used up" in response.content
+    key = world.admin_key_raw
+    from django.test import Client
+
+    api = Client(HTTP_AUTHORIZATION=f"Bearer {key}")
+    refused_api = api.post(
+        f"/api/v1/agents/{agent.pk}/draft/run", {"input": "hi"}, content_type="application/json"
+    )
+    assert refused_api.status_code == 402
+    assert refused_api.json()["code"] == "budget_exhausted"
+    assert "resets on" in refused_api.json()["message"]
+    usage_services.budget_check(tenant=world_b.tenant)  # unaffected
+
+    # Raising the limit lets runs through at once.
+    _budget(world, token_limit=5000, warn_percent=50)
+    services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="x")
+
+
+def test_the_budget_counter_starts_again_next_month(setup, monkeypatch):
+    world, _, agent, member, _ = setup
+    _budget(world, cost_limit=Decimal("1.00"))
+    _price(world, "gpt-4o", inp="1000", out="1000")
+    _finished_run(world, agent, member, [_call(inp=1000, out=0)])  # $1.00
+    with pytest.raises(BudgetExhausted, match=r"\$1\.00 of \$1\.00"):
+        usage_services.budget_check(tenant=world.tenant)
+    this_month = timezone.now()
+    next_month = (this_month.replace(day=28) + timedelta(days=4)).replace(day=1, hour=0, minute=5)
+    monkeypatch.setattr(timezone, "now", lambda: next_month)
+    usage_services.budget_check(tenant=world.tenant)  # a new month: allowed
+    _finished_run(world, agent, member, [_call(inp=10, out=0)])
+    months = MonthlyUsage.objects.for_tenant(world.tenant).order_by("month")
+    assert [m.month.month for m in months] == [this_month.month, next_month.month]
+    assert months[1].cost == Decimal("0.01")
+
+
+def test_budget_is_validated_and_changed_only_by_owners(setup, api_client):
+    world, *_ = setup
+    url = f"/t/{world.tenant.slug}/settings/budget/"
+    admin = world.client_for(world.admin)
+    assert admin.get(url).status_code == 200
+    assert admin.post(url, {"token_limit": "10", "warn_percent": "80"}).status_code == 403
+    assert world.client_for(world.member).get(url).status_code == 403
+    owner = world.client_for(world.owner)
+    bad = owner.post(url, {"token_limit": "0", "warn_percent": "120"})
+    assert (
+        b"greater than or equal to 1" in bad.content and b"less than or equal to 100" in bad.content
+    )
+    assert owner.post(url, {"token_limit": "5000", "warn_percent": "75"}).status_code == 302
+    event = AuditEvent.objects.for_tenant(world.tenant).get(action="budget.updated")
+    assert event.changes["token_limit"] == [None, 5000] and event.actor_label == world.owner.email
+
+    read, write = api_client(world.read_key_raw), api_client(world.admin_key_raw)
+    got = read.get("/api/v1/budget").json()
+    assert got["token_limit"] == 5000 and got["status"] == "ok" and got["warn_percent"] == 75
+    body = json.dumps({"token_limit": 0, "cost_limit": "12.345"})
+    fine = json.dumps({"token_limit": 1})
+    assert read.put("/api/v1/budget", fine, content_type="application/json").status_code == 403
+    invalid = write.put("/api/v1/budget", body, content_type="application/json")
+    assert invalid.status_code == 422
+    assert set(invalid.json()["metadata"]["fields"]) == {"token_limit", "cost_limit"}
+    ok = write.put(
+        "/api/v1/budget",
+        json.dumps({"cost_limit": "25.00", "warn_percent": 90}),
+        content_type="application/json",
+    )
+    assert ok.status_code == 200
+    assert ok.json()["cost_limit"] == "25.00" and ok.json()["token_limit"] is None
+
+
+# --- Prices: dashboard and API --------------------------------------------------------------------
+
+
+def test_prices_are_edited_by_managers_in_the_dashboard_and_audited(setup):
+    world, provider, *_ = setup
+    url = f"/t/{world.tenant.slug}/usage/prices/"
+    assert world.client_for(world.member).get(url).status_code == 403
+    admin = world.client_for(world.admin)
+    data = {
+        "model": "gpt-4o",
+        "provider": "",
+        "input_per_million": "2.5",
+        "output_per_million": "10",
+    }
+    added = admin.post(url, data, HTTP_HX_REQUEST="true")
+    assert added.status_code == 200 and b"Price for gpt-4o added." in added.content
+    dup = admin.post(url, data, HTTP_HX_REQUEST="true")
+    assert b"There is already a price for gpt-4o" in dup.content
+    negative = admin.post(url, {**data, "model": "x", "output_per_million": "-1"})
+    assert negative.status_code == 400 and b"greater than or equal to 0" in negative.content
+    price = usage_services.selectors.price_list(tenant=world.tenant).get()
+    edit = admin.post(
+        f"{url}{price.pk}/",
+        {**data, "provider": str(provider.pk), "output_per_million": "12"},
+    )
+    assert edit.status_code == 302
+    price.refresh_from_db()
+    assert price.provider_id == provider.pk and price.output_per_million == Decimal("12")
+    actions = list(
+        AuditEvent.objects.for_tenant(world.tenant)
+        .filter(action__startswith="price.")
+        .values_list("action", flat=True)
+    )
+    assert sorted(actions) == ["price.created", "price.updated"]
+    assert admin.post(f"{url}list-prices/").status_code == 302
+    listed = admin.get(url).content.decode()
+    assert "gpt-4o-mini" in listed and "OpenAI list price" in listed
+    assert admin.post(f"{url}{price.pk}/delete/").status_code == 302
+    assert "price.deleted" in AuditEvent.objects.for_tenant(world.tenant).values_list(
+        "action", flat=True
+    )
+
+
+def test_prices_api_reads_with_read_scope_and_writes_with_admin(setup, api_client, world_b):
+    world, provider, *_ = setup
+    read, write = api_client(world.read_key_raw), api_client(world.admin_key_raw)
+    body = {"model": "gpt-4.1", "input_per_million": "2", "output_per_million": "8"}
+    assert read.post("/api/v1/prices", body, content_type="application/json").status_code == 403
+    created = write.post(
+        "/api/v1/prices", {**body, "provider_id": str(provider.pk)}, content_type="application/json"
+    )
+    assert created.status_code == 201
+    price = created.json()
+    assert price["input_per_million"] == "2" and price["currency"] == "USD"
+    assert read.get("/api/v1/prices").json()[0]["model"] == "gpt-4.1"
+    bad = write.post(
+        "/api/v1/prices", {**body, "output_per_million": "-1"}, content_type="application/json"
+    )
+    assert bad.status_code == 422 and "output_per_million" in bad.json()["metadata"]["fields"]
+    theirs = agent_services.provider_create(
+        tenant=world_b.tenant,
+        actor=world_b.actor(),
+        name="theirs",
+        base_url="https://x.example.com/v1",
+        default_model="m",
+    )
+    other = write.post(
+        "/api/v1/prices", {**body, "provider_id": str(theirs.pk)}, content_type="application/json"
+    )
+    assert other.status_code == 404  # another tenant's provider does not exist here
+    updated = write.put(
+        f"/api/v1/prices/{price['id']}",
+        {**body, "output_per_million": "9"},
+        content_type="application/json",
+    )
+    assert updated.status_code == 200 and updated.json()["provider_id"] is None
+    assert write.delete(f"/api/v1/prices/{price['id']}").status_code == 204
+    assert read.get(f"/api/v1/prices/{price['id']}").status_code == 404
+
+
+# --- The usage page, CSV and API ------------------------------------------------------------------
+
+
+@pytest.fixture
+def used(setup):
+    world, provider, agent, member, external = setup
+    _price(world, "gpt-4o", inp="2", out="8")
+    _finished_run(world, agent, member, [_call(inp=1000, out=1000)])
+    _finished_run(
+        world,
+        agent,
+        external,
+        [_call(inp=100, out=100), _call("mystery-model", provider, inp=7, out=3)],
+        actor=Actor(api_key=world.read_key),
+    )
+    return setup
+
+
+def test_the_usage_page_shows_totals_charts_tables_and_unpriced_models(
+    used, django_assert_max_num_queries
+):
+    world, *_ = used
+    url = f"/t/{world.tenant.slug}/usage/"
+    assert world.client_for(world.member).get(url).status_code == 403
+    owner = world.client_for(world.owner)
+    with django_assert_max_num_queries(20):
+        page = owner.get(url)
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert "2.2k" in html  # 2,210 tokens
+    assert "$0.01" in html and "plus 10 tokens with no price" in html  # $0.011, to the cent
+    assert "No price for 1 model" in html and "mystery-model" in html
+    assert "<svg" in html and "Helper" in html and "cust-42" not in html  # display name shown
+    assert "=HYPERLINK(evil)" in html  # escaped text, shown as the end user's name
+    assert "style=" not in html.split("<main", 1)[1]  # CSP: no inline styles
+    chart = owner.get(url + "?by=model&metric=cost&fragment=chart", HTTP_HX_REQUEST="true")
+    fragment = chart.content.decode()
+    assert fragment.lstrip().startswith('<div id="usage-chart"') and "gpt-4o" in fragment
+    assert 'aria-current="true">By model' in fragment
+    empty = owner.get(url + "?period=last_month").content.decode()
+    assert "No usage in last month" in empty
+    wrong = owner.get(url + "?period=custom&since=2026-05-02&until=2026-05-01")
+    assert "Pick a day on or after the start." in wrong.content.decode()
+
+
+def test_the_csv_export_streams_every_record_of_the_period(used):
+    world, *_ = used
+    response = world.client_for(world.admin).get(f"/t/{world.tenant.slug}/usage/export.csv")
+    assert response.status_code == 200 and response["Content-Type"] == "text/csv"
+    assert response.streaming
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert [(r["model"], r["total_tokens"], r["cost_usd"]) for r in rows] == [
+        ("gpt-4o", "2000", "0.01000000"),
+        ("gpt-4o", "200", "0.00100000"),
+        ("mystery-model", "10", ""),  # no price: empty, not 0
+    ]
+    assert rows[1]["api_key"] == world.read_key.prefix and rows[0]["user"] == ""
+    assert rows[1]["end_user"] == "'=HYPERLINK(evil)"  # never a live formula
+    last_month = world.client_for(world.admin).get(
+        f"/t/{world.tenant.slug}/usage/export.csv?period=last_month"
+    )
+    assert len(b"".join(last_month.streaming_content).decode().splitlines()) == 1  # header only
+
+
+def test_the_usage_api_groups_over_a_range(used, api_client, world_b):
+    world, _, _, member, external = used
+    read = api_client(world.read_key_raw)
+    by_model = read.get("/api/v1/usage?group_by=model").json()
+    assert by_model["totals"]["total_tokens"] == 2210
+    assert (
+        by_model["totals"]["cost"] == "0.01100000" and by_model["totals"]["unpriced_tokens"] == 10
+    )
+    assert [(g["label"], g["total_tokens"]) for g in by_model["groups"]] == [
+        ("gpt-4o", 2200),
+        ("mystery-model · openai", 10),
+    ]
+    assert by_model["unpriced_models"] == [
+        {"model": "mystery-model", "provider": "openai", "tokens": 10, "calls": 1}
+    ]
+    by_user = read.get("/api/v1/usage?group_by=end_user").json()["groups"]
+    assert {g["key"]: g["total_tokens"] for g in by_user} == {
+        str(member.pk): 2000,
+        str(external.pk): 210,
+    }
+    by_key = read.get("/api/v1/usage?group_by=api_key").json()["groups"]
+    assert {g["key"]: g["total_tokens"] for g in by_key} == {"": 2000, str(world.read_key.pk): 210}
+    today = datetime.now(UTC).date()
+    days = read.get(f"/api/v1/usage?group_by=day&since={today}&until={today}").json()
+    assert [g["key"] for g in days["groups"]] == [today.isoformat()]
+    bad = read.get("/api/v1/usage?group_by=colour")
+    assert bad.status_code == 422 and "group_by" in bad.json()["metadata"]["fields"]
+    backwards = read.get(f"/api/v1/usage?since={today}&until={today - timedelta(days=1)}")
+    assert backwards.status_code == 422 and "until" in backwards.json()["metadata"]["fields"]
+    theirs = api_client(world_b.read_key_raw).get("/api/v1/usage").json()
+    assert theirs["totals"]["total_tokens"] == 0 and theirs["groups"] == []
+
+
+# --- End to end, and the cost on the hot path -----------------------------------------------------
+
+
+@pytest.fixture
+def fake_llm(settings):
+    from ai_agents.fakeserver import FakeOpenAIServer
+
+    settings.EGRESS_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]
+    with FakeOpenAIServer(api_key="sk-fake-provider-key") as server:
+        yield server
+
+
+def test_a_model_behind_a_provider_is_recorded_by_name_provider_and_price(world_a, fake_llm):
+    actor = world_a.actor()
+    provider = agent_services.provider_create(
+        tenant=world_a.tenant,
+        actor=actor,
+        name="Fake LLM",
+        base_url=fake_llm.base_url,
+        default_model="fake-model",
+        api_key="sk-fake-provider-key",
+        timeout_seconds=5,
+    )
+    agent = agent_services.agent_create(
+        tenant=world_a.tenant,
+        actor=actor,
+        name="Remote",
+        config={"provider_id": str(provider.pk), "model": "fake-large"},
+    )
+    _price(world_a, "fake-large", provider=provider, inp="3", out="15")
+    fake_llm.script(
+        [
+            {
+                "text": "Hello!",
+                "usage": {"input_tokens": 1200, "output_tokens": 80, "total_tokens": 1280},
+            }
+        ]
+    )
+    run = agent_services.playground_run(
+        tenant=world_a.tenant, actor=actor, agent_id=agent.pk, input="hi"
+    )
+    assert run.status == "success", run.message
+    (record,) = _records(world_a, playground_run=run)
+    assert (record.model, record.provider_id, record.provider_name) == (
+        "fake-large",
+        provider.pk,
+        "Fake LLM",
+    )
+    assert (record.input_tokens, record.output_tokens) == (1200, 80)
+    assert record.cost == Decimal("0.0048")  # 1200 x $3/1M + 80 x $15/1M
+
+
+def test_recording_a_run_costs_a_few_queries_whatever_the_month_holds(
+    setup, django_assert_max_num_queries
+):
+    world, provider, agent, member, _ = setup
+    _budget(world, token_limit=10**9)
+    _price(world, "gpt-4o")
+    for _ in range(3):
+        _finished_run(world, agent, member, [_call()] * 5)
+    thread = services.thread_create(tenant=world.tenant, end_user=member, agent_id=agent.pk)
+    run = services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="x")
+    run.refresh_from_db()
+    assert run.tenant  # `finish` has the run's tenant already (it ends the thread with it)
+    # The prices, the agent's name, one insert, one upsert of the month, the budget.
+    with django_assert_max_num_queries(5):
+        usage_services.record_run(run, [_call(), _call("o3", provider), _call()])
+    with django_assert_max_num_queries(1):
+        usage_services.budget_check(tenant=world.tenant)
+
+
+def test_changing_the_dates_on_the_page_makes_a_custom_period(used):
+    world, *_ = used
+    owner = world.client_for(world.owner)
+    today = datetime.now(UTC).date()
+    first = today.replace(day=1)
+    shown = owner.get(
+        f"/t/{world.tenant.slug}/usage/?period=this_month&since={first}&until={today}"
+    )
+    assert shown.context["period"].preset == "this_month"
+    custom = owner.get(
+        f"/t/{world.tenant.slug}/usage/?period=this_month&since={today}&until={today}"
+    )
+    assert custom.context["period"].preset == "custom"
+    assert custom.context["totals"]["total_tokens"] == 2210  # today holds everything
+    before = today - timedelta(days=40)
+    old = owner.get(
+        f"/t/{world.tenant.slug}/usage/?period=this_month&since={before}&until={before}"
+    )
+    assert old.context["totals"]["total_tokens"] == 0
+
+
+def test_the_chart_stacks_each_days_groups_on_round_gridlines():
+    from datetime import date
+
+    from usage import charts
+    from usage.selectors import Series
+
+    days = [date(2026, 11, 1), date(2026, 11, 2)]
+    series = [Series("a", "Alpha", [3000, 0]), Series("other", "Other", [1410, 200])]
+    chart = charts.stacked_bars(days, series, "total_tokens")
+    assert [g["label"] for g in chart.gridlines] == ["0", "1.5k", "3k", "4.5k", "6k"]
+    day_one = [b for b in chart.bars if b.title.startswith("1 Nov")]
+    assert [b.css for b in day_one] == ["s0", "s5"]  # "Other" is always grey
+    plot_height = chart.baseline - charts.TOP
+    assert sum(b.height for b in day_one) == pytest.approx(plot_height * 4410 / 6000, abs=0.2)
+    assert day_one[1].title == "1 Nov 2026 · Other: 1.4k"
+    assert [entry["total"] for entry in chart.legend] == ["3k", "1.6k"]
+    assert charts.stacked_bars(days, [Series("a", "A", [0, 0])], "cost").empty
+
+
+def test_price_lists_cost_the_same_queries_for_many_prices(
+    setup, api_client, django_assert_max_num_queries
+):
+    world, provider, *_ = setup
+    for n in range(6):
+        _price(world, f"model-{n}", provider=provider if n % 2 else None)
+    owner = world.client_for(world.owner)
+    # session, user, membership, switcher, budget banner, the prices (providers joined), the form
+    with django_assert_max_num_queries(8):
+        page = owner.get(f"/t/{world.tenant.slug}/usage/prices/")
+    assert page.content.decode().count("/delete/") == 6
+    read = api_client(world.read_key_raw)
+    with django_assert_max_num_queries(4):
+        assert len(read.get("/api/v1/prices").json()) == 6
+
+
+def test_the_api_streams_the_same_csv_for_a_read_key(used, api_client, world_b):
+    world, *_ = used
+    response = api_client(world.read_key_raw).get("/api/v1/usage/records?period=this_month")
+    assert response.status_code == 200 and response["Content-Type"] == "text/csv"
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    assert [r["total_tokens"] for r in rows] == ["2000", "200", "10"]
+    theirs = api_client(world_b.read_key_raw).get("/api/v1/usage/records")
+    assert b"".join(theirs.streaming_content).decode().count("\n") == 1  # the header only
+    bad = api_client(world.read_key_raw).get("/api/v1/usage/records?since=2026-13-01")
+    assert bad.status_code == 422 and "since" in bad.json()["metadata"]["fields"]

@@ -1,0 +1,70 @@
+"""CSV export of usage records: one model call per row, streamed (a month can hold many rows).
+A cost cell is empty when the model had no price."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from typing import Any
+
+from django.http import StreamingHttpResponse
+
+from tenants.models import Tenant
+from usage import selectors
+
+
+def _safe(value: Any) -> Any:
+    # A cell that starts like a formula is text, not a formula, in a spreadsheet.
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return "" if value is None else value
+
+
+class _Echo:
+    def write(self, value: str) -> str:
+        return value
+
+
+CSV_COLUMNS = [
+    ("time", "created_at"),
+    ("source", "source"),
+    ("agent_id", "agent_id"),
+    ("agent", "agent_name"),
+    ("agent_version", "version_number"),
+    ("called_agent", "called_agent"),
+    ("model", "model"),
+    ("provider", "provider_name"),
+    ("end_user_id", "end_user_id"),
+    ("end_user", "end_user__display_name"),
+    ("end_user_external_id", "end_user__external_id"),
+    ("api_key", "api_key__prefix"),
+    ("user", "user__email"),
+    ("run_id", "run_id"),
+    ("thread_id", "thread_id"),
+    ("playground_run_id", "playground_run_id"),
+    ("input_tokens", "input_tokens"),
+    ("cached_input_tokens", "cached_input_tokens"),
+    ("output_tokens", "output_tokens"),
+    ("total_tokens", "total_tokens"),
+    ("cost_usd", "cost"),
+]
+
+
+def rows(*, tenant: Tenant, period: selectors.Period) -> Iterator[str]:
+    writer = csv.writer(_Echo())
+    yield writer.writerow([name for name, _ in CSV_COLUMNS])
+    rows = (
+        selectors.records_in(tenant=tenant, period=period)
+        .order_by("created_at", "id")
+        .values_list(*[f for _, f in CSV_COLUMNS])
+    )
+    for row in rows.iterator(chunk_size=2000):
+        cells = [_safe(v.isoformat() if i == 0 else v) for i, v in enumerate(row)]
+        yield writer.writerow(cells)
+
+
+def csv_response(*, tenant: Tenant, period: selectors.Period) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(rows(tenant=tenant, period=period), content_type="text/csv")
+    name = f"usage-{tenant.slug}-{period.first}-{period.last}.csv"
+    response["Content-Disposition"] = f'attachment; filename="{name}"'
+    return response

@@ -1,0 +1,40 @@
+"""`{% budget_banner %}`: the dashboard's budget warning for owners and admins."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import template
+
+from usage import selectors
+
+register = template.Library()
+
+
+@register.inclusion_tag("usage/budget_banner.html", takes_context=True)
+def budget_banner(context: dict[str, Any]) -> dict[str, Any]:
+    tenant = context.get("current_tenant")
+    membership = context.get("current_membership")
+    if tenant is None or membership is None or not membership.can_manage:
+        return {}
+    state = selectors.budget_state(tenant=tenant)  # one query
+    if state is None or not (state.warning or state.exhausted):
+        return {}
+    return {"state": state, "tenant": tenant}
+
+
+@register.filter
+def amount(value: Any, metric: str = "total_tokens") -> str:
+    from usage.charts import amount as fmt
+
+    return fmt(value or 0, metric)
+
+
+@register.filter
+def exact(value: Any) -> str:
+    """An exact amount with thousands separators: 4,410 tokens, $12.50."""
+    from decimal import Decimal
+
+    if isinstance(value, Decimal):
+        return f"${value:,.2f}"
+    return f"{int(value or 0):,}"

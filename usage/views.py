@@ -1,0 +1,238 @@
+"""Dashboard pages of the usage app: the usage page and its CSV export, the price table, and the
+monthly budget. Owners and admins only (`tenant_view(manage=True)`); the budget is changed by
+owners."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+from django.contrib import messages
+from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from ai_agents import selectors as agent_selectors
+from controlplane.errors import NotFound, PermissionDenied, ValidationFailed
+from tenants.forms import apply_domain_errors
+from tenants.requests import TenantRequest
+from tenants.views import tenant_view
+from usage import charts, export, forms, selectors, services
+
+TOP_N = 10
+
+
+def not_found_is_404(view: Callable[..., HttpResponse]) -> Callable[..., HttpResponse]:
+    """A selector's NotFound (missing, or another tenant's) is the 404 page."""
+
+    @wraps(view)
+    def wrapper(request: TenantRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        try:
+            return view(request, *args, **kwargs)
+        except NotFound as exc:
+            raise Http404(exc.message)
+
+    return wrapper
+
+
+def _period(request: TenantRequest) -> tuple[forms.PeriodForm, selectors.Period, str, str]:
+    form = forms.PeriodForm(request.GET or None)
+    period = selectors.period_for()
+    by, metric = "agent", "total_tokens"
+    if form.is_valid():
+        data = form.cleaned_data
+        preset, since, until = data["period"], data["since"], data["until"]
+        if preset and preset != "custom" and (since or until):
+            # The date fields show the preset's days; if they were changed, they are the choice.
+            shown = selectors.period_for(preset=preset)
+            if (since or shown.first, until or shown.last) != (shown.first, shown.last):
+                preset = "custom"
+        try:
+            period = selectors.period_for(preset=preset, since=since, until=until)
+        except ValidationFailed as exc:
+            apply_domain_errors(form, exc)
+        by, metric = data["by"] or by, data["metric"] or metric
+    return form, period, by, metric
+
+
+def _chart(request: TenantRequest, period: selectors.Period, by: str, metric: str) -> Any:
+    series = selectors.usage_series(tenant=request.tenant, period=period, group=by, metric=metric)
+    return charts.stacked_bars(period.dates(), series, metric)
+
+
+@tenant_view(manage=True)
+def usage_page(request: TenantRequest) -> HttpResponse:
+    form, period, by, metric = _period(request)
+    query = request.GET.copy()
+    query.pop("fragment", None)
+    base = query.copy()
+    for key in ("by", "metric"):
+        base.pop(key, None)
+    context: dict[str, Any] = {
+        "form": form,
+        "period": period,
+        "by": by,
+        "metric": metric,
+        "groups": [
+            ("agent", "agent"),
+            ("model", "model"),
+            ("end_user", "end user"),
+            ("api_key", "API key"),
+        ],
+        "chart": _chart(request, period, by, metric),
+        "metrics": [("total_tokens", "Tokens"), ("cost", "Cost")],
+        "query": query.urlencode(),
+        "base_query": base.urlencode(),
+    }
+    if request.htmx and request.GET.get("fragment") == "chart":
+        return render(request, "usage/usage.html#usage-chart", context)
+    tenant = request.tenant
+    context.update(
+        totals=selectors.usage_totals(tenant=tenant, period=period),
+        unpriced=selectors.unpriced_models(tenant=tenant, period=period),
+        tables=[
+            (label, selectors.usage_by(tenant=tenant, period=period, group=key, limit=TOP_N))
+            for key, label in (
+                ("agent", "Agents"),
+                ("model", "Models"),
+                ("end_user", "End users"),
+                ("api_key", "API keys"),
+            )
+        ],
+        budget=selectors.budget_state(tenant=tenant),
+    )
+    return render(request, "usage/usage.html", context)
+
+
+@tenant_view(manage=True)
+def usage_export(request: TenantRequest) -> HttpResponse:
+    """Every usage record of the period, as CSV, streamed. A cost cell is empty when the model
+    had no price."""
+    form, period, _, _ = _period(request)
+    if form.errors:
+        return HttpResponse(
+            "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()),
+            status=400,
+            content_type="text/plain",
+        )
+    return export.csv_response(tenant=request.tenant, period=period)  # type: ignore[return-value]
+
+
+# --- Prices -------------------------------------------------------------------------------------
+
+
+def _providers(request: TenantRequest) -> Any:
+    return agent_selectors.provider_list(tenant=request.tenant)
+
+
+def _prices_context(request: TenantRequest, form: forms.PriceForm | None = None) -> dict:
+    return {
+        "prices": selectors.price_list(tenant=request.tenant),
+        "form": form or forms.PriceForm(providers=_providers(request)),
+    }
+
+
+@tenant_view(manage=True)
+def price_list(request: TenantRequest) -> HttpResponse:
+    """The price table; POST adds a price (htmx swaps the section, errors next to the fields)."""
+    form = None
+    if request.method == "POST":
+        form = forms.PriceForm(request.POST, providers=_providers(request))
+        if form.is_valid():
+            try:
+                price = services.price_create(
+                    tenant=request.tenant, actor=request.actor, **form.values()
+                )
+            except ValidationFailed as exc:
+                apply_domain_errors(form, exc)
+            else:
+                messages.success(request, f"Price for {price.model} added.")
+                form = None
+                if not request.htmx:
+                    return redirect("price-list", tenant_slug=request.tenant.slug)
+    context = _prices_context(request, form)
+    if request.htmx and not request.htmx.boosted:
+        return render(request, "usage/prices.html#price-section", context)
+    return render(request, "usage/prices.html", context, status=400 if form else 200)
+
+
+@tenant_view(manage=True)
+@not_found_is_404
+def price_detail(request: TenantRequest, price_id: str) -> HttpResponse:
+    price = selectors.price_get(tenant=request.tenant, price_id=price_id)
+    initial = {
+        "model": price.model,
+        "provider": str(price.provider_id or ""),
+        "input_per_million": price.input_per_million,
+        "cached_input_per_million": price.cached_input_per_million,
+        "output_per_million": price.output_per_million,
+        "note": price.note,
+    }
+    form = forms.PriceForm(request.POST or None, initial=initial, providers=_providers(request))
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.price_update(
+                tenant=request.tenant, actor=request.actor, price_id=price.pk, **form.values()
+            )
+        except ValidationFailed as exc:
+            apply_domain_errors(form, exc)
+        else:
+            messages.success(request, f"Price for {form.cleaned_data['model']} saved.")
+            return redirect("price-list", tenant_slug=request.tenant.slug)
+    return render(request, "usage/price_detail.html", {"price": price, "form": form})
+
+
+@tenant_view(manage=True)
+@require_POST
+@not_found_is_404
+def price_delete(request: TenantRequest, price_id: str) -> HttpResponse:
+    price = selectors.price_get(tenant=request.tenant, price_id=price_id)
+    services.price_delete(tenant=request.tenant, actor=request.actor, price_id=price.pk)
+    messages.success(request, f"Price for {price.model} removed: its calls now have no price.")
+    return redirect("price-list", tenant_slug=request.tenant.slug)
+
+
+@tenant_view(manage=True)
+@require_POST
+def price_list_prices(request: TenantRequest) -> HttpResponse:
+    added = services.price_add_list_prices(tenant=request.tenant, actor=request.actor)
+    if added:
+        messages.success(
+            request,
+            f"Added OpenAI list prices for {len(added)} models. Check them against your contract.",
+        )
+    else:
+        messages.info(request, "Every model of the list already has a price.")
+    return redirect("price-list", tenant_slug=request.tenant.slug)
+
+
+# --- Budget -------------------------------------------------------------------------------------
+
+
+@tenant_view(manage=True)
+def budget_settings(request: TenantRequest) -> HttpResponse:
+    """The monthly budget: owners change it, admins see it."""
+    state = selectors.budget_state(tenant=request.tenant)
+    budget = state.budget if state else None
+    initial = {
+        "token_limit": budget.token_limit if budget else None,
+        "cost_limit": budget.cost_limit if budget else None,
+        "warn_percent": budget.warn_percent if budget else 80,
+    }
+    form = forms.BudgetForm(request.POST or None, initial=initial)
+    if request.method == "POST":
+        if not request.actor.is_owner:
+            raise DjangoPermissionDenied("Only owners can change the budget.")
+        if form.is_valid():
+            try:
+                services.budget_set(tenant=request.tenant, actor=request.actor, **form.cleaned_data)
+            except ValidationFailed as exc:
+                apply_domain_errors(form, exc)
+            except PermissionDenied as exc:
+                raise DjangoPermissionDenied(exc.message)
+            else:
+                messages.success(request, "Budget saved.")
+                return redirect("budget-settings", tenant_slug=request.tenant.slug)
+    return render(request, "usage/budget.html", {"form": form, "state": state})
