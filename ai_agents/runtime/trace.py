@@ -63,6 +63,7 @@ class TraceHooks(RunHooks[Any]):
         self.trace.add(
             "model_call",
             agent=agent.name,
+            model=_model_name(agent),
             duration_ms=round((time.monotonic() - started) * 1000, 1),
             input_tokens=usage.input_tokens,
             output_tokens=usage.output_tokens,
@@ -94,6 +95,14 @@ class TraceHooks(RunHooks[Any]):
         self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]
     ) -> None:
         self.trace.add("handoff", from_agent=from_agent.name, to_agent=to_agent.name)
+
+
+def _model_name(agent: Agent[Any]) -> str:
+    """The model's name as configured (a string, or the name a Model instance carries)."""
+    model = agent.model
+    if model is None or isinstance(model, str):
+        return model or ""
+    return str(getattr(model, "model", "") or getattr(model, "model_name", "") or "")
 
 
 def _call_id(context: RunContextWrapper[Any], tool: Tool) -> str:
