@@ -365,7 +365,9 @@ def timeline(trace: Any) -> Timeline:
     for s in steps:
         if total > 0:
             s.offset_pct = round(min(s.start_ms / total * 100, 100.0), 2)
-            s.width_pct = round(min(s.duration_ms / total * 100, 100.0 - s.offset_pct), 2)
+            # A short step still gets a visible sliver.
+            width = max(s.duration_ms / total * 100, 0.4) if s.duration_ms else 0.0
+            s.width_pct = round(min(width, 100.0 - s.offset_pct), 2)
     model_ends = [_num(s.get("at_ms")) for s in spans if s.get("kind") == "model_call"]
     first_token = next(
         (_num(s.get("at_ms")) for s in spans if s.get("kind") == "first_token"), None
