@@ -16,24 +16,10 @@ from conversations.models import RunSource, RunStatus
 DATETIME_FORMATS = ["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%d"]
 
 
-class RunFilterForm(forms.Form):
+class TimeFilterForm(forms.Form):
+    """Agent and time: the filters every list of runs has."""
+
     agent = forms.ChoiceField(required=False, label="Agent")
-    status = forms.ChoiceField(
-        required=False,
-        label="Status",
-        choices=[("", "Any status"), ("active", "Active (pending or running)"), *RunStatus.choices],
-    )
-    source = forms.ChoiceField(
-        required=False, label="Source", choices=[("", "Any source"), *RunSource.choices]
-    )
-    user = forms.CharField(
-        required=False,
-        max_length=200,
-        label="End user",
-        widget=forms.TextInput(
-            attrs={"placeholder": "Name, e-mail or external id", "type": "search"}
-        ),
-    )
     range = forms.ChoiceField(
         required=False,
         label="Time",
@@ -51,7 +37,6 @@ class RunFilterForm(forms.Form):
         input_formats=DATETIME_FORMATS,
         widget=forms.DateTimeInput(attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"),
     )
-    thread = forms.UUIDField(required=False, widget=forms.HiddenInput)
 
     def __init__(self, data: Any = None, *, agents: list[Any]) -> None:
         super().__init__(data)
@@ -91,3 +76,25 @@ class RunFilterForm(forms.Form):
             for error in errors:
                 out.append(f"{label}: {error}" if label else str(error))
         return out
+
+
+class RunFilterForm(TimeFilterForm):
+    """The filters of the conversation runs list."""
+
+    status = forms.ChoiceField(
+        required=False,
+        label="Status",
+        choices=[("", "Any status"), ("active", "Active (pending or running)"), *RunStatus.choices],
+    )
+    source = forms.ChoiceField(
+        required=False, label="Source", choices=[("", "Any source"), *RunSource.choices]
+    )
+    user = forms.CharField(
+        required=False,
+        max_length=200,
+        label="End user",
+        widget=forms.TextInput(
+            attrs={"placeholder": "Name, e-mail or external id", "type": "search"}
+        ),
+    )
+    thread = forms.UUIDField(required=False, widget=forms.HiddenInput)

@@ -21,6 +21,7 @@ from django.db.models import F, Func, JSONField, Q, QuerySet
 from django.db.models import Value as SqlValue
 from django.utils.safestring import SafeString
 
+from ai_agents.models import PlaygroundRun
 from controlplane.errors import NotFound, ValidationFailed
 from conversations import markdown, selectors, streams
 from conversations.events import MESSAGE_DELTA, RUN_STATUS, TOOL_FINISHED, TOOL_STARTED
@@ -62,7 +63,7 @@ class RunPage:
         return any(r.is_active or r.status in ACTIVE_STATUSES for r in self.runs)
 
 
-def cursor_for(run: Run) -> str:
+def cursor_for(run: Run | PlaygroundRun) -> str:
     """The keyset position just after `run` (newest first): its time and id."""
     micros = int(run.created_at.timestamp() * 1_000_000)
     return f"{micros}_{run.pk}"
@@ -140,6 +141,59 @@ def run_search(
     return RunPage(runs=rows, next_cursor=cursor_for(rows[-1]) if more and rows else None)
 
 
+@dataclass
+class PlaygroundPage:
+    runs: Sequence[PlaygroundRun]
+    next_cursor: str | None
+
+
+def playground_run_search(
+    *, tenant: Tenant, filters: RunFilters, before: str = "", limit: int = PAGE_SIZE
+) -> PlaygroundPage:
+    """The tenant's playground runs (tests of an agent's draft or version from its editor),
+    newest first, filtered by agent and time; the same keyset cursor as `run_search`."""
+    qs = PlaygroundRun.objects.for_tenant(tenant)
+    if filters.agent_id:
+        qs = qs.filter(agent_id=filters.agent_id)
+    if filters.since:
+        qs = qs.filter(created_at__gte=filters.since)
+    if filters.until:
+        qs = qs.filter(created_at__lt=filters.until)
+    if before:
+        when, run_id = parse_cursor(before)
+        qs = qs.filter(Q(created_at__lt=when) | Q(created_at=when, id__lt=run_id))
+    rows = list(
+        qs.select_related("agent", "created_by")
+        .defer("config", "output", "trace")
+        .order_by("-created_at", "-id")[: limit + 1]
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return PlaygroundPage(runs=rows, next_cursor=cursor_for(rows[-1]) if more and rows else None)
+
+
+def playground_run_get(*, tenant: Tenant, run_id: Any) -> PlaygroundRun:
+    """One playground run of the tenant; NotFound for another tenant's."""
+    try:
+        return (
+            PlaygroundRun.objects.for_tenant(tenant)
+            .select_related("agent", "created_by")
+            .get(pk=run_id)
+        )
+    except (PlaygroundRun.DoesNotExist, ValueError, ValidationError):
+        raise NotFound("No such run.")
+
+
+def output_of(output: Any) -> tuple[SafeString | None, str]:
+    """A final output: text as sanitised markdown (model output is untrusted), or structured
+    output as pretty JSON text."""
+    if output is None or output == "":
+        return None, ""
+    if isinstance(output, str):
+        return markdown.render_markdown(output), ""
+    return None, json.dumps(output, indent=2, ensure_ascii=False, default=str)
+
+
 # --- One run ----------------------------------------------------------------------------------
 
 
@@ -183,16 +237,6 @@ def run_input(run: Run) -> list[Message]:
             role, text = "user", str(item)
         out.append(Message(role=role, text=text))
     return out
-
-
-def run_output(run: Run) -> tuple[SafeString | None, str]:
-    """The final output: text as sanitised markdown (model output is untrusted), or structured
-    output as pretty JSON text."""
-    if run.output is None or run.output == "":
-        return None, ""
-    if isinstance(run.output, str):
-        return markdown.render_markdown(run.output), ""
-    return None, json.dumps(run.output, indent=2, ensure_ascii=False, default=str)
 
 
 def thread_get(*, tenant: Tenant, thread_id: Any) -> Thread:

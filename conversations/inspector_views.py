@@ -17,8 +17,7 @@ from django.views.decorators.http import require_POST
 from ai_agents import selectors as agent_selectors
 from controlplane.errors import NotFound, ValidationFailed
 from conversations import inspector, selectors, services
-from conversations.forms import RunFilterForm
-from conversations.models import RunSource
+from conversations.forms import RunFilterForm, TimeFilterForm
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
 
@@ -28,19 +27,15 @@ def _fragment(request: TenantRequest, name: str) -> bool:
     return bool(request.htmx) and not request.htmx.boosted and request.GET.get("fragment") == name
 
 
-@tenant_view(manage=True)
-def run_list(request: TenantRequest) -> HttpResponse:
-    tenant = request.tenant
-    form = RunFilterForm(
-        request.GET or None, agents=list(agent_selectors.agent_list(tenant=tenant))
-    )
+def _search(
+    request: TenantRequest, form: TimeFilterForm, search: Any
+) -> tuple[Any, list[str], dict[str, Any]]:
+    """Validate the filters, run `search(filters, before)`: (page or None, errors, context)."""
     page, errors = None, []
     if not form.is_bound or form.is_valid():
         filters = form.filters() if form.is_bound else inspector.RunFilters()
         try:
-            page = inspector.run_search(
-                tenant=tenant, filters=filters, before=request.GET.get("before", "")
-            )
+            page = search(filters, request.GET.get("before", ""))
         except ValidationFailed as exc:
             errors = [f"{exc.message} {' '.join(exc.fields.values())}"]
     else:
@@ -54,14 +49,61 @@ def run_list(request: TenantRequest) -> HttpResponse:
         "errors": errors,
         "query": query.urlencode(),
         "paged": bool(request.GET.get("before")),
-        "sources": RunSource,
     }
+    return page, errors, context
+
+
+def _list_response(request: TenantRequest, template: str, context: dict[str, Any]) -> HttpResponse:
     if _fragment(request, "run-table") or (request.htmx and request.htmx.target == "run-table"):
-        response = render(request, "conversations/runs.html#run-table", context)
+        response = render(request, f"{template}#run-table", context)
     else:
-        response = render(request, "conversations/runs.html", context)
+        response = render(request, template, context)
     response["Vary"] = "HX-Request"
     return response
+
+
+@tenant_view(manage=True)
+def run_list(request: TenantRequest) -> HttpResponse:
+    tenant = request.tenant
+    agents = list(agent_selectors.agent_list(tenant=tenant))
+    form = RunFilterForm(request.GET or None, agents=agents)
+    _, _, context = _search(
+        request,
+        form,
+        lambda filters, before: inspector.run_search(tenant=tenant, filters=filters, before=before),
+    )
+    return _list_response(request, "conversations/runs.html", context)
+
+
+@tenant_view(manage=True)
+def playground_run_list(request: TenantRequest) -> HttpResponse:
+    tenant = request.tenant
+    agents = list(agent_selectors.agent_list(tenant=tenant))
+    form = TimeFilterForm(request.GET or None, agents=agents)
+    _, _, context = _search(
+        request,
+        form,
+        lambda filters, before: inspector.playground_run_search(
+            tenant=tenant, filters=filters, before=before
+        ),
+    )
+    return _list_response(request, "conversations/playground_runs.html", context)
+
+
+@tenant_view(manage=True)
+def playground_run_detail(request: TenantRequest, run_id: Any) -> HttpResponse:
+    try:
+        run = inspector.playground_run_get(tenant=request.tenant, run_id=run_id)
+    except NotFound as exc:
+        raise Http404(exc.message)
+    output_html, output_json = inspector.output_of(run.output)
+    context = {
+        "run": run,
+        "timeline": inspector.timeline(run.trace),
+        "output_html": output_html,
+        "output_json": output_json,
+    }
+    return render(request, "conversations/playground_run.html", context)
 
 
 def _run_context(request: TenantRequest, run_id: Any) -> dict[str, Any]:
@@ -75,7 +117,7 @@ def _run_context(request: TenantRequest, run_id: Any) -> dict[str, Any]:
         "timeline": inspector.timeline(run.trace),
         "items": inspector.run_items(tenant=tenant, run=run),
     }
-    context["output_html"], context["output_json"] = inspector.run_output(run)
+    context["output_html"], context["output_json"] = inspector.output_of(run.output)
     context["input_messages"] = inspector.run_input(run)
     if run.is_active:
         context["progress"] = inspector.run_progress(tenant=tenant, run=run)

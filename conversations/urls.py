@@ -14,6 +14,12 @@ urlpatterns = [
     # The run inspector (owners and admins).
     path("runs/", inspector_views.run_list, name="run-list"),
     path("runs/<uuid:run_id>/", inspector_views.run_detail, name="run-detail"),
+    path("runs/playground/", inspector_views.playground_run_list, name="playground-run-list"),
+    path(
+        "runs/playground/<uuid:run_id>/",
+        inspector_views.playground_run_detail,
+        name="playground-run-detail",
+    ),
     path("runs/<uuid:run_id>/cancel/", inspector_views.run_cancel, name="run-cancel"),
     path(
         "runs/threads/<uuid:thread_id>/",

@@ -112,6 +112,8 @@ TENANT_ROUTES: dict[str, Case] = {
     "run-detail": Case(lambda w: {"run_id": _run_of(w).pk}),
     "run-cancel": Case(lambda w: {"run_id": _run_of(w).pk}, ("post",)),
     "thread-transcript": Case(lambda w: {"thread_id": _run_of(w).thread_id}),
+    "playground-run-list": Case(),
+    "playground-run-detail": Case(lambda w: _ids(run_id="run")(w)),
 }
 
 

@@ -448,3 +448,36 @@ def test_the_transcript_shows_any_end_users_thread_and_pages_back(world_a, admin
         url, {"before": earlier.group(1), "fragment": "transcript-items"}, HTTP_HX_REQUEST="true"
     )
     assert "message 05" in older.content.decode() and "<html" not in older.content.decode()
+
+
+# --- Playground runs --------------------------------------------------------------------------
+
+
+def test_playground_runs_are_listed_apart_and_open_with_their_timeline(world_a, world_b, admin):
+    agent = _agent(world_a)
+    tested = agent_services.playground_run(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        agent_id=agent.pk,
+        input="use the calculator to compute 6 * 7",
+    )
+    b_agent = _agent(world_b)
+    theirs = agent_services.playground_run(
+        tenant=world_b.tenant, actor=world_b.actor(), agent_id=b_agent.pk, input="hi"
+    )
+    _run(world_a, agent)  # a conversation run is not a playground run
+    slug = world_a.tenant.slug
+    listed = admin.get(reverse("playground-run-list", args=[slug]))
+    assert _shown(listed) == [str(tested.pk)]
+    assert str(theirs.pk) not in listed.content.decode()
+    assert _shown(admin.get(reverse("playground-run-list", args=[slug]), {"range": "1h"})) == [
+        str(tested.pk)
+    ]
+    bad = admin.get(reverse("playground-run-list", args=[slug]), {"agent": "nope"})
+    assert "Agent: Select a valid choice" in bad.content.decode()
+    page = admin.get(reverse("playground-run-detail", args=[slug, tested.pk])).content.decode()
+    assert "Tool · calculator" in page and "Model call · offline" in page and "42" in page
+    assert world_a.owner.email in page  # who tested it
+    member = world_a.client_for(world_a.member)
+    assert member.get(reverse("playground-run-list", args=[slug])).status_code == 403
+    assert member.get(reverse("playground-run-detail", args=[slug, tested.pk])).status_code == 403
