@@ -63,19 +63,22 @@ class RunPage:
         return any(r.is_active or r.status in ACTIVE_STATUSES for r in self.runs)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
 def cursor_for(run: Run | PlaygroundRun) -> str:
-    """The keyset position just after `run` (newest first): its time and id."""
-    micros = int(run.created_at.timestamp() * 1_000_000)
-    return f"{micros}_{run.pk}"
+    """The keyset position just after `run` (newest first): its time, to the exact microsecond
+    (integer arithmetic: a float timestamp can be off by one), and its id."""
+    return f"{(run.created_at - _EPOCH) // _MICROSECOND}_{run.pk}"
 
 
 def parse_cursor(value: str) -> tuple[datetime, UUID]:
     """`cursor_for`'s inverse; ValidationFailed for anything else (a hand-edited link)."""
     try:
         micros, _, run_id = value.partition("_")
-        when = datetime.fromtimestamp(int(micros) / 1_000_000, tz=UTC)
-        return when, UUID(run_id)
-    except (ValueError, OverflowError, OSError):
+        return _EPOCH + int(micros) * _MICROSECOND, UUID(run_id)
+    except (ValueError, OverflowError):
         raise ValidationFailed(
             "This page link is not valid.",
             fields={"before": "Start again from the newest runs."},

@@ -481,3 +481,12 @@ def test_playground_runs_are_listed_apart_and_open_with_their_timeline(world_a, 
     member = world_a.client_for(world_a.member)
     assert member.get(reverse("playground-run-list", args=[slug])).status_code == 403
     assert member.get(reverse("playground-run-detail", args=[slug, tested.pk])).status_code == 403
+
+
+def test_a_cursor_keeps_the_exact_microsecond():
+    run = Run(created_at=timezone.now().replace(microsecond=999_999))
+    when, run_id = inspector.parse_cursor(inspector.cursor_for(run))
+    assert (when, run_id) == (run.created_at, run.pk)
+    for bad in ("", "12", "x_y", "99999999999999999999999_" + str(run.pk)):
+        with pytest.raises(inspector.ValidationFailed):
+            inspector.parse_cursor(bad)
