@@ -289,6 +289,7 @@ class Timeline:
     tool_calls: int = 0
     first_token_ms: float | None = None
     first_output_ms: float | None = None  # the end of the first model call
+    raw: str = ""  # the trace as pretty JSON, for the "raw" view
 
 
 def _num(value: Any) -> float:
@@ -426,6 +427,7 @@ def timeline(trace: Any) -> Timeline:
         tool_calls=sum(1 for s in spans if s.get("kind") == "tool_call"),
         first_token_ms=first_token,
         first_output_ms=min(model_ends) if model_ends else None,
+        raw=json.dumps(spans, indent=2, ensure_ascii=False, default=str) if spans else "",
     )
 
 

@@ -7,6 +7,7 @@ tenant's slug or ids a 404. Pages of active runs poll their own fragment (htmx) 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django.contrib import messages
@@ -119,6 +120,8 @@ def _run_context(request: TenantRequest, run_id: Any) -> dict[str, Any]:
     }
     context["output_html"], context["output_json"] = inspector.output_of(run.output)
     context["input_messages"] = inspector.run_input(run)
+    if run.metadata:
+        context["metadata_json"] = json.dumps(run.metadata, indent=2, ensure_ascii=False)
     if run.is_active:
         context["progress"] = inspector.run_progress(tenant=tenant, run=run)
     return context

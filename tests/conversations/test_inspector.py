@@ -110,6 +110,7 @@ def test_a_real_runs_page_shows_its_timeline_timings_tokens_and_reply(
     assert world_a.member.email in page  # the end user, and who started it
     assert "after the attempt started" in page  # time to first token
     assert "hx-trigger" not in page  # a finished run does not poll
+    assert "Raw trace (JSON)" in page and "&quot;kind&quot;: &quot;first_token&quot;" in page
     # The waterfall: every bar lies within the run.
     xs = [float(x) for x in re.findall(r'<rect x="([\d.]+)%"', page)]
     widths = [float(w) for w in re.findall(r'width="([\d.]+)%"', page)]
@@ -372,8 +373,11 @@ def test_a_reply_is_rendered_as_sanitised_markdown(world_a, admin):
 
 def test_the_api_key_is_named_never_revealed(world_a, admin):
     agent = _agent(world_a)
-    run = _run(world_a, agent, source="api", api_key=world_a.admin_key)
+    run = _run(
+        world_a, agent, source="api", api_key=world_a.admin_key, metadata={"ticket": "T-981"}
+    )
     page = _detail(admin, world_a, run).content.decode()
+    assert "T-981" in page  # the integrator's metadata
     assert "Acme admin key" in page and f"cp_{world_a.admin_key.prefix}_" in page
     assert world_a.admin_key_raw not in page and world_a.admin_key.key_hash not in page
 
