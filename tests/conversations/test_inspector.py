@@ -197,6 +197,9 @@ def test_filters_narrow_the_list(world_a, admin, many, query, expected):
 
 def test_filter_by_agent_and_by_explicit_dates(world_a, admin, many):
     assert _shown(_list(admin, world_a, agent=str(many["other"].pk))) == [str(many["writer"].pk)]
+    editor = admin.get(reverse("agent-detail", args=[world_a.tenant.slug, many["other"].pk]))
+    runs_url = reverse("run-list", args=[world_a.tenant.slug]) + f"?agent={many['other'].pk}"
+    assert f'href="{runs_url}"' in editor.content.decode()  # the agent's page links its runs
     old = many["old"].created_at
     response = _list(
         admin,
