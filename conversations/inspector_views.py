@@ -28,10 +28,9 @@ def _fragment(request: TenantRequest, name: str) -> bool:
     return bool(request.htmx) and not request.htmx.boosted and request.GET.get("fragment") == name
 
 
-def _search(
-    request: TenantRequest, form: TimeFilterForm, search: Any
-) -> tuple[Any, list[str], dict[str, Any]]:
-    """Validate the filters, run `search(filters, before)`: (page or None, errors, context)."""
+def _search(request: TenantRequest, form: TimeFilterForm, search: Any) -> dict[str, Any]:
+    """Validate the filters and run `search(filters, before)`: the list page's context, with
+    the page (None when the input is bad) and the errors in words."""
     page, errors = None, []
     if not form.is_bound or form.is_valid():
         filters = form.filters() if form.is_bound else inspector.RunFilters()
@@ -51,7 +50,7 @@ def _search(
         "query": query.urlencode(),
         "paged": bool(request.GET.get("before")),
     }
-    return page, errors, context
+    return context
 
 
 def _list_response(request: TenantRequest, template: str, context: dict[str, Any]) -> HttpResponse:
@@ -68,7 +67,7 @@ def run_list(request: TenantRequest) -> HttpResponse:
     tenant = request.tenant
     agents = list(agent_selectors.agent_list(tenant=tenant))
     form = RunFilterForm(request.GET or None, agents=agents)
-    _, _, context = _search(
+    context = _search(
         request,
         form,
         lambda filters, before: inspector.run_search(tenant=tenant, filters=filters, before=before),
@@ -81,7 +80,7 @@ def playground_run_list(request: TenantRequest) -> HttpResponse:
     tenant = request.tenant
     agents = list(agent_selectors.agent_list(tenant=tenant))
     form = TimeFilterForm(request.GET or None, agents=agents)
-    _, _, context = _search(
+    context = _search(
         request,
         form,
         lambda filters, before: inspector.playground_run_search(
