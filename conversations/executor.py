@@ -291,6 +291,10 @@ async def execute(held: Claim) -> str:
 
     async def on_event(event: Any) -> None:
         mapped = mapper.map(event)
+        if not ctx.extra.get("first_token") and any(
+            e["type"] == run_events.MESSAGE_DELTA for e in mapped
+        ):
+            ctx.extra["first_token"] = ctx.trace.add("first_token")  # for the run inspector
         if mapped:
             try:
                 await streams.append(held.run_id, held.attempt, mapped)

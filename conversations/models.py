@@ -178,6 +178,9 @@ class Run(TenantOwned):
         indexes = [
             models.Index(fields=["tenant", "-created_at"], name="run_tenant_recent"),
             models.Index(fields=["tenant", "agent", "-created_at"], name="run_agent_recent"),
+            # The run inspector's filters by status and by end user.
+            models.Index(fields=["tenant", "status", "-created_at"], name="run_status_recent"),
+            models.Index(fields=["tenant", "end_user", "-created_at"], name="run_user_recent"),
             models.Index(fields=["thread", "queued", "created_at"], name="run_thread_queue"),
             models.Index(
                 fields=["lease_expires_at"], condition=Q(status="running"), name="run_running_lease"

@@ -29,7 +29,7 @@ from conversations.models import (
     Thread,
     ThreadStatus,
 )
-from tenants import limits, realtime
+from tenants import audit, limits, realtime
 from tenants.actors import Actor
 from tenants.models import Tenant, User
 from usage import services as usage_services
@@ -328,4 +328,26 @@ def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) 
         transaction.on_commit(
             partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, "Stopped.")
         )
+    return run
+
+
+def run_stop(*, tenant: Tenant, actor: Actor, run_id: Any) -> Run:
+    """An owner or admin stops a run from the run inspector: `run_cancel`, audited as
+    `run.cancel` when the run was still active (stopping an ended run changes nothing)."""
+    with transaction.atomic():
+        before = Run.objects.for_tenant(tenant).filter(pk=run_id).values_list("status", flat=True)
+        try:
+            was = before.first()
+        except (ValueError, ValidationError):
+            raise NotFound("No such run.")
+        run = run_cancel(tenant=tenant, run_id=run_id)
+        if was != run.status:
+            audit.audit_record(
+                tenant=tenant,
+                actor=actor,
+                action="run.cancel",
+                target=run,
+                target_label=f"Run of {run.agent.name}",
+                change_set={"status": [was, run.status]},
+            )
     return run

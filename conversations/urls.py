@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from conversations import views
+from conversations import inspector_views, views
 
 urlpatterns = [
     path("chat/", views.chat_home, name="chat-home"),
@@ -11,4 +11,19 @@ urlpatterns = [
     path("chat/<uuid:thread_id>/items/", views.chat_items, name="chat-items"),
     path("chat/<uuid:thread_id>/rename/", views.chat_rename, name="chat-rename"),
     path("chat/<uuid:thread_id>/delete/", views.chat_delete, name="chat-delete"),
+    # The run inspector (owners and admins).
+    path("runs/", inspector_views.run_list, name="run-list"),
+    path("runs/<uuid:run_id>/", inspector_views.run_detail, name="run-detail"),
+    path("runs/playground/", inspector_views.playground_run_list, name="playground-run-list"),
+    path(
+        "runs/playground/<uuid:run_id>/",
+        inspector_views.playground_run_detail,
+        name="playground-run-detail",
+    ),
+    path("runs/<uuid:run_id>/cancel/", inspector_views.run_cancel, name="run-cancel"),
+    path(
+        "runs/threads/<uuid:thread_id>/",
+        inspector_views.thread_transcript,
+        name="thread-transcript",
+    ),
 ]

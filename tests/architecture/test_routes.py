@@ -128,6 +128,13 @@ TENANT_ROUTES: dict[str, Case] = {
     "budget-settings": Case(
         methods=("get", "post"), data={"token_limit": "1", "warn_percent": "5"}
     ),
+    # Run inspector: A's active run (made in `two_worlds`) must stay running.
+    "run-list": Case(),
+    "run-detail": Case(lambda w: {"run_id": _run_of(w).pk}),
+    "run-cancel": Case(lambda w: {"run_id": _run_of(w).pk}, ("post",)),
+    "thread-transcript": Case(lambda w: {"thread_id": _run_of(w).thread_id}),
+    "playground-run-list": Case(),
+    "playground-run-detail": Case(lambda w: _ids(run_id="run")(w)),
 }
 
 
@@ -141,6 +148,21 @@ def _thread_of(world: World):
             tenant=world.tenant, end_user=end_user, agent_id=agents_of(world)["agent"].pk
         )
     return world.chat_thread
+
+
+def _run_of(world: World):
+    """An active run of `world`'s member on a thread of its own (made once per test)."""
+    if not hasattr(world, "active_run"):
+        from conversations import services
+
+        end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+        thread = services.thread_create(
+            tenant=world.tenant, end_user=end_user, agent_id=agents_of(world)["agent"].pk
+        )
+        world.active_run = services.run_create(
+            tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hello"
+        )
+    return world.active_run
 
 
 def _walk(patterns, prefix="", namespace=""):
@@ -180,12 +202,14 @@ def two_worlds(world_a, world_b):
     # An agent (live version and draft), a provider and an MCP server in each tenant, made now so
     # that the snapshot taken before a cross-tenant call already holds them.
     agents_of(world_a), agents_of(world_b)
+    _run_of(world_a), _run_of(world_b)
     return world_a, world_b
 
 
 def _snapshot(world: World):
     """What a cross-tenant call must not change in tenant A."""
     from ai_agents.models import Agent, AgentVersion, McpServer, ModelProvider
+    from conversations.models import Run
     from tenants.models import ApiKey, Invitation, Membership
     from usage.models import Budget, ModelPrice
 
@@ -208,6 +232,7 @@ def _snapshot(world: World):
             )
         ),
         sorted(Invitation.objects.for_tenant(world.tenant).values_list("email", "revoked_at")),
+        sorted(Run.objects.for_tenant(world.tenant).values_list("pk", "status")),
     )
 
 

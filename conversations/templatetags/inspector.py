@@ -1,0 +1,55 @@
+"""Presentation filters of the run inspector: durations in words a person reads at a glance."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from django import template
+
+register = template.Library()
+
+
+@register.filter
+def ms(value: Any) -> str:
+    """850 → "850 ms", 1234.5 → "1.23 s", 95000 → "1 min 35 s"; "" for nothing."""
+    if value is None or value == "":
+        return ""
+    try:
+        millis = float(value)
+    except (TypeError, ValueError):
+        return ""
+    if millis < 1000:
+        return f"{millis:.0f} ms" if millis >= 10 else f"{millis:.1f} ms".replace(".0 ms", " ms")
+    seconds = millis / 1000
+    if seconds < 60:
+        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s" if rest else f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
+
+
+@register.filter
+def ms_between(start: datetime | None, end: datetime | None) -> str:
+    """The time from `start` to `end` (see `ms`); "" when either is missing."""
+    if start is None or end is None:
+        return ""
+    return ms(max((end - start).total_seconds() * 1000, 0))
+
+
+@register.filter
+def cost(value: Decimal | float | None) -> str:
+    """A cost in dollars with as many decimals as small amounts need: $0.0042, $1.25."""
+    if value is None:
+        return ""
+    amount = Decimal(value)
+    if amount == 0:
+        return "$0"
+    if amount < Decimal("0.01"):
+        return f"${amount.normalize():f}"
+    return (
+        f"${amount:.2f}" if amount >= 1 else f"${amount.quantize(Decimal('0.0001')).normalize():f}"
+    )
