@@ -194,10 +194,15 @@ def running(
             env,
             logs,
         )  # fmt: skip
-        # Celery forks its pool: plain connections in the worker, as in devstack and compose.
+        # Celery forks its pool: plain, kept connections in the worker, as in devstack and compose.
         # `worker_env` tries other settings for the worker alone (e.g. DATABASE_POOL=1 with
         # `--worker-pool solo`).
-        worker_env = {**env, "DATABASE_POOL": "0", **(worker_env or {})}
+        worker_env = {
+            **env,
+            "DATABASE_POOL": "0",
+            "DATABASE_CONN_MAX_AGE": "60",
+            **(worker_env or {}),
+        }
         procs["worker"] = _start(
             "worker",
             [

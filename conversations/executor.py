@@ -230,7 +230,14 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
     final = status or _status_of(outcome)
     with transaction.atomic():
         # tenant-scope: the claim carries the run id; the attempt fences the write
-        run = _runs("finishing a claimed run").select_for_update().filter(pk=held.run_id).first()
+        run = (
+            _runs("finishing a claimed run")
+            .select_for_update(of=("self",))  # the run's row only, not its tenant's
+            .select_related("tenant")
+            .defer("input", "trace", "output", "metadata")
+            .filter(pk=held.run_id)
+            .first()
+        )
         if run is None or run.attempt != held.attempt or run.status != RunStatus.RUNNING:
             return False
         usage = outcome.usage or {}
@@ -244,7 +251,12 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
         usage_services.record_run(run, outcome.trace)  # usage and cost land with the outcome
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
-        run.save()
+        run.save(
+            update_fields=[
+                "status", "output", "error", "trace", "input_tokens", "output_tokens",
+                "total_tokens", "cost", "finished_at", "lease_owner", "lease_expires_at",
+            ]
+        )  # fmt: skip
         end_thread(run, final)
     return True
 

@@ -3,6 +3,7 @@ every way it can end into a status and a message a person understands."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ async def run_version(
     `session` (an Agents SDK Session, e.g. a thread's) supplies the history and receives the new
     items; `on_event` receives every SDK stream event as it happens."""
     ctx = context or await sync_to_async(context_for)(tenant=tenant, version=version, depth=depth)
+    models.run_loop.set(asyncio.get_running_loop())  # the run's models share this loop's clients
     try:
         built = await sync_to_async(build)(
             tenant=tenant, version=version, depth=depth, trace=ctx.trace

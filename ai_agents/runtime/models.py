@@ -3,6 +3,12 @@ endpoint reached through the egress-guarded HTTP client."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import threading
+import weakref
+from typing import Any
+
 from agents import Model, OpenAIChatCompletionsModel, OpenAIResponsesModel
 from django.conf import settings
 from openai import AsyncOpenAI
@@ -23,7 +29,21 @@ def offline_model() -> Model:
     )
 
 
-def openai_client(provider: ModelProvider) -> AsyncOpenAI:
+# The event loop the run's models will be called on. `run_version` sets it before building the
+# agent in a worker thread (`sync_to_async` carries context variables there), so that the models
+# of every run on that loop share one client per provider: its connections are kept alive from
+# run to run instead of being opened (and their addresses checked) for each run. An httpx client
+# belongs to one event loop, hence one cache per loop.
+run_loop: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "run_loop", default=None
+)
+_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncOpenAI]] = (
+    weakref.WeakKeyDictionary()
+)
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _new_client(provider: ModelProvider) -> AsyncOpenAI:
     from controlplane import egress
 
     key = crypto.decrypt(provider.api_key_encrypted) if provider.api_key_encrypted else "none"
@@ -34,6 +54,30 @@ def openai_client(provider: ModelProvider) -> AsyncOpenAI:
         timeout=provider.timeout_seconds,
         http_client=egress.guarded_openai_http_client(timeout=provider.timeout_seconds),
     )
+
+
+def openai_client(provider: ModelProvider) -> AsyncOpenAI:
+    """The provider's client: shared by the runs of one event loop (see `run_loop`) until the
+    provider changes, a new one otherwise."""
+    loop = run_loop.get()
+    if loop is None or loop.is_closed():
+        return _new_client(provider)
+    version = (
+        provider.pk,
+        provider.updated_at,
+        provider.base_url,
+        provider.api_key_encrypted,
+        provider.timeout_seconds,
+    )
+    with _CLIENTS_LOCK:
+        clients = _CLIENTS.setdefault(loop, {})
+        client = clients.get(version)
+        if client is None:
+            # An edited provider's old client is dropped (runs still using it keep it alive).
+            for stale in [v for v in clients if v[0] == provider.pk]:
+                del clients[stale]
+            client = clients[version] = _new_client(provider)
+        return client
 
 
 def provider_model(provider: ModelProvider, *, model_name: str) -> Model:
