@@ -52,6 +52,8 @@ CONNECT_TIMEOUT = 2.0
 # Every blocked `follow()` holds one connection of its loop's pool: redis-py's default cap (100)
 # refused the 101st open chat of a web process (measured with `make bench`, c = 200).
 MAX_CONNECTIONS = 5_000
+# The process's stream reader issues at most one XREAD per BATCH_S seconds (see `_Multiplexer`).
+BATCH_S = 0.004
 
 _ID = re.compile(r"^\d+(-\d+)?$")
 
@@ -377,12 +379,26 @@ class _Multiplexer:
             log.debug("could not wake the stream reader", exc_info=True)
 
     async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        issued = -BATCH_S
         try:
             while self.by_key:
-                positions: dict[Any, Any] = {
-                    key: min(followers, key=_position).read_id
-                    for key, followers in self.by_key.items()
-                }
+                # Under load, XREADs that return at once are spaced BATCH_S apart, so that each
+                # carries every stream's new entries instead of one (its cost grows with the
+                # number of streams followed): an event waits at most that long.
+                wait = issued + BATCH_S - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    if not self.by_key:
+                        break
+                issued = loop.time()
+                # Each stream from its followers' lowest position. A follower that joins behind
+                # that position while the XREAD waits gets its entries from the next XREAD.
+                since: dict[str, tuple[int, int]] = {}
+                positions: dict[Any, Any] = {}
+                for key, followers in self.by_key.items():
+                    lowest = min(followers, key=_position)
+                    since[key], positions[key] = lowest.read, lowest.read_id
                 positions[self.wake_key] = self.wake_last
                 self.reading, self.woken = True, False
                 try:
@@ -393,7 +409,7 @@ class _Multiplexer:
                     if key == self.wake_key:
                         self.wake_last = rows[-1][0]
                         continue
-                    self._deliver(self.by_key.get(key), rows)
+                    self._deliver(self.by_key.get(key), rows, since.get(key))
         except (redis.exceptions.RedisError, OSError) as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -405,8 +421,11 @@ class _Multiplexer:
             raise
 
     @staticmethod
-    def _deliver(followers: list[_Follower] | None, rows: list[Any]) -> None:
-        if not followers:
+    def _deliver(
+        followers: list[_Follower] | None, rows: list[Any], since: tuple[int, int] | None
+    ) -> None:
+        """Hand `rows` (read after `since`) to each follower, from after its own position."""
+        if not followers or since is None:
             return
         parsed: list[tuple[tuple[int, int], str, str]] = []
         for entry_id, fields in rows:
@@ -420,7 +439,7 @@ class _Multiplexer:
         newest, newest_id = parsed[-1][0], parsed[-1][1]
         for follower in followers:
             seen = follower.read
-            if newest <= seen:
+            if newest <= seen or seen < since:  # nothing new, or it joined behind this read
                 continue
             if parsed[0][0] > seen:
                 follower.pending.extend((entry_id, raw) for _p, entry_id, raw in parsed)
