@@ -75,13 +75,13 @@ def _stream_id(value: Any) -> str:
     return value if isinstance(value, str) and STREAM_ID.match(value) else "0-0"
 
 
-def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any, Any]:
-    """Membership, end user, thread and its active run; NotFound for anything not theirs."""
+def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any]:
+    """Membership, end user and thread; NotFound for anything not theirs."""
     membership = tenant_selectors.membership_for(slug=slug, user=user)
     tenant = membership.tenant
     end_user = services.end_user_for_member(tenant=tenant, user=user)
     thread = services.thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
-    return membership, end_user, thread, selectors.run_active(tenant=tenant, thread=thread)
+    return membership, end_user, thread
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -101,7 +101,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         kwargs = self.scope["url_route"]["kwargs"]
         slug, thread_id = kwargs["tenant_slug"], kwargs["thread_id"]
         try:
-            membership, end_user, thread, active = await _db(_lookup)(slug, user, thread_id)
+            membership, end_user, thread = await _db(_lookup)(slug, user, thread_id)
         except NotFound:
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -114,10 +114,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
         # A removal (or thread deletion) that committed before we joined reached nobody: look
-        # again now that any later revoke will reach us.
-        try:
-            _m, _e, _t, active = await _db(_lookup)(slug, user, thread_id)
-        except NotFound:
+        # again now that any later revoke will reach us (one query, with the active run).
+        still_open, active = await _db(selectors.chat_still_open)(
+            tenant=self.tenant, membership=membership, end_user=end_user, thread=thread
+        )
+        if not still_open:
             await self._leave()
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -126,12 +127,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             {
                 "type": "hello",
                 "thread_id": str(thread.pk),
-                "active_run": str(active.pk) if active else None,
+                "active_run": str(active) if active else None,
             }
         )
         if active is not None:
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-            self._follow(str(active.pk), _stream_id((query.get("after") or ["0-0"])[0]))
+            self._follow(str(active), _stream_id((query.get("after") or ["0-0"])[0]))
 
     async def disconnect(self, code: int) -> None:
         await self._stop_following()

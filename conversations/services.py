@@ -230,10 +230,18 @@ def _run_create(
     actor: Actor | None,
     metadata: dict[str, Any] | None,
 ) -> Run:
-    thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
-    # Serialise run creation per thread.
-    Thread.objects.for_tenant(tenant).select_for_update().filter(pk=thread.pk).first()
-    agent = agent_selectors.agent_get(tenant=tenant, agent_id=thread.agent_id)
+    # One query: the thread, locked (which serialises run creation per thread; its agent and
+    # live version are read with it, not locked), or NotFound as `thread_get` says.
+    try:
+        thread = (
+            Thread.objects.for_tenant(tenant)
+            .select_for_update(of=("self",))
+            .select_related("agent__published_version")
+            .get(pk=thread_id, end_user=end_user)
+        )
+    except (Thread.DoesNotExist, ValueError, ValidationError):
+        raise NotFound("No such thread.")
+    agent = thread.agent
     if agent.published_version is None:
         raise Conflict(f"{agent.name} is not published any more.")
     active = (
