@@ -168,7 +168,16 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             # redis-py 8 times out socket reads after 5 s by default, exactly channels-redis's
             # 5 s blocking receive: the race kills idle websockets. Reads may block longer.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            # redis-py's default pool cap (100 connections) answered HTTP 500 to websocket
+            # handshakes when 200 chats connected at once (their group_adds exhausted it;
+            # docs/benchmark.md): a reconnect storm after a web restart looks the same.
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_timeout": 30,
+                    "max_connections": env.int("CHANNEL_LAYER_MAX_CONNECTIONS", default=2000),
+                }
+            ],
             "prefix": env.str("CHANNEL_LAYER_PREFIX", default="cp:asgi"),
         },
     }

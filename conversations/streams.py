@@ -49,8 +49,9 @@ LIVE_TTL_SECONDS = 24 * 3600
 MAX_BLOCK_MS = 3_000
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
-# Every blocked `follow()` holds one connection of its loop's pool: redis-py's default cap (100)
-# refused the 101st open chat of a web process (measured with `make bench`, c = 200).
+# Followers share one reader per loop (`_Multiplexer`), but a loop's writes and reads still take
+# pooled connections at once: redis-py's default cap (100) refused the 101st open chat of a web
+# process when each follower held one (measured with `make bench`, c = 200).
 MAX_CONNECTIONS = 5_000
 # The process's stream reader issues at most one XREAD per BATCH_S seconds (see `_Multiplexer`).
 BATCH_S = 0.004
