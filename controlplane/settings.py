@@ -327,6 +327,9 @@ RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30.0)
 RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_TIMEOUT_SECONDS = env.float("RUN_TIMEOUT_SECONDS", default=600.0)
 RUN_STREAM_TTL_SECONDS = env.int("RUN_STREAM_TTL_SECONDS", default=3600)
+# A web process reads every stream it follows with one XREAD at a time, at most one per this many
+# ms under load, so that each carries many events (conversations/streams.py, `_Multiplexer`).
+RUN_STREAM_BATCH_MS = env.float("RUN_STREAM_BATCH_MS", default=4.0)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
 CELERY_BEAT_SCHEDULE = {
     "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},

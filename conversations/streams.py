@@ -53,7 +53,8 @@ CONNECT_TIMEOUT = 2.0
 # pooled connections at once: redis-py's default cap (100) refused the 101st open chat of a web
 # process when each follower held one (measured with `make bench`, c = 200).
 MAX_CONNECTIONS = 5_000
-# The process's stream reader issues at most one XREAD per BATCH_S seconds (see `_Multiplexer`).
+# The process's stream reader issues at most one XREAD per BATCH_S seconds (see `_Multiplexer`);
+# the setting RUN_STREAM_BATCH_MS overrides it (0: one XREAD per event under load).
 BATCH_S = 0.004
 
 _ID = re.compile(r"^\d+(-\d+)?$")
@@ -381,13 +382,15 @@ class _Multiplexer:
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
-        issued = -BATCH_S
+        batch_ms = getattr(settings, "RUN_STREAM_BATCH_MS", None)
+        batch_s = BATCH_S if batch_ms is None else max(0.0, float(batch_ms) / 1000)
+        issued = -batch_s
         try:
             while self.by_key:
                 # Under load, XREADs that return at once are spaced BATCH_S apart, so that each
                 # carries every stream's new entries instead of one (its cost grows with the
                 # number of streams followed): an event waits at most that long.
-                wait = issued + BATCH_S - loop.time()
+                wait = issued + batch_s - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
                     if not self.by_key:
