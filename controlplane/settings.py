@@ -171,7 +171,16 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             # redis-py 8 times out socket reads after 5 s by default, exactly channels-redis's
             # 5 s blocking receive: the race kills idle websockets. Reads may block longer.
-            "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+            # redis-py's default pool cap (100 connections) answered HTTP 500 to websocket
+            # handshakes when 200 chats connected at once (their group_adds exhausted it;
+            # docs/benchmark.md): a reconnect storm after a web restart looks the same.
+            "hosts": [
+                {
+                    "address": REDIS_URL,
+                    "socket_timeout": 30,
+                    "max_connections": env.int("CHANNEL_LAYER_MAX_CONNECTIONS", default=2000),
+                }
+            ],
             "prefix": env.str("CHANNEL_LAYER_PREFIX", default="cp:asgi"),
         },
     }
@@ -325,6 +334,9 @@ RUN_MODEL_RETRIES = env.int("RUN_MODEL_RETRIES", default=3)
 RUN_MODEL_RETRY_BACKOFF_SECONDS = env.float("RUN_MODEL_RETRY_BACKOFF_SECONDS", default=1.0)
 RUN_MODEL_RETRY_MAX_WAIT_SECONDS = env.float("RUN_MODEL_RETRY_MAX_WAIT_SECONDS", default=30.0)
 RUN_STREAM_TTL_SECONDS = env.int("RUN_STREAM_TTL_SECONDS", default=3600)
+# A web process reads every stream it follows with one XREAD at a time, at most one per this many
+# ms under load, so that each carries many events (conversations/streams.py, `_Multiplexer`).
+RUN_STREAM_BATCH_MS = env.float("RUN_STREAM_BATCH_MS", default=4.0)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
 CELERY_BEAT_SCHEDULE = {
     "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},

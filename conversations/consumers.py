@@ -43,7 +43,6 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import connections
 
 from controlplane.errors import Conflict, DomainError, NotFound, RateLimited, ValidationFailed
-from conversations import events as run_events
 from conversations import selectors, services, streams
 from conversations.models import FINAL_STATUSES, MultitaskStrategy, RunSource
 from tenants import realtime
@@ -89,13 +88,13 @@ def _stream_id(value: Any) -> str:
     return value if isinstance(value, str) and STREAM_ID.match(value) else "0-0"
 
 
-def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any, Any]:
-    """Membership, end user, thread and its active run; NotFound for anything not theirs."""
+def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any]:
+    """Membership, end user and thread; NotFound for anything not theirs."""
     membership = tenant_selectors.membership_for(slug=slug, user=user)
     tenant = membership.tenant
     end_user = services.end_user_for_member(tenant=tenant, user=user)
     thread = services.thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
-    return membership, end_user, thread, selectors.run_active(tenant=tenant, thread=thread)
+    return membership, end_user, thread
 
 
 class ChatConsumer(AsyncJsonWebsocketConsumer):
@@ -115,7 +114,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         kwargs = self.scope["url_route"]["kwargs"]
         slug, thread_id = kwargs["tenant_slug"], kwargs["thread_id"]
         try:
-            membership, end_user, thread, active = await _db(_lookup)(slug, user, thread_id)
+            membership, end_user, thread = await _db(_lookup)(slug, user, thread_id)
         except NotFound:
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -128,10 +127,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
         # A removal (or thread deletion) that committed before we joined reached nobody: look
-        # again now that any later revoke will reach us.
-        try:
-            _m, _e, _t, active = await _db(_lookup)(slug, user, thread_id)
-        except NotFound:
+        # again now that any later revoke will reach us (one query, with the active run).
+        still_open, active = await _db(selectors.chat_still_open)(
+            tenant=self.tenant, membership=membership, end_user=end_user, thread=thread
+        )
+        if not still_open:
             await self._leave()
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -140,12 +140,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             {
                 "type": "hello",
                 "thread_id": str(thread.pk),
-                "active_run": str(active.pk) if active else None,
+                "active_run": str(active) if active else None,
             }
         )
         if active is not None:
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
-            self._follow(str(active.pk), _stream_id((query.get("after") or ["0-0"])[0]))
+            self._follow(str(active), _stream_id((query.get("after") or ["0-0"])[0]))
 
     async def disconnect(self, code: int) -> None:
         await self._stop_following()
@@ -261,13 +261,17 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.followers[run_id] = asyncio.create_task(self._relay(run_id, after))
 
     async def _relay(self, run_id: str, after: str) -> None:
+        # The frame around each event is built around the event's stored JSON text, which goes
+        # out as it is (no decoding and re-encoding per token). `run_id` is a UUID and stream
+        # ids are digits and a dash: nothing in the frame needs escaping.
+        head = '{"type":"event","run_id":"' + run_id + '","id":"'
         try:
-            async for event_id, event in streams.follow(run_id, after=after):
+            async for event_id, raw, terminal in streams.follow_raw(run_id, after=after):
                 if self.revoked:
                     return
-                if run_events.is_terminal(event):
+                if terminal:
                     self.finished.add(run_id)
-                if event.get("type") == run_events.HEARTBEAT:
+                if raw is None:
                     # Quiet for a while: if PostgreSQL says the run ended (its stream expired or
                     # was never written), stop and let the client reload the history.
                     status = await _db(selectors.run_status)(
@@ -279,9 +283,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         )
                         return
                     continue
-                await self.send_json(
-                    {"type": "event", "id": event_id, "run_id": run_id, "event": event}
-                )
+                await self.send(text_data=head + event_id + '","event":' + raw + "}")
         except streams.StreamUnavailable:
             if not self.revoked:
                 await self._error(

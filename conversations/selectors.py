@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db.models import QuerySet
+from django.db.models import Exists, OuterRef, QuerySet, Subquery
 from django.utils.safestring import SafeString
 
 from conversations import markdown
 from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, Thread
-from tenants.models import Tenant
+from tenants.models import Membership, Tenant
 
 PAGE_SIZE = 50
 
@@ -41,6 +41,35 @@ def run_active(*, tenant: Tenant, thread: Thread) -> Run | None:
         .order_by("-created_at")
         .first()
     )
+
+
+def chat_still_open(
+    *, tenant: Tenant, membership: Membership, end_user: EndUser, thread: Thread
+) -> tuple[bool, Any]:
+    """In one query: whether the membership and the end user's thread both still exist, and the
+    id of the thread's active run (as `run_active`) if so. A chat socket asks this once it has
+    joined its groups, to catch a removal that committed before it could hear of it."""
+    active = (
+        Run.objects.for_tenant(tenant)
+        .filter(thread=OuterRef("pk"), status__in=ACTIVE_STATUSES, queued=False)
+        .order_by("-created_at")
+        .values("pk")[:1]
+    )
+    row = (
+        Thread.objects.for_tenant(tenant)
+        .filter(pk=thread.pk, end_user=end_user)
+        .filter(
+            Exists(
+                Membership.objects.for_tenant(tenant).filter(
+                    pk=membership.pk, user_id=membership.user_id
+                )
+            )
+        )
+        .annotate(active_run=Subquery(active))
+        .values_list("active_run", flat=True)
+    )
+    found = list(row)
+    return (True, found[0]) if found else (False, None)
 
 
 def run_get(*, tenant: Tenant, thread: Thread, run_id: Any) -> Run | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from ai_agents import selectors as agent_selectors
@@ -232,26 +233,36 @@ def _run_create(
     actor: Actor | None,
     metadata: dict[str, Any] | None,
 ) -> Run:
-    thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
-    # Serialise run creation per thread.
-    Thread.objects.for_tenant(tenant).select_for_update().filter(pk=thread.pk).first()
-    agent = agent_selectors.agent_get(tenant=tenant, agent_id=thread.agent_id)
-    if agent.published_version is None:
-        raise Conflict(f"{agent.name} is not published any more.")
-    active = (
+    # One query: the thread, locked (which serialises run creation per thread), with its agent's
+    # name and live version (read, not locked), or NotFound as `thread_get` says. Only what is
+    # needed is read: this is on every chat message's path, and compiling wide SELECTs costs.
+    try:
+        thread = (
+            Thread.objects.for_tenant(tenant)
+            .select_for_update(of=("self",))
+            .annotate(live_version_id=F("agent__published_version_id"), agent_name=F("agent__name"))
+            .get(pk=thread_id, end_user=end_user)
+        )
+    except (Thread.DoesNotExist, ValueError, ValidationError):
+        raise NotFound("No such thread.")
+    version_id = thread.live_version_id  # type: ignore[attr-defined]
+    if version_id is None:
+        raise Conflict(f"{thread.agent_name} is not published any more.")  # type: ignore[attr-defined]
+    actives = (
         Run.objects.for_tenant(tenant)
         .select_for_update()
         .filter(thread=thread, status__in=[RunStatus.PENDING, RunStatus.RUNNING], queued=False)
-        .first()
     )
     queued = False
     now = timezone.now()
-    if active is not None:
+    active_id = actives.values_list("pk", flat=True).first()
+    if active_id is not None:
         if strategy == MultitaskStrategy.REJECT:
             raise ThreadBusy("This conversation is busy with another reply. Try again in a moment.")
         if strategy == MultitaskStrategy.ENQUEUE:
             queued = True
         else:
+            active = actives.get(pk=active_id)  # already locked: the whole row, to end it
             interrupted = strategy == MultitaskStrategy.INTERRUPT
             active.status = RunStatus.INTERRUPTED if interrupted else RunStatus.CANCELLED
             active.error = (
@@ -272,8 +283,8 @@ def _run_create(
     run = Run.objects.create(
         tenant=tenant,
         thread=thread,
-        agent=agent,
-        version=agent.published_version,
+        agent_id=thread.agent_id,
+        version_id=version_id,
         end_user=end_user,
         status=RunStatus.PENDING,
         queued=queued,

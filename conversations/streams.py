@@ -23,11 +23,10 @@ import json
 import logging
 import re
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
-from uuid import UUID
+from typing import Any, NamedTuple
+from uuid import UUID, uuid4
 
 import redis
 import redis.asyncio as aioredis
@@ -50,9 +49,13 @@ LIVE_TTL_SECONDS = 24 * 3600
 MAX_BLOCK_MS = 3_000
 SOCKET_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 2.0
-# Every blocked `follow()` holds one connection of its loop's pool: redis-py's default cap (100)
-# refused the 101st open chat of a web process (measured with `make bench`, c = 200).
+# Followers share one reader per loop (`_Multiplexer`), but a loop's writes and reads still take
+# pooled connections at once: redis-py's default cap (100) refused the 101st open chat of a web
+# process when each follower held one (measured with `make bench`, c = 200).
 MAX_CONNECTIONS = 5_000
+# The process's stream reader issues at most one XREAD per BATCH_S seconds (see `_Multiplexer`);
+# the setting RUN_STREAM_BATCH_MS overrides it (0: one XREAD per event under load).
+BATCH_S = 0.004
 
 _ID = re.compile(r"^\d+(-\d+)?$")
 
@@ -162,6 +165,7 @@ class _AsyncConn:
     claim: Any
     append: Any
     finish: Any
+    mux: _Multiplexer
 
 
 @dataclass
@@ -204,6 +208,7 @@ def _aconn() -> _AsyncConn:
             client.register_script(_CLAIM),
             client.register_script(_APPEND),
             client.register_script(_FINISH),
+            _Multiplexer(client),
         )
         per_loop[url] = conn
     return conn
@@ -232,6 +237,7 @@ async def aclose() -> None:
     """Close the clients of the running loop (tests, shutdown)."""
     per_loop = _async_conns.pop(asyncio.get_running_loop(), {})
     for conn in per_loop.values():
+        await conn.mux.aclose()
         await conn.client.aclose()
 
 
@@ -251,6 +257,221 @@ def _unavailable(run_id: UUID | str) -> Iterator[None]:
         raise StreamUnavailable(
             f"The event stream of run {run_id} is unavailable: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+# --- the multiplexer: one reader per event loop for every follower -------------------------------
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class _Follower:
+    """One `follow()`: the entries the reader handed it and not yet taken, and where it is."""
+
+    __slots__ = ("error", "key", "last_id", "left", "mux", "pending", "read", "read_id", "waiter")
+
+    def __init__(self, mux: _Multiplexer, key: str, after: str) -> None:
+        self.mux = mux
+        self.key = key
+        self.last_id = after  # the last entry handed out (`after` at first)
+        # The last entry the reader gave it (handed out or pending), and the same comparable:
+        # entries at or before it are not for this follower.
+        self.read_id = after
+        self.read = _parse_id(after)
+        self.pending: list[tuple[str, str]] = []
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+        self.left = False
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next_batch(self, heartbeat_s: float | None) -> list[tuple[str, str]] | None:
+        """The entries that arrived since the last call, oldest first, waiting for some; None
+        when nothing arrived for `heartbeat_s` seconds. StreamUnavailable if Redis failed."""
+        if not self.pending and self.error is None:
+            loop = asyncio.get_running_loop()
+            waiter = self.waiter = loop.create_future()
+            timer = None if heartbeat_s is None else loop.call_later(heartbeat_s, self._wake)
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                if timer is not None:
+                    timer.cancel()
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.last_id = batch[-1][0]
+            return batch
+        if self.error is not None:
+            raise StreamUnavailable(f"{type(self.error).__name__}: {self.error}") from self.error
+        return None
+
+    def leave(self) -> None:
+        if not self.left:
+            self.left = True
+            self.mux.leave(self)
+
+
+class _Multiplexer:
+    """Follows every stream that this event loop's followers follow, with one blocking XREAD at
+    a time over all of them (one round trip per batch of events for the whole process, instead
+    of one per event per follower), and hands each follower the entries after its own position.
+
+    The set of streams changes while the XREAD waits: a follower that joins then adds an entry
+    to this reader's own wake-up stream (`cp:mux:{<uuid>}`, one tiny entry, expiring), which is
+    in every XREAD, so it returns at once and the next XREAD includes the new stream. A follower
+    that leaves needs nothing: entries of a stream nobody follows any more are dropped. A Redis
+    failure ends the reader: every follower gets StreamUnavailable, and the next follower to
+    join starts a new reader."""
+
+    WAKE_TTL_SECONDS = 24 * 3600
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.by_key: dict[str, list[_Follower]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.wake_key = f"cp:mux:{{{uuid4()}}}"
+        self.wake_last = "0-0"
+        self.reading = False  # an XREAD is on its way or waiting; joiners must wake it
+        self.woken = False  # a wake-up was sent for this XREAD
+        self.wakers: set[asyncio.Task[None]] = set()
+
+    def join(self, key: str, after: str) -> _Follower:
+        follower = _Follower(self, key, after)
+        followers = self.by_key.get(key)
+        if followers is None:
+            self.by_key[key] = [follower]
+            new_key = True
+        else:
+            # The XREAD in flight reads this stream from its followers' lowest position: a
+            # follower at or after it needs no new XREAD.
+            new_key = follower.read < min(f.read for f in followers)
+            followers.append(follower)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._read())
+        elif new_key and self.reading and not self.woken:
+            self.woken = True
+            waker = asyncio.get_running_loop().create_task(self._wake())
+            self.wakers.add(waker)
+            waker.add_done_callback(self.wakers.discard)
+        return follower
+
+    def leave(self, follower: _Follower) -> None:
+        followers = self.by_key.get(follower.key)
+        if followers is None:
+            return
+        with contextlib.suppress(ValueError):
+            followers.remove(follower)
+        if not followers:
+            del self.by_key[follower.key]
+
+    async def _wake(self) -> None:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.expire(self.wake_key, self.WAKE_TTL_SECONDS)
+                await pipe.execute()
+        except (redis.exceptions.RedisError, OSError):
+            # The reader's own XREAD fails the same way and tells the followers.
+            log.debug("could not wake the stream reader", exc_info=True)
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch_ms = getattr(settings, "RUN_STREAM_BATCH_MS", None)
+        batch_s = BATCH_S if batch_ms is None else max(0.0, float(batch_ms) / 1000)
+        issued = -batch_s
+        try:
+            while self.by_key:
+                # Under load, XREADs that return at once are spaced BATCH_S apart, so that each
+                # carries every stream's new entries instead of one (its cost grows with the
+                # number of streams followed): an event waits at most that long.
+                wait = issued + batch_s - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    if not self.by_key:
+                        break
+                issued = loop.time()
+                # Each stream from its followers' lowest position. A follower that joins behind
+                # that position while the XREAD waits gets its entries from the next XREAD.
+                since: dict[str, tuple[int, int]] = {}
+                positions: dict[Any, Any] = {}
+                for key, followers in self.by_key.items():
+                    lowest = min(followers, key=_position)
+                    since[key], positions[key] = lowest.read, lowest.read_id
+                positions[self.wake_key] = self.wake_last
+                self.reading, self.woken = True, False
+                try:
+                    reply: Any = await self.client.xread(positions, count=500, block=MAX_BLOCK_MS)
+                finally:
+                    self.reading = False
+                for key, rows in reply or []:
+                    if key == self.wake_key:
+                        self.wake_last = rows[-1][0]
+                        continue
+                    self._deliver(self.by_key.get(key), rows, since.get(key))
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._fail(exc)
+        except asyncio.CancelledError:
+            self._fail(redis.exceptions.ConnectionError("the stream reader was stopped"))
+            raise
+        except BaseException as exc:  # a bug here must not leave followers waiting forever
+            log.exception("the stream reader failed")
+            self._fail(exc)
+            raise
+
+    @staticmethod
+    def _deliver(
+        followers: list[_Follower] | None, rows: list[Any], since: tuple[int, int] | None
+    ) -> None:
+        """Hand `rows` (read after `since`) to each follower, from after its own position."""
+        if not followers or since is None:
+            return
+        parsed: list[tuple[tuple[int, int], str, str]] = []
+        for entry_id, fields in rows:
+            raw = fields.get("event") if isinstance(fields, dict) else None
+            if not isinstance(raw, str):
+                log.warning("skipping a malformed stream entry %s", entry_id)
+                continue
+            parsed.append((_parse_id(entry_id), entry_id, raw))
+        if not parsed:
+            return
+        newest, newest_id = parsed[-1][0], parsed[-1][1]
+        for follower in followers:
+            seen = follower.read
+            if newest <= seen or seen < since:  # nothing new, or it joined behind this read
+                continue
+            if parsed[0][0] > seen:
+                follower.pending.extend((entry_id, raw) for _p, entry_id, raw in parsed)
+            else:
+                follower.pending.extend(
+                    (entry_id, raw) for position, entry_id, raw in parsed if position > seen
+                )
+            follower.read, follower.read_id = newest, newest_id
+            follower._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        followers = [f for fs in self.by_key.values() for f in fs]
+        self.by_key = {}
+        for follower in followers:
+            follower.error = exc
+            follower._wake()
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self.task, *self.wakers) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
+
+def _position(follower: _Follower) -> tuple[int, int]:
+    return follower.read
 
 
 # --- helpers shared by the async and sync APIs ---------------------------------------------------
@@ -368,32 +589,72 @@ async def read(
     return _entries(reply)
 
 
+class RawEntry(NamedTuple):
+    """One event as stored: `raw` is its JSON text (None for a heartbeat, which is never
+    stored), `terminal` says it is the run's terminal `run.status`."""
+
+    id: str
+    raw: str | None
+    terminal: bool
+
+
+def _is_terminal_raw(raw: str) -> bool:
+    # Only a run.status can be terminal: decode just those (a delta never is).
+    if '"run.status"' not in raw:
+        return False
+    try:
+        return run_events.is_terminal(json.loads(raw))
+    except (TypeError, ValueError):
+        return False
+
+
+async def follow_raw(
+    run_id: UUID | str, after: str = "0-0", *, heartbeat_s: float | None = 15
+) -> AsyncIterator[RawEntry]:
+    """`follow` without decoding: each event's stored JSON text, so a relay can pass it on as
+    it is (stored events are written by `_encode` only: valid JSON objects). A heartbeat is
+    `RawEntry(last id, None, False)`. Same ordering, resumption and ending as `follow`."""
+    follower = _aconn().mux.join(stream_key(run_id), _check_after(after))
+    try:
+        while True:
+            batch = await follower.next_batch(heartbeat_s)
+            if batch is None:
+                yield RawEntry(follower.last_id, None, False)
+                continue
+            for entry_id, raw in batch:
+                terminal = _is_terminal_raw(raw)
+                yield RawEntry(entry_id, raw, terminal)
+                if terminal:
+                    return
+    except StreamUnavailable as exc:
+        # Re-raised here so the message names this run.
+        raise StreamUnavailable(f"The event stream of run {run_id} is unavailable: {exc}") from exc
+    finally:
+        follower.leave()
+
+
 async def follow(
     run_id: UUID | str, after: str = "0-0", *, heartbeat_s: float | None = 15
 ) -> AsyncIterator[Entry]:
     """Yield the run's events after `after` as they arrive, ending after the terminal
     `run.status`. When nothing arrives for `heartbeat_s` seconds, yield `(last id, heartbeat)`:
     the reader can send a keep-alive, check it may still listen, and decide to give up (a run
-    whose stream expired or that never started yields only heartbeats)."""
-    last = _check_after(after)
-    idle_since = time.monotonic()
-    while True:
-        wait_ms = MAX_BLOCK_MS
-        if heartbeat_s is not None:
-            left = heartbeat_s - (time.monotonic() - idle_since)
-            wait_ms = max(1, min(MAX_BLOCK_MS, int(left * 1000)))
-        entries = await read(run_id, last, block_ms=wait_ms)
-        if not entries:
-            if heartbeat_s is not None and time.monotonic() - idle_since >= heartbeat_s:
-                yield last, run_events.heartbeat()
-                idle_since = time.monotonic()
+    whose stream expired or that never started yields only heartbeats).
+
+    Every follower of the process (of its event loop) is served by one reader
+    (`_Multiplexer`): one blocking XREAD over all the streams followed, not one per follower."""
+    async for entry_id, raw, terminal in follow_raw(run_id, after, heartbeat_s=heartbeat_s):
+        if raw is None:
+            yield entry_id, run_events.heartbeat()
             continue
-        for entry_id, event in entries:
-            last = entry_id
-            yield entry_id, event
-            if run_events.is_terminal(event):
-                return
-        idle_since = time.monotonic()
+        try:
+            event = json.loads(raw)
+        except (TypeError, ValueError):
+            log.warning("skipping a malformed stream entry %s", entry_id)
+            continue
+        yield entry_id, event
+        if terminal:
+            return
 
 
 # --- sync API (views and services that run under the sync ORM) -----------------------------------

@@ -4,6 +4,7 @@ the event vocabulary (conversations.events) mapped from real Agents SDK runs. No
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
 
@@ -293,3 +294,162 @@ async def test_an_unreachable_redis_raises_stream_unavailable(run_id, settings):
     with pytest.raises(streams.StreamUnavailable):
         streams.read_sync(run_id)
     streams.close_sync()
+
+
+# --- the multiplexer: every follower of a loop served by one reader ------------------------------
+
+
+def _mux():
+    return streams._aconn().mux
+
+
+async def test_many_followers_of_many_runs_get_their_own_events_once_in_order(run_id):
+    """Followers joining a reader that is already waiting: each sees its run's events, in order,
+    exactly once, whatever the other runs do meanwhile; one reader serves them all."""
+    runs = [run_id, *(uuid.uuid4() for _ in range(5))]
+    try:
+        for rid in runs:
+            await streams.claim(rid, 1)
+            await streams.append(rid, 1, [events.status("running")])
+        ready = {rid: [asyncio.Event() for _ in range(3)] for rid in runs}
+        followers = {
+            rid: [asyncio.create_task(_collect(rid, started=r)) for r in ready[rid]] for rid in runs
+        }
+        await asyncio.gather(*(r.wait() for rs in ready.values() for r in rs))
+        assert len(_mux().by_key) == len(runs)
+        for n in range(4):
+            for rid in runs:
+                await streams.append(rid, 1, [events.message_delta(f"{rid}-{n}", agent="A")])
+        for rid in runs:
+            await streams.finish(rid, 1, events.status("success"))
+        for rid in runs:
+            seen = await asyncio.wait_for(asyncio.gather(*followers[rid]), timeout=10)
+            stored = await streams.read(rid)
+            assert all(s == stored for s in seen)
+            assert _texts(stored[1:-1]) == [f"{rid}-{n}" for n in range(4)]
+        assert _mux().by_key == {}  # everyone left at the terminal event
+    finally:
+        client = redis.Redis.from_url(django_settings.REDIS_URL)
+        try:
+            client.delete(*(streams.stream_key(rid) for rid in runs[1:]))
+            client.delete(*(streams.attempt_key(rid) for rid in runs[1:]))
+        finally:
+            client.close()
+
+
+async def test_a_follower_joining_while_the_reader_waits_does_not_wait_for_its_block(
+    run_id, monkeypatch
+):
+    """A new run's follower wakes the reader that is blocked on the other streams: its first
+    event arrives at once, not after the reader's BLOCK (made longer than the bound here)."""
+    monkeypatch.setattr(streams, "MAX_BLOCK_MS", 4_500)
+    other = uuid.uuid4()
+    quiet = asyncio.create_task(_collect(other))  # keeps the reader blocked on `other`
+    try:
+        for _ in range(3):  # the follower joins, its reader starts and sends its XREAD
+            await asyncio.sleep(0)
+        assert _mux().reading
+        await streams.claim(run_id, 1)
+        late = streams.follow(run_id, heartbeat_s=None)
+        first = asyncio.create_task(anext(late))
+        await asyncio.sleep(0)  # the follower joined
+        (entry_id,) = await streams.append(run_id, 1, [events.status("running")])
+        assert (await asyncio.wait_for(first, timeout=2))[0] == entry_id
+        await late.aclose()
+    finally:
+        quiet.cancel()
+
+
+async def test_a_follower_resuming_behind_another_gets_only_its_missing_events(run_id):
+    await streams.claim(run_id, 1)
+    ids = await streams.append(
+        run_id, 1, [events.status("running"), *(events.message_delta(w, agent="A") for w in "abc")]
+    )
+    ahead = streams.follow(run_id, after=ids[-1], heartbeat_s=None)
+    ahead_next = asyncio.create_task(anext(ahead))
+    await asyncio.sleep(0)
+    behind = await asyncio.wait_for(
+        _collect_n(streams.follow(run_id, after=ids[1], heartbeat_s=None), 2), timeout=10
+    )
+    assert [i for i, _ in behind] == ids[2:]
+    (new_id,) = await streams.append(run_id, 1, [events.message_delta("d", agent="A")])
+    assert (await asyncio.wait_for(ahead_next, timeout=10))[0] == new_id  # nothing twice
+    await ahead.aclose()
+
+
+async def _collect_n(stream, n):
+    got = []
+    async for entry in stream:
+        got.append(entry)
+        if len(got) == n:
+            break
+    await stream.aclose()
+    return got
+
+
+async def test_a_follower_that_leaves_gets_nothing_more_and_the_reader_stops(run_id):
+    await streams.claim(run_id, 1)
+    (first,) = await streams.append(run_id, 1, [events.status("running")])
+    leaving = streams.follow(run_id, heartbeat_s=None)
+    assert (await anext(leaving))[0] == first
+    staying = asyncio.create_task(_collect(run_id))
+    await leaving.aclose()
+    await streams.append(run_id, 1, [events.message_delta("x", agent="A")])
+    await streams.finish(run_id, 1, events.status("success"))
+    assert len(await asyncio.wait_for(staying, timeout=10)) == 3
+    assert _mux().by_key == {}
+    await asyncio.wait_for(_mux().task, timeout=10)  # no follower: the reader ends
+
+
+class _Proxy:
+    """A TCP proxy to the test Redis that can be cut, like a Redis that goes away."""
+
+    def __init__(self, target: str):
+        url = redis.connection.parse_url(target)
+        self.host, self.port = url.get("host", "127.0.0.1"), url.get("port", 6379)
+        self.db = url.get("db", 0)
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/{self.db}"
+
+    async def _client(self, reader, writer):
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src, dst):
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self):
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+async def test_redis_going_away_ends_every_follower_with_stream_unavailable(run_id, settings):
+    proxy = _Proxy(django_settings.REDIS_URL)
+    direct = django_settings.REDIS_URL
+    settings.REDIS_URL = await proxy.start()
+    await streams.claim(run_id, 1)
+    (first,) = await streams.append(run_id, 1, [events.status("running")])
+    followers = [streams.follow(run_id, heartbeat_s=None) for _ in range(3)]
+    for follower in followers:
+        assert (await anext(follower))[0] == first
+    waiting = [asyncio.create_task(anext(f)) for f in followers]
+    await asyncio.sleep(0)
+    await proxy.cut()
+    for task in waiting:
+        with pytest.raises(streams.StreamUnavailable):
+            await asyncio.wait_for(task, timeout=10)
+    # Redis is back (here: reached directly): a new follower starts a new reader.
+    settings.REDIS_URL = direct
+    assert (await asyncio.wait_for(anext(streams.follow(run_id)), timeout=10))[0] == first
