@@ -62,6 +62,10 @@ def build(*, chatters: int, llm_base_url: str) -> World:
     slug = f"bench-{label}"
     owner = User.objects.create_user(f"owner@{slug}.bench.invalid", None, name="Bench owner")
     tenant = tenant_services.tenant_create(user=owner, name=f"Bench {label}", slug=slug)
+    # Each simulated person sends a message as soon as the last reply ends, far more often than
+    # a person does: the tenant's per-end-user rate limits are off (0 means no limit).
+    tenant.end_user_runs_per_minute = tenant.end_user_runs_per_hour = 0
+    tenant.save(update_fields=["end_user_runs_per_minute", "end_user_runs_per_hour"])
     actor = Actor(user=owner, membership=Membership.objects.for_tenant(tenant).get(user=owner))
     provider = agent_services.provider_create(
         tenant=tenant,
