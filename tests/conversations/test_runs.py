@@ -174,13 +174,13 @@ def test_a_thread_needs_a_published_agent_of_the_tenant(world_a, world_b):
     assert not Thread.objects.for_tenant(world_a.tenant).exists()
 
 
-def test_a_message_costs_four_queries_whatever_the_strategy(chat, django_assert_max_num_queries):
-    """run_create is on every chat message's path: the locked thread (with its agent and live
-    version), the active run, the new run, the thread's status. (Plus the savepoint pair that
-    the test's own transaction turns `atomic` into.)"""
+def test_a_message_costs_five_queries_whatever_the_strategy(chat, django_assert_max_num_queries):
+    """run_create is on every chat message's path: the month's budget, the locked thread (with
+    its agent and live version), the active run, the new run, the thread's status. (Plus the
+    savepoint pair that the test's own transaction turns `atomic` into.)"""
     world, end_user, thread = chat
-    with django_assert_max_num_queries(4 + 2):
+    with django_assert_max_num_queries(5 + 2):
         first = _send(world, end_user, thread)
-    with django_assert_max_num_queries(4 + 2):
+    with django_assert_max_num_queries(5 + 2):
         queued = _send(world, end_user, thread, "next", strategy="enqueue")
     assert queued.queued and [r.pk for r in _runs(world, thread)] == [first.pk, queued.pk]
