@@ -69,6 +69,14 @@ class Stack:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def wait_for(self, pattern: str, timeout: float = 60) -> None:
+        """Until a line of the output matches `pattern`."""
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.output, re.M):
+            assert time.monotonic() < deadline, f"no line matching {pattern}:\n{self.output}"
+            assert self.proc.poll() is None, f"make run exited early:\n{self.output}"
+            time.sleep(0.2)
+
     def wait_healthy(self, timeout: float = 180) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -129,8 +137,8 @@ def test_make_run_from_nothing_then_again(tmp_path):
         url, page = _login(first, email, password)
         assert url.endswith("/t/demo/"), url
         assert "Overview" in page and "Demo" in page
-        for prefix in ("web", "worker", "beat"):
-            assert re.search(rf"^\d\d:\d\d:\d\d {prefix}\s+\|", first.output, re.M), prefix
+        for prefix in ("web", "worker", "beat"):  # the worker may log after web is up
+            first.wait_for(rf"^\d\d:\d\d:\d\d {prefix}\s+\|")
     finally:
         code = first.ctrl_c()
     assert code == 0, first.output
