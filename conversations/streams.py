@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError
 from redis.retry import Retry
 
 from conversations import events as run_events
@@ -166,6 +167,7 @@ class _AsyncConn:
     append: Any
     finish: Any
     mux: _Multiplexer
+    writer: _Writer
 
 
 @dataclass
@@ -203,12 +205,17 @@ def _aconn() -> _AsyncConn:
         client = aioredis.Redis.from_url(
             url, retry=retry, max_connections=max_connections, **_options()
         )
+        append_script, finish_script = (
+            client.register_script(_APPEND),
+            client.register_script(_FINISH),
+        )
         conn = _AsyncConn(
             client,
             client.register_script(_CLAIM),
-            client.register_script(_APPEND),
-            client.register_script(_FINISH),
+            append_script,
+            finish_script,
             _Multiplexer(client),
+            _Writer(client, append_script, finish_script),
         )
         per_loop[url] = conn
     return conn
@@ -237,6 +244,7 @@ async def aclose() -> None:
     """Close the clients of the running loop (tests, shutdown)."""
     per_loop = _async_conns.pop(asyncio.get_running_loop(), {})
     for conn in per_loop.values():
+        await conn.writer.aclose()
         await conn.mux.aclose()
         await conn.client.aclose()
 
@@ -470,6 +478,154 @@ class _Multiplexer:
                 await task
 
 
+# --- the writer: one background sender per event loop for every run's events ---------------------
+
+
+class _Write:
+    """Events of one run queued for its stream: appends, or the terminal event (`final`)."""
+
+    __slots__ = ("attempt", "done", "final", "payload", "run_id")
+
+    def __init__(
+        self,
+        run_id: UUID | str,
+        attempt: int,
+        payload: list[str],
+        final: bool = False,
+        done: asyncio.Future[Any] | None = None,
+    ) -> None:
+        self.run_id, self.attempt, self.payload = run_id, attempt, payload
+        self.final, self.done = final, done
+
+
+class _Writer:
+    """Sends the events that the runs of this event loop queue (`append_later`, `finish`), in
+    the background, so that a run does not wait on Redis between two tokens.
+
+    What was queued while the previous send was on its way goes in the next one, as one
+    pipeline (one round trip) for every run, with one fenced append per run that carries all
+    that run's queued events in order (one fence check), followed by its terminal event if it
+    was queued too. When Redis keeps up, each event goes at once: nothing waits for a batch to
+    fill. A failed send loses those events (readers reload the reply from PostgreSQL, as
+    when Redis is down) and is logged once per run."""
+
+    def __init__(self, client: aioredis.Redis, append: Any, finish: Any) -> None:
+        self.client, self.append_script, self.finish_script = client, append, finish
+        self.queue: list[_Write] = []
+        self.task: asyncio.Task[None] | None = None
+        self.failed_runs: set[str] = set()
+
+    def put(self, write: _Write) -> None:
+        self.queue.append(write)
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while self.queue:
+            batch, self.queue = self.queue, []
+            try:
+                await self._send(batch)
+            except asyncio.CancelledError:
+                for write in batch + self.queue:
+                    if write.done is not None and not write.done.done():
+                        write.done.cancel()
+                raise
+            except Exception as exc:  # a bug must not leave a finish waiting forever
+                log.exception("the stream writer failed")
+                for write in batch:
+                    self._failed(write, exc)
+
+    def _commands(self, batch: list[_Write]) -> list[tuple[_Write, list[Any]]]:
+        """One fenced append per run (and attempt) with its queued events, then its final."""
+        appends: dict[tuple[str, int], list[str]] = {}
+        finals: list[_Write] = []
+        order: list[tuple[str, int]] = []
+        for write in batch:
+            key = (str(write.run_id), write.attempt)
+            if key not in appends:
+                appends[key] = []
+                order.append(key)
+            if write.final:
+                finals.append(write)
+            else:
+                appends[key].extend(write.payload)
+        commands: list[tuple[_Write, list[Any]]] = []
+        for run_id, attempt in order:
+            if appends[(run_id, attempt)]:
+                keys, args = _fence_args(run_id, attempt)
+                commands.append(
+                    (
+                        _Write(run_id, attempt, []),
+                        [self.append_script.sha, 2, *keys, *args, MAXLEN]
+                        + appends[(run_id, attempt)],
+                    )
+                )
+        for write in finals:
+            keys, args = _fence_args(write.run_id, write.attempt)
+            commands.append(
+                (
+                    write,
+                    [self.finish_script.sha, 2, *keys, *args, MAXLEN, stream_ttl(), *write.payload],
+                )
+            )
+        return commands
+
+    async def _send(self, batch: list[_Write]) -> None:
+        commands = self._commands(batch)
+        try:
+            results = await self._execute([args for _write, args in commands])
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                # Redis restarted and forgot the scripts; a refused EVALSHA did nothing.
+                await self.client.script_load(_APPEND)
+                await self.client.script_load(_FINISH)
+                again = await self._execute([commands[i][1] for i in missing])
+                for i, result in zip(missing, again, strict=True):
+                    results[i] = result
+        except (redis.exceptions.RedisError, OSError) as exc:
+            for write, _args in commands:
+                self._failed(write, exc)
+            return
+        for (write, _args), result in zip(commands, results, strict=True):
+            if isinstance(result, Exception):
+                self._failed(write, result)
+            elif not result:
+                _refused(write.run_id, write.attempt, "finish" if write.final else "append")
+                if write.done is not None and not write.done.done():
+                    write.done.set_result(None)
+            elif write.done is not None and not write.done.done():
+                write.done.set_result(str(result))
+
+    async def _execute(self, commands: list[list[Any]]) -> list[Any]:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for args in commands:
+                pipe.execute_command("EVALSHA", *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    def _failed(self, write: _Write, exc: BaseException) -> None:
+        if write.done is not None:
+            if not write.done.done():
+                write.done.set_exception(
+                    StreamUnavailable(
+                        f"The event stream of run {write.run_id} is unavailable: "
+                        f"{type(exc).__name__}: {exc}"
+                    )
+                )
+            return
+        run_id = str(write.run_id)
+        if run_id not in self.failed_runs:
+            if len(self.failed_runs) > 10_000:
+                self.failed_runs.clear()
+            self.failed_runs.add(run_id)
+            log.warning("run %s: events were lost: %s: %s", run_id, type(exc).__name__, exc)
+
+    async def aclose(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
 def _position(follower: _Follower) -> tuple[int, int]:
     return follower.read
 
@@ -560,19 +716,27 @@ async def append(
     return list(ids)
 
 
+def append_later(run_id: UUID | str, attempt: int, events: Sequence[Mapping[str, Any]]) -> None:
+    """Queue `events` for the run's stream and return at once (`_Writer`): they are written in
+    order, after the run's earlier queued events and before its `finish`. Nothing is raised:
+    events that cannot be written are lost (logged once per run), and readers reload the reply
+    from PostgreSQL."""
+    if events:
+        _fence_args(run_id, attempt)  # a bad attempt is a bug: raise here, not in the writer
+        _aconn().writer.put(_Write(run_id, attempt, [_encode(event, attempt) for event in events]))
+
+
 async def finish(run_id: UUID | str, attempt: int, final_event: Mapping[str, Any]) -> str | None:
-    """Append the terminal `run.status`, close the stream to further writes and keep it for
-    `RUN_STREAM_TTL_SECONDS`. Returns the event's id, or None for a superseded attempt."""
+    """Append the terminal `run.status` after the run's queued events, close the stream to
+    further writes and keep it for `RUN_STREAM_TTL_SECONDS`. Returns the event's id, or None
+    for a superseded attempt."""
     _final(final_event)
     payload = _encode(final_event, attempt)
-    keys, args = _fence_args(run_id, attempt)
-    conn = _aconn()
-    with _unavailable(run_id):
-        entry_id = await conn.finish(keys=keys, args=[*args, MAXLEN, stream_ttl(), payload])
-    if not entry_id:
-        _refused(run_id, attempt, "finish")
-        return None
-    return str(entry_id)
+    _fence_args(run_id, attempt)
+    done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    _aconn().writer.put(_Write(run_id, attempt, [payload], final=True, done=done))
+    entry_id = await done
+    return None if entry_id is None else str(entry_id)
 
 
 async def read(

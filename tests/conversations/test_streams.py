@@ -453,3 +453,77 @@ async def test_redis_going_away_ends_every_follower_with_stream_unavailable(run_
     # Redis is back (here: reached directly): a new follower starts a new reader.
     settings.REDIS_URL = direct
     assert (await asyncio.wait_for(anext(streams.follow(run_id)), timeout=10))[0] == first
+
+
+# --- the writer: queued appends, sent in the background -------------------------------------------
+
+
+def _count_round_trips(monkeypatch) -> list[int]:
+    """The number of commands of each pipeline the loop's writer sends."""
+    sent: list[int] = []
+    writer = streams._aconn().writer
+    execute = writer._execute
+
+    async def counted(commands):
+        sent.append(len(commands))
+        return await execute(commands)
+
+    monkeypatch.setattr(writer, "_execute", counted)
+    return sent
+
+
+async def test_queued_events_land_in_order_before_the_final_one(run_id, monkeypatch):
+    other = uuid.uuid4()
+    sent = _count_round_trips(monkeypatch)
+    try:
+        assert await streams.claim(run_id, 1) and await streams.claim(other, 1)
+        streams.append_later(run_id, 1, [events.status("running")])
+        for n in range(30):  # queued faster than one round trip: they travel together
+            streams.append_later(run_id, 1, [events.message_delta(f"{n} ", agent="A")])
+            streams.append_later(other, 1, [events.message_delta(f"other {n} ", agent="B")])
+        final_id = await streams.finish(run_id, 1, events.status("success"))
+
+        entries = await streams.read(run_id)
+        assert _types(entries) == ["run.status", *["message.delta"] * 30, "run.status"]
+        assert "".join(t for t in _texts(entries) if t) == "".join(f"{n} " for n in range(30))
+        assert entries[-1][0] == final_id
+        assert len(await streams.read(other)) == 30  # the other run's events are its own
+        # Sixty events of two runs and a final: one round trip with three fenced scripts, not
+        # one round trip per event.
+        assert sent == [3]
+    finally:
+        redis.Redis.from_url(django_settings.REDIS_URL).delete(
+            streams.stream_key(other), streams.attempt_key(other)
+        )
+
+
+async def test_queued_events_of_a_superseded_attempt_are_refused(run_id):
+    assert await streams.claim(run_id, 1)
+    assert await streams.claim(run_id, 2)
+    streams.append_later(run_id, 1, [events.message_delta("zombie", agent="A")])
+    assert await streams.finish(run_id, 1, events.status("error")) is None
+    streams.append_later(run_id, 2, [events.message_delta("alive", agent="A")])
+    assert await streams.finish(run_id, 2, events.status("success"))
+    assert _texts(await streams.read(run_id)) == ["alive", None]
+
+
+async def test_the_writer_reloads_its_scripts_after_redis_forgot_them(run_id):
+    assert await streams.claim(run_id, 1)
+    redis.Redis.from_url(django_settings.REDIS_URL).script_flush()  # as after a restart
+    streams.append_later(run_id, 1, [events.message_delta("still ", agent="A")])
+    streams.append_later(run_id, 1, [events.message_delta("here", agent="A")])
+    assert await streams.finish(run_id, 1, events.status("success"))
+    assert _texts(await streams.read(run_id)) == ["still ", "here", None]
+
+
+async def test_queued_events_that_cannot_be_written_are_dropped_and_finish_says_so(
+    run_id, settings, caplog
+):
+    settings.REDIS_URL = f"redis://127.0.0.1:{_unused_port()}/0"
+    streams.append_later(run_id, 1, [events.message_delta("lost", agent="A")])  # never raises
+    streams.append_later(run_id, 1, [events.message_delta("lost too", agent="A")])
+    with pytest.raises(streams.StreamUnavailable, match=str(run_id)):
+        await streams.finish(run_id, 1, events.status("success"))
+    lost = [r for r in caplog.records if "events were lost" in r.getMessage()]
+    assert len(lost) == 1  # once per run, not once per event
+    await streams.aclose()
