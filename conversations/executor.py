@@ -104,9 +104,30 @@ def close_stream(run_id: UUID, attempt: int, status: str, message: str) -> None:
 def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
     """Take the run for a new attempt, if it is pending or its lease has lapsed. None otherwise
     (someone holds it, it is queued, or it has ended)."""
+    taken = _claim(run_id, owner)
+    return None if taken is None else taken[0]
+
+
+def take(run_id: UUID | str, *, owner: str) -> tuple[Claim, tuple[Run, Any]] | None:
+    """`claim`, and what executing the attempt needs (`execute`'s `loaded`), read with it: the
+    run row is locked and read once, with its tenant and agent version."""
+    taken = _claim(run_id, owner)
+    if taken is None:
+        return None
+    held, run = taken
+    return held, (run, _context(run))
+
+
+def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
     with transaction.atomic():
         # tenant-scope: a worker is handed a run id; the run row tells it the tenant
-        run = _runs("a worker claims a run by id").select_for_update().filter(pk=run_id).first()
+        run = (
+            _runs("a worker claims a run by id")
+            .select_for_update(of=("self",))  # the run's row only
+            .select_related("tenant", "version__agent")
+            .filter(pk=run_id)
+            .first()
+        )
         if run is None or run.queued:
             return None
         now = timezone.now()
@@ -149,7 +170,8 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
         run.save(
             update_fields=["attempt", "status", "lease_owner", "lease_expires_at", "started_at"]
         )
-        return Claim(run_id=run.pk, tenant_id=run.tenant_id, attempt=run.attempt, owner=owner)
+        held = Claim(run_id=run.pk, tenant_id=run.tenant_id, attempt=run.attempt, owner=owner)
+        return held, run
 
 
 def _close_dangling_calls(run: Run) -> None:
@@ -224,9 +246,16 @@ def _status_of(outcome: agent_execute.RunOutcome) -> str:
     return RunStatus.SUCCESS if outcome.status == "success" else RunStatus.ERROR
 
 
-def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None = None) -> bool:
+def finish(
+    held: Claim,
+    outcome: agent_execute.RunOutcome,
+    *,
+    status: str | None = None,
+    version: tuple[int | None, str] | None = None,
+) -> bool:
     """Write the outcome if `held` still owns the run. Returns False for a superseded attempt
-    (nothing is written). The next queued run, if any, is promoted and kicked on commit."""
+    (nothing is written). The next queued run, if any, is promoted and kicked on commit.
+    `version`: the run's version number and agent name, for its usage records."""
     final = status or _status_of(outcome)
     with transaction.atomic():
         # tenant-scope: the claim carries the run id; the attempt fences the write
@@ -248,7 +277,8 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
         run.input_tokens = usage.get("input_tokens", 0)
         run.output_tokens = usage.get("output_tokens", 0)
         run.total_tokens = usage.get("total_tokens", 0)
-        usage_services.record_run(run, outcome.trace)  # usage and cost land with the outcome
+        # usage and cost land with the outcome
+        usage_services.record_run(run, outcome.trace, version=version)
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
         run.save(
@@ -261,28 +291,32 @@ def finish(held: Claim, outcome: agent_execute.RunOutcome, *, status: str | None
     return True
 
 
-def _load(held: Claim) -> tuple[Run, Any]:
-    run = (
-        Run.objects.filter(tenant_id=held.tenant_id, pk=held.run_id)
-        .select_related("tenant", "version__agent", "thread", "end_user")
-        .get()
-    )
-    ctx = context_for(
+def _context(run: Run) -> Any:
+    return context_for(
         tenant=run.tenant,
         version=run.version,
         thread_id=run.thread_id,
         end_user_id=str(run.end_user_id),
     )
-    return run, ctx
 
 
-async def execute(held: Claim) -> str:
-    """Run one attempt to its end. Returns the final status ("superseded" if the attempt lost
-    the run on the way: then it wrote nothing more)."""
-    run, ctx = await orm(_load)(held)
+def _load(held: Claim) -> tuple[Run, Any]:
+    run = (
+        Run.objects.filter(tenant_id=held.tenant_id, pk=held.run_id)
+        .select_related("tenant", "version__agent")
+        .get()
+    )
+    return run, _context(run)
+
+
+async def execute(held: Claim, loaded: tuple[Run, Any] | None = None) -> str:
+    """Run one attempt to its end (`loaded`: the run and its context as `take` read them, else
+    they are read here). Returns the final status ("superseded" if the attempt lost the run on
+    the way: then it wrote nothing more)."""
+    run, ctx = loaded if loaded is not None else await orm(_load)(held)
     try:
         await streams.claim(held.run_id, held.attempt)
-        await streams.append(
+        streams.append_later(
             held.run_id, held.attempt, [run_events.status(RunStatus.RUNNING, attempt=held.attempt)]
         )
     except streams.StreamUnavailable:
@@ -307,11 +341,9 @@ async def execute(held: Claim) -> str:
             e["type"] == run_events.MESSAGE_DELTA for e in mapped
         ):
             ctx.extra["first_token"] = ctx.trace.add("first_token")  # for the run inspector
-        if mapped:
-            try:
-                await streams.append(held.run_id, held.attempt, mapped)
-            except streams.StreamUnavailable:
-                pass  # readers fall back to PostgreSQL for the final reply
+        # Queued, not awaited: the run reads its next token while this one is written. Events
+        # that cannot be written are lost; readers fall back to PostgreSQL for the reply.
+        streams.append_later(held.run_id, held.attempt, mapped)
 
     session = ThreadSession(
         tenant_id=held.tenant_id,
@@ -361,11 +393,12 @@ async def execute(held: Claim) -> str:
             usage=ctx.trace.usage(),
         )
     final = status or _status_of(outcome)
-    if not await orm(finish)(held, outcome, status=final):
+    version = (run.version.number, run.version.agent.name)
+    if not await orm(finish)(held, outcome, status=final, version=version):
         return "superseded"
     try:
         if outcome.usage:
-            await streams.append(held.run_id, held.attempt, [run_events.usage(outcome.usage)])
+            streams.append_later(held.run_id, held.attempt, [run_events.usage(outcome.usage)])
         await streams.finish(
             held.run_id,
             held.attempt,

@@ -8,6 +8,7 @@ run was interrupted or cancelled), a superseded attempt can add nothing.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -15,7 +16,8 @@ from uuid import UUID
 
 from agents.memory import SessionSettings
 from asgiref.sync import sync_to_async
-from django.db import connections, transaction
+from django.db import connection, connections, transaction
+from django.utils import timezone
 
 from conversations.models import Item, Run, RunStatus
 
@@ -33,9 +35,9 @@ def orm(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
 
     @wraps(fn)
     def unit(*args: P.args, **kwargs: P.kwargs) -> R:
-        for connection in connections.all(initialized_only=True):
-            if not connection.in_atomic_block:
-                connection.close_if_unusable_or_obsolete()
+        for each in connections.all(initialized_only=True):
+            if not each.in_atomic_block:
+                each.close_if_unusable_or_obsolete()
         return fn(*args, **kwargs)
 
     return sync_to_async(unit)
@@ -84,20 +86,41 @@ class ThreadSession:
             raise SupersededAttempt(f"attempt {self.attempt} of run {self.run_id} is superseded")
 
     def _add(self, items: list[Any]) -> None:
-        with transaction.atomic():
-            self._check_owner()
+        if self.run_id is None:
             # tenant-scope: every new row carries this session's tenant (set below)
             Item.objects.bulk_create(
-                [
-                    Item(
-                        tenant_id=self.tenant_id,
-                        thread_id=self.thread_id,
-                        run_id=self.run_id,
-                        data=item,
-                    )
-                    for item in items
-                ]
+                [Item(tenant_id=self.tenant_id, thread_id=self.thread_id, data=i) for i in items]
             )
+            return
+        # One statement for the fence and the rows (a run adds items after every turn): the
+        # items go in only while this attempt owns the run, whose row it locks like
+        # `_check_owner` does, so a cancel or a newer attempt waits for it or shuts it out.
+        with connection.cursor() as cursor:
+            cursor.execute(
+                """
+                INSERT INTO conversations_item (tenant_id, thread_id, run_id, data, created_at)
+                SELECT run.tenant_id, %s, run.id, item.data, %s
+                FROM conversations_run run,
+                     unnest(%s::jsonb[]) WITH ORDINALITY AS item (data, position)
+                WHERE run.id = %s AND run.tenant_id = %s AND run.attempt = %s
+                      AND run.status = %s
+                ORDER BY item.position
+                FOR UPDATE OF run
+                """,  # tenant-scope: the statement names the session's tenant
+                [
+                    self.thread_id,
+                    timezone.now(),
+                    [json.dumps(item) for item in items],
+                    self.run_id,
+                    self.tenant_id,
+                    self.attempt,
+                    RunStatus.RUNNING,
+                ],
+            )
+            if cursor.rowcount != len(items):
+                raise SupersededAttempt(
+                    f"attempt {self.attempt} of run {self.run_id} is superseded"
+                )
 
     def _pop(self) -> Any:
         with transaction.atomic():

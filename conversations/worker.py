@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 from concurrent.futures import Future
-from functools import partial
+from typing import Any
 
 from django.db import close_old_connections
 
@@ -28,30 +28,34 @@ class RunHost:
     def __init__(self) -> None:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._loop = asyncio.new_event_loop()
-        self._held: dict[executor.Claim, Future[str]] = {}
+        self._held: dict[executor.Claim, asyncio.Task[Any]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._loop.run_forever, name="run-host-loop", daemon=True).start()
         threading.Thread(target=self._heartbeat, name="run-host-heartbeat", daemon=True).start()
 
-    def submit(self, held: executor.Claim) -> Future[str]:
+    def submit(self, held: executor.Claim, loaded: Any = None) -> Future[str]:
+        """Execute the attempt `held` (`loaded`: what `executor.take` read with it)."""
         # A fresh context: the caller's (e.g. asgiref's thread markers) must not leak into the
         # run, whose database calls would then try the caller's executor.
-        future = contextvars.Context().run(
-            asyncio.run_coroutine_threadsafe, executor.execute(held), self._loop
+        return contextvars.Context().run(
+            asyncio.run_coroutine_threadsafe, self._hold(held, loaded), self._loop
         )
-        with self._lock:
-            self._held[held] = future
-        future.add_done_callback(partial(self._done, held))
-        return future
 
-    def _done(self, held: executor.Claim, _future: Future[str]) -> None:
+    async def _hold(self, held: executor.Claim, loaded: Any) -> str:
+        """Execute `held` while the heartbeat renews its lease (and cancels it once lost)."""
+        task = asyncio.current_task()
+        assert task is not None
         with self._lock:
-            future = self._held.pop(held, None)
-        if future is not None and not future.cancelled() and future.exception() is not None:
-            log.error(
-                "run %s attempt %s crashed", held.run_id, held.attempt, exc_info=future.exception()
-            )
+            self._held[held] = task
+        try:
+            return await executor.execute(held, loaded)
+        except Exception:
+            log.exception("run %s attempt %s crashed", held.run_id, held.attempt)
+            raise
+        finally:
+            with self._lock:
+                self._held.pop(held, None)
 
     @property
     def active(self) -> int:
@@ -74,12 +78,12 @@ class RunHost:
                 close_old_connections()
             for held in lost:
                 with self._lock:
-                    future = self._held.get(held)
-                if future is not None:
+                    task = self._held.get(held)
+                if task is not None:
                     log.info(
                         "run %s attempt %s lost its lease; stopping it", held.run_id, held.attempt
                     )
-                    future.cancel()
+                    self._loop.call_soon_threadsafe(task.cancel)
 
 
 _host: RunHost | None = None

@@ -133,26 +133,37 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
     cost = sum((r.cost for r in records if r.cost is not None), Decimal(0))
     unpriced = sum(r.total_tokens for r in records if r.cost is None)
     month = month_of(now)
-    # tenant-scope: the statement names the tenant; an upsert with F() increments has no ORM form
+    # tenant-scope: the statement names the tenant; an upsert with F() increments has no ORM form.
+    # The tenant's budget comes back with the new total (one round trip, not two).
     with connection.cursor() as cursor:
         cursor.execute(
             """
-            INSERT INTO usage_monthlyusage
-                (tenant_id, month, total_tokens, cost, unpriced_tokens, calls)
-            VALUES (%s, %s, %s, %s, %s, %s)
-            ON CONFLICT ON CONSTRAINT monthlyusage_once DO UPDATE SET
-                total_tokens = usage_monthlyusage.total_tokens + EXCLUDED.total_tokens,
-                cost = usage_monthlyusage.cost + EXCLUDED.cost,
-                unpriced_tokens = usage_monthlyusage.unpriced_tokens + EXCLUDED.unpriced_tokens,
-                calls = usage_monthlyusage.calls + EXCLUDED.calls
-            RETURNING total_tokens, cost, warned_at, exhausted_at
+            WITH total AS (
+                INSERT INTO usage_monthlyusage
+                    (tenant_id, month, total_tokens, cost, unpriced_tokens, calls)
+                VALUES (%s, %s, %s, %s, %s, %s)
+                ON CONFLICT ON CONSTRAINT monthlyusage_once DO UPDATE SET
+                    total_tokens = usage_monthlyusage.total_tokens
+                        + EXCLUDED.total_tokens,
+                    cost = usage_monthlyusage.cost + EXCLUDED.cost,
+                    unpriced_tokens = usage_monthlyusage.unpriced_tokens
+                        + EXCLUDED.unpriced_tokens,
+                    calls = usage_monthlyusage.calls + EXCLUDED.calls
+                RETURNING total_tokens, cost, warned_at, exhausted_at
+            )
+            SELECT total.total_tokens, total.cost, total.warned_at, total.exhausted_at,
+                   budget.id, budget.token_limit, budget.cost_limit, budget.warn_percent
+            FROM total LEFT JOIN usage_budget budget ON budget.tenant_id = %s
             """,
-            [tenant.pk, month, tokens, cost, unpriced, len(records)],
+            [tenant.pk, month, tokens, cost, unpriced, len(records), tenant.pk],
         )
-        used_tokens, used_cost, warned_at, exhausted_at = cursor.fetchone()
-    budget = selectors.budget_get(tenant=tenant)
-    if budget is None:
+        row = cursor.fetchone()
+    used_tokens, used_cost, warned_at, exhausted_at, budget_id = row[:5]
+    if budget_id is None:
         return
+    budget = Budget(
+        id=budget_id, tenant=tenant, token_limit=row[5], cost_limit=row[6], warn_percent=row[7]
+    )
     state = selectors.BudgetState.of(budget, used_tokens, used_cost, month)
     this_month = MonthlyUsage.objects.for_tenant(tenant).filter(month=month)
     if state.exhausted and exhausted_at is None:
@@ -175,12 +186,15 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
             )
 
 
-def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
+def record_run(
+    run: Run, trace: list[dict[str, Any]], *, version: tuple[int | None, str] | None = None
+) -> list[UsageRecord]:
     """Record the model calls of a finished run and set `run.cost` (the caller saves the run).
 
     Call it inside the transaction that writes the run's outcome. Failed, cancelled and timed-out
-    runs count the calls they completed. A few queries: the prices, the agent's name, one insert,
-    one upsert of the month's total, the budget."""
+    runs count the calls they completed. `version`: the run's version number and agent name, if
+    the caller has them (else one query reads them). Then three queries: the prices, one
+    insert, one upsert of the month's total that reads the budget too."""
     from ai_agents.models import AgentVersion
 
     if not model_calls(trace):  # e.g. stopped before the model answered: nothing to count
@@ -189,11 +203,13 @@ def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
     tenant = run.tenant
     now = timezone.now()
     number, agent_name = (
-        AgentVersion.objects.for_tenant(tenant)
+        version
+        or AgentVersion.objects.for_tenant(tenant)
         .filter(pk=run.version_id)
         .values_list("number", "agent__name")
         .first()
-    ) or (None, "")
+        or (None, "")
+    )
     records = _records(
         tenant,
         trace,
