@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from contextlib import suppress
 from functools import wraps
 from typing import Any
 from urllib.parse import parse_qs
@@ -159,11 +158,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _stop_following(self) -> None:
         tasks = list(getattr(self, "followers", {}).values())
         self.followers = {}
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with suppress(asyncio.CancelledError, Exception):
-                await task
+        await streams.cancel_and_wait(tasks, what="chat stream follower")
 
     # --- from the client ---------------------------------------------------------------------
 

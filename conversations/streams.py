@@ -470,12 +470,9 @@ class _Multiplexer:
             follower._wake()
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self.task, *self.wakers) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(BaseException):
-                await task
+        await cancel_and_wait(
+            [t for t in (self.task, *self.wakers) if t is not None], what="stream reader"
+        )
 
 
 # --- the writer: one background sender per event loop for every run's events ---------------------
@@ -628,6 +625,33 @@ class _Writer:
 
 def _position(follower: _Follower) -> tuple[int, int]:
     return follower.read
+
+
+# A task asked to stop gets this long to end; one that takes longer is left behind (and logged)
+# rather than wedging its caller, e.g. a socket's disconnect or an event loop's shutdown.
+CANCEL_WAIT_S = 5.0
+
+
+async def cancel_and_wait(
+    tasks: Sequence[asyncio.Future[Any]], *, what: str, within_s: float | None = None
+) -> None:
+    """Cancel `tasks` and wait (at most `within_s` seconds, CANCEL_WAIT_S by default) for them
+    to end, ignoring how they end. A cancellation of the caller itself propagates:
+    `suppress(CancelledError)` around `await task` would swallow it too, and a task whose
+    cancellation is swallowed can go back to waiting forever (the event loop's shutdown cancels
+    each task only once)."""
+    pending = [task for task in tasks if not task.done()]
+    for task in pending:
+        task.cancel()
+    if not pending:
+        return
+    limit = CANCEL_WAIT_S if within_s is None else within_s
+    done, late = await asyncio.wait(pending, timeout=limit)
+    for task in done:
+        if not task.cancelled():
+            task.exception()  # retrieved: how a stopped task ended does not matter here
+    for task in late:
+        log.warning("a %s did not end %.1f s after it was cancelled: %r", what, limit, task)
 
 
 # --- helpers shared by the async and sync APIs ---------------------------------------------------

@@ -536,12 +536,28 @@ async def test_another_tenants_member_cannot_open_a_websocket(name, settings):
     own = WebsocketCommunicator(
         application, WEBSOCKET_ROUTES[name].format(slug=b.tenant.slug), headers=headers
     )
-    connected, _ = await own.connect()
-    assert connected, "the route must work for its own tenant, or this test proves nothing"
-    await own.disconnect()
-
     other = WebsocketCommunicator(
         application, WEBSOCKET_ROUTES[name].format(slug=a.tenant.slug), headers=headers
     )
-    connected, code = await other.connect()
-    assert not connected and code == 4404
+    try:
+        connected, _ = await own.connect()
+        assert connected, "the route must work for its own tenant, or this test proves nothing"
+        await own.disconnect()
+
+        connected, code = await other.connect()
+        assert not connected and code == 4404
+    finally:
+        # A refused socket's consumer still runs (it reads the channel layer) until the
+        # client disconnects: end it here rather than leave it to the event loop's shutdown,
+        # and close this loop's channel-layer connections.
+        await _disconnect_all(own, other)
+
+
+async def _disconnect_all(*sockets: WebsocketCommunicator) -> None:
+    from channels.layers import get_channel_layer
+
+    for socket in sockets:
+        await socket.disconnect()  # returns at once for a socket whose consumer already ended
+    layer = get_channel_layer()
+    if layer is not None:
+        await layer.flush()

@@ -7,6 +7,7 @@ offline model; nothing sleeps: each wait is a receive with a timeout that only b
 
 from __future__ import annotations
 
+import asyncio
 from types import SimpleNamespace
 
 import pytest
@@ -368,14 +369,21 @@ async def test_refused_for_another_users_thread_another_tenant_and_anonymous(
     w = await database_sync_to_async(_setup)()
     for thread, tenant in ((w.theirs, None), (w.other_tenant, None), (w.other_tenant, w.b.tenant)):
         socket = await _socket(w, thread, w.a.member, tenant=tenant)
-        connected, code = await socket.connect(timeout=WAIT)
-        assert not connected and code == CLOSE_NOT_FOUND
+        try:
+            connected, code = await socket.connect(timeout=WAIT)
+            assert not connected and code == CLOSE_NOT_FOUND
+        finally:
+            # A refused socket's consumer runs until the client disconnects.
+            await socket.disconnect()
     anonymous = WebsocketCommunicator(
         application, f"/ws/t/acme/chat/{w.mine.pk}/",
         headers=[(b"host", b"localhost"), (b"origin", b"http://localhost")],
     )  # fmt: skip
-    connected, code = await anonymous.connect(timeout=WAIT)
-    assert not connected and code == CLOSE_UNAUTHENTICATED
+    try:
+        connected, code = await anonymous.connect(timeout=WAIT)
+        assert not connected and code == CLOSE_UNAUTHENTICATED
+    finally:
+        await anonymous.disconnect()
 
 
 @pytestmark_ws
@@ -534,13 +542,16 @@ async def test_redis_down_answers_unavailable(settings, _close_async_clients):
 async def test_removing_the_membership_closes_the_chat_socket(_close_async_clients):
     w = await database_sync_to_async(_setup)()
     socket, _ = await _open(w, w.mine, w.a.member)
-    await database_sync_to_async(tenant_services.membership_remove)(
-        tenant=w.a.tenant, actor=await database_sync_to_async(w.a.actor)(w.a.owner),
-        membership_id=w.a.member_membership.pk,
-    )  # fmt: skip
-    assert (await socket.receive_json_from(timeout=WAIT))["type"] == "revoked"
-    closing = await socket.receive_output(timeout=WAIT)
-    assert closing == {"type": "websocket.close", "code": CLOSE_REVOKED}
+    try:
+        await database_sync_to_async(tenant_services.membership_remove)(
+            tenant=w.a.tenant, actor=await database_sync_to_async(w.a.actor)(w.a.owner),
+            membership_id=w.a.member_membership.pk,
+        )  # fmt: skip
+        assert (await socket.receive_json_from(timeout=WAIT))["type"] == "revoked"
+        closing = await socket.receive_output(timeout=WAIT)
+        assert closing == {"type": "websocket.close", "code": CLOSE_REVOKED}
+    finally:
+        await socket.disconnect()
 
 
 @pytestmark_ws
@@ -579,3 +590,32 @@ async def test_deleting_a_thread_closes_its_open_chats(_close_async_clients):
         assert (await socket.receive_output(timeout=WAIT))["code"] == CLOSE_REVOKED
     finally:
         await socket.disconnect()
+
+
+async def test_a_cancelled_socket_ends_even_while_a_follower_is_still_stopping():
+    """A follower may take a moment to end once cancelled. The socket's own cancellation (a
+    client gone, the event loop shutting down) must not be swallowed meanwhile: a consumer that
+    swallowed it went back to waiting for messages that never come, and hung the shutdown."""
+    from conversations.consumers import ChatConsumer
+
+    release = asyncio.Event()
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()
+
+    consumer = ChatConsumer()
+    follower = asyncio.create_task(slow_to_stop())
+    consumer.followers = {"run": follower}
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(consumer._stop_following())
+    try:
+        await asyncio.sleep(0.01)  # it is waiting for the follower now
+        stopping.cancel()
+        await asyncio.wait([stopping], timeout=2)
+        assert stopping.cancelled()
+    finally:
+        release.set()
+        await asyncio.wait_for(asyncio.wait([follower, stopping]), 2)

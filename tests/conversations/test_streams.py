@@ -527,3 +527,60 @@ async def test_queued_events_that_cannot_be_written_are_dropped_and_finish_says_
     lost = [r for r in caplog.records if "events were lost" in r.getMessage()]
     assert len(lost) == 1  # once per run, not once per event
     await streams.aclose()
+
+
+# --- stopping tasks: a cancellation of the one who stops them is never swallowed ---------------
+
+
+async def _slow_to_stop(release: asyncio.Event) -> None:
+    """A task that takes a while to end once cancelled (a read or a query still finishing)."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await release.wait()
+
+
+async def _cancelled_while_stopping(stop) -> asyncio.Task:
+    """Run `stop()` (which stops a slow task), cancel it while it waits, and return its task."""
+    stopping = asyncio.create_task(stop())
+    await asyncio.sleep(0.01)  # it is waiting for the slow task now
+    stopping.cancel()
+    await asyncio.wait([stopping], timeout=2)
+    return stopping
+
+
+async def test_closing_the_stream_reader_ends_when_its_closer_is_cancelled():
+    # The event loop's shutdown cancels each task once: a closer that swallowed that
+    # cancellation (it used to) could wait on forever and hang the shutdown.
+    release = asyncio.Event()
+    mux = streams._Multiplexer(client=None)  # type: ignore[arg-type]
+    mux.task = asyncio.create_task(_slow_to_stop(release))
+    await asyncio.sleep(0)
+    try:
+        stopping = await _cancelled_while_stopping(mux.aclose)
+        assert stopping.cancelled()
+    finally:
+        release.set()
+        await asyncio.wait_for(asyncio.wait([mux.task]), 2)
+
+
+async def test_a_task_that_will_not_end_is_left_behind_not_waited_for_forever(caplog):
+    never = asyncio.create_task(asyncio.Event().wait())
+    stubborn_release = asyncio.Event()
+
+    async def stubborn() -> None:
+        while not stubborn_release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await stubborn_release.wait()
+
+    left = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    try:
+        await asyncio.wait_for(
+            streams.cancel_and_wait([never, left], what="test task", within_s=0.1), 2
+        )
+        assert never.cancelled() and not left.done()
+        assert "did not end" in caplog.text
+    finally:
+        stubborn_release.set()
+        await asyncio.wait_for(left, 2)
