@@ -72,6 +72,7 @@ def end_thread(run: Run, status: str) -> UUID | None:
         .select_for_update()
         .filter(thread_id=run.thread_id, queued=True, status=RunStatus.PENDING)
         .order_by("created_at")
+        .values_list("pk", flat=True)
         .first()
     )
     thread_status = {
@@ -80,15 +81,14 @@ def end_thread(run: Run, status: str) -> UUID | None:
         RunStatus.INTERRUPTED: ThreadStatus.INTERRUPTED,
     }.get(RunStatus(status), ThreadStatus.ERROR)
     if following is not None:
-        following.queued = False
-        following.save(update_fields=["queued"])
+        Run.objects.for_tenant(run.tenant).filter(pk=following).update(queued=False)
         thread_status = ThreadStatus.BUSY
-        transaction.on_commit(partial(kick, following.pk))
-        transaction.on_commit(partial(realtime.announce_run, run.thread_id, following.pk))
+        transaction.on_commit(partial(kick, following))
+        transaction.on_commit(partial(realtime.announce_run, run.thread_id, following))
     Thread.objects.for_tenant(run.tenant).filter(pk=run.thread_id).update(
         status=thread_status, updated_at=timezone.now()
     )
-    return following.pk if following is not None else None
+    return following
 
 
 def close_stream(run_id: UUID, attempt: int, status: str, message: str) -> None:
@@ -121,13 +121,13 @@ def take(run_id: UUID | str, *, owner: str) -> tuple[Claim, tuple[Run, Any]] | N
 def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
     with transaction.atomic():
         # tenant-scope: a worker is handed a run id; the run row tells it the tenant
-        run = (
+        rows = (
             _runs("a worker claims a run by id")
             .select_for_update(of=("self",))  # the run's row only
             .select_related("tenant", "version__agent")
-            .filter(pk=run_id)
-            .first()
+            .filter(pk=run_id)[:1]  # not .first(): no ORDER BY to build for one row by its key
         )
+        run = next(iter(rows), None)
         if run is None or run.queued:
             return None
         now = timezone.now()
@@ -251,24 +251,22 @@ def finish(
     outcome: agent_execute.RunOutcome,
     *,
     status: str | None = None,
-    version: tuple[int | None, str] | None = None,
+    run: Run | None = None,
 ) -> bool:
     """Write the outcome if `held` still owns the run. Returns False for a superseded attempt
     (nothing is written). The next queued run, if any, is promoted and kicked on commit.
-    `version`: the run's version number and agent name, for its usage records."""
+    `run`: the run as the attempt read it (`take`), with its tenant and agent version; else it
+    is read here."""
     final = status or _status_of(outcome)
     with transaction.atomic():
         # tenant-scope: the claim carries the run id; the attempt fences the write
-        run = (
-            _runs("finishing a claimed run")
-            .select_for_update(of=("self",))  # the run's row only, not its tenant's
-            .select_related("tenant")
-            .defer("input", "trace", "output", "metadata")
-            .filter(pk=held.run_id)
-            .first()
-        )
-        if run is None or run.attempt != held.attempt or run.status != RunStatus.RUNNING:
+        runs = _runs("finishing a claimed run").filter(pk=held.run_id)
+        # The fence: the run's row locked, and only its attempt and status read.
+        current = next(iter(runs.select_for_update().values_list("attempt", "status")[:1]), None)
+        if current != (held.attempt, RunStatus.RUNNING):
             return False
+        if run is None:
+            run = runs.select_related("tenant", "version__agent").get()
         usage = outcome.usage or {}
         run.status = final
         run.output = outcome.output if final == RunStatus.SUCCESS else None
@@ -278,15 +276,24 @@ def finish(
         run.output_tokens = usage.get("output_tokens", 0)
         run.total_tokens = usage.get("total_tokens", 0)
         # usage and cost land with the outcome
-        usage_services.record_run(run, outcome.trace, version=version)
+        usage_services.record_run(
+            run, outcome.trace, version=(run.version.number, run.version.agent.name)
+        )
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
-        run.save(
-            update_fields=[
-                "status", "output", "error", "trace", "input_tokens", "output_tokens",
-                "total_tokens", "cost", "finished_at", "lease_owner", "lease_expires_at",
-            ]
-        )  # fmt: skip
+        runs.update(
+            status=run.status,
+            output=run.output,
+            error=run.error,
+            trace=run.trace,
+            input_tokens=run.input_tokens,
+            output_tokens=run.output_tokens,
+            total_tokens=run.total_tokens,
+            cost=run.cost,
+            finished_at=run.finished_at,
+            lease_owner="",
+            lease_expires_at=None,
+        )
         end_thread(run, final)
     return True
 
@@ -393,8 +400,7 @@ async def execute(held: Claim, loaded: tuple[Run, Any] | None = None) -> str:
             usage=ctx.trace.usage(),
         )
     final = status or _status_of(outcome)
-    version = (run.version.number, run.version.agent.name)
-    if not await orm(finish)(held, outcome, status=final, version=version):
+    if not await orm(finish)(held, outcome, status=final, run=run):
         return "superseded"
     try:
         if outcome.usage:

@@ -618,9 +618,7 @@ class _Writer:
 
     async def aclose(self) -> None:
         if self.task is not None:
-            self.task.cancel()
-            with contextlib.suppress(BaseException):
-                await self.task
+            await cancel_and_wait([self.task], what="stream writer")
 
 
 def _position(follower: _Follower) -> tuple[int, int]:

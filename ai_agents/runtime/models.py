@@ -14,8 +14,11 @@ from django.conf import settings
 from openai import AsyncOpenAI
 
 from ai_agents.models import ModelProvider, ProviderApi
+from ai_agents.runtime import fastparams
 from ai_agents.runtime.trace import identify
 from controlplane import crypto
+
+fastparams.install()  # chat-completion bodies skip openai's type walk when it changes nothing
 
 
 def offline_model() -> Model:

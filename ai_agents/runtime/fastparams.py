@@ -1,0 +1,101 @@
+"""A faster path for the body of a chat-completions request (installed by
+`ai_agents.runtime.models`).
+
+The `openai` client runs every request body through its `_utils._transform`, which walks the
+whole body against the params' TypedDict annotations (each message against every member of the
+message union, each content part likewise) to rename aliased keys and to format dates and
+files. Chat-completions params have no such field, and the Agents SDK hands them plain JSON
+(dicts, lists, strings, numbers, booleans, None): for such a body the transform returns its
+input without the omitted arguments, after a walk that cost about a tenth of a worker's CPU per
+run (docs/benchmark.md). This module returns that result directly.
+
+It is safe by construction, not by hope: it is installed only if a walk of the params'
+annotations finds no alias or format (a newer `openai` that adds one keeps the library's path),
+and a body holding anything but plain JSON (a pydantic model, a tuple, a file) still goes
+through the library's transform. Tests compare both paths on the bodies the SDK sends.
+"""
+
+from __future__ import annotations
+
+import logging
+import typing
+from typing import Any
+
+import typing_extensions
+
+log = logging.getLogger(__name__)
+
+_PLAIN_LEAVES = (str, int, float, bool, type(None))
+
+
+def plain(value: Any) -> bool:
+    """Whether `value` is plain JSON (what the library's transform leaves as it is)."""
+    if isinstance(value, _PLAIN_LEAVES):
+        return True
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and plain(item) for key, item in value.items())
+    if isinstance(value, list):
+        return all(plain(item) for item in value)
+    return False
+
+
+def has_transforms(annotation: Any, _seen: set[int] | None = None) -> bool:
+    """Whether the library's transform could change a value of `annotation`: an alias or a
+    format anywhere in it. Unresolvable annotations count as yes."""
+    from openai._utils._transform import PropertyInfo
+
+    seen = set() if _seen is None else _seen
+    if id(annotation) in seen:
+        return False
+    seen.add(id(annotation))
+    if typing_extensions.is_typeddict(annotation):
+        try:
+            hints = typing_extensions.get_type_hints(annotation, include_extras=True)
+        except Exception:
+            return True
+        return any(has_transforms(hint, seen) for hint in hints.values())
+    origin = typing_extensions.get_origin(annotation)
+    args = typing_extensions.get_args(annotation)
+    if origin is typing_extensions.Annotated or origin is typing.Annotated:
+        for meta in args[1:]:
+            if isinstance(meta, PropertyInfo) and (meta.alias or meta.format):
+                return True
+        return has_transforms(args[0], seen)
+    if origin is typing_extensions.Literal or origin is typing.Literal:
+        return False
+    return any(has_transforms(arg, seen) for arg in args if not isinstance(arg, (str, int)))
+
+
+def fast_transform(original: Any, safe: tuple[Any, ...]) -> Any:
+    """`original` (the library's `async_maybe_transform`), answering plain bodies of the
+    `safe` types itself."""
+    from openai._utils import is_given
+
+    async def transform(data: object, expected_type: object) -> Any:
+        if expected_type in safe and isinstance(data, dict):
+            body = {key: value for key, value in data.items() if is_given(value)}
+            if all(isinstance(key, str) and plain(value) for key, value in body.items()):
+                return body
+        return await original(data, expected_type)
+
+    transform.__wrapped__ = original  # type: ignore[attr-defined]
+    return transform
+
+
+def install() -> bool:
+    """Install the fast path for chat completions (once). False if the params need the
+    library's transform after all."""
+    try:
+        from openai.resources.chat.completions import completions as module
+        from openai.types.chat import completion_create_params as params
+    except ImportError:
+        return False
+    current = module.async_maybe_transform
+    if hasattr(current, "__wrapped__"):
+        return True
+    safe = (params.CompletionCreateParamsStreaming, params.CompletionCreateParamsNonStreaming)
+    if any(has_transforms(kind) for kind in safe):
+        log.info("chat completion params have transformed fields: using openai's transform")
+        return False
+    module.async_maybe_transform = fast_transform(current, safe)  # type: ignore[assignment]
+    return True
