@@ -9,7 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.db.models import Count, F, Q, QuerySet, Subquery, Sum
+from django.db import connection
+from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -123,18 +124,34 @@ def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState 
     from usage.services import month_of
 
     month = month_of(now or timezone.now())
-    this_month = MonthlyUsage.objects.for_tenant(tenant).filter(month=month)
-    budget = (
-        Budget.objects.for_tenant(tenant)
-        .annotate(
-            used_tokens=Subquery(this_month.values("total_tokens")[:1]),
-            used_cost=Subquery(this_month.values("cost")[:1]),
+    # Every run's start asks this (`budget_check`): plain SQL, since compiling the same query
+    # with the ORM's subqueries cost more than running it (docs/benchmark.md).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            SELECT budget.id, budget.token_limit, budget.cost_limit, budget.warn_percent,
+                   budget.updated_at, budget.updated_by_id, month.total_tokens, month.cost
+            FROM usage_budget budget
+            LEFT JOIN usage_monthlyusage month
+                   ON month.tenant_id = budget.tenant_id AND month.month = %s
+            WHERE budget.tenant_id = %s
+            """,  # tenant-scope: the statement names the tenant
+            [month, tenant.pk],
         )
-        .first()
-    )
-    if budget is None:
+        row = cursor.fetchone()
+    if row is None:
         return None
-    return BudgetState.of(budget, budget.used_tokens, budget.used_cost, month)  # type: ignore[attr-defined]
+    budget = Budget(
+        id=row[0],
+        tenant=tenant,
+        token_limit=row[1],
+        cost_limit=row[2],
+        warn_percent=row[3],
+        updated_at=row[4],
+        updated_by_id=row[5],
+    )
+    budget._state.adding = False
+    return BudgetState.of(budget, row[6], row[7], month)
 
 
 def month_usage(*, tenant: Tenant) -> tuple[date, int, Decimal]:
