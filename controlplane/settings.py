@@ -340,6 +340,9 @@ RUN_STREAM_TTL_SECONDS = env.int("RUN_STREAM_TTL_SECONDS", default=3600)
 # A web process reads every stream it follows with one XREAD at a time, at most one per this many
 # ms under load, so that each carries many events (conversations/streams.py, `_Multiplexer`).
 RUN_STREAM_BATCH_MS = env.float("RUN_STREAM_BATCH_MS", default=4.0)
+# The worker's stream writer sends at most once per this many ms under load (conversations
+# .streams._Writer): each send then carries the events of many runs. 0: one send per event.
+RUN_STREAM_WRITE_BATCH_MS = env.float("RUN_STREAM_WRITE_BATCH_MS", default=4.0)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
 CELERY_BEAT_SCHEDULE = {
     "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},

@@ -502,15 +502,17 @@ class _Writer:
     What was queued while the previous send was on its way goes in the next one, as one
     pipeline (one round trip) for every run, with one fenced append per run that carries all
     that run's queued events in order (one fence check), followed by its terminal event if it
-    was queued too. When Redis keeps up, each event goes at once: nothing waits for a batch to
-    fill. A failed send loses those events (readers reload the reply from PostgreSQL, as
-    when Redis is down) and is logged once per run."""
+    was queued too. After a quiet moment an event goes at once; under load, sends are spaced
+    `RUN_STREAM_WRITE_BATCH_MS` apart, so each carries many runs' events. A failed send loses
+    those events (readers reload the reply from PostgreSQL, as when Redis is down) and is
+    logged once per run."""
 
     def __init__(self, client: aioredis.Redis, append: Any, finish: Any) -> None:
         self.client, self.append_script, self.finish_script = client, append, finish
         self.queue: list[_Write] = []
         self.task: asyncio.Task[None] | None = None
         self.failed_runs: set[str] = set()
+        self.sent_at = float("-inf")
 
     def put(self, write: _Write) -> None:
         self.queue.append(write)
@@ -518,7 +520,17 @@ class _Writer:
             self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch_ms = getattr(settings, "RUN_STREAM_WRITE_BATCH_MS", None)
+        spacing = BATCH_S if batch_ms is None else max(0.0, float(batch_ms) / 1000)
         while self.queue:
+            # Under load, sends are spaced at least `spacing` apart, so that each carries the
+            # events of many runs (tokens a few ms apart each wake the writer otherwise): an
+            # event waits at most that long. A send after a quiet moment goes at once.
+            wait = self.sent_at + spacing - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.sent_at = loop.time()
             batch, self.queue = self.queue, []
             try:
                 await self._send(batch)
