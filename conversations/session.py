@@ -95,6 +95,7 @@ class ThreadSession:
         # One statement for the fence and the rows (a run adds items after every turn): the
         # items go in only while this attempt owns the run, whose row it locks like
         # `_check_owner` does, so a cancel or a newer attempt waits for it or shuts it out.
+        # tenant-scope: the statement names the session's tenant
         with connection.cursor() as cursor:
             cursor.execute(
                 """
@@ -106,7 +107,7 @@ class ThreadSession:
                       AND run.status = %s
                 ORDER BY item.position
                 FOR UPDATE OF run
-                """,  # tenant-scope: the statement names the session's tenant
+                """,
                 [
                     self.thread_id,
                     timezone.now(),

@@ -126,6 +126,7 @@ def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState 
     month = month_of(now or timezone.now())
     # Every run's start asks this (`budget_check`): plain SQL, since compiling the same query
     # with the ORM's subqueries cost more than running it (docs/benchmark.md).
+    # tenant-scope: the statement names the tenant
     with connection.cursor() as cursor:
         cursor.execute(
             """
@@ -135,7 +136,7 @@ def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState 
             LEFT JOIN usage_monthlyusage month
                    ON month.tenant_id = budget.tenant_id AND month.month = %s
             WHERE budget.tenant_id = %s
-            """,  # tenant-scope: the statement names the tenant
+            """,
             [month, tenant.pk],
         )
         row = cursor.fetchone()
