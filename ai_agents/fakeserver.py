@@ -1425,13 +1425,19 @@ class FakeOpenAIServer:
         self.state.reset()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m ai_agents.fakeserver",
-        description="A fake OpenAI-compatible server (chat completions, responses, embeddings).",
-    )
+def main(
+    argv: list[str] | None = None,
+    *,
+    prog: str = "python -m ai_agents.fakeserver",
+    description: str = "A fake OpenAI-compatible server (chat completions, responses, embeddings).",
+    default_port: int = 8765,
+    wrap: Callable[[Any, FakeState], Any] | None = None,
+) -> int:
+    """The command line: serve until SIGINT or SIGTERM. `wrap(app, state)` may put middleware
+    around the app (`bench.fakellm` times answers that way)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
+    parser.add_argument("--port", type=int, default=default_port, help="0 picks a free port")
     parser.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="delay between tokens")
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
@@ -1453,6 +1459,8 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model,
         loop="auto",  # uvloop when installed: the benchmark wants the fastest fake
     )
+    if wrap is not None:
+        server.app = wrap(server.app, server.state)
     server.start()
     print(f"fake OpenAI server listening on {server.base_url}", flush=True)
     try:

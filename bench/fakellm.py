@@ -17,15 +17,14 @@ Control routes (loopback only, like the fake's own `/_fake/*`):
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import signal
 import threading
 import time
 from typing import Any
 
-from ai_agents.fakeserver import FakeOpenAIServer, FakeState
+from ai_agents import fakeserver
+from ai_agents.fakeserver import FakeState
 
 MARKER = re.compile(rb"bench-[0-9a-z]+-\d+-\d+")
 # A content delta of the chat-completions stream; the role chunk before it has `"role"` first.
@@ -139,29 +138,9 @@ class TimedApp:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.fakellm", description=__doc__)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--ttft-ms", type=float, default=0.0)
-    parser.add_argument("--token-delay-ms", type=float, default=0.0)
-    args = parser.parse_args(argv)
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
-    server = FakeOpenAIServer(
-        args.host,
-        args.port,
-        ttft_ms=args.ttft_ms,
-        token_delay_ms=args.token_delay_ms,
-        loop="auto",  # uvloop when installed, as `python -m ai_agents.fakeserver` does
+    return fakeserver.main(
+        argv, prog="python -m bench.fakellm", description=__doc__, default_port=0, wrap=TimedApp
     )
-    server.app = TimedApp(server.app, server.state)  # type: ignore[assignment]
-    server.start()
-    print(f"fake OpenAI server listening on {server.base_url}", flush=True)
-    try:
-        signal.sigwait(stop_signals)
-    finally:
-        server.stop()
-    return 0
 
 
 if __name__ == "__main__":
