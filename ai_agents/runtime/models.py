@@ -14,11 +14,11 @@ from django.conf import settings
 from openai import AsyncOpenAI
 
 from ai_agents.models import ModelProvider, ProviderApi
-from ai_agents.runtime import fastparams
+from ai_agents.runtime import fastpaths
 from ai_agents.runtime.trace import identify
 from controlplane import crypto
 
-fastparams.install()  # chat-completion bodies skip openai's type walk when it changes nothing
+fastpaths.install()  # chat-completion bodies skip openai's type walk when it changes nothing
 
 
 def offline_model() -> Model:
@@ -50,7 +50,7 @@ def _new_client(provider: ModelProvider) -> AsyncOpenAI:
     from controlplane import egress
 
     key = crypto.decrypt(provider.api_key_encrypted) if provider.api_key_encrypted else "none"
-    return AsyncOpenAI(
+    return fastpaths.FastChunksClient(
         base_url=provider.base_url,
         api_key=key,
         max_retries=0,

@@ -6,14 +6,15 @@ from __future__ import annotations
 from typing import Annotated
 
 import pydantic
-from openai import NOT_GIVEN, omit
+from openai import NOT_GIVEN, AsyncOpenAI, omit
 from openai._utils import async_maybe_transform as library_transform
 from openai._utils._transform import PropertyInfo
 from openai.resources.chat.completions import completions as chat_module
+from openai.types.chat import ChatCompletionChunk
 from openai.types.chat import completion_create_params as params
 from typing_extensions import TypedDict
 
-from ai_agents.runtime import fastparams
+from ai_agents.runtime import fastpaths
 from ai_agents.runtime import models as _models  # noqa: F401  (installs the fast path)
 
 STREAMING = params.CompletionCreateParamsStreaming
@@ -105,7 +106,7 @@ async def test_a_body_that_is_not_plain_json_goes_through_the_library():
         calls.append(data)
         return await library_transform(data, expected_type)
 
-    fast = fastparams.fast_transform(library, (STREAMING,))
+    fast = fastpaths.fast_transform(library, (STREAMING,))
     for odd in ({"metadata": ("a", "b")}, {"response_format": Schema()}):
         body = _sdk_body(**odd)
         assert await fast(body, STREAMING) == await library_transform(_sdk_body(**odd), STREAMING)
@@ -126,7 +127,107 @@ def test_a_params_type_with_an_alias_or_a_format_is_never_taken_over():
         items: list[Inner]
         plain: str
 
-    assert fastparams.has_transforms(Aliased)
-    assert fastparams.has_transforms(Outer)  # found however deep it is
-    assert not fastparams.has_transforms(STREAMING)
-    assert not fastparams.has_transforms(params.CompletionCreateParamsNonStreaming)
+    assert fastpaths.has_transforms(Aliased)
+    assert fastpaths.has_transforms(Outer)  # found however deep it is
+    assert not fastpaths.has_transforms(STREAMING)
+    assert not fastpaths.has_transforms(params.CompletionCreateParamsNonStreaming)
+
+
+# --- streamed chunks ----------------------------------------------------------------------------
+
+CHUNKS = [
+    {  # the role chunk
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "choices": [
+            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        ],
+    },
+    {  # a token
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "system_fingerprint": None,
+        "choices": [
+            {"index": 0, "delta": {"content": "hello "}, "logprobs": None, "finish_reason": None}
+        ],
+    },
+    {  # a tool call's first fragment
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "choices": [
+            {
+                "index": 0,
+                "delta": {
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": '{"ci'},
+                        }
+                    ]
+                },
+                "finish_reason": None,
+            }
+        ],
+    },
+    {  # the usage chunk: no choices, and a field this client version does not know
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "fake-model",
+        "choices": [],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+        "provider_extra": {"region": "eu"},
+    },
+]
+
+
+def _client():
+    return fastpaths.FastChunksClient(base_url="http://127.0.0.1:9/v1", api_key="none")
+
+
+def _library(data):
+    return AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="none")._process_response_data(
+        data=data, cast_to=ChatCompletionChunk, response=None
+    )
+
+
+def test_a_streamed_chunk_is_the_object_the_library_builds():
+    client = _client()
+    for data in CHUNKS:
+        fast = client._process_response_data(data=data, cast_to=ChatCompletionChunk, response=None)
+        slow = _library(data)
+        assert type(fast) is type(slow) is ChatCompletionChunk
+        assert fast == slow
+        assert fast.model_dump() == slow.model_dump()
+        # (pydantic counts a kept unknown field as set; the library's constructor does not)
+        assert fast.model_fields_set - set(fast.model_extra or {}) == slow.model_fields_set
+    extra = client._process_response_data(
+        data=CHUNKS[-1], cast_to=ChatCompletionChunk, response=None
+    )
+    assert extra.provider_extra == {"region": "eu"}  # unknown fields are kept, as before
+
+
+def test_a_chunk_off_the_schema_is_built_the_lenient_way_as_before():
+    off = {"id": "c1", "choices": [{"delta": {"content": "hi"}, "index": "first"}]}  # no model
+    got = _client()._process_response_data(data=off, cast_to=ChatCompletionChunk, response=None)
+    assert got == _library(off)
+    assert got.choices[0].delta.content == "hi"
+
+
+def test_provider_clients_are_the_fast_client():
+    from ai_agents.runtime.models import _new_client
+
+    class Provider:
+        api_key_encrypted = b""
+        base_url = "http://127.0.0.1:9/v1"
+        timeout_seconds = 5
+
+    assert isinstance(_new_client(Provider()), fastpaths.FastChunksClient)
