@@ -348,3 +348,50 @@ def test_a_database_failure_mid_run_leaves_the_run_to_be_retried(world_a, thread
     held = executor.claim(run.pk, owner="w2")  # ...the sweeper's kick runs it again
     assert held is not None and held.attempt == 2
     assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
+
+
+def test_claiming_reads_the_run_with_what_it_needs_in_one_locked_query(
+    world_a, thread, django_assert_max_num_queries
+):
+    """A worker's claim is on every run's path: the run locked and read with its tenant and
+    agent version, then its lease written. (Plus the savepoint pair that the test's own
+    transaction turns `atomic` into.)"""
+    run = _send(world_a, thread)
+    with django_assert_max_num_queries(2 + 2):
+        held, (loaded, ctx) = executor.take(run.pk, owner="w")
+    with django_assert_max_num_queries(0):  # everything executing it needs is already read
+        assert (loaded.tenant.pk, loaded.version.agent.name) == (world_a.tenant.pk, "Calc")
+        assert ctx.agent_id == loaded.version.agent_id and held.attempt == 1
+    assert executor.take(run.pk, owner="w2") is None  # claimed: nobody else takes it
+
+
+def test_finishing_a_run_costs_seven_queries(world_a, thread, django_assert_max_num_queries):
+    """`finish` is on every run's path: the fence (the run's attempt and status, locked), the
+    prices, the usage records, the month's total with the budget, the run, the next queued
+    run, the thread. (Plus the savepoint pair of the test's transaction.)"""
+    from ai_agents.runtime import execute as agent_execute
+
+    run = _send(world_a, thread)
+    held, (loaded, _ctx) = executor.take(run.pk, owner="w")
+    outcome = agent_execute.RunOutcome(
+        "success",
+        output="done",
+        trace=[
+            {
+                "kind": "model_call",
+                "agent": "Calc",
+                "model": "gpt-test",
+                "provider": "Fake",
+                "provider_id": None,
+                "input_tokens": 10,
+                "output_tokens": 5,
+                "total_tokens": 15,
+            }
+        ],
+        usage={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+    )
+    with django_assert_max_num_queries(7 + 2):
+        assert executor.finish(held, outcome, run=loaded)
+    run.refresh_from_db()
+    assert (run.status, run.output, run.total_tokens) == (RunStatus.SUCCESS, "done", 15)
+    assert not executor.finish(held, outcome, run=loaded)  # finished: the fence refuses
