@@ -257,14 +257,25 @@ def close_sync() -> None:
         conn.client.close()
 
 
+def _unavailable_error(run_id: UUID | str, exc: BaseException) -> StreamUnavailable:
+    return StreamUnavailable(
+        f"The event stream of run {run_id} is unavailable: {type(exc).__name__}: {exc}"
+    )
+
+
 @contextlib.contextmanager
 def _unavailable(run_id: UUID | str) -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise StreamUnavailable(
-            f"The event stream of run {run_id} is unavailable: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise _unavailable_error(run_id, exc) from exc
+
+
+def _spacing_s(setting: str) -> float:
+    """The least time between two Redis round trips of the stream reader or writer under load
+    (RUN_STREAM_BATCH_MS, RUN_STREAM_WRITE_BATCH_MS; BATCH_S when unset, 0: none)."""
+    value = getattr(settings, setting, None)
+    return BATCH_S if value is None else max(0.0, float(value) / 1000)
 
 
 # --- the multiplexer: one reader per event loop for every follower -------------------------------
@@ -390,8 +401,7 @@ class _Multiplexer:
 
     async def _read(self) -> None:
         loop = asyncio.get_running_loop()
-        batch_ms = getattr(settings, "RUN_STREAM_BATCH_MS", None)
-        batch_s = BATCH_S if batch_ms is None else max(0.0, float(batch_ms) / 1000)
+        batch_s = _spacing_s("RUN_STREAM_BATCH_MS")
         issued = -batch_s
         try:
             while self.by_key:
@@ -521,8 +531,7 @@ class _Writer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        batch_ms = getattr(settings, "RUN_STREAM_WRITE_BATCH_MS", None)
-        spacing = BATCH_S if batch_ms is None else max(0.0, float(batch_ms) / 1000)
+        spacing = _spacing_s("RUN_STREAM_WRITE_BATCH_MS")
         while self.queue:
             # Under load, sends are spaced at least `spacing` apart, so that each carries the
             # events of many runs (tokens a few ms apart each wake the writer otherwise): an
@@ -614,12 +623,7 @@ class _Writer:
     def _failed(self, write: _Write, exc: BaseException) -> None:
         if write.done is not None:
             if not write.done.done():
-                write.done.set_exception(
-                    StreamUnavailable(
-                        f"The event stream of run {write.run_id} is unavailable: "
-                        f"{type(exc).__name__}: {exc}"
-                    )
-                )
+                write.done.set_exception(_unavailable_error(write.run_id, exc))
             return
         run_id = str(write.run_id)
         if run_id not in self.failed_runs:
