@@ -3,6 +3,7 @@ a period. Every read is restricted to one tenant."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
@@ -119,28 +120,17 @@ class BudgetState:
         return "; ".join(parts)
 
 
-def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState | None:
-    """The budget and this month's running total in one query; None without a budget."""
-    from usage.services import month_of
+# The budget's columns, in the order `budget_from_row` takes them, for plain SQL that reads the
+# budget along with something else (here and in `services._add_to_month`).
+BUDGET_COLUMNS = (
+    "budget.id, budget.token_limit, budget.cost_limit, budget.warn_percent, budget.updated_at, "
+    "budget.updated_by_id"
+)
 
-    month = month_of(now or timezone.now())
-    # Every run's start asks this (`budget_check`): plain SQL, since compiling the same query
-    # with the ORM's subqueries cost more than running it (docs/benchmark.md).
-    # tenant-scope: the statement names the tenant
-    with connection.cursor() as cursor:
-        cursor.execute(
-            """
-            SELECT budget.id, budget.token_limit, budget.cost_limit, budget.warn_percent,
-                   budget.updated_at, budget.updated_by_id, month.total_tokens, month.cost
-            FROM usage_budget budget
-            LEFT JOIN usage_monthlyusage month
-                   ON month.tenant_id = budget.tenant_id AND month.month = %s
-            WHERE budget.tenant_id = %s
-            """,
-            [month, tenant.pk],
-        )
-        row = cursor.fetchone()
-    if row is None:
+
+def budget_from_row(tenant: Tenant, row: Sequence[Any]) -> Budget | None:
+    """The Budget that BUDGET_COLUMNS read (None: the tenant has none)."""
+    if row[0] is None:
         return None
     budget = Budget(
         id=row[0],
@@ -152,6 +142,32 @@ def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState 
         updated_by_id=row[5],
     )
     budget._state.adding = False
+    return budget
+
+
+def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState | None:
+    """The budget and this month's running total in one query; None without a budget."""
+    from usage.services import month_of
+
+    month = month_of(now or timezone.now())
+    # Every run's start asks this (`budget_check`): plain SQL, since compiling the same query
+    # with the ORM's subqueries cost more than running it (docs/benchmark.md).
+    # tenant-scope: the statement names the tenant
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"""
+            SELECT {BUDGET_COLUMNS}, month.total_tokens, month.cost
+            FROM usage_budget budget
+            LEFT JOIN usage_monthlyusage month
+                   ON month.tenant_id = budget.tenant_id AND month.month = %s
+            WHERE budget.tenant_id = %s
+            """,  # noqa: S608 (BUDGET_COLUMNS is a constant; the values are parameters)
+            [month, tenant.pk],
+        )
+        row = cursor.fetchone()
+    budget = None if row is None else budget_from_row(tenant, row)
+    if budget is None:
+        return None
     return BudgetState.of(budget, row[6], row[7], month)
 
 

@@ -137,7 +137,7 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
     # The tenant's budget comes back with the new total (one round trip, not two).
     with connection.cursor() as cursor:
         cursor.execute(
-            """
+            f"""
             WITH total AS (
                 INSERT INTO usage_monthlyusage
                     (tenant_id, month, total_tokens, cost, unpriced_tokens, calls)
@@ -152,18 +152,16 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
                 RETURNING total_tokens, cost, warned_at, exhausted_at
             )
             SELECT total.total_tokens, total.cost, total.warned_at, total.exhausted_at,
-                   budget.id, budget.token_limit, budget.cost_limit, budget.warn_percent
+                   {selectors.BUDGET_COLUMNS}
             FROM total LEFT JOIN usage_budget budget ON budget.tenant_id = %s
-            """,
+            """,  # noqa: S608 (BUDGET_COLUMNS is a constant; the values are parameters)
             [tenant.pk, month, tokens, cost, unpriced, len(records), tenant.pk],
         )
         row = cursor.fetchone()
-    used_tokens, used_cost, warned_at, exhausted_at, budget_id = row[:5]
-    if budget_id is None:
+    used_tokens, used_cost, warned_at, exhausted_at = row[:4]
+    budget = selectors.budget_from_row(tenant, row[4:])
+    if budget is None:
         return
-    budget = Budget(
-        id=budget_id, tenant=tenant, token_limit=row[5], cost_limit=row[6], warn_percent=row[7]
-    )
     state = selectors.BudgetState.of(budget, used_tokens, used_cost, month)
     this_month = MonthlyUsage.objects.for_tenant(tenant).filter(month=month)
     if state.exhausted and exhausted_at is None:
