@@ -276,9 +276,7 @@ def finish(
         run.output_tokens = usage.get("output_tokens", 0)
         run.total_tokens = usage.get("total_tokens", 0)
         # usage and cost land with the outcome
-        usage_services.record_run(
-            run, outcome.trace, version=(run.version.number, run.version.agent.name)
-        )
+        usage_services.record_run(run, outcome.trace)
         run.finished_at = timezone.now()
         run.lease_owner, run.lease_expires_at = "", None
         runs.update(

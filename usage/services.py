@@ -184,30 +184,19 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
             )
 
 
-def record_run(
-    run: Run, trace: list[dict[str, Any]], *, version: tuple[int | None, str] | None = None
-) -> list[UsageRecord]:
+def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
     """Record the model calls of a finished run and set `run.cost` (the caller saves the run).
 
     Call it inside the transaction that writes the run's outcome. Failed, cancelled and timed-out
-    runs count the calls they completed. `version`: the run's version number and agent name, if
-    the caller has them (else one query reads them). Then three queries: the prices, one
-    insert, one upsert of the month's total that reads the budget too."""
-    from ai_agents.models import AgentVersion
-
+    runs count the calls they completed. The run's version and agent name the records carry come
+    from `run.version` (read with the run by the worker). Three queries: the prices, one insert,
+    one upsert of the month's total that reads the budget too."""
     if not model_calls(trace):  # e.g. stopped before the model answered: nothing to count
         run.cost = Decimal(0)
         return []
     tenant = run.tenant
     now = timezone.now()
-    number, agent_name = (
-        version
-        or AgentVersion.objects.for_tenant(tenant)
-        .filter(pk=run.version_id)
-        .values_list("number", "agent__name")
-        .first()
-        or (None, "")
-    )
+    number, agent_name = run.version.number, run.version.agent.name
     records = _records(
         tenant,
         trace,
