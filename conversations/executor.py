@@ -18,7 +18,7 @@ from typing import Any
 from uuid import UUID
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from ai_agents.runtime import execute as agent_execute
@@ -212,19 +212,29 @@ def _close_dangling_calls(run: Run) -> None:
 
 
 def renew(claims: list[Claim]) -> list[Claim]:
-    """Extend the leases of `claims`; returns the ones that were lost (superseded or ended)."""
-    lost = []
+    """Extend the leases of `claims`; returns the ones that were lost (superseded or ended).
+    One statement however many runs the worker holds (the heartbeat beats every few seconds)."""
+    if not claims:
+        return []
     until = timezone.now() + timedelta(seconds=lease_seconds())
-    for held in claims:
-        # tenant-scope: the heartbeat renews the leases this worker holds, by run id
-        updated = (
-            _runs("heartbeat of this worker's runs")
-            .filter(pk=held.run_id, attempt=held.attempt, status=RunStatus.RUNNING)
-            .update(lease_expires_at=until)
+    # tenant-scope: the heartbeat renews the leases this worker holds, by run id and attempt
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            UPDATE conversations_run SET lease_expires_at = %s
+            WHERE status = %s
+              AND (id, attempt) IN (SELECT * FROM unnest(%s::uuid[], %s::integer[]))
+            RETURNING id, attempt
+            """,
+            [
+                until,
+                RunStatus.RUNNING,
+                [held.run_id for held in claims],
+                [held.attempt for held in claims],
+            ],
         )
-        if not updated:
-            lost.append(held)
-    return lost
+        kept = {(UUID(str(run_id)), attempt) for run_id, attempt in cursor.fetchall()}
+    return [held for held in claims if (UUID(str(held.run_id)), held.attempt) not in kept]
 
 
 def has_side_effects(tool: str) -> bool:

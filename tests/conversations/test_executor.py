@@ -395,3 +395,21 @@ def test_finishing_a_run_costs_seven_queries(world_a, thread, django_assert_max_
     run.refresh_from_db()
     assert (run.status, run.output, run.total_tokens) == (RunStatus.SUCCESS, "done", 15)
     assert not executor.finish(held, outcome, run=loaded)  # finished: the fence refuses
+
+
+def test_the_heartbeat_renews_live_leases_and_names_the_lost_ones_in_one_statement(
+    world_a, thread, django_assert_num_queries
+):
+    live = executor.claim(_send(world_a, thread).pk, owner="w")
+    other = services.thread_create(
+        tenant=world_a.tenant, end_user=thread.end_user, agent_id=thread.agent_id
+    )
+    superseded = executor.claim(_send(world_a, other).pk, owner="w")
+    Run.objects.for_tenant(world_a.tenant).filter(pk=superseded.run_id).update(attempt=2)
+    before = timezone.now()
+    with django_assert_num_queries(1):
+        lost = executor.renew([live, superseded])
+    assert lost == [superseded]
+    renewed = Run.objects.for_tenant(world_a.tenant).get(pk=live.run_id)
+    assert renewed.lease_expires_at > before + timedelta(seconds=executor.lease_seconds() - 5)
+    assert executor.renew([]) == []
