@@ -407,7 +407,14 @@ async def execute(held: Claim, loaded: tuple[Run, Any] | None = None) -> str:
             trace=ctx.trace.spans,
             usage=ctx.trace.usage(),
         )
-    final = status or _status_of(outcome)
+    # Shielded: the heartbeat that renews leases after `finish` committed finds the run ended
+    # and stops the attempt, as it stops one that lost its lease; the outcome is written by then,
+    # and its readers must still get the stream's last events.
+    return await asyncio.shield(_conclude(held, outcome, status or _status_of(outcome), run))
+
+
+async def _conclude(held: Claim, outcome: agent_execute.RunOutcome, final: str, run: Run) -> str:
+    """Write the attempt's outcome, then end its event stream (after its queued events)."""
     if not await orm(finish)(held, outcome, status=final, run=run):
         return "superseded"
     try:

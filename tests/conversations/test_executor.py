@@ -326,6 +326,40 @@ def test_a_run_failed_by_the_sweeper_ends_its_stream_with_the_reason(
     assert "could do that twice" in last["message"]
 
 
+def test_a_run_stopped_just_after_its_outcome_is_saved_still_ends_its_stream(
+    world_a, thread, monkeypatch
+):
+    # The heartbeat that renews leases after `finish` committed finds the run ended and
+    # cancels the attempt, as it cancels one that lost its lease. Readers must still get the
+    # terminal event, not wait for a stream that stays silent.
+    import asyncio
+
+    run = _send(world_a, thread)
+    held = executor.claim(run.pk, owner="w")
+    finish = executor.finish
+    attempt: list[asyncio.Task] = []
+
+    def finish_then_heartbeat(*args, **kwargs):
+        written = finish(*args, **kwargs)
+        loop = attempt[0].get_loop()
+        loop.call_soon_threadsafe(attempt[0].cancel)
+        return written
+
+    monkeypatch.setattr(executor, "finish", finish_then_heartbeat)
+
+    async def go():
+        attempt.append(asyncio.ensure_future(executor.execute(held)))
+        with pytest.raises(asyncio.CancelledError):
+            await attempt[0]
+        await asyncio.sleep(0.5)  # the shielded end of the attempt goes on
+
+    async_to_sync(go)()
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCESS
+    last = _events(run)[-1]
+    assert (last["type"], last["status"]) == ("run.status", "success")
+
+
 def test_a_database_failure_mid_run_leaves_the_run_to_be_retried(world_a, thread, monkeypatch):
     from django.db import OperationalError
 
