@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -324,10 +325,16 @@ def _load(held: Claim) -> tuple[Run, Any]:
     return run, _context(run)
 
 
-async def execute(held: Claim, loaded: tuple[Run, Any] | None = None) -> str:
+async def execute(
+    held: Claim,
+    loaded: tuple[Run, Any] | None = None,
+    *,
+    concluding: Callable[[], None] | None = None,
+) -> str:
     """Run one attempt to its end (`loaded`: the run and its context as `take` read them, else
     they are read here). Returns the final status ("superseded" if the attempt lost the run on
-    the way: then it wrote nothing more)."""
+    the way: then it wrote nothing more). `concluding` is called when the agent is done and the
+    outcome is about to be written: the lease no longer needs renewing."""
     run, ctx = loaded if loaded is not None else await orm(_load)(held)
     try:
         await streams.claim(held.run_id, held.attempt)
@@ -407,9 +414,11 @@ async def execute(held: Claim, loaded: tuple[Run, Any] | None = None) -> str:
             trace=ctx.trace.spans,
             usage=ctx.trace.usage(),
         )
-    # Shielded: the heartbeat that renews leases after `finish` committed finds the run ended
-    # and stops the attempt, as it stops one that lost its lease; the outcome is written by then,
-    # and its readers must still get the stream's last events.
+    if concluding is not None:
+        concluding()
+    # Shielded: a heartbeat that renews leases after `finish` committed finds the run ended and
+    # would stop the attempt, as it stops one that lost its lease; the outcome is written by
+    # then, and its readers must still get the stream's last events.
     return await asyncio.shield(_conclude(held, outcome, status or _status_of(outcome), run))
 
 

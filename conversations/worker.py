@@ -49,13 +49,19 @@ class RunHost:
         with self._lock:
             self._held[held] = task
         try:
-            return await executor.execute(held, loaded)
+            return await executor.execute(held, loaded, concluding=lambda: self._release(held))
         except Exception:
             log.exception("run %s attempt %s crashed", held.run_id, held.attempt)
             raise
         finally:
             with self._lock:
                 self._held.pop(held, None)
+
+    def _release(self, held: executor.Claim) -> None:
+        """The attempt is writing its outcome: its lease needs no more renewing, and the run
+        that this ends must not look lost to the heartbeat."""
+        with self._lock:
+            self._held.pop(held, None)
 
     @property
     def active(self) -> int:
@@ -65,25 +71,27 @@ class RunHost:
     def _heartbeat(self) -> None:
         interval = max(executor.lease_seconds() / 3, 0.2)
         while not self._stop.wait(interval):
+            self.beat()
+
+    def beat(self) -> None:
+        """Renew the leases of the runs held; stop those whose lease was lost."""
+        with self._lock:
+            claims = list(self._held)
+        if not claims:
+            return
+        try:
+            lost = executor.renew(claims)
+        except Exception:  # the database may be away for a moment; try again next beat
+            log.warning("lease renewal failed", exc_info=True)
+            return
+        finally:
+            close_old_connections()
+        for held in lost:
             with self._lock:
-                claims = list(self._held)
-            if not claims:
-                continue
-            try:
-                lost = executor.renew(claims)
-            except Exception:  # the database may be away for a moment; try again next beat
-                log.warning("lease renewal failed", exc_info=True)
-                continue
-            finally:
-                close_old_connections()
-            for held in lost:
-                with self._lock:
-                    task = self._held.get(held)
-                if task is not None:
-                    log.info(
-                        "run %s attempt %s lost its lease; stopping it", held.run_id, held.attempt
-                    )
-                    self._loop.call_soon_threadsafe(task.cancel)
+                task = self._held.get(held)
+            if task is not None:
+                log.info("run %s attempt %s lost its lease; stopping it", held.run_id, held.attempt)
+                self._loop.call_soon_threadsafe(task.cancel)
 
 
 _host: RunHost | None = None

@@ -360,6 +360,26 @@ def test_a_run_stopped_just_after_its_outcome_is_saved_still_ends_its_stream(
     assert (last["type"], last["status"]) == ("run.status", "success")
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_heartbeat_just_after_a_run_ended_does_not_stop_it(world_a, thread, monkeypatch):
+    # The beat's renewal finds the run no longer running, because its own attempt has just
+    # written the outcome: the attempt must not be taken for one that lost its lease.
+    from conversations.worker import RunHost
+
+    host = RunHost()
+    finish = executor.finish
+
+    def finish_then_beat(*args, **kwargs):
+        written = finish(*args, **kwargs)
+        host.beat()
+        return written
+
+    monkeypatch.setattr(executor, "finish", finish_then_beat)
+    run = _send(world_a, thread)
+    assert host.submit(executor.claim(run.pk, owner=host.owner)).result(timeout=30) == "success"
+    assert host.active == 0
+
+
 def test_a_database_failure_mid_run_leaves_the_run_to_be_retried(world_a, thread, monkeypatch):
     from django.db import OperationalError
 
