@@ -22,8 +22,10 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
+from ai_agents.models import Agent, AgentVersion
 from ai_agents.runtime import execute as agent_execute
 from ai_agents.runtime.build import context_for
+from controlplane import rows
 from conversations import events as run_events
 from conversations import streams
 from conversations.models import (
@@ -35,6 +37,7 @@ from conversations.models import (
 )
 from conversations.session import SupersededAttempt, ThreadSession, orm
 from tenants import realtime
+from tenants.models import Tenant
 from usage import services as usage_services
 
 log = logging.getLogger(__name__)
@@ -119,7 +122,61 @@ def take(run_id: UUID | str, *, owner: str) -> tuple[Claim, tuple[Run, Any]] | N
     return held, (run, _context(run))
 
 
+class _FirstAttempt:
+    """A pending run's first attempt, the common case, taken in one statement: the run's row
+    changes only if it is still pending, unqueued and never attempted (checked again once its
+    row lock is granted, so two workers cannot both take it), and it comes back with its tenant
+    and agent version, as `_claim`'s locked read gives them."""
+
+    def __init__(self) -> None:
+        self.parts = (
+            rows.Columns(Run, "r"),
+            rows.Columns(Tenant, "t"),
+            rows.Columns(AgentVersion, "v"),
+            rows.Columns(Agent, "a"),
+        )
+        run, tenant, version, agent = self.parts
+        self.sql = f"""
+            UPDATE {Run._meta.db_table} AS r
+            SET attempt = 1, status = %s, lease_owner = %s, lease_expires_at = %s,
+                started_at = COALESCE(r.started_at, %s)
+            FROM {Tenant._meta.db_table} AS t, {AgentVersion._meta.db_table} AS v,
+                 {Agent._meta.db_table} AS a
+            WHERE r.id = %s AND r.status = %s AND NOT r.queued AND r.attempt = 0
+              AND t.id = r.tenant_id AND v.id = r.version_id AND a.id = v.agent_id
+            RETURNING {run.sql}, {tenant.sql}, {version.sql}, {agent.sql}
+        """  # noqa: S608 (table and column names from the models; the values are parameters)
+
+    def take(self, run_id: UUID | str, owner: str) -> Run | None:
+        now = timezone.now()
+        until = now + timedelta(seconds=lease_seconds())
+        # tenant-scope: a worker is handed a run id; the run row tells it the tenant
+        with connection.cursor() as cursor:
+            cursor.execute(
+                self.sql, [RunStatus.RUNNING, owner, until, now, run_id, RunStatus.PENDING]
+            )
+            row = cursor.fetchone()
+        if row is None:
+            return None
+        run, tenant, version, agent = rows.split(row, *self.parts)
+        version.agent = agent
+        run.tenant, run.version = tenant, version
+        return run
+
+
+_first_attempt: _FirstAttempt | None = None
+
+
 def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
+    global _first_attempt
+    if max_attempts() >= 1:
+        if _first_attempt is None:
+            _first_attempt = _FirstAttempt()
+        run = _first_attempt.take(run_id, owner)
+        if run is not None:
+            return Claim(run_id=run.pk, tenant_id=run.tenant_id, attempt=1, owner=owner), run
+    # Anything else (a lapsed lease, a run out of attempts, one taken or ended): the general
+    # path, with the run's row locked while it decides.
     with transaction.atomic():
         # tenant-scope: a worker is handed a run id; the run row tells it the tenant
         rows = (

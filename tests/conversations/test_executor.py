@@ -404,19 +404,45 @@ def test_a_database_failure_mid_run_leaves_the_run_to_be_retried(world_a, thread
     assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
 
 
-def test_claiming_reads_the_run_with_what_it_needs_in_one_locked_query(
-    world_a, thread, django_assert_max_num_queries
+def test_claiming_a_new_run_reads_it_with_what_it_needs_in_one_statement(
+    world_a, thread, django_assert_num_queries
 ):
-    """A worker's claim is on every run's path: the run locked and read with its tenant and
-    agent version, then its lease written. (Plus the savepoint pair that the test's own
-    transaction turns `atomic` into.)"""
+    """A worker's claim is on every run's path: a pending run's first attempt is taken, and the
+    run read with its tenant and agent version, by one `UPDATE … RETURNING`."""
     run = _send(world_a, thread)
-    with django_assert_max_num_queries(2 + 2):
+    with django_assert_num_queries(1):
         held, (loaded, ctx) = executor.take(run.pk, owner="w")
-    with django_assert_max_num_queries(0):  # everything executing it needs is already read
+    with django_assert_num_queries(0):  # everything executing it needs is already read
         assert (loaded.tenant.pk, loaded.version.agent.name) == (world_a.tenant.pk, "Calc")
         assert ctx.agent_id == loaded.version.agent_id and held.attempt == 1
+        assert loaded.input == run.input and loaded.version.config["tools"]  # JSON decoded
+        assert (loaded.status, loaded.lease_owner, loaded.attempt) == ("running", "w", 1)
+        assert loaded.started_at is not None and loaded.lease_expires_at > loaded.started_at
+    stored = Run.objects.for_tenant(world_a.tenant).get(pk=run.pk)
+    assert (stored.status, stored.attempt, stored.lease_owner) == ("running", 1, "w")
     assert executor.take(run.pk, owner="w2") is None  # claimed: nobody else takes it
+
+
+@pytest.mark.django_db(transaction=True)
+def test_workers_racing_for_one_run_leave_it_one_attempt(world_a, thread):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.db import connections
+
+    run = _send(world_a, thread)
+
+    def take(owner):
+        try:
+            taken = executor.take(run.pk, owner=owner)
+            return None if taken is None else taken[0].owner
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(8) as pool:
+        winners = [w for w in pool.map(take, [f"w{i}" for i in range(8)]) if w]
+    assert len(winners) == 1
+    stored = Run.objects.for_tenant(world_a.tenant).get(pk=run.pk)
+    assert (stored.attempt, stored.lease_owner) == (1, winners[0])
 
 
 def test_finishing_a_run_costs_seven_queries(world_a, thread, django_assert_max_num_queries):

@@ -1,0 +1,66 @@
+"""Model instances from plain SQL that reads several tables in one statement (e.g. an
+`UPDATE … FROM … RETURNING` that changes one row and returns it with the rows it refers to).
+
+The ORM cannot express such a statement, and on a hot path compiling its equivalent costs more
+than PostgreSQL spends executing it. `Columns` names a model's concrete columns under a table
+alias, in the order `Model.from_db` expects, and turns its slice of a row back into an instance,
+converted exactly as the ORM converts values it reads (e.g. JSON, encrypted fields).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+from django.db import connections
+from django.db.models import Model
+
+M = TypeVar("M", bound=Model)
+
+
+class Columns(Generic[M]):
+    def __init__(self, model: type[M], alias: str) -> None:
+        self.model, self.alias = model, alias
+        self.fields = list(model._meta.concrete_fields)
+        quote = connections["default"].ops.quote_name
+        self.sql = ", ".join(f"{alias}.{quote(f.column)}" for f in self.fields)
+        self._converters: dict[str, list[tuple[int, list[Callable[..., Any]], Any]]] = {}
+
+    def __len__(self) -> int:
+        return len(self.fields)
+
+    def _for(self, db: str) -> list[tuple[int, list[Callable[..., Any]], Any]]:
+        found = self._converters.get(db)
+        if found is None:
+            connection = connections[db]
+            found = []
+            for index, field in enumerate(self.fields):
+                column = field.get_col(self.alias)
+                converters = [
+                    *connection.ops.get_db_converters(column),
+                    *column.get_db_converters(connection),
+                ]
+                if converters:
+                    found.append((index, converters, column))
+            self._converters[db] = found
+        return found
+
+    def build(self, values: Sequence[Any], db: str = "default") -> M:
+        """The instance whose columns are `values` (this model's slice of the row)."""
+        row = list(values)
+        connection = connections[db]
+        for index, converters, column in self._for(db):
+            for convert in converters:
+                row[index] = convert(row[index], column, connection)
+        return self.model.from_db(db, None, row)
+
+
+def split(row: Sequence[Any], *parts: Columns[Any], db: str = "default") -> list[Any]:
+    """`row` cut into one instance per part, in order."""
+    out, start = [], 0
+    for part in parts:
+        out.append(part.build(row[start : start + len(part)], db))
+        start += len(part)
+    if start != len(row):
+        raise ValueError(f"the row has {len(row)} columns; the parts name {start}")
+    return out
