@@ -23,7 +23,8 @@ class Columns(Generic[M]):
         self.model, self.alias = model, alias
         self.fields = list(model._meta.concrete_fields)
         quote = connections["default"].ops.quote_name
-        self.sql = ", ".join(f"{alias}.{quote(f.column)}" for f in self.fields)
+        self.sql = ", ".join(f"{alias}.{quote(str(f.column))}" for f in self.fields)
+        self.names = [f.attname for f in self.fields]
         self._converters: dict[str, list[tuple[int, list[Callable[..., Any]], Any]]] = {}
 
     def __len__(self) -> int:
@@ -52,7 +53,7 @@ class Columns(Generic[M]):
         for index, converters, column in self._for(db):
             for convert in converters:
                 row[index] = convert(row[index], column, connection)
-        return self.model.from_db(db, None, row)
+        return self.model.from_db(db, self.names, row)
 
 
 def split(row: Sequence[Any], *parts: Columns[Any], db: str = "default") -> list[Any]:
