@@ -20,6 +20,7 @@ from uuid import UUID
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection, transaction
+from django.db.models import Field
 from django.utils import timezone
 
 from ai_agents.models import Agent, AgentVersion
@@ -79,16 +80,11 @@ def end_thread(run: Run, status: str) -> UUID | None:
         .values_list("pk", flat=True)
         .first()
     )
-    thread_status = {
-        RunStatus.SUCCESS: ThreadStatus.IDLE,
-        RunStatus.CANCELLED: ThreadStatus.IDLE,
-        RunStatus.INTERRUPTED: ThreadStatus.INTERRUPTED,
-    }.get(RunStatus(status), ThreadStatus.ERROR)
+    thread_status = _thread_status(status)
     if following is not None:
         Run.objects.for_tenant(run.tenant).filter(pk=following).update(queued=False)
         thread_status = ThreadStatus.BUSY
-        transaction.on_commit(partial(kick, following))
-        transaction.on_commit(partial(realtime.announce_run, run.thread_id, following))
+        _announce_promoted(run.thread_id, following)
     Thread.objects.for_tenant(run.tenant).filter(pk=run.thread_id).update(
         status=thread_status, updated_at=timezone.now()
     )
@@ -326,42 +322,131 @@ def finish(
     `run`: the run as the attempt read it (`take`), with its tenant and agent version; else it
     is read here."""
     final = status or _status_of(outcome)
-    with transaction.atomic():
-        # tenant-scope: the claim carries the run id; the attempt fences the write
-        runs = _runs("finishing a claimed run").filter(pk=held.run_id)
-        # The fence: the run's row locked, and only its attempt and status read.
-        current = next(iter(runs.select_for_update().values_list("attempt", "status")[:1]), None)
-        if current != (held.attempt, RunStatus.RUNNING):
-            return False
-        if run is None:
-            run = runs.select_related("tenant", "version__agent").get()
-        usage = outcome.usage or {}
-        run.status = final
-        run.output = outcome.output if final == RunStatus.SUCCESS else None
-        run.error = "" if final == RunStatus.SUCCESS else outcome.message
-        run.trace = outcome.trace
-        run.input_tokens = usage.get("input_tokens", 0)
-        run.output_tokens = usage.get("output_tokens", 0)
-        run.total_tokens = usage.get("total_tokens", 0)
-        # usage and cost land with the outcome
-        usage_services.record_run(run, outcome.trace)
-        run.finished_at = timezone.now()
-        run.lease_owner, run.lease_expires_at = "", None
-        runs.update(
-            status=run.status,
-            output=run.output,
-            error=run.error,
-            trace=run.trace,
-            input_tokens=run.input_tokens,
-            output_tokens=run.output_tokens,
-            total_tokens=run.total_tokens,
-            cost=run.cost,
-            finished_at=run.finished_at,
-            lease_owner="",
-            lease_expires_at=None,
+    if run is None:
+        # tenant-scope: the claim carries the run id; the statement below fences the write
+        run = (
+            _runs("finishing a claimed run")
+            .select_related("tenant", "version__agent")
+            .get(pk=held.run_id)
         )
-        end_thread(run, final)
+    usage = outcome.usage or {}
+    run.status = final
+    run.output = outcome.output if final == RunStatus.SUCCESS else None
+    run.error = "" if final == RunStatus.SUCCESS else outcome.message
+    run.trace = outcome.trace
+    run.input_tokens = usage.get("input_tokens", 0)
+    run.output_tokens = usage.get("output_tokens", 0)
+    run.total_tokens = usage.get("total_tokens", 0)
+    run.finished_at = timezone.now()
+    run.lease_owner, run.lease_expires_at = "", None
+    records = usage_services.price_run(run, outcome.trace)  # sets run.cost; writes nothing
+    with transaction.atomic():
+        fenced, following = _write_outcome(held, run, _thread_status(final))
+        if not fenced:
+            return False
+        # usage and cost land with the outcome
+        usage_services.save_run_usage(run.tenant, records)
+        if following is not None:
+            _announce_promoted(run.thread_id, following)
     return True
+
+
+_OUTCOME_FIELDS = (
+    "status",
+    "output",
+    "error",
+    "trace",
+    "input_tokens",
+    "output_tokens",
+    "total_tokens",
+    "cost",
+    "finished_at",
+    "lease_owner",
+    "lease_expires_at",
+)
+
+
+def _run_field(name: str) -> Field[Any, Any]:
+    field = Run._meta.get_field(name)
+    assert isinstance(field, Field)
+    return field
+
+
+def _outcome_sql() -> str:
+    run, thread = Run._meta.db_table, Thread._meta.db_table
+    columns = ", ".join(f"{_run_field(name).column} = %s" for name in _OUTCOME_FIELDS)
+    return f"""
+        WITH fenced AS (
+            UPDATE {run} SET {columns}
+            WHERE id = %s AND attempt = %s AND status = %s
+            RETURNING thread_id, tenant_id
+        ), following AS (
+            SELECT queue.id FROM {run} AS queue, fenced
+            WHERE queue.thread_id = fenced.thread_id AND queue.tenant_id = fenced.tenant_id
+              AND queue.queued AND queue.status = %s
+            ORDER BY queue.created_at LIMIT 1
+            FOR UPDATE OF queue
+        ), promoted AS (
+            UPDATE {run} AS queue SET queued = false FROM following
+            WHERE queue.id = following.id
+            RETURNING queue.id
+        ), thread AS (
+            UPDATE {thread} AS t
+            SET status = CASE WHEN EXISTS (SELECT 1 FROM promoted) THEN %s ELSE %s END,
+                updated_at = %s
+            FROM fenced
+            WHERE t.id = fenced.thread_id AND t.tenant_id = fenced.tenant_id
+        )
+        SELECT (SELECT count(*) FROM fenced), (SELECT id FROM promoted)
+    """  # noqa: S608 (table and column names from the models; the values are parameters)
+
+
+_outcome_statement: str | None = None
+
+
+def _write_outcome(held: Claim, run: Run, thread_status: str) -> tuple[bool, UUID | None]:
+    """One statement: the outcome written if `held` still owns the run (its attempt, still
+    running: the fence, checked once the row is locked), the thread's next queued run promoted
+    and the thread's status set, as `end_thread` does. Returns (written, promoted run id)."""
+    global _outcome_statement
+    if _outcome_statement is None:
+        _outcome_statement = _outcome_sql()
+    values = [
+        _run_field(name).get_db_prep_save(getattr(run, name), connection)
+        for name in _OUTCOME_FIELDS
+    ]
+    # tenant-scope: the claim carries the run id; the attempt fences the write, and the thread
+    # and queued run it touches are the run's own (same thread and tenant)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _outcome_statement,
+            [
+                *values,
+                held.run_id,
+                held.attempt,
+                RunStatus.RUNNING,
+                RunStatus.PENDING,
+                ThreadStatus.BUSY,
+                thread_status,
+                run.finished_at,
+            ],
+        )
+        fenced, following = cursor.fetchone()
+    return bool(fenced), following
+
+
+def _thread_status(run_status: str) -> str:
+    return {
+        RunStatus.SUCCESS: ThreadStatus.IDLE,
+        RunStatus.CANCELLED: ThreadStatus.IDLE,
+        RunStatus.INTERRUPTED: ThreadStatus.INTERRUPTED,
+    }.get(RunStatus(run_status), ThreadStatus.ERROR)
+
+
+def _announce_promoted(thread_id: UUID, following: UUID) -> None:
+    """On commit: kick the promoted run and tell the chats open on the thread, which follow it."""
+    transaction.on_commit(partial(kick, following))
+    transaction.on_commit(partial(realtime.announce_run, thread_id, following))
 
 
 def _context(run: Run) -> Any:

@@ -185,22 +185,29 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
 
 
 def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
-    """Record the model calls of a finished run and set `run.cost` (the caller saves the run).
+    """Record the model calls of a finished run and set `run.cost` (the caller saves the run):
+    `price_run`, then `save_run_usage`.
 
     Call it inside the transaction that writes the run's outcome. Failed, cancelled and timed-out
-    runs count the calls they completed. The run's version and agent name the records carry come
-    from `run.version` (read with the run by the worker). Three queries: the prices, one insert,
-    one upsert of the month's total that reads the budget too."""
+    runs count the calls they completed. Three queries: the prices, one insert, one upsert of the
+    month's total that reads the budget too."""
+    records = price_run(run, trace)
+    save_run_usage(run.tenant, records)
+    return records
+
+
+def price_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
+    """The usage records of the run's model calls, priced, and `run.cost` set; nothing is
+    written (one query, the prices, and none when no priced model was called). The version and
+    agent name the records carry come from `run.version` (read with the run by the worker)."""
     if not model_calls(trace):  # e.g. stopped before the model answered: nothing to count
         run.cost = Decimal(0)
         return []
-    tenant = run.tenant
-    now = timezone.now()
     number, agent_name = run.version.number, run.version.agent.name
     records = _records(
-        tenant,
+        run.tenant,
         trace,
-        now,
+        timezone.now(),
         source=run.source,
         agent_id=run.agent_id,
         agent_name=agent_name,
@@ -213,10 +220,15 @@ def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
         thread_id=run.thread_id,
     )
     run.cost = sum((r.cost for r in records if r.cost is not None), Decimal(0))
+    return records
+
+
+def save_run_usage(tenant: Tenant, records: list[UsageRecord]) -> None:
+    """Store `price_run`'s records and add them to the month's total (inside the transaction
+    that writes the run's outcome, so usage lands exactly when the outcome does)."""
     if records:
         UsageRecord.objects.bulk_create(records)  # tenant-scope: every record carries the tenant
-        _add_to_month(tenant, records, now)
-    return records
+        _add_to_month(tenant, records, records[0].created_at)
 
 
 def record_playground(*, tenant: Tenant, actor: Actor, run: PlaygroundRun) -> list[UsageRecord]:

@@ -13,6 +13,7 @@ from ai_agents import services as agent_services
 from controlplane.errors import NotFound
 from conversations import executor, services, streams
 from conversations.models import Item, Run, RunStatus
+from usage.models import UsageRecord
 
 
 @pytest.fixture
@@ -445,10 +446,10 @@ def test_workers_racing_for_one_run_leave_it_one_attempt(world_a, thread):
     assert (stored.attempt, stored.lease_owner) == (1, winners[0])
 
 
-def test_finishing_a_run_costs_seven_queries(world_a, thread, django_assert_max_num_queries):
-    """`finish` is on every run's path: the fence (the run's attempt and status, locked), the
-    prices, the usage records, the month's total with the budget, the run, the next queued
-    run, the thread. (Plus the savepoint pair of the test's transaction.)"""
+def test_finishing_a_run_costs_four_queries(world_a, thread, django_assert_num_queries):
+    """`finish` is on every run's path: the prices; one statement for the run's outcome (fenced
+    on its attempt), the next queued run and the thread; the usage records; the month's total
+    with the budget. (Plus the savepoint pair of the test's transaction.)"""
     from ai_agents.runtime import execute as agent_execute
 
     run = _send(world_a, thread)
@@ -470,11 +471,18 @@ def test_finishing_a_run_costs_seven_queries(world_a, thread, django_assert_max_
         ],
         usage={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
     )
-    with django_assert_max_num_queries(7 + 2):
+    with django_assert_num_queries(4 + 2):
         assert executor.finish(held, outcome, run=loaded)
     run.refresh_from_db()
     assert (run.status, run.output, run.total_tokens) == (RunStatus.SUCCESS, "done", 15)
+    assert run.trace == outcome.trace and run.finished_at and not run.lease_owner
+    assert run.lease_expires_at is None and run.error == ""
+    thread.refresh_from_db()
+    assert thread.status == "idle"
+    records = UsageRecord.objects.for_tenant(world_a.tenant).filter(run_id=run.pk)
+    assert [r.total_tokens for r in records] == [15]
     assert not executor.finish(held, outcome, run=loaded)  # finished: the fence refuses
+    assert records.count() == 1  # and counts nothing twice
 
 
 def test_the_heartbeat_renews_live_leases_and_names_the_lost_ones_in_one_statement(
