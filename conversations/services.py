@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from functools import partial
 from typing import Any
+from uuid import UUID
 
 from django.core.exceptions import ValidationError
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from ai_agents import selectors as agent_selectors
+from ai_agents.models import Agent
 from controlplane.errors import Conflict, NotFound, ValidationFailed
 from conversations import executor
 from conversations.models import (
@@ -233,78 +234,163 @@ def _run_create(
     actor: Actor | None,
     metadata: dict[str, Any] | None,
 ) -> Run:
-    # One query: the thread, locked (which serialises run creation per thread), with its agent's
-    # name and live version (read, not locked), or NotFound as `thread_get` says. Only what is
-    # needed is read: this is on every chat message's path, and compiling wide SELECTs costs.
-    try:
-        thread = (
-            Thread.objects.for_tenant(tenant)
-            .select_for_update(of=("self",))
-            .annotate(live_version_id=F("agent__published_version_id"), agent_name=F("agent__name"))
-            .get(pk=thread_id, end_user=end_user)
-        )
-    except (Thread.DoesNotExist, ValueError, ValidationError):
-        raise NotFound("No such thread.")
-    version_id = thread.live_version_id  # type: ignore[attr-defined]
+    # This is on every chat message's path, in plain SQL: the ORM spent more compiling these
+    # statements than PostgreSQL spends answering them. First the thread, locked (which
+    # serialises run creation per thread), with its agent's name and live version.
+    agent_id, version_id, agent_name, title = _lock_thread(tenant, end_user, thread_id)
     if version_id is None:
-        raise Conflict(f"{thread.agent_name} is not published any more.")  # type: ignore[attr-defined]
-    actives = (
-        Run.objects.for_tenant(tenant)
-        .select_for_update()
-        .filter(thread=thread, status__in=[RunStatus.PENDING, RunStatus.RUNNING], queued=False)
-    )
-    queued = False
+        raise Conflict(f"{agent_name} is not published any more.")
     now = timezone.now()
-    active_id = actives.values_list("pk", flat=True).first()
-    if active_id is not None:
-        if strategy == MultitaskStrategy.REJECT:
-            raise ThreadBusy("This conversation is busy with another reply. Try again in a moment.")
-        if strategy == MultitaskStrategy.ENQUEUE:
-            queued = True
-        else:
-            active = actives.get(pk=active_id)  # already locked: the whole row, to end it
-            interrupted = strategy == MultitaskStrategy.INTERRUPT
-            active.status = RunStatus.INTERRUPTED if interrupted else RunStatus.CANCELLED
-            active.error = (
-                "Interrupted by a newer message." if interrupted else "Replaced by a newer message."
-            )
-            active.finished_at = now
-            active.lease_owner, active.lease_expires_at = "", None
-            active.save(
-                update_fields=["status", "error", "finished_at", "lease_owner", "lease_expires_at"]
-            )
-            if not interrupted:
-                Item.objects.for_tenant(tenant).filter(run=active).delete()
-            transaction.on_commit(
-                partial(
-                    executor.close_stream, active.pk, active.attempt, active.status, active.error
-                )
-            )
-    run = Run.objects.create(
+    run = Run(
         tenant=tenant,
-        thread=thread,
-        agent_id=thread.agent_id,
+        thread_id=thread_id,
+        agent_id=agent_id,
         version_id=version_id,
         end_user=end_user,
         status=RunStatus.PENDING,
-        queued=queued,
+        queued=False,
         strategy=strategy,
         source=source,
         input=items,
         metadata=metadata or {},
         created_by=actor.user if actor else None,
         api_key=actor.api_key if actor else None,
+        created_at=now,
     )
-    thread.status = ThreadStatus.BUSY
-    thread.updated_at = now
-    if not thread.title and isinstance(items[-1]["content"], str):
-        thread.title = items[-1]["content"][:80]
-    thread.save(update_fields=["status", "updated_at", "title"])
-    if not queued:
+    if not title and isinstance(items[-1]["content"], str):
+        title = items[-1]["content"][:80]
+    # The usual case, one statement: no run is active, so the run goes in and the thread is busy.
+    active_id = _insert_if_idle(run, title, now)
+    if active_id is not None:
+        # A run is active (it and the thread stay locked): the strategy decides.
+        _apply_strategy(tenant, run, active_id, strategy, title, now)
+    if not run.queued:
         # Only a kick: if it is lost, the sweeper finds the pending run and kicks it again.
         transaction.on_commit(partial(executor.kick, run.pk))
-        transaction.on_commit(partial(realtime.announce_run, thread.pk, run.pk))
+        transaction.on_commit(partial(realtime.announce_run, run.thread_id, run.pk))
     return run
+
+
+_LOCK_THREAD = f"""
+    SELECT thread.agent_id, agent.published_version_id, agent.name, thread.title
+    FROM {Thread._meta.db_table} thread
+    JOIN {Agent._meta.db_table} agent ON agent.id = thread.agent_id
+    WHERE thread.id = %s AND thread.tenant_id = %s AND thread.end_user_id = %s
+    FOR UPDATE OF thread
+"""  # noqa: S608 (table names from the models; the values are parameters)
+
+
+def _lock_thread(
+    tenant: Tenant, end_user: EndUser, thread_id: Any
+) -> tuple[UUID, UUID | None, str, str]:
+    """The end user's thread locked: its agent, the agent's live version and name, its title.
+    NotFound as `thread_get` says."""
+    try:
+        thread_uuid = UUID(str(thread_id))
+    except ValueError:
+        raise NotFound("No such thread.")
+    # tenant-scope: the statement names the tenant and the end user
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_THREAD, [thread_uuid, tenant.pk, end_user.pk])
+        row = cursor.fetchone()
+    if row is None:
+        raise NotFound("No such thread.")
+    return row[0], row[1], row[2], row[3]
+
+
+_insert_statement: str | None = None
+
+
+def _insert_sql() -> str:
+    fields = Run._meta.concrete_fields
+    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
+    values = ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)
+    run, thread = Run._meta.db_table, Thread._meta.db_table
+    return f"""
+        WITH active AS (
+            SELECT id FROM {run}
+            WHERE thread_id = %s AND tenant_id = %s AND status IN (%s, %s) AND NOT queued
+            LIMIT 1
+            FOR UPDATE
+        ), created AS (
+            INSERT INTO {run} ({columns})
+            SELECT {values}
+            WHERE NOT EXISTS (SELECT 1 FROM active)
+            RETURNING id
+        ), busy AS (
+            UPDATE {thread} SET status = %s, updated_at = %s, title = %s
+            WHERE id = %s AND tenant_id = %s AND EXISTS (SELECT 1 FROM created)
+        )
+        SELECT id FROM active
+    """  # noqa: S608 (table and column names from the models; the values are parameters)
+
+
+def _insert_if_idle(run: Run, title: str, now: Any) -> UUID | None:
+    """Insert `run` and mark the thread busy (with `title`), unless the thread has an active
+    run: then nothing is written, and the active run (locked) is returned. The thread is locked
+    by the caller, and this is a new statement: it sees every run committed before that lock
+    was granted."""
+    global _insert_statement
+    if _insert_statement is None:
+        _insert_statement = _insert_sql()
+    values = [
+        f.get_db_prep_save(f.pre_save(run, add=True), connection) for f in Run._meta.concrete_fields
+    ]
+    # tenant-scope: the run carries its tenant; the active-run check and the thread update name it
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _insert_statement,
+            [
+                run.thread_id,
+                run.tenant_id,
+                RunStatus.PENDING,
+                RunStatus.RUNNING,
+                *values,
+                ThreadStatus.BUSY,
+                now,
+                title,
+                run.thread_id,
+                run.tenant_id,
+            ],
+        )
+        active = cursor.fetchone()
+    if active is not None:
+        return UUID(str(active[0]))
+    run._state.adding, run._state.db = False, connection.alias
+    return None
+
+
+def _apply_strategy(
+    tenant: Tenant, run: Run, active_id: UUID, strategy: str, title: str, now: Any
+) -> None:
+    """The run `active_id` is active on the thread: reject (ThreadBusy), enqueue `run`, or end
+    the active run (interrupt, rollback) and insert `run` in its place; the thread is busy, with
+    `title`."""
+    if strategy == MultitaskStrategy.REJECT:
+        raise ThreadBusy("This conversation is busy with another reply. Try again in a moment.")
+    if strategy == MultitaskStrategy.ENQUEUE:
+        run.queued = True
+    else:
+        active = Run.objects.for_tenant(tenant).get(pk=active_id)  # locked: the whole row
+        interrupted = strategy == MultitaskStrategy.INTERRUPT
+        active.status = RunStatus.INTERRUPTED if interrupted else RunStatus.CANCELLED
+        active.error = (
+            "Interrupted by a newer message." if interrupted else "Replaced by a newer message."
+        )
+        active.finished_at = now
+        active.lease_owner, active.lease_expires_at = "", None
+        active.save(
+            update_fields=["status", "error", "finished_at", "lease_owner", "lease_expires_at"]
+        )
+        if not interrupted:
+            Item.objects.for_tenant(tenant).filter(run=active).delete()
+        transaction.on_commit(
+            partial(executor.close_stream, active.pk, active.attempt, active.status, active.error)
+        )
+    run.save(force_insert=True)
+    Thread.objects.for_tenant(tenant).filter(pk=run.thread_id).update(
+        status=ThreadStatus.BUSY, updated_at=now, title=title
+    )
 
 
 def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) -> Run:

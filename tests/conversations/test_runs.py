@@ -174,13 +174,25 @@ def test_a_thread_needs_a_published_agent_of_the_tenant(world_a, world_b):
     assert not Thread.objects.for_tenant(world_a.tenant).exists()
 
 
-def test_a_message_costs_five_queries_whatever_the_strategy(chat, django_assert_max_num_queries):
+def test_a_message_costs_three_queries_and_five_behind_an_active_run(
+    chat, django_assert_num_queries
+):
     """run_create is on every chat message's path: the month's budget, the locked thread (with
-    its agent and live version), the active run, the new run, the thread's status. (Plus the
-    savepoint pair that the test's own transaction turns `atomic` into.)"""
+    its agent and live version), then one statement that inserts the run and marks the thread
+    busy unless a run is active. Behind an active run, the strategy's writes: here the queued
+    run and the thread. (Plus the savepoint pair that the test's own transaction turns `atomic`
+    into.)"""
     world, end_user, thread = chat
-    with django_assert_max_num_queries(5 + 2):
+    with django_assert_num_queries(3 + 2):
         first = _send(world, end_user, thread)
-    with django_assert_max_num_queries(5 + 2):
+    with django_assert_num_queries(5 + 2):
         queued = _send(world, end_user, thread, "next", strategy="enqueue")
+    thread.refresh_from_db()
+    assert (thread.status, thread.title) == ("busy", first.input[-1]["content"][:80])
+    stored = Run.objects.for_tenant(world.tenant).get(pk=first.pk)
+    assert (stored.status, stored.input, stored.version_id) == (
+        "pending",
+        first.input,
+        first.version_id,
+    )
     assert queued.queued and [r.pk for r in _runs(world, thread)] == [first.pk, queued.pk]
