@@ -8,6 +8,7 @@ run was interrupted or cancelled), a superseded attempt can add nothing.
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Awaitable, Callable
 from functools import wraps
@@ -163,3 +164,11 @@ class ThreadSession:
 
     async def clear_session(self) -> None:
         await orm(self._clear)()
+
+
+# The Agents SDK asks for the signature of the session's methods (whether they take `wrapper`)
+# on every turn; a stored signature spares `inspect` parsing the function each time.
+for _name in ("get_items", "add_items", "pop_item", "clear_session"):
+    _method = getattr(ThreadSession, _name)
+    _method.__signature__ = inspect.signature(_method)
+del _name, _method
