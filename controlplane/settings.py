@@ -343,6 +343,10 @@ RUN_STREAM_BATCH_MS = env.float("RUN_STREAM_BATCH_MS", default=4.0)
 # The worker's stream writer sends at most once per this many ms under load (conversations
 # .streams._Writer): each send then carries the events of many runs. 0: one send per event.
 RUN_STREAM_WRITE_BATCH_MS = env.float("RUN_STREAM_WRITE_BATCH_MS", default=4.0)
+# Text deltas of a reply that come less than this many ms after the last one sent are merged into
+# one event (conversations.streams.Coalescer): fewer stream entries, frames and redraws; the
+# first token goes at once. 0: one event per delta from the model.
+RUN_STREAM_DELTA_MS = env.float("RUN_STREAM_DELTA_MS", default=50.0)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
 CELERY_BEAT_SCHEDULE = {
     "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},

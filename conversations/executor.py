@@ -486,6 +486,7 @@ async def execute(
     except streams.StreamUnavailable:
         log.warning("run %s: the event stream is unavailable; running without it", held.run_id)
     mapper = run_events.EventMapper(run.version.agent.name)  # follows handoffs and tool names
+    events = streams.Coalescer(held.run_id, held.attempt)
 
     marked = False
 
@@ -507,7 +508,7 @@ async def execute(
             ctx.extra["first_token"] = ctx.trace.add("first_token")  # for the run inspector
         # Queued, not awaited: the run reads its next token while this one is written. Events
         # that cannot be written are lost; readers fall back to PostgreSQL for the reply.
-        streams.append_later(held.run_id, held.attempt, mapped)
+        events.put(mapped)
 
     session = ThreadSession(
         tenant_id=held.tenant_id,
@@ -556,6 +557,8 @@ async def execute(
             trace=ctx.trace.spans,
             usage=ctx.trace.usage(),
         )
+    finally:
+        events.flush()  # merged text still held goes before the run's last events
     if concluding is not None:
         concluding()
     # Shielded: a heartbeat that renews leases after `finish` committed finds the run ended and

@@ -764,6 +764,53 @@ def append_later(run_id: UUID | str, attempt: int, events: Sequence[Mapping[str,
         _aconn().writer.put(_Write(run_id, attempt, [_encode(event, attempt) for event in events]))
 
 
+class Coalescer:
+    """Queues one attempt's events (`append_later`), merging the text deltas of a reply that come
+    less than `RUN_STREAM_DELTA_MS` after the last one sent into one `message.delta`: a model
+    streams a token every few ms, and each event is a stream entry, a read, a websocket frame
+    and a redraw for every reader. The first delta goes at once (time to first token is not
+    touched), later ones at most that late; any other event first sends the merged text before
+    it, so the order of what readers see is the order of what happened. Call `flush` before
+    the attempt ends its stream. 0 turns merging off."""
+
+    def __init__(self, run_id: UUID | str, attempt: int, window_s: float | None = None) -> None:
+        self.run_id, self.attempt = run_id, attempt
+        self.window_s = _spacing_s("RUN_STREAM_DELTA_MS") if window_s is None else window_s
+        self.pending: dict[str, Any] | None = None
+        self.sent_at = float("-inf")
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, events: Sequence[Mapping[str, Any]]) -> None:
+        for event in events:
+            if self.window_s <= 0 or event.get("type") != run_events.MESSAGE_DELTA:
+                self.flush()
+                append_later(self.run_id, self.attempt, [event])
+                continue
+            if self.pending is not None:
+                if self.pending.get("agent") == event.get("agent"):
+                    self.pending["text"] += event.get("text", "")
+                    continue
+                self.flush()
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if now - self.sent_at >= self.window_s:
+                self.sent_at = now
+                append_later(self.run_id, self.attempt, [event])
+            else:
+                self.pending = dict(event)
+                self.timer = loop.call_at(self.sent_at + self.window_s, self.flush)
+
+    def flush(self) -> None:
+        """Send the merged text now, if there is any."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.pending is not None:
+            event, self.pending = self.pending, None
+            self.sent_at = asyncio.get_running_loop().time()
+            append_later(self.run_id, self.attempt, [event])
+
+
 async def finish(run_id: UUID | str, attempt: int, final_event: Mapping[str, Any]) -> str | None:
     """Append the terminal `run.status` after the run's queued events, close the stream to
     further writes and keep it for `RUN_STREAM_TTL_SECONDS`. Returns the event's id, or None

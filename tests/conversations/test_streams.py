@@ -584,3 +584,34 @@ async def test_a_task_that_will_not_end_is_left_behind_not_waited_for_forever(ca
     finally:
         stubborn_release.set()
         await asyncio.wait_for(left, 2)
+
+
+async def test_deltas_close_together_are_merged_and_the_first_goes_at_once(run_id):
+    assert await streams.claim(run_id, 1)
+    coalescer = streams.Coalescer(run_id, 1, window_s=0.2)
+    coalescer.put([events.message_delta("Hel", agent="A")])  # the first token: at once
+    for token in ("lo", ", ", "wor"):
+        coalescer.put([events.message_delta(token, agent="A")])
+    await asyncio.sleep(0.05)
+    assert _texts(await streams.read(run_id)) == ["Hel"]  # the rest waits for the window
+    await asyncio.sleep(0.25)
+    assert _texts(await streams.read(run_id)) == ["Hel", "lo, wor"]  # sent by the timer
+    coalescer.put([events.message_delta("ld", agent="A")])  # within the window again
+    coalescer.put([events.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="A")])
+    coalescer.put([events.message_delta("!", agent="B")])  # another agent: not merged
+    coalescer.flush()
+    assert await streams.finish(run_id, 1, events.status("success"))
+    entries = await streams.read(run_id)
+    assert _types(entries)[2:] == ["message.delta", "tool.started", "message.delta", "run.status"]
+    assert _texts(entries)[2] == "ld"  # sent before the event that followed it
+    assert [e.get("agent") for _id, e in entries[2:5:2]] == ["A", "B"]
+    assert "".join(t for t in _texts(entries) if t) == "Hello, world!"
+
+
+async def test_with_no_window_every_delta_is_its_own_event(run_id):
+    assert await streams.claim(run_id, 1)
+    coalescer = streams.Coalescer(run_id, 1, window_s=0)
+    for token in ("a", "b", "c"):
+        coalescer.put([events.message_delta(token, agent="A")])
+    assert await streams.finish(run_id, 1, events.status("success"))
+    assert _texts(await streams.read(run_id)) == ["a", "b", "c", None]
