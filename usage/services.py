@@ -57,6 +57,13 @@ def cost_of(call: dict[str, Any], rates: Rates | None) -> Decimal | None:
     return (amount / MILLION).quantize(COST_QUANTUM)
 
 
+_PRICES = f"""
+    SELECT model, provider_id, input_per_million, cached_input_per_million, output_per_million
+    FROM {ModelPrice._meta.db_table}
+    WHERE tenant_id = %s AND model = ANY(%s)
+"""  # noqa: S608 (the table name from the model; the values are parameters)
+
+
 def rates_for(tenant: Tenant, calls: list[dict[str, Any]]) -> dict[tuple[str | None, str], Rates]:
     """The price of every (provider id, model) in `calls`: the provider's own price for the model
     if there is one, else the model's general price; the offline model is free. Missing: no price.
@@ -66,21 +73,22 @@ def rates_for(tenant: Tenant, calls: list[dict[str, Any]]) -> dict[tuple[str | N
     }
     found: dict[tuple[str | None, str], Rates] = {}
     if wanted:
-        prices = ModelPrice.objects.for_tenant(tenant).filter(model__in={m for _, m in wanted})
+        # Plain SQL: read as every run finishes, and the ORM spent more compiling it than
+        # PostgreSQL spends answering it.
+        # tenant-scope: the statement names the tenant
+        with connection.cursor() as cursor:
+            cursor.execute(_PRICES, [tenant.pk, sorted({m for _, m in wanted})])
+            prices = cursor.fetchall()
         general: dict[str, Rates] = {}
         specific: dict[tuple[str, str], Rates] = {}
-        for p in prices:
+        for model, provider_id, input_rate, cached_rate, output_rate in prices:
             rates = Rates(
-                p.input_per_million,
-                p.input_per_million
-                if p.cached_input_per_million is None
-                else p.cached_input_per_million,
-                p.output_per_million,
+                input_rate, input_rate if cached_rate is None else cached_rate, output_rate
             )
-            if p.provider_id is None:
-                general[p.model] = rates
+            if provider_id is None:
+                general[model] = rates
             else:
-                specific[(str(p.provider_id), p.model)] = rates
+                specific[(str(provider_id), model)] = rates
         for provider_id, model in wanted:
             hit = specific.get((str(provider_id), model)) or general.get(model)
             if hit is not None:
