@@ -112,6 +112,12 @@ def parser() -> argparse.ArgumentParser:
         help="the Celery pool of the one worker process (prefork, as deployed)",
     )
     p.add_argument(
+        "--worker-processes",
+        type=int,
+        default=1,
+        help="the worker's pool processes (1: the issue's one-process figures; make run uses 2)",
+    )
+    p.add_argument(
         "--worker-env",
         action="append",
         default=[],
@@ -155,6 +161,7 @@ def config_from(args: argparse.Namespace, out: Path) -> Config:
         ttft_ms=args.ttft_ms,
         floor=not args.no_floor,
         worker_pool=args.worker_pool,
+        worker_processes=max(1, args.worker_processes),
         worker_env=dict(item.split("=", 1) for item in args.worker_env if "=" in item),
         profile=args.profile,
         profile_gil=not args.profile_wall,
@@ -177,6 +184,7 @@ def run(config: Config, env: dict[str, str], *, migrate: bool = True) -> dict[st
         logs=config.out / "logs",
         migrate=migrate,
         worker_pool=config.worker_pool,
+        worker_processes=config.worker_processes,
         worker_env=config.worker_env,
         ttft_ms=config.ttft_ms,
     ) as running:

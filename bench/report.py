@@ -142,7 +142,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Cells: warm-up {cfg['warmup_s']:g} s, measured {cfg['duration_s']:g} s"
         + (f" or {cfg['runs']} runs" if cfg.get("runs") else "")
         + f", run timeout {cfg['run_timeout_s']:g} s, {cfg['turns']} messages per thread;"
-        f" worker pool `{cfg['worker_pool']}` with one process.",
+        f" worker pool `{cfg['worker_pool']}` with {_processes(cfg)}.",
         "",
         *HEADER,
     ]
@@ -224,3 +224,8 @@ def write(result: dict[str, Any], directory: Path, stem: str) -> tuple[Path, Pat
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(markdown(result))
     return json_path, md_path
+
+
+def _processes(cfg: dict[str, Any]) -> str:
+    count = int(cfg.get("worker_processes") or 1)
+    return "one process" if count == 1 else f"{count} processes"

@@ -42,6 +42,7 @@ class Config:
     ttft_ms: float = 0.0
     floor: bool = True
     worker_pool: str = "prefork"
+    worker_processes: int = 1
     worker_env: dict[str, str] | None = None
     profile: list[tuple[int, float]] | None = None
     profile_gil: bool = True
@@ -59,6 +60,7 @@ class Config:
             "ttft_ms": self.ttft_ms,
             "floor": self.floor,
             "worker_pool": self.worker_pool,
+            "worker_processes": self.worker_processes,
             "worker_env": self.worker_env or {},
             "profile": [f"{c}:{d:g}" for c, d in self.profile or []],
             "profile_mode": "gil" if self.profile_gil else "wall",

@@ -2,8 +2,9 @@
 named by URLs), migrations, the fake LLM, one uvicorn web process and one Celery worker.
 
 The processes are started the way `make run` starts them (controlplane/devstack.py) and the
-compose file runs them, except that the worker gets a single pool process (`--concurrency 1`):
-the figures are for one worker process holding every run on its RunHost. Beat is not started
+compose file runs them, except that the worker gets a single pool process (`--concurrency 1`)
+unless asked for more (`make run` starts two): the figures are for one worker process holding
+every run on its RunHost. Beat is not started
 (the sweeper has nothing to do in a benchmark). Their logs go to `<out>/logs/`.
 """
 
@@ -158,6 +159,7 @@ def running(
     logs: Path,
     migrate: bool = True,
     worker_pool: str = "prefork",
+    worker_processes: int = 1,
     worker_env: dict[str, str] | None = None,
     ttft_ms: float = 0.0,
     token_delay_ms: float = 0.0,
@@ -207,7 +209,7 @@ def running(
             "worker",
             [
                 PYTHON, "-m", "celery", "-A", "controlplane", "worker", "--loglevel", "INFO",
-                "--pool", worker_pool, "--concurrency", "1",
+                "--pool", worker_pool, "--concurrency", str(worker_processes),
                 "--without-mingle", "--without-gossip",
             ],
             worker_env,

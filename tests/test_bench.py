@@ -50,7 +50,14 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
     env["DJANGO_SECRET_KEY"] = settings.SECRET_KEY  # the sessions the harness makes must verify
     env["SECRETS_ENCRYPTION_KEYS"] = ",".join(settings.SECRETS_ENCRYPTION_KEYS)
     config = Config(
-        concurrency=[2], delays_ms=[0], warmup_s=0.3, duration_s=15, runs=4, turns=2, out=tmp_path
+        concurrency=[2],
+        delays_ms=[0],
+        warmup_s=0.3,
+        duration_s=15,
+        runs=4,
+        turns=2,
+        worker_processes=2,  # as `make run` deploys it; the default is the one-process figures
+        out=tmp_path,
     )
 
     result = cli.run(config, env, migrate=False)
@@ -72,6 +79,7 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
     assert json.loads(json_path.read_text())["cells"][1]["ok"] == stack["ok"]
     table = md_path.read_text()
     assert "| stack | 2 | 0 |" in table and "| floor | 2 | 0 |" in table
+    assert "worker pool `prefork` with 2 processes" in table
 
 
 def test_percentiles_are_nearest_rank():
