@@ -115,7 +115,7 @@ def take(run_id: UUID | str, *, owner: str) -> tuple[Claim, tuple[Run, Any]] | N
     if taken is None:
         return None
     held, run = taken
-    return held, (run, _context(run))
+    return held, (run, _context(run, held))
 
 
 class _FirstAttempt:
@@ -449,12 +449,28 @@ def _announce_promoted(thread_id: UUID, following: UUID) -> None:
     transaction.on_commit(partial(realtime.announce_run, thread_id, following))
 
 
-def _context(run: Run) -> Any:
-    return context_for(
+def _context(run: Run, held: Claim | None = None) -> Any:
+    """The run's context; with `held`, also the thread's history window read now (off the event
+    loop, where each database call is a hop to a thread and back before the model is called)."""
+    ctx = context_for(
         tenant=run.tenant,
         version=run.version,
         thread_id=run.thread_id,
         end_user_id=str(run.end_user_id),
+    )
+    if held is not None:
+        ctx.extra["history"] = _session(held, run).history()
+    return ctx
+
+
+def _session(held: Claim, run: Run, prefetched: list[Any] | None = None) -> ThreadSession:
+    return ThreadSession(
+        tenant_id=held.tenant_id,
+        thread_id=run.thread_id,
+        run_id=held.run_id,
+        attempt=held.attempt,
+        limit=getattr(settings, "THREAD_HISTORY_WINDOW", 100),
+        prefetched=prefetched,
     )
 
 
@@ -478,13 +494,12 @@ async def execute(
     the way: then it wrote nothing more). `concluding` is called when the agent is done and the
     outcome is about to be written: the lease no longer needs renewing."""
     run, ctx = loaded if loaded is not None else await orm(_load)(held)
-    try:
-        await streams.claim(held.run_id, held.attempt)
-        streams.append_later(
-            held.run_id, held.attempt, [run_events.status(RunStatus.RUNNING, attempt=held.attempt)]
-        )
-    except streams.StreamUnavailable:
-        log.warning("run %s: the event stream is unavailable; running without it", held.run_id)
+    # Queued like every event, not awaited: its append raises the stream's fence to this
+    # attempt (emptying an earlier attempt's events), as `streams.claim` would, without a round
+    # trip before the model is called. If Redis is away, the writer logs it and the run goes on.
+    streams.append_later(
+        held.run_id, held.attempt, [run_events.status(RunStatus.RUNNING, attempt=held.attempt)]
+    )
     mapper = run_events.EventMapper(run.version.agent.name)  # follows handoffs and tool names
     events = streams.Coalescer(held.run_id, held.attempt)
 
@@ -510,13 +525,7 @@ async def execute(
         # that cannot be written are lost; readers fall back to PostgreSQL for the reply.
         events.put(mapped)
 
-    session = ThreadSession(
-        tenant_id=held.tenant_id,
-        thread_id=run.thread_id,
-        run_id=held.run_id,
-        attempt=held.attempt,
-        limit=getattr(settings, "THREAD_HISTORY_WINDOW", 100),
-    )
+    session = _session(held, run, prefetched=ctx.extra.pop("history", None))
     status: str | None = None
     try:
         outcome = await asyncio.wait_for(

@@ -57,11 +57,15 @@ class ThreadSession:
         run_id: UUID | None = None,
         attempt: int | None = None,
         limit: int | None = DEFAULT_HISTORY_WINDOW,
+        prefetched: list[Any] | None = None,
     ) -> None:
+        """`prefetched`: the history window, read already (the worker reads it with the run, off
+        the event loop); the first `get_items` of the window returns it instead of reading."""
         self.session_id = str(thread_id)
         self.session_settings: SessionSettings | None = SessionSettings(limit=limit)
         self.tenant_id, self.thread_id = tenant_id, thread_id
         self.run_id, self.attempt = run_id, attempt
+        self._prefetched = prefetched
 
     def _items(self):  # type: ignore[no-untyped-def]
         return Item.objects.filter(tenant_id=self.tenant_id, thread_id=self.thread_id)
@@ -151,8 +155,16 @@ class ThreadSession:
 
     # --- the Session protocol ---
 
+    def history(self) -> list[Any]:
+        """The history window, read now (sync: for `prefetched`)."""
+        return self._get((self.session_settings or SessionSettings()).limit)
+
     async def get_items(self, limit: int | None = None) -> list[Any]:
         window = limit if limit is not None else (self.session_settings or SessionSettings()).limit
+        if self._prefetched is not None:
+            prefetched, self._prefetched = self._prefetched, None  # once: later reads are fresh
+            if window == (self.session_settings or SessionSettings()).limit:
+                return list(prefetched)
         return await orm(self._get)(window)
 
     async def add_items(self, items: list[Any]) -> None:

@@ -409,10 +409,12 @@ def test_claiming_a_new_run_reads_it_with_what_it_needs_in_one_statement(
     world_a, thread, django_assert_num_queries
 ):
     """A worker's claim is on every run's path: a pending run's first attempt is taken, and the
-    run read with its tenant and agent version, by one `UPDATE … RETURNING`."""
+    run read with its tenant and agent version, by one `UPDATE … RETURNING`; the thread's
+    history is read with it, before the run reaches the event loop."""
     run = _send(world_a, thread)
-    with django_assert_num_queries(1):
+    with django_assert_num_queries(2):
         held, (loaded, ctx) = executor.take(run.pk, owner="w")
+    assert ctx.extra["history"] == []  # a new thread
     with django_assert_num_queries(0):  # everything executing it needs is already read
         assert (loaded.tenant.pk, loaded.version.agent.name) == (world_a.tenant.pk, "Calc")
         assert ctx.agent_id == loaded.version.agent_id and held.attempt == 1

@@ -87,3 +87,12 @@ def test_another_tenants_session_sees_nothing(world_a, world_b, thread):
     Item.objects.create(tenant=world_a.tenant, thread=thread, data={"role": "user", "content": "x"})
     foreign = ThreadSession(tenant_id=world_b.tenant.pk, thread_id=thread.pk)
     assert async_to_sync(foreign.get_items)() == []
+
+
+def test_a_prefetched_history_is_returned_once_then_read_fresh(world_a, thread):
+    session = ThreadSession(
+        tenant_id=world_a.tenant.pk, thread_id=thread.pk, limit=4, prefetched=[{"a": 1}]
+    )
+    assert async_to_sync(session.get_items)() == [{"a": 1}]  # as read with the run
+    async_to_sync(session.add_items)([{"role": "user", "content": "hi"}])
+    assert async_to_sync(session.get_items)() == [{"role": "user", "content": "hi"}]
