@@ -25,8 +25,10 @@ from django.utils import timezone
 
 from ai_agents.models import Agent, AgentVersion
 from ai_agents.runtime import execute as agent_execute
-from ai_agents.runtime.build import context_for
+from ai_agents.runtime import models as agent_models
+from ai_agents.runtime.build import build, context_for
 from controlplane import rows
+from controlplane.errors import NotFound
 from conversations import events as run_events
 from conversations import streams
 from conversations.models import (
@@ -108,14 +110,27 @@ def claim(run_id: UUID | str, *, owner: str) -> Claim | None:
     return None if taken is None else taken[0]
 
 
-def take(run_id: UUID | str, *, owner: str) -> tuple[Claim, tuple[Run, Any]] | None:
+def take(
+    run_id: UUID | str, *, owner: str, loop: asyncio.AbstractEventLoop | None = None
+) -> tuple[Claim, tuple[Run, Any]] | None:
     """`claim`, and what executing the attempt needs (`execute`'s `loaded`), read with it: the
-    run row is locked and read once, with its tenant and agent version."""
+    run with its tenant and agent version, and the thread's history. With `loop` (the run
+    host's), the agent is built here too, for that loop: off the loop, where each database call
+    is a hop to a thread and back before the model is called."""
     taken = _claim(run_id, owner)
     if taken is None:
         return None
     held, run = taken
-    return held, (run, _context(run, held))
+    ctx = _context(run, held)
+    if loop is not None:
+        token = agent_models.run_loop.set(loop)  # the run's models share that loop's clients
+        try:
+            ctx.extra["built"] = build(tenant=run.tenant, version=run.version, trace=ctx.trace)
+        except NotFound:
+            pass  # `run_version` builds it again, and says what no longer exists
+        finally:
+            agent_models.run_loop.reset(token)
+    return held, (run, ctx)
 
 
 class _FirstAttempt:
@@ -536,6 +551,7 @@ async def execute(
                 context=ctx,
                 on_event=on_event,
                 session=session,
+                built=ctx.extra.pop("built", None),
             ),
             timeout=run_timeout(),
         )

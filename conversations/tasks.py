@@ -14,7 +14,7 @@ def run_execute(run_id: str) -> None:
     Its database connection lives on between tasks (`controlplane.celery`): a new connection
     per run cost PostgreSQL a new backend per run (docs/benchmark.md)."""
     host = worker.host()
-    taken = executor.take(run_id, owner=host.owner)
+    taken = executor.take(run_id, owner=host.owner, loop=host.loop)
     if taken is not None:
         host.submit(*taken)
 

@@ -64,6 +64,11 @@ class RunHost:
             self._held.pop(held, None)
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop every run of this host executes on."""
+        return self._loop
+
+    @property
     def active(self) -> int:
         with self._lock:
             return len(self._held)

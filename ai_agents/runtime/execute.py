@@ -24,7 +24,7 @@ from asgiref.sync import sync_to_async
 from ai_agents import selectors
 from ai_agents.models import AgentVersion, ModelProvider, ProviderApi
 from ai_agents.runtime import models, retry
-from ai_agents.runtime.build import McpRequiredUnavailable, build, context_for
+from ai_agents.runtime.build import BuiltAgent, McpRequiredUnavailable, build, context_for
 from ai_agents.runtime.context import RunContext
 from ai_agents.runtime.trace import TraceHooks, model_calls
 from controlplane.errors import NotFound
@@ -111,18 +111,21 @@ async def run_version(
     context: RunContext | None = None,
     on_event: EventSink | None = None,
     session: Any = None,
+    built: BuiltAgent | None = None,
 ) -> RunOutcome:
     """Run `version` on `input` to the end. Never raises for a failure of the agent, its model,
     tools or MCP servers: those become `RunOutcome(status="error", message=...)`.
 
     `session` (an Agents SDK Session, e.g. a thread's) supplies the history and receives the new
-    items; `on_event` receives every SDK stream event as it happens."""
+    items; `on_event` receives every SDK stream event as it happens. `built`: the agent built
+    already (`build` with `context.trace`, under `models.run_loop` set to this loop)."""
     ctx = context or await sync_to_async(context_for)(tenant=tenant, version=version, depth=depth)
     models.run_loop.set(asyncio.get_running_loop())  # the run's models share this loop's clients
     try:
-        built = await sync_to_async(build)(
-            tenant=tenant, version=version, depth=depth, trace=ctx.trace
-        )
+        if built is None:
+            built = await sync_to_async(build)(
+                tenant=tenant, version=version, depth=depth, trace=ctx.trace
+            )
     except NotFound as exc:
         return RunOutcome(
             "error",

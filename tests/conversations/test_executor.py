@@ -426,6 +426,27 @@ def test_claiming_a_new_run_reads_it_with_what_it_needs_in_one_statement(
     assert executor.take(run.pk, owner="w2") is None  # claimed: nobody else takes it
 
 
+def test_a_run_taken_for_a_run_host_arrives_built_and_runs_as_built(world_a, thread, monkeypatch):
+    import asyncio
+
+    run = _send(world_a, thread)
+    loop = asyncio.new_event_loop()  # the host's; the agent (offline model) has no client on it
+    try:
+        held, loaded = executor.take(run.pk, owner="w", loop=loop)
+    finally:
+        loop.close()
+    built = loaded[1].extra["built"]
+    assert built.agent.name == "Calc" and [t.name for t in built.agent.tools] == ["calculator"]
+
+    def build_again(**kwargs):
+        raise AssertionError("built twice")
+
+    monkeypatch.setattr("ai_agents.runtime.execute.build", build_again)
+    assert async_to_sync(executor.execute)(held, loaded) == RunStatus.SUCCESS
+    run.refresh_from_db()
+    assert "42" in run.output
+
+
 @pytest.mark.django_db(transaction=True)
 def test_workers_racing_for_one_run_leave_it_one_attempt(world_a, thread):
     from concurrent.futures import ThreadPoolExecutor
