@@ -774,9 +774,11 @@ class AsyncEgressTransport(httpx.AsyncHTTPTransport):
 class AsyncEgressTransport2(httpx2.AsyncHTTPTransport):
     """`AsyncEgressTransport` for httpx2 clients (the MCP SDK and the OpenAI client)."""
 
-    def __init__(self, *, verify: ssl.SSLContext | bool = True) -> None:
+    def __init__(
+        self, *, verify: ssl.SSLContext | bool = True, limits: httpx2.Limits | None = None
+    ) -> None:
         context = _ssl_context(verify, "httpx2")
-        limits = httpx2.Limits(max_connections=100, max_keepalive_connections=20)
+        limits = limits or httpx2.Limits(max_connections=100, max_keepalive_connections=20)
         super().__init__(verify=context, trust_env=False, limits=limits)
         self._pool = httpcore2.AsyncConnectionPool(
             ssl_context=context,
@@ -829,8 +831,9 @@ def guarded_async_client(**kwargs: Any) -> httpx.AsyncClient:
 def guarded_openai_http_client(**kwargs: Any) -> httpx2.AsyncClient:
     """An httpx2.AsyncClient for ``AsyncOpenAI(http_client=...)`` (the openai package is built on
     httpx2), sending through `AsyncEgressTransport2`. Takes httpx2.AsyncClient's arguments except
-    those that would bypass the transport."""
-    transport = AsyncEgressTransport2(**_transport_arguments(kwargs, ("verify",)))
+    those that would bypass the transport; `limits` sizes its connection pool (e.g. a run host's
+    client, shared by hundreds of runs, keeps as many connections alive)."""
+    transport = AsyncEgressTransport2(**_transport_arguments(kwargs, ("verify", "limits")))
     return httpx2.AsyncClient(transport=transport, trust_env=False, **kwargs)
 
 

@@ -46,16 +46,30 @@ _CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, AsyncOp
 _CLIENTS_LOCK = threading.Lock()
 
 
+# A provider's client is shared by every run of a worker's event loop (hundreds at once): it keeps
+# that many connections alive, or most model calls would open (and the provider's TLS would
+# handshake) a new connection. httpx's default keeps 20.
+PROVIDER_CONNECTIONS = 1000
+PROVIDER_KEEPALIVE = 500
+
+
 def _new_client(provider: ModelProvider) -> AsyncOpenAI:
+    import httpx2
+
     from controlplane import egress
 
     key = crypto.decrypt(provider.api_key_encrypted) if provider.api_key_encrypted else "none"
+    limits = httpx2.Limits(
+        max_connections=PROVIDER_CONNECTIONS, max_keepalive_connections=PROVIDER_KEEPALIVE
+    )
     return fastpaths.FastChunksClient(
         base_url=provider.base_url,
         api_key=key,
         max_retries=0,
         timeout=provider.timeout_seconds,
-        http_client=egress.guarded_openai_http_client(timeout=provider.timeout_seconds),
+        http_client=egress.guarded_openai_http_client(
+            timeout=provider.timeout_seconds, limits=limits
+        ),
     )
 
 

@@ -314,3 +314,37 @@ def test_without_a_provider_the_builtin_offline_model_answers(world_a):
     assert outcome.status == "success", outcome.message
     assert outcome.tool_calls and outcome.tool_calls[0]["output"] == "391"
     assert "391" in outcome.output
+
+
+async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_run(fake_llm):
+    # One client serves every run of a worker's loop: 60 streams at once, then 60 more, must
+    # reuse the first 60 connections (httpx's default keeps 20 and opens the rest anew).
+    import asyncio
+
+    from ai_agents.models import ModelProvider
+    from ai_agents.runtime import models
+    from controlplane import crypto
+
+    provider = ModelProvider(
+        base_url=fake_llm.base_url,
+        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
+        timeout_seconds=5,
+    )
+    client = models._new_client(provider)
+    fake_llm.state.token_delay_ms = 20  # the streams overlap
+
+    async def one() -> str:
+        stream = await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+    try:
+        assert all(await asyncio.gather(*(one() for _ in range(60))))
+        pool = client._client._transport._pool
+        first = {id(c) for c in pool.connections}
+        assert len(first) == 60
+        await asyncio.gather(*(one() for _ in range(60)))
+        assert {id(c) for c in pool.connections} == first  # none opened anew
+    finally:
+        await client.close()
