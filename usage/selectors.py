@@ -15,6 +15,7 @@ from django.db.models import Count, F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
+from controlplane import rows
 from controlplane.errors import NotFound, ValidationFailed
 from tenants.models import Tenant
 from usage.models import Budget, ModelPrice, MonthlyUsage, UsageRecord
@@ -120,28 +121,18 @@ class BudgetState:
         return "; ".join(parts)
 
 
-# The budget's columns, in the order `budget_from_row` takes them, for plain SQL that reads the
-# budget along with something else (here and in `services._add_to_month`).
-BUDGET_COLUMNS = (
-    "budget.id, budget.token_limit, budget.cost_limit, budget.warn_percent, budget.updated_at, "
-    "budget.updated_by_id"
-)
+# The budget's columns, for plain SQL that reads the budget along with something else (here
+# and in `services._add_to_month`), aliased `budget`; `budget_from_row` builds it back.
+BUDGET = rows.Columns(Budget, "budget")
 
 
 def budget_from_row(tenant: Tenant, row: Sequence[Any]) -> Budget | None:
-    """The Budget that BUDGET_COLUMNS read (None: the tenant has none)."""
-    if row[0] is None:
+    """The Budget that BUDGET's columns read, from the start of `row` (None: the tenant has
+    none, the columns of an outer join came back empty)."""
+    if row[BUDGET.names.index("id")] is None:
         return None
-    budget = Budget(
-        id=row[0],
-        tenant=tenant,
-        token_limit=row[1],
-        cost_limit=row[2],
-        warn_percent=row[3],
-        updated_at=row[4],
-        updated_by_id=row[5],
-    )
-    budget._state.adding = False
+    budget = BUDGET.build(row[: len(BUDGET)])
+    budget.tenant = tenant
     return budget
 
 
@@ -156,19 +147,19 @@ def budget_state(*, tenant: Tenant, now: datetime | None = None) -> BudgetState 
     with connection.cursor() as cursor:
         cursor.execute(
             f"""
-            SELECT {BUDGET_COLUMNS}, month.total_tokens, month.cost
+            SELECT {BUDGET.sql}, month.total_tokens, month.cost
             FROM usage_budget budget
             LEFT JOIN usage_monthlyusage month
                    ON month.tenant_id = budget.tenant_id AND month.month = %s
             WHERE budget.tenant_id = %s
-            """,  # noqa: S608 (BUDGET_COLUMNS is a constant; the values are parameters)
+            """,  # noqa: S608 (column names from the model; the values are parameters)
             [month, tenant.pk],
         )
         row = cursor.fetchone()
     budget = None if row is None else budget_from_row(tenant, row)
     if budget is None:
         return None
-    return BudgetState.of(budget, row[6], row[7], month)
+    return BudgetState.of(budget, row[len(BUDGET)], row[len(BUDGET) + 1], month)
 
 
 def month_usage(*, tenant: Tenant) -> tuple[date, int, Decimal]:

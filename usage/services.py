@@ -160,9 +160,9 @@ def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> 
                 RETURNING total_tokens, cost, warned_at, exhausted_at
             )
             SELECT total.total_tokens, total.cost, total.warned_at, total.exhausted_at,
-                   {selectors.BUDGET_COLUMNS}
+                   {selectors.BUDGET.sql}
             FROM total LEFT JOIN usage_budget budget ON budget.tenant_id = %s
-            """,  # noqa: S608 (BUDGET_COLUMNS is a constant; the values are parameters)
+            """,  # noqa: S608 (column names from the model; the values are parameters)
             [tenant.pk, month, tokens, cost, unpriced, len(records), tenant.pk],
         )
         row = cursor.fetchone()
