@@ -13,8 +13,8 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
-from functools import partial
+from datetime import datetime, timedelta
+from functools import cache, partial
 from typing import Any
 from uuid import UUID
 
@@ -72,24 +72,18 @@ def _runs(reason: str):  # type: ignore[no-untyped-def]
 
 
 def end_thread(run: Run, status: str) -> UUID | None:
-    """Set the thread's status after `run` ended; promote the next queued run (returns its id):
-    on commit it is kicked and announced to the chats open on the thread, which follow it."""
-    following = (
-        Run.objects.for_tenant(run.tenant)
-        .select_for_update()
-        .filter(thread_id=run.thread_id, queued=True, status=RunStatus.PENDING)
-        .order_by("created_at")
-        .values_list("pk", flat=True)
-        .first()
-    )
-    thread_status = _thread_status(status)
+    """Set the thread's status after `run` ended with `status`; promote the next queued run
+    (returns its id): on commit it is kicked and announced to the chats open on the thread,
+    which follow it. The same statement as `finish` ends the thread with."""
+    # tenant-scope: the run's own thread and queued runs (its thread and tenant)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _end_thread_sql(),
+            [run.thread_id, run.tenant_id, *_thread_end_params(status, timezone.now())],
+        )
+        (following,) = cursor.fetchone()
     if following is not None:
-        Run.objects.for_tenant(run.tenant).filter(pk=following).update(queued=False)
-        thread_status = ThreadStatus.BUSY
         _announce_promoted(run.thread_id, following)
-    Thread.objects.for_tenant(run.tenant).filter(pk=run.thread_id).update(
-        status=thread_status, updated_at=timezone.now()
-    )
     return following
 
 
@@ -133,57 +127,53 @@ def take(
     return held, (run, ctx)
 
 
-class _FirstAttempt:
-    """A pending run's first attempt, the common case, taken in one statement: the run's row
-    changes only if it is still pending, unqueued and never attempted (checked again once its
-    row lock is granted, so two workers cannot both take it), and it comes back with its tenant
-    and agent version, as `_claim`'s locked read gives them."""
+# A pending run's first attempt, the common case, is taken in one statement: the run's row
+# changes only if it is still pending, unqueued and never attempted (checked again once its row
+# lock is granted, so two workers cannot both take it), and it comes back with its tenant and
+# agent version, as `_claim`'s locked read gives them.
+_FIRST_ATTEMPT_PARTS = (
+    rows.Columns(Run, "r"),
+    rows.Columns(Tenant, "t"),
+    rows.Columns(AgentVersion, "v"),
+    rows.Columns(Agent, "a"),
+)
 
-    def __init__(self) -> None:
-        self.parts = (
-            rows.Columns(Run, "r"),
-            rows.Columns(Tenant, "t"),
-            rows.Columns(AgentVersion, "v"),
-            rows.Columns(Agent, "a"),
+
+@cache
+def _first_attempt_sql() -> str:
+    run, tenant, version, agent = _FIRST_ATTEMPT_PARTS
+    return f"""
+        UPDATE {Run._meta.db_table} AS r
+        SET attempt = 1, status = %s, lease_owner = %s, lease_expires_at = %s,
+            started_at = COALESCE(r.started_at, %s)
+        FROM {Tenant._meta.db_table} AS t, {AgentVersion._meta.db_table} AS v,
+             {Agent._meta.db_table} AS a
+        WHERE r.id = %s AND r.status = %s AND NOT r.queued AND r.attempt = 0
+          AND t.id = r.tenant_id AND v.id = r.version_id AND a.id = v.agent_id
+        RETURNING {run.sql}, {tenant.sql}, {version.sql}, {agent.sql}
+    """  # noqa: S608 (table and column names from the models; the values are parameters)
+
+
+def _take_first_attempt(run_id: UUID | str, owner: str) -> Run | None:
+    now = timezone.now()
+    until = now + timedelta(seconds=lease_seconds())
+    # tenant-scope: a worker is handed a run id; the run row tells it the tenant
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _first_attempt_sql(), [RunStatus.RUNNING, owner, until, now, run_id, RunStatus.PENDING]
         )
-        run, tenant, version, agent = self.parts
-        self.sql = f"""
-            UPDATE {Run._meta.db_table} AS r
-            SET attempt = 1, status = %s, lease_owner = %s, lease_expires_at = %s,
-                started_at = COALESCE(r.started_at, %s)
-            FROM {Tenant._meta.db_table} AS t, {AgentVersion._meta.db_table} AS v,
-                 {Agent._meta.db_table} AS a
-            WHERE r.id = %s AND r.status = %s AND NOT r.queued AND r.attempt = 0
-              AND t.id = r.tenant_id AND v.id = r.version_id AND a.id = v.agent_id
-            RETURNING {run.sql}, {tenant.sql}, {version.sql}, {agent.sql}
-        """  # noqa: S608 (table and column names from the models; the values are parameters)
-
-    def take(self, run_id: UUID | str, owner: str) -> Run | None:
-        now = timezone.now()
-        until = now + timedelta(seconds=lease_seconds())
-        # tenant-scope: a worker is handed a run id; the run row tells it the tenant
-        with connection.cursor() as cursor:
-            cursor.execute(
-                self.sql, [RunStatus.RUNNING, owner, until, now, run_id, RunStatus.PENDING]
-            )
-            row = cursor.fetchone()
-        if row is None:
-            return None
-        run, tenant, version, agent = rows.split(row, *self.parts)
-        version.agent = agent
-        run.tenant, run.version = tenant, version
-        return run
-
-
-_first_attempt: _FirstAttempt | None = None
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    run, tenant, version, agent = rows.split(row, *_FIRST_ATTEMPT_PARTS)
+    version.agent = agent
+    run.tenant, run.version = tenant, version
+    return run
 
 
 def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
-    global _first_attempt
     if max_attempts() >= 1:
-        if _first_attempt is None:
-            _first_attempt = _FirstAttempt()
-        run = _first_attempt.take(run_id, owner)
+        run = _take_first_attempt(run_id, owner)
         if run is not None:
             return Claim(run_id=run.pk, tenant_id=run.tenant_id, attempt=1, owner=owner), run
     # Anything else (a lapsed lease, a run out of attempts, one taken or ended): the general
@@ -352,11 +342,11 @@ def finish(
     run.input_tokens = usage.get("input_tokens", 0)
     run.output_tokens = usage.get("output_tokens", 0)
     run.total_tokens = usage.get("total_tokens", 0)
-    run.finished_at = timezone.now()
+    run.finished_at = now = timezone.now()
     run.lease_owner, run.lease_expires_at = "", None
     records = usage_services.price_run(run, outcome.trace)  # sets run.cost; writes nothing
     with transaction.atomic():
-        fenced, following = _write_outcome(held, run, _thread_status(final))
+        fenced, following = _write_outcome(held, run, now)
         if not fenced:
             return False
         # usage and cost land with the outcome
@@ -387,17 +377,16 @@ def _run_field(name: str) -> Field[Any, Any]:
     return field
 
 
-def _outcome_sql() -> str:
+def _thread_end_sql(ended: str, result: str) -> str:
+    """A statement that ends a thread's run: `ended`, a CTE that gives the ended run's
+    (thread_id, tenant_id) or nothing, then the thread's next queued run promoted (its row
+    locked) and the thread's status set; `result` selects what comes back. Parameters: those of
+    `ended`, then `_thread_end_params`."""
     run, thread = Run._meta.db_table, Thread._meta.db_table
-    columns = ", ".join(f"{_run_field(name).column} = %s" for name in _OUTCOME_FIELDS)
     return f"""
-        WITH fenced AS (
-            UPDATE {run} SET {columns}
-            WHERE id = %s AND attempt = %s AND status = %s
-            RETURNING thread_id, tenant_id
-        ), following AS (
-            SELECT queue.id FROM {run} AS queue, fenced
-            WHERE queue.thread_id = fenced.thread_id AND queue.tenant_id = fenced.tenant_id
+        WITH {ended}, following AS (
+            SELECT queue.id FROM {run} AS queue, ended
+            WHERE queue.thread_id = ended.thread_id AND queue.tenant_id = ended.tenant_id
               AND queue.queued AND queue.status = %s
             ORDER BY queue.created_at LIMIT 1
             FOR UPDATE OF queue
@@ -409,23 +398,40 @@ def _outcome_sql() -> str:
             UPDATE {thread} AS t
             SET status = CASE WHEN EXISTS (SELECT 1 FROM promoted) THEN %s ELSE %s END,
                 updated_at = %s
-            FROM fenced
-            WHERE t.id = fenced.thread_id AND t.tenant_id = fenced.tenant_id
+            FROM ended
+            WHERE t.id = ended.thread_id AND t.tenant_id = ended.tenant_id
         )
-        SELECT (SELECT count(*) FROM fenced), (SELECT id FROM promoted)
-    """  # noqa: S608 (table and column names from the models; the values are parameters)
+        {result}
+    """  # noqa: S608 (table names from the models and fixed SQL; the values are parameters)
 
 
-_outcome_statement: str | None = None
+def _thread_end_params(run_status: str, now: datetime) -> list[Any]:
+    return [RunStatus.PENDING, ThreadStatus.BUSY, _thread_status(run_status), now]
 
 
-def _write_outcome(held: Claim, run: Run, thread_status: str) -> tuple[bool, UUID | None]:
+@cache
+def _end_thread_sql() -> str:
+    return _thread_end_sql(
+        "ended AS (SELECT %s::uuid AS thread_id, %s::uuid AS tenant_id)",
+        "SELECT (SELECT id FROM promoted)",
+    )
+
+
+@cache
+def _outcome_sql() -> str:
+    columns = ", ".join(f"{_run_field(name).column} = %s" for name in _OUTCOME_FIELDS)
+    ended = f"""ended AS (
+            UPDATE {Run._meta.db_table} SET {columns}
+            WHERE id = %s AND attempt = %s AND status = %s
+            RETURNING thread_id, tenant_id
+        )"""  # noqa: S608 (table and column names from the models; the values are parameters)
+    return _thread_end_sql(ended, "SELECT (SELECT count(*) FROM ended), (SELECT id FROM promoted)")
+
+
+def _write_outcome(held: Claim, run: Run, now: datetime) -> tuple[bool, UUID | None]:
     """One statement: the outcome written if `held` still owns the run (its attempt, still
-    running: the fence, checked once the row is locked), the thread's next queued run promoted
-    and the thread's status set, as `end_thread` does. Returns (written, promoted run id)."""
-    global _outcome_statement
-    if _outcome_statement is None:
-        _outcome_statement = _outcome_sql()
+    running: the fence, checked once the row is locked), then the thread ended as `end_thread`
+    ends it, at `now`. Returns (written, promoted run id)."""
     values = [
         _run_field(name).get_db_prep_save(getattr(run, name), connection)
         for name in _OUTCOME_FIELDS
@@ -434,16 +440,13 @@ def _write_outcome(held: Claim, run: Run, thread_status: str) -> tuple[bool, UUI
     # and queued run it touches are the run's own (same thread and tenant)
     with connection.cursor() as cursor:
         cursor.execute(
-            _outcome_statement,
+            _outcome_sql(),
             [
                 *values,
                 held.run_id,
                 held.attempt,
                 RunStatus.RUNNING,
-                RunStatus.PENDING,
-                ThreadStatus.BUSY,
-                thread_status,
-                run.finished_at,
+                *_thread_end_params(run.status, now),
             ],
         )
         fenced, following = cursor.fetchone()

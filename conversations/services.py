@@ -8,7 +8,7 @@ and stores the run with its input. The database guarantees at most one active ru
 
 from __future__ import annotations
 
-from functools import partial
+from functools import cache, partial
 from typing import Any
 from uuid import UUID
 
@@ -298,9 +298,7 @@ def _lock_thread(
     return row[0], row[1], row[2], row[3]
 
 
-_insert_statement: str | None = None
-
-
+@cache
 def _insert_sql() -> str:
     fields = Run._meta.concrete_fields
     columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
@@ -330,16 +328,13 @@ def _insert_if_idle(run: Run, title: str, now: Any) -> UUID | None:
     run: then nothing is written, and the active run (locked) is returned. The thread is locked
     by the caller, and this is a new statement: it sees every run committed before that lock
     was granted."""
-    global _insert_statement
-    if _insert_statement is None:
-        _insert_statement = _insert_sql()
     values = [
         f.get_db_prep_save(f.pre_save(run, add=True), connection) for f in Run._meta.concrete_fields
     ]
     # tenant-scope: the run carries its tenant; the active-run check and the thread update name it
     with connection.cursor() as cursor:
         cursor.execute(
-            _insert_statement,
+            _insert_sql(),
             [
                 run.thread_id,
                 run.tenant_id,
