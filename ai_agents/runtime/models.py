@@ -19,6 +19,7 @@ from ai_agents.runtime.trace import identify
 from controlplane import crypto
 
 fastpaths.install()  # chat-completion bodies skip openai's type walk when it changes nothing
+fastpaths.install_declared_types()  # an Agent's settings type is looked up once per class
 
 
 def offline_model() -> Model:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import pydantic
+from agents import Agent, ModelSettings
 from openai import NOT_GIVEN, AsyncOpenAI, omit
 from openai._utils import async_maybe_transform as library_transform
 from openai._utils._transform import PropertyInfo
@@ -231,3 +232,22 @@ def test_provider_clients_are_the_fast_client():
         timeout_seconds = 5
 
     assert isinstance(_new_client(Provider()), fastpaths.FastChunksClient)
+
+
+def test_an_agents_settings_type_is_resolved_once_per_class(monkeypatch):
+    from agents import RunConfig, _config_coercion
+
+    cached = _config_coercion._declared_dataclass_type
+    for owner in (Agent, RunConfig):
+        assert cached(owner, "model_settings", ModelSettings) is cached.__wrapped__(
+            owner, "model_settings", ModelSettings
+        )
+    cached.cache_clear()
+    resolved = []
+    real = _config_coercion.get_type_hints
+    monkeypatch.setattr(
+        _config_coercion, "get_type_hints", lambda owner: resolved.append(owner) or real(owner)
+    )
+    built = [Agent(name=f"a{n}", model_settings={"temperature": 0.5}) for n in range(3)]
+    assert [a.model_settings for a in built] == [ModelSettings(temperature=0.5)] * 3
+    assert resolved.count(Agent) == 1
