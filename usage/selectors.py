@@ -122,7 +122,7 @@ class BudgetState:
 
 
 # The budget's columns, for plain SQL that reads the budget along with something else (here
-# and in `services._add_to_month`), aliased `budget`; `budget_from_row` builds it back.
+# and in `services._store`), aliased `budget`; `budget_from_row` builds it back.
 BUDGET = rows.Columns(Budget, "budget")
 
 

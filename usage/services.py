@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from decimal import Decimal
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, connection, transaction
@@ -134,38 +135,64 @@ def _records(
     return records
 
 
-def _add_to_month(tenant: Tenant, records: list[UsageRecord], now: datetime) -> None:
-    """Add `records` to the month's running total (one statement, atomic under concurrency) and,
-    on the way over the warning threshold or the limit, write the audit event once a month."""
+# UsageRecord's columns but its serial key, which PostgreSQL assigns.
+_RECORD_FIELDS = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
+
+
+@lru_cache(maxsize=16)
+def _usage_sql(calls: int) -> str:
+    """The statement that stores `calls` usage records and adds them to the month's total."""
+    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in _RECORD_FIELDS)
+    row = "(" + ", ".join(["%s"] * len(_RECORD_FIELDS)) + ")"
+    return f"""
+        WITH stored AS (
+            INSERT INTO {UsageRecord._meta.db_table} ({columns})
+            VALUES {", ".join([row] * calls)}
+            RETURNING id
+        ), total AS (
+            INSERT INTO {MonthlyUsage._meta.db_table}
+                (tenant_id, month, total_tokens, cost, unpriced_tokens, calls)
+            VALUES (%s, %s, %s, %s, %s, %s)
+            ON CONFLICT ON CONSTRAINT monthlyusage_once DO UPDATE SET
+                total_tokens = usage_monthlyusage.total_tokens + EXCLUDED.total_tokens,
+                cost = usage_monthlyusage.cost + EXCLUDED.cost,
+                unpriced_tokens = usage_monthlyusage.unpriced_tokens + EXCLUDED.unpriced_tokens,
+                calls = usage_monthlyusage.calls + EXCLUDED.calls
+            RETURNING total_tokens, cost, warned_at, exhausted_at
+        )
+        SELECT (SELECT array_agg(id ORDER BY id) FROM stored),
+               total.total_tokens, total.cost, total.warned_at, total.exhausted_at,
+               {selectors.BUDGET.sql}
+        FROM total LEFT JOIN usage_budget budget ON budget.tenant_id = %s
+    """  # noqa: S608 (table and column names from the models; the values are parameters)
+
+
+def _store(tenant: Tenant, records: list[UsageRecord], now: datetime) -> None:
+    """Store `records` and add them to the month's running total (one statement, atomic under
+    concurrency: the ORM has no form for an upsert with increments, and on every run's path its
+    bulk insert cost more to compile than to execute) and, on the way over the warning threshold
+    or the limit, write the audit event once a month."""
     tokens = sum(r.total_tokens for r in records)
     cost = sum((r.cost for r in records if r.cost is not None), Decimal(0))
     unpriced = sum(r.total_tokens for r in records if r.cost is None)
     month = month_of(now)
-    # tenant-scope: the statement names the tenant; an upsert with F() increments has no ORM form.
-    # The tenant's budget comes back with the new total (one round trip, not two).
+    values = [
+        f.get_db_prep_save(f.pre_save(record, add=True), connection)
+        for record in records
+        for f in _RECORD_FIELDS
+    ]
+    # tenant-scope: every record carries the tenant, and the statement names it.
+    # The tenant's budget comes back with the new total (one round trip, not three).
     with connection.cursor() as cursor:
         cursor.execute(
-            f"""
-            WITH total AS (
-                INSERT INTO usage_monthlyusage
-                    (tenant_id, month, total_tokens, cost, unpriced_tokens, calls)
-                VALUES (%s, %s, %s, %s, %s, %s)
-                ON CONFLICT ON CONSTRAINT monthlyusage_once DO UPDATE SET
-                    total_tokens = usage_monthlyusage.total_tokens
-                        + EXCLUDED.total_tokens,
-                    cost = usage_monthlyusage.cost + EXCLUDED.cost,
-                    unpriced_tokens = usage_monthlyusage.unpriced_tokens
-                        + EXCLUDED.unpriced_tokens,
-                    calls = usage_monthlyusage.calls + EXCLUDED.calls
-                RETURNING total_tokens, cost, warned_at, exhausted_at
-            )
-            SELECT total.total_tokens, total.cost, total.warned_at, total.exhausted_at,
-                   {selectors.BUDGET.sql}
-            FROM total LEFT JOIN usage_budget budget ON budget.tenant_id = %s
-            """,  # noqa: S608 (column names from the model; the values are parameters)
-            [tenant.pk, month, tokens, cost, unpriced, len(records), tenant.pk],
+            _usage_sql(len(records)),
+            [*values, tenant.pk, month, tokens, cost, unpriced, len(records), tenant.pk],
         )
         row = cursor.fetchone()
+    for record, key in zip(records, row[0], strict=True):
+        record.pk = key
+        record._state.adding = False
+    row = row[1:]
     used_tokens, used_cost, warned_at, exhausted_at = row[:4]
     budget = selectors.budget_from_row(tenant, row[4:])
     if budget is None:
@@ -197,8 +224,8 @@ def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
     `price_run`, then `save_run_usage`.
 
     Call it inside the transaction that writes the run's outcome. Failed, cancelled and timed-out
-    runs count the calls they completed. Three queries: the prices, one insert, one upsert of the
-    month's total that reads the budget too."""
+    runs count the calls they completed. Two queries: the prices, then one statement that stores
+    the records and adds them to the month's total, reading the budget too."""
     records = price_run(run, trace)
     save_run_usage(run.tenant, records)
     return records
@@ -232,11 +259,11 @@ def price_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
 
 
 def save_run_usage(tenant: Tenant, records: list[UsageRecord]) -> None:
-    """Store `price_run`'s records and add them to the month's total (inside the transaction
-    that writes the run's outcome, so usage lands exactly when the outcome does)."""
+    """Store `price_run`'s records and add them to the month's total, in one statement (inside
+    the transaction that writes the run's outcome, so usage lands exactly when the outcome
+    does)."""
     if records:
-        UsageRecord.objects.bulk_create(records)  # tenant-scope: every record carries the tenant
-        _add_to_month(tenant, records, records[0].created_at)
+        _store(tenant, records, records[0].created_at)
 
 
 def record_playground(*, tenant: Tenant, actor: Actor, run: PlaygroundRun) -> list[UsageRecord]:
@@ -256,8 +283,7 @@ def record_playground(*, tenant: Tenant, actor: Actor, run: PlaygroundRun) -> li
         playground_run=run,
     )
     if records:
-        UsageRecord.objects.bulk_create(records)  # tenant-scope: every record carries the tenant
-        _add_to_month(tenant, records, now)
+        _store(tenant, records, now)
     return records
 
 

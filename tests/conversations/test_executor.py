@@ -469,10 +469,10 @@ def test_workers_racing_for_one_run_leave_it_one_attempt(world_a, thread):
     assert (stored.attempt, stored.lease_owner) == (1, winners[0])
 
 
-def test_finishing_a_run_costs_four_queries(world_a, thread, django_assert_num_queries):
+def test_finishing_a_run_costs_three_queries(world_a, thread, django_assert_num_queries):
     """`finish` is on every run's path: the prices; one statement for the run's outcome (fenced
-    on its attempt), the next queued run and the thread; the usage records; the month's total
-    with the budget. (Plus the savepoint pair of the test's transaction.)"""
+    on its attempt), the next queued run and the thread; one for the usage records and the
+    month's total with the budget. (Plus the savepoint pair of the test's transaction.)"""
     from ai_agents.runtime import execute as agent_execute
 
     run = _send(world_a, thread)
@@ -494,7 +494,7 @@ def test_finishing_a_run_costs_four_queries(world_a, thread, django_assert_num_q
         ],
         usage={"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
     )
-    with django_assert_num_queries(4 + 2):
+    with django_assert_num_queries(3 + 2):
         assert executor.finish(held, outcome, run=loaded)
     run.refresh_from_db()
     assert (run.status, run.output, run.total_tokens) == (RunStatus.SUCCESS, "done", 15)

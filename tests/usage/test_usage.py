@@ -567,9 +567,12 @@ def test_recording_a_run_costs_a_few_queries_whatever_the_month_holds(
     run = services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="x")
     run.refresh_from_db()
     assert run.tenant  # `finish` has the run's tenant already (it ends the thread with it)
-    # The prices, the agent's name, one insert, one upsert of the month, the budget.
-    with django_assert_max_num_queries(5):
-        usage_services.record_run(run, [_call(), _call("o3", provider), _call()])
+    # The run's version and agent (a worker has them already), the prices, then the records,
+    # the month's total and the budget in one statement.
+    with django_assert_max_num_queries(4):
+        recorded = usage_services.record_run(run, [_call(), _call("o3", provider), _call()])
+    stored = UsageRecord.objects.for_tenant(world.tenant).filter(run_id=run.pk).order_by("pk")
+    assert [(r.pk, r.model, r.cost) for r in recorded] == [(r.pk, r.model, r.cost) for r in stored]
     with django_assert_max_num_queries(1):
         usage_services.budget_check(tenant=world.tenant)
 
