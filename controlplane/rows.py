@@ -1,10 +1,13 @@
-"""Model instances from plain SQL that reads several tables in one statement (e.g. an
-`UPDATE … FROM … RETURNING` that changes one row and returns it with the rows it refers to).
+"""Model instances to and from plain SQL that touches several tables in one statement (e.g. an
+`UPDATE … FROM … RETURNING` that changes one row and returns it with the rows it refers to, or
+an insert composed with other writes in CTEs).
 
 The ORM cannot express such a statement, and on a hot path compiling its equivalent costs more
 than PostgreSQL spends executing it. `Columns` names a model's concrete columns under a table
 alias, in the order `Model.from_db` expects, and turns its slice of a row back into an instance,
-converted exactly as the ORM converts values it reads (e.g. JSON, encrypted fields).
+converted exactly as the ORM converts values it reads (e.g. JSON, encrypted fields). `Insert`
+names the columns an insert of new instances writes, and prepares an instance's values as the
+ORM's save does (defaults, `auto_now`, JSON, encrypted fields).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any, Generic, TypeVar
 
 from django.db import connections
 from django.db.models import Model
+from django.db.models.fields import AutoFieldMixin
 
 M = TypeVar("M", bound=Model)
 
@@ -65,3 +69,27 @@ def split(row: Sequence[Any], *parts: Columns[Any], db: str = "default") -> list
     if start != len(row):
         raise ValueError(f"the row has {len(row)} columns; the parts name {start}")
     return out
+
+
+class Insert(Generic[M]):
+    """The columns an INSERT of new `model` instances writes: every concrete column but a key
+    the database assigns (an auto field, left to its sequence)."""
+
+    def __init__(self, model: type[M]) -> None:
+        self.table = model._meta.db_table
+        self.fields = [f for f in model._meta.concrete_fields if not isinstance(f, AutoFieldMixin)]
+        quote = connections["default"].ops.quote_name
+        self.columns = ", ".join(quote(str(f.column)) for f in self.fields)
+
+    def placeholders(self, *, cast: bool = False, db: str = "default") -> str:
+        """`%s` for each column, in parentheses for a VALUES list; with `cast`, each typed as
+        its column (an `INSERT … SELECT` has no target types to infer them from)."""
+        if not cast:
+            return "(" + ", ".join(["%s"] * len(self.fields)) + ")"
+        connection = connections[db]
+        return ", ".join(f"%s::{f.cast_db_type(connection)}" for f in self.fields)
+
+    def values(self, obj: M, db: str = "default") -> list[Any]:
+        """`obj`'s values for the columns, prepared as the ORM's save prepares them."""
+        connection = connections[db]
+        return [f.get_db_prep_save(f.pre_save(obj, add=True), connection) for f in self.fields]

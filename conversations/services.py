@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from ai_agents import selectors as agent_selectors
 from ai_agents.models import Agent
+from controlplane import rows
 from controlplane.errors import Conflict, NotFound, ValidationFailed
 from conversations import executor
 from conversations.models import (
@@ -298,11 +299,11 @@ def _lock_thread(
     return row[0], row[1], row[2], row[3]
 
 
+_RUN_INSERT = rows.Insert(Run)
+
+
 @cache
 def _insert_sql() -> str:
-    fields = Run._meta.concrete_fields
-    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in fields)
-    values = ", ".join(f"%s::{f.cast_db_type(connection)}" for f in fields)
     run, thread = Run._meta.db_table, Thread._meta.db_table
     return f"""
         WITH active AS (
@@ -311,8 +312,8 @@ def _insert_sql() -> str:
             LIMIT 1
             FOR UPDATE
         ), created AS (
-            INSERT INTO {run} ({columns})
-            SELECT {values}
+            INSERT INTO {run} ({_RUN_INSERT.columns})
+            SELECT {_RUN_INSERT.placeholders(cast=True)}
             WHERE NOT EXISTS (SELECT 1 FROM active)
             RETURNING id
         ), busy AS (
@@ -328,9 +329,7 @@ def _insert_if_idle(run: Run, title: str, now: Any) -> UUID | None:
     run: then nothing is written, and the active run (locked) is returned. The thread is locked
     by the caller, and this is a new statement: it sees every run committed before that lock
     was granted."""
-    values = [
-        f.get_db_prep_save(f.pre_save(run, add=True), connection) for f in Run._meta.concrete_fields
-    ]
+    values = _RUN_INSERT.values(run)
     # tenant-scope: the run carries its tenant; the active-run check and the thread update name it
     with connection.cursor() as cursor:
         cursor.execute(

@@ -17,6 +17,7 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from ai_agents.runtime.trace import model_calls
+from controlplane import rows
 from controlplane.errors import PermissionDenied, ValidationFailed
 from tenants.actors import SYSTEM, Actor
 from tenants.audit import audit_changes, audit_record, changes
@@ -135,19 +136,16 @@ def _records(
     return records
 
 
-# UsageRecord's columns but its serial key, which PostgreSQL assigns.
-_RECORD_FIELDS = [f for f in UsageRecord._meta.concrete_fields if not f.primary_key]
+_RECORD = rows.Insert(UsageRecord)  # its serial key is left to PostgreSQL
 
 
 @lru_cache(maxsize=16)
 def _usage_sql(calls: int) -> str:
     """The statement that stores `calls` usage records and adds them to the month's total."""
-    columns = ", ".join(connection.ops.quote_name(str(f.column)) for f in _RECORD_FIELDS)
-    row = "(" + ", ".join(["%s"] * len(_RECORD_FIELDS)) + ")"
     return f"""
         WITH stored AS (
-            INSERT INTO {UsageRecord._meta.db_table} ({columns})
-            VALUES {", ".join([row] * calls)}
+            INSERT INTO {_RECORD.table} ({_RECORD.columns})
+            VALUES {", ".join([_RECORD.placeholders()] * calls)}
             RETURNING id
         ), total AS (
             INSERT INTO {MonthlyUsage._meta.db_table}
@@ -176,11 +174,7 @@ def _store(tenant: Tenant, records: list[UsageRecord], now: datetime) -> None:
     cost = sum((r.cost for r in records if r.cost is not None), Decimal(0))
     unpriced = sum(r.total_tokens for r in records if r.cost is None)
     month = month_of(now)
-    values = [
-        f.get_db_prep_save(f.pre_save(record, add=True), connection)
-        for record in records
-        for f in _RECORD_FIELDS
-    ]
+    values = [value for record in records for value in _RECORD.values(record)]
     # tenant-scope: every record carries the tenant, and the statement names it.
     # The tenant's budget comes back with the new total (one round trip, not three).
     with connection.cursor() as cursor:
@@ -189,12 +183,11 @@ def _store(tenant: Tenant, records: list[UsageRecord], now: datetime) -> None:
             [*values, tenant.pk, month, tokens, cost, unpriced, len(records), tenant.pk],
         )
         row = cursor.fetchone()
-    for record, key in zip(records, row[0], strict=True):
+    keys, used_tokens, used_cost, warned_at, exhausted_at = row[:5]
+    for record, key in zip(records, keys, strict=True):
         record.pk = key
         record._state.adding = False
-    row = row[1:]
-    used_tokens, used_cost, warned_at, exhausted_at = row[:4]
-    budget = selectors.budget_from_row(tenant, row[4:])
+    budget = selectors.budget_from_row(tenant, row[5:])
     if budget is None:
         return
     state = selectors.BudgetState.of(budget, used_tokens, used_cost, month)
