@@ -180,13 +180,13 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
     # path, with the run's row locked while it decides.
     with transaction.atomic():
         # tenant-scope: a worker is handed a run id; the run row tells it the tenant
-        rows = (
+        locked = (
             _runs("a worker claims a run by id")
             .select_for_update(of=("self",))  # the run's row only
             .select_related("tenant", "version__agent")
             .filter(pk=run_id)[:1]  # not .first(): no ORDER BY to build for one row by its key
         )
-        run = next(iter(rows), None)
+        run = next(iter(locked), None)
         if run is None or run.queued:
             return None
         now = timezone.now()
