@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from controlplane import devstack
 
@@ -57,10 +56,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def database_name(url: str) -> str:
-    return urlsplit(url).path.lstrip("/")
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], name: str, logs: Path) -> None:
@@ -209,7 +204,7 @@ def running(
             env=env,
             web_url=f"http://127.0.0.1:{web_port}",
             llm_url=f"http://127.0.0.1:{llm_port}",
-            database=database_name(env["DATABASE_URL"]),
+            database=devstack.database_name(env["DATABASE_URL"]),
             logs=logs,
             procs=procs,
         )

@@ -76,6 +76,10 @@ def embedded_redis(root: Path) -> Iterator[str]:
         server._cleanup()
 
 
+def database_name(url: str) -> str:
+    return urlsplit(url).path.lstrip("/")
+
+
 def ensure_database(url: str) -> bool:
     """Create the URL's database if its server does not have it (through the server's
     `postgres` database). Returns whether it was created; errors (server down, no right to
@@ -83,8 +87,7 @@ def ensure_database(url: str) -> bool:
     import psycopg
     from psycopg import sql
 
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
+    parts, name = urlsplit(url), database_name(url)
     if not name or name == "postgres":
         return False
     admin = urlunsplit(parts._replace(path="/postgres"))

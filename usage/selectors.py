@@ -124,12 +124,13 @@ class BudgetState:
 # The budget's columns, for plain SQL that reads the budget along with something else (here
 # and in `services._store`), aliased `budget`; `budget_from_row` builds it back.
 BUDGET = rows.Columns(Budget, "budget")
+_BUDGET_KEY = BUDGET.names.index("id")  # NULL when an outer join found no budget
 
 
 def budget_from_row(tenant: Tenant, row: Sequence[Any]) -> Budget | None:
     """The Budget that BUDGET's columns read, from the start of `row` (None: the tenant has
     none, the columns of an outer join came back empty)."""
-    if row[BUDGET.names.index("id")] is None:
+    if row[_BUDGET_KEY] is None:
         return None
     budget = BUDGET.build(row[: len(BUDGET)])
     budget.tenant = tenant
