@@ -406,6 +406,7 @@ class _Proxy:
 
     def __init__(self, target: str):
         url = redis.connection.parse_url(target)
+        self.socket = url.get("path")  # the embedded Redis listens on a unix socket
         self.host, self.port = url.get("host", "127.0.0.1"), url.get("port", 6379)
         self.db = url.get("db", 0)
         self.writers: list[asyncio.StreamWriter] = []
@@ -416,7 +417,10 @@ class _Proxy:
         return f"redis://127.0.0.1:{port}/{self.db}"
 
     async def _client(self, reader, writer):
-        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        if self.socket:
+            up_reader, up_writer = await asyncio.open_unix_connection(self.socket)
+        else:
+            up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
         self.writers += [writer, up_writer]
 
         async def pipe(src, dst):
