@@ -53,9 +53,10 @@ def _get_or_create_end_user(
     tenant: Tenant, lookup: dict[str, Any], defaults: dict[str, Any]
 ) -> EndUser:
     qs = EndUser.objects.for_tenant(tenant)
-    found = qs.filter(**lookup).first()
-    if found is not None:
-        return found
+    try:  # the lookup is unique: `get`, not `first`, whose ORDER BY costs every socket's connect
+        return qs.get(**lookup)
+    except EndUser.DoesNotExist:
+        pass
     try:
         with transaction.atomic():
             return EndUser.objects.create(tenant=tenant, **lookup, **defaults)
