@@ -140,6 +140,10 @@ DATABASES = {
 # DATABASE_POOL=0) a worker's threads may keep theirs: the run host checks them before each use.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DATABASE_CONN_MAX_AGE", default=0)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Django's backend, whose health check asks the server only when the connection is not idle and
+# quiet (controlplane/postgres/base.py).
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["ENGINE"] = "controlplane.postgres"
 DATABASES["default"].setdefault("OPTIONS", {})
 # `postgres://user@/db?host=/socket/dir` spells a unix socket (the embedded server uses one).
 if not DATABASES["default"].get("HOST") and "host" in DATABASES["default"]["OPTIONS"]:
