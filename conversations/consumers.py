@@ -85,7 +85,8 @@ def _db(func: Any) -> Any:
 
 
 def _stream_id(value: Any) -> str:
-    return value if isinstance(value, str) and STREAM_ID.match(value) else "0-0"
+    """The client's last event id, or the stream's start if it sent no valid one."""
+    return value if streams.is_stream_id(value) and STREAM_ID.match(value) else "0-0"
 
 
 def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any]:

@@ -59,6 +59,9 @@ MAX_CONNECTIONS = 5_000
 BATCH_S = 0.004
 
 _ID = re.compile(r"^\d+(-\d+)?$")
+# Both parts of a stream id are unsigned 64-bit integers: Redis refuses a larger one, and one
+# refused position fails the XREAD that a web process shares among all the streams it follows.
+_ID_PART_MAX = 2**64 - 1
 
 Entry = tuple[str, dict[str, Any]]
 
@@ -691,8 +694,17 @@ def _final(final_event: Mapping[str, Any]) -> None:
         raise ValueError(f"finish needs a terminal run.status event, not {final_event!r}")
 
 
+def is_stream_id(value: object) -> bool:
+    """Whether `value` is a stream id Redis accepts as a position ("1700000000000-0", or the
+    milliseconds alone)."""
+    if not isinstance(value, str) or not _ID.match(value):
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) <= _ID_PART_MAX and int(seq or 0) <= _ID_PART_MAX
+
+
 def _check_after(after: str) -> str:
-    if not _ID.match(after):
+    if not is_stream_id(after):
         raise ValueError(f"{after!r} is not a stream id (like 1700000000000-0)")
     return after
 

@@ -495,6 +495,51 @@ async def test_resume_from_a_middle_event_gets_only_the_rest(_close_async_client
 
 
 @pytestmark_ws
+async def test_an_out_of_range_resume_id_disturbs_no_other_chat(_close_async_clients):
+    """Ids past Redis's 64-bit range are replayed from the start: one such position would fail
+    the read a web process shares among every stream it follows, every tenant's."""
+    from conversations import events as ev
+
+    w = await database_sync_to_async(_setup)()
+    run = await database_sync_to_async(services.run_create)(
+        tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input="hello"
+    )
+    held = await database_sync_to_async(executor.claim)(run.pk, owner="t")
+    await streams.append(run.pk, held.attempt, [ev.status("running")])
+    watching, _ = await _open(w, w.mine, w.a.member)
+    theirs = await database_sync_to_async(services.run_create)(
+        tenant=w.b.tenant, end_user=w.other_tenant.end_user, thread_id=w.other_tenant.pk, input="hi"
+    )
+    their_held = await database_sync_to_async(executor.claim)(theirs.pk, owner="t")
+    await streams.append(theirs.pk, their_held.attempt, [ev.status("running")])
+    other = await _socket(w, w.other_tenant, w.b.member, tenant=w.b.tenant)
+    assert (await other.connect(timeout=WAIT))[0]
+    assert (await other.receive_json_from(timeout=WAIT))["type"] == "hello"
+    try:
+        assert (await watching.receive_json_from(timeout=WAIT))["event"]["status"] == "running"
+        await other.send_json_to(
+            {"type": "resume", "run_id": str(theirs.pk), "after": f"{2**64}-0"}
+        )
+        assert (await other.receive_json_from(timeout=WAIT))["type"] == "event"  # from the start
+        await streams.append(run.pk, held.attempt, [ev.message_delta("Hi", agent="Calc")])
+        got = await watching.receive_json_from(timeout=WAIT)
+        assert got["type"] == "event" and got["event"]["text"] == "Hi"
+    finally:
+        await watching.disconnect()
+        await other.disconnect()
+
+
+def test_stream_ids_are_checked_against_redis_range():
+    assert streams.is_stream_id("1700000000000-0")
+    assert streams.is_stream_id(f"{2**64 - 1}-{2**64 - 1}")
+    assert not streams.is_stream_id(f"{2**64}-0")
+    assert not streams.is_stream_id(f"0-{2**64}")
+    assert not streams.is_stream_id("1-2-3") and not streams.is_stream_id(None)
+    with pytest.raises(ValueError, match="not a stream id"):
+        streams.read_sync("00000000-0000-0000-0000-000000000000", after=f"{2**64}-0")
+
+
+@pytestmark_ws
 async def test_connecting_during_a_run_follows_it_from_the_given_id(_close_async_clients):
     w = await database_sync_to_async(_setup)()
     run = await database_sync_to_async(services.run_create)(
