@@ -48,11 +48,15 @@ from conversations.models import FINAL_STATUSES, MultitaskStrategy, RunSource
 from tenants import realtime
 from tenants import selectors as tenant_selectors
 from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
+from tenants.models import Membership
 
 log = logging.getLogger(__name__)
 
 STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
 MAX_TEXT = services.MAX_INPUT_CHARS
+# A followed run quiet for this long is looked up in PostgreSQL (has it ended? is the socket's
+# membership still there?).
+HEARTBEAT_S = 15.0
 
 
 thread_group = realtime.thread_group
@@ -89,6 +93,37 @@ def _stream_id(value: Any) -> str:
     return value if streams.is_stream_id(value) and STREAM_ID.match(value) else "0-0"
 
 
+class _Gone(Exception):
+    """The socket's membership or thread no longer exists (`reason` says which)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _still_open(consumer: ChatConsumer) -> Any:
+    """The id of the thread's active run (None if idle); `_Gone` if the membership or the
+    thread is gone. Removal closes open sockets through the channel layer, which delivers at
+    most once (a Redis hiccup at commit, or a socket older than the layer's group expiry, and
+    the message is lost): what the client asks for looks again, in the same unit of work."""
+    still_open, active = selectors.chat_still_open(
+        tenant=consumer.tenant,
+        membership=consumer.membership,
+        end_user=consumer.end_user,
+        thread=consumer.thread,
+    )
+    if still_open:
+        return active
+    member = Membership.objects.for_tenant(consumer.tenant).filter(pk=consumer.membership.pk)
+    raise _Gone("thread deleted" if member.exists() else "membership removed")
+
+
+def _checked(consumer: ChatConsumer, func: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """`func(*args, **kwargs)` once `_still_open` has found the socket's membership and thread."""
+    _still_open(consumer)
+    return func(*args, **kwargs)
+
+
 def _lookup(slug: str, user: Any, thread_id: Any) -> tuple[Any, Any, Any]:
     """Membership, end user and thread; NotFound for anything not theirs."""
     membership = tenant_selectors.membership_for(slug=slug, user=user)
@@ -120,6 +155,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         self.tenant, self.end_user, self.thread = membership.tenant, end_user, thread
+        self.membership = membership
         self.joined = [
             realtime.membership_group(membership.pk),
             realtime.user_group(user.pk),
@@ -158,7 +194,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         self.joined = []
 
     async def _stop_following(self) -> None:
-        tasks = list(getattr(self, "followers", {}).values())
+        current = asyncio.current_task()  # a follower revoking the socket ends by itself
+        tasks = [task for task in getattr(self, "followers", {}).values() if task is not current]
         self.followers = {}
         await streams.cancel_and_wait(tasks, what="chat stream follower")
 
@@ -177,13 +214,19 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         if self.revoked:
             return
+        try:
+            await self._receive(content)
+        except _Gone as gone:
+            await self.connection_revoke({"reason": gone.reason})
+
+    async def _receive(self, content: Any) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "send":
             await self._send_message(content)
         elif kind == "resume":
             run_id = str(content.get("run_id", ""))
-            run = await _db(selectors.run_get)(
-                tenant=self.tenant, thread=self.thread, run_id=run_id
+            run = await _db(_checked)(
+                self, selectors.run_get, tenant=self.tenant, thread=self.thread, run_id=run_id
             )
             if run is None:
                 await self._error("not_found", "No such run in this conversation.")
@@ -203,7 +246,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._error("invalid", "Type a message.")
             return
         try:
-            run = await _db(services.run_create)(
+            run = await _db(_checked)(
+                self,
+                services.run_create,
                 tenant=self.tenant,
                 end_user=self.end_user,
                 thread_id=self.thread.pk,
@@ -233,11 +278,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
 
     async def _cancel(self) -> None:
         """The stop button: stop this thread's active run (every tab sees it end)."""
-        active = await _db(selectors.run_active)(tenant=self.tenant, thread=self.thread)
+        active = await _db(_still_open)(self)
         if active is None:
             await self._error("not_found", "There is no reply to stop.")
             return
-        await _db(services.run_cancel)(tenant=self.tenant, run_id=active.pk, end_user=self.end_user)
+        await _db(services.run_cancel)(tenant=self.tenant, run_id=active, end_user=self.end_user)
 
     async def _rate_limited(self, exc: RateLimited) -> None:
         """In the chat's words: the message was not sent, how many are allowed, and when the
@@ -273,17 +318,28 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # ids are digits and a dash: nothing in the frame needs escaping.
         head = '{"type":"event","run_id":"' + run_id + '","id":"'
         try:
-            async for event_id, raw, terminal in streams.follow_raw(run_id, after=after):
+            async for event_id, raw, terminal in streams.follow_raw(
+                run_id, after=after, heartbeat_s=HEARTBEAT_S
+            ):
                 if self.revoked:
                     return
                 if terminal:
                     self.finished.add(run_id)
                 if raw is None:
                     # Quiet for a while: if PostgreSQL says the run ended (its stream expired or
-                    # was never written), stop and let the client reload the history.
-                    status = await _db(selectors.run_status)(
-                        tenant=self.tenant, thread=self.thread, run_id=run_id
-                    )
+                    # was never written), stop and let the client reload the history. And look
+                    # again at the membership, as for the client's messages (`_still_open`).
+                    try:
+                        status = await _db(_checked)(
+                            self,
+                            selectors.run_status,
+                            tenant=self.tenant,
+                            thread=self.thread,
+                            run_id=run_id,
+                        )
+                    except _Gone as gone:
+                        await self.connection_revoke({"reason": gone.reason})
+                        return
                     if status is None or status in FINAL_STATUSES:
                         await self.send_json(
                             {"type": "run.ended", "run_id": run_id, "status": status}

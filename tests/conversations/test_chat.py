@@ -21,7 +21,7 @@ from django.urls import reverse
 
 from ai_agents import services as agent_services
 from controlplane.asgi import application
-from conversations import executor, markdown, services, streams
+from conversations import consumers, executor, markdown, services, streams
 from conversations.models import Item, MultitaskStrategy, Run, RunSource, RunStatus, Thread
 from tenants import realtime
 from tenants import services as tenant_services
@@ -595,6 +595,68 @@ async def test_removing_the_membership_closes_the_chat_socket(_close_async_clien
         assert (await socket.receive_json_from(timeout=WAIT))["type"] == "revoked"
         closing = await socket.receive_output(timeout=WAIT)
         assert closing == {"type": "websocket.close", "code": CLOSE_REVOKED}
+    finally:
+        await socket.disconnect()
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": "send", "text": "still here?"},
+        {"type": "cancel"},
+        {"type": "resume", "run_id": "00000000-0000-0000-0000-000000000000", "after": "0-0"},
+    ],
+    ids=["send", "cancel", "resume"],
+)
+@pytestmark_ws
+async def test_a_removed_member_whose_revoke_was_lost_is_refused_and_closed(
+    kicked, message, _close_async_clients
+):
+    """The channel layer delivers at most once: what the client asks for looks again."""
+    from tenants.models import Membership
+
+    w = await database_sync_to_async(_setup)()
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        await database_sync_to_async(
+            lambda: (
+                Membership.objects.for_tenant(w.a.tenant)
+                .filter(pk=w.a.member_membership.pk)
+                .delete()
+            )
+        )()  # removed, and the socket was told nothing
+        await socket.send_json_to(message)
+        answer = await socket.receive_json_from(timeout=WAIT)
+        assert answer == {"type": "revoked", "reason": "membership removed"}
+        closing = await socket.receive_output(timeout=WAIT)
+        assert closing == {"type": "websocket.close", "code": CLOSE_REVOKED}
+        assert kicked == []  # no run was started
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_a_thread_deleted_unheard_is_found_by_the_followers_heartbeat(
+    monkeypatch, _close_async_clients
+):
+    from conversations import events as ev
+    from conversations.models import Thread
+
+    monkeypatch.setattr(consumers, "HEARTBEAT_S", 0.2)
+    w = await database_sync_to_async(_setup)()
+    run = await database_sync_to_async(services.run_create)(
+        tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input="hello"
+    )
+    held = await database_sync_to_async(executor.claim)(run.pk, owner="t")
+    await streams.append(run.pk, held.attempt, [ev.status("running")])
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        assert (await socket.receive_json_from(timeout=WAIT))["event"]["status"] == "running"
+        await database_sync_to_async(
+            lambda: Thread.objects.for_tenant(w.a.tenant).filter(pk=w.mine.pk).delete()
+        )()  # deleted, and the socket was told nothing
+        answer = await socket.receive_json_from(timeout=WAIT)
+        assert answer == {"type": "revoked", "reason": "thread deleted"}
     finally:
         await socket.disconnect()
 
