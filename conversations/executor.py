@@ -71,6 +71,27 @@ def _runs(reason: str):  # type: ignore[no-untyped-def]
     return Run.objects.unscoped(reason)
 
 
+# Lock order: a thread's row, then its runs' rows. `run_create` locks the thread and then looks
+# for its active run; whatever ends a run (finish, a stop, a claim that fails the run) locks the
+# run's thread before the run, or the two would deadlock when a message arrives as a reply ends.
+# The thread's lock is FOR NO KEY UPDATE, which lets items (whose foreign key takes KEY SHARE on
+# the thread) go in meanwhile.
+_LOCK_THREAD_OF = f"""
+    SELECT thread.id FROM {Thread._meta.db_table} thread
+    WHERE thread.id = (SELECT run.thread_id FROM {Run._meta.db_table} run WHERE run.id = %s)
+      AND (%s::uuid IS NULL OR thread.tenant_id = %s::uuid)
+    FOR NO KEY UPDATE OF thread
+"""  # noqa: S608 (table names from the models; the values are parameters)
+
+
+def lock_thread_of(run_id: UUID | str, *, tenant_id: UUID | None = None) -> None:
+    """Lock the thread of the run `run_id` (of `tenant_id`'s, if given), as the lock order above
+    asks before the run's own row is locked. Inside a transaction."""
+    # tenant-scope: the run's own thread; the tenant is checked when the caller names it
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_THREAD_OF, [run_id, tenant_id, tenant_id])
+
+
 def end_thread(run: Run, status: str) -> UUID | None:
     """Set the thread's status after `run` ended with `status`; promote the next queued run
     (returns its id): on commit it is kicked and announced to the chats open on the thread,
@@ -179,6 +200,7 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
     # Anything else (a lapsed lease, a run out of attempts, one taken or ended): the general
     # path, with the run's row locked while it decides.
     with transaction.atomic():
+        lock_thread_of(run_id)  # the thread first (see `_LOCK_THREAD_OF`)
         # tenant-scope: a worker is handed a run id; the run row tells it the tenant
         locked = (
             _runs("a worker claims a run by id")
@@ -420,9 +442,12 @@ def _end_thread_sql() -> str:
 @cache
 def _outcome_sql() -> str:
     columns = ", ".join(f"{_run_field(name).column} = %s" for name in _OUTCOME_FIELDS)
-    ended = f"""ended AS (
+    # The thread is locked first (`_LOCK_THREAD_OF`): the run's update waits for `thread_first`,
+    # an uncorrelated condition that PostgreSQL evaluates before it touches the run's row.
+    ended = f"""thread_first AS ({_LOCK_THREAD_OF}), ended AS (
             UPDATE {Run._meta.db_table} SET {columns}
             WHERE id = %s AND attempt = %s AND status = %s
+              AND EXISTS (SELECT 1 FROM thread_first)
             RETURNING thread_id, tenant_id
         )"""  # noqa: S608 (table and column names from the models; the values are parameters)
     return _thread_end_sql(ended, "SELECT (SELECT count(*) FROM ended), (SELECT id FROM promoted)")
@@ -442,6 +467,9 @@ def _write_outcome(held: Claim, run: Run, now: datetime) -> tuple[bool, UUID | N
         cursor.execute(
             _outcome_sql(),
             [
+                held.run_id,
+                None,
+                None,
                 *values,
                 held.run_id,
                 held.attempt,

@@ -278,7 +278,7 @@ _LOCK_THREAD = f"""
     FROM {Thread._meta.db_table} thread
     JOIN {Agent._meta.db_table} agent ON agent.id = thread.agent_id
     WHERE thread.id = %s AND thread.tenant_id = %s AND thread.end_user_id = %s
-    FOR UPDATE OF thread
+    FOR NO KEY UPDATE OF thread
 """  # noqa: S608 (table names from the models; the values are parameters)
 
 
@@ -392,14 +392,19 @@ def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) 
     """Stop a run (the chat's stop button, the API's cancel). Idempotent: an ended run is
     returned as it is. With `end_user`, only that end user's runs are found. The worker holding
     the run loses its lease at its next heartbeat and stops; its writes are fenced out now."""
+    try:
+        run_uuid = UUID(str(run_id))
+    except ValueError:
+        raise NotFound("No such run.") from None
     with transaction.atomic():
+        executor.lock_thread_of(run_uuid, tenant_id=tenant.pk)  # the thread first, as everywhere
         runs = Run.objects.for_tenant(tenant).select_for_update()
         if end_user is not None:
             runs = runs.filter(end_user=end_user)
         try:
-            run = runs.get(pk=run_id)
-        except (Run.DoesNotExist, ValueError, ValidationError):
-            raise NotFound("No such run.")
+            run = runs.get(pk=run_uuid)
+        except Run.DoesNotExist:
+            raise NotFound("No such run.") from None
         if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
             return run
         was_queued = run.queued
