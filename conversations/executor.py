@@ -327,10 +327,17 @@ def has_side_effects(tool: str) -> bool:
 
 
 def mark_side_effects(held: Claim) -> None:
+    """Record, before a tool that may change things starts, that the run must not be repeated.
+    SupersededAttempt if `held` no longer owns the run (stopped, interrupted, or taken over by
+    a newer attempt): the tool must not start."""
     # tenant-scope: the claim carries the run id; the attempt fences the write
-    _runs("recording a side effect of a claimed run").filter(
-        pk=held.run_id, attempt=held.attempt, status=RunStatus.RUNNING
-    ).update(side_effects=True)
+    marked = (
+        _runs("recording a side effect of a claimed run")
+        .filter(pk=held.run_id, attempt=held.attempt, status=RunStatus.RUNNING)
+        .update(side_effects=True)
+    )
+    if not marked:
+        raise SupersededAttempt(f"attempt {held.attempt} of run {held.run_id} is superseded")
 
 
 def _status_of(outcome: agent_execute.RunOutcome) -> str:
@@ -549,14 +556,12 @@ async def execute(
     mapper = run_events.EventMapper(run.version.agent.name)  # follows handoffs and tool names
     events = streams.Coalescer(held.run_id, held.attempt)
 
-    marked = False
-
     async def before_tool(tool: str) -> None:
         # Runs before the tool does (a trace hook), so a worker that dies inside the tool has
-        # already recorded that the run must not be repeated.
-        nonlocal marked
-        if not marked and has_side_effects(tool):
-            marked = True
+        # already recorded that the run must not be repeated. Every such call is fenced, each
+        # one waiting for its own mark: a run stopped or taken over while the model answered
+        # starts no tool that changes things.
+        if has_side_effects(tool):
             await orm(mark_side_effects)(held)
 
     ctx.extra["before_tool"] = before_tool

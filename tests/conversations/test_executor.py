@@ -255,6 +255,42 @@ def test_a_run_whose_worker_died_after_a_side_effect_is_not_repeated(world_a):
     assert risky.status == RunStatus.ERROR and "could do that twice" in risky.error
 
 
+def test_a_run_stopped_while_the_model_answered_starts_no_tool_that_changes_things(
+    world_a, monkeypatch
+):
+    from ai_agents.runtime import execute as agent_execute
+
+    agent = agent_services.agent_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="Delegator",
+        config={"tools": [{"name": "run_agent"}]},
+    )
+    agent_services.agent_publish(tenant=world_a.tenant, actor=world_a.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    thread = services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+    run = _send(world_a, thread, "use the run_agent tool to ask helper about invoices")
+    held = executor.claim(run.pk, owner="w")
+    mark = executor.mark_side_effects
+
+    def stopped_first(claim):  # the stop button, before the worker's heartbeat notices
+        services.run_cancel(tenant=world_a.tenant, run_id=run.pk)
+        return mark(claim)
+
+    monkeypatch.setattr(executor, "mark_side_effects", stopped_first)
+    called = []
+
+    async def helper(**kwargs):
+        called.append(kwargs["agent_slug"])
+        return "done"
+
+    monkeypatch.setattr(agent_execute, "run_published_agent", helper)
+    assert async_to_sync(executor.execute)(held) == "superseded"
+    assert called == []
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED and not run.side_effects
+
+
 def test_a_retried_run_starts_over_and_the_thread_keeps_one_reply(world_a, thread):
     run = _send(world_a, thread, "hello there")
     first = executor.claim(run.pk, owner="dies-after-the-reply")
