@@ -29,6 +29,7 @@ from ai_agents.runtime import models as agent_models
 from ai_agents.runtime.build import build, context_for
 from controlplane import rows
 from controlplane.errors import NotFound
+from controlplane.text import without_nul
 from conversations import events as run_events
 from conversations import streams
 from conversations.models import (
@@ -365,9 +366,10 @@ def finish(
         )
     usage = outcome.usage or {}
     run.status = final
-    run.output = outcome.output if final == RunStatus.SUCCESS else None
-    run.error = "" if final == RunStatus.SUCCESS else outcome.message
-    run.trace = outcome.trace
+    # What models and tools produced may hold NULs, which PostgreSQL cannot store.
+    run.output = without_nul(outcome.output) if final == RunStatus.SUCCESS else None
+    run.error = "" if final == RunStatus.SUCCESS else without_nul(outcome.message)
+    run.trace = without_nul(outcome.trace)
     run.input_tokens = usage.get("input_tokens", 0)
     run.output_tokens = usage.get("output_tokens", 0)
     run.total_tokens = usage.get("total_tokens", 0)
@@ -629,8 +631,26 @@ async def execute(
 
 
 async def _conclude(held: Claim, outcome: agent_execute.RunOutcome, final: str, run: Run) -> str:
-    """Write the attempt's outcome, then end its event stream (after its queued events)."""
-    if not await orm(finish)(held, outcome, status=final, run=run):
+    """Write the attempt's outcome, then end its event stream (after its queued events). An
+    outcome that cannot be written (a bug) still ends the run, as an error without its trace,
+    instead of leaving it running until its lease lapses and it is run again."""
+    try:
+        written = await orm(finish)(held, outcome, status=final, run=run)
+    except (InterfaceError, OperationalError):
+        raise  # PostgreSQL is away: the lease lapses and the sweeper runs it again
+    except Exception:
+        log.exception(
+            "run %s attempt %s: its outcome could not be saved", held.run_id, held.attempt
+        )
+        final = RunStatus.ERROR
+        outcome = agent_execute.RunOutcome(
+            "error",
+            message="The reply could not be saved because of an error on our side. It is "
+            "logged; please try again.",
+            usage=outcome.usage,
+        )
+        written = await orm(finish)(held, outcome, status=final, run=run)
+    if not written:
         return "superseded"
     try:
         if outcome.usage:

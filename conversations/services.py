@@ -20,6 +20,7 @@ from ai_agents import selectors as agent_selectors
 from ai_agents.models import Agent
 from controlplane import rows
 from controlplane.errors import Conflict, NotFound, ValidationFailed
+from controlplane.text import has_nul
 from conversations import executor
 from conversations.models import (
     EndUser,
@@ -109,6 +110,8 @@ def thread_create(
     metadata: dict[str, Any] | None = None,
 ) -> Thread:
     """Start a conversation with a published agent of the tenant."""
+    _refuse_nul(title, "title")
+    _refuse_nul(metadata, "metadata")
     agent = agent_selectors.agent_get(tenant=tenant, agent_id=agent_id)
     if agent.published_version_id is None:
         raise Conflict(f"{agent.name} is not published yet.")
@@ -123,6 +126,7 @@ def thread_create(
 
 @transaction.atomic
 def thread_rename(*, tenant: Tenant, end_user: EndUser, thread_id: Any, title: str) -> Thread:
+    _refuse_nul(title, "title")
     thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
     thread.title = title.strip()[:200]
     thread.updated_at = timezone.now()
@@ -147,6 +151,14 @@ def thread_delete(*, tenant: Tenant, end_user: EndUser, thread_id: Any) -> None:
 # --- Runs -------------------------------------------------------------------------------------
 
 
+def _refuse_nul(value: Any, field: str) -> None:
+    if has_nul(value):
+        raise ValidationFailed(
+            f"The {field} contains a NUL character (U+0000), which cannot be stored.",
+            fields={field: "Remove the NUL character."},
+        )
+
+
 def normalise_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Input items in the SDK's Responses format; a string is one user message."""
     if isinstance(value, str):
@@ -168,6 +180,7 @@ def normalise_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
             items.append({"role": role, "content": content})
     else:
         raise ValidationFailed("The input is empty.", fields={"input": "Send a message."})
+    _refuse_nul(items, "input")
     if sum(len(str(i["content"])) for i in items) > MAX_INPUT_CHARS:
         raise ValidationFailed(
             "The input is too long.", fields={"input": f"At most {MAX_INPUT_CHARS} characters."}
@@ -205,6 +218,7 @@ def run_create(
     if source not in RunSource.values:
         raise ValidationFailed("Unknown source.", fields={"source": f"One of {RunSource.values}."})
     items = normalise_input(input)
+    _refuse_nul(metadata, "metadata")
     usage_services.budget_check(tenant=tenant)  # a used-up monthly budget refuses new runs
     try:
         # Rate limits first, so a refused run writes nothing; a run refused below is not counted.

@@ -20,6 +20,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection, connections, transaction
 from django.utils import timezone
 
+from controlplane.text import without_nul
 from conversations.models import Item, Run, RunStatus
 
 DEFAULT_HISTORY_WINDOW = 100
@@ -102,10 +103,15 @@ class ThreadSession:
             raise SupersededAttempt(f"attempt {self.attempt} of run {self.run_id} is superseded")
 
     def _add(self, items: list[Any]) -> None:
+        # A tool's output or a model's text may hold NULs, which PostgreSQL cannot store
+        # (controlplane/text.py): each becomes U+FFFD.
         if self.run_id is None:
             # tenant-scope: every new row carries this session's tenant (set below)
             Item.objects.bulk_create(
-                [Item(tenant_id=self.tenant_id, thread_id=self.thread_id, data=i) for i in items]
+                [
+                    Item(tenant_id=self.tenant_id, thread_id=self.thread_id, data=without_nul(i))
+                    for i in items
+                ]
             )
             return
         # One statement for the fence and the rows (a run adds items after every turn): the
@@ -127,7 +133,7 @@ class ThreadSession:
                 [
                     self.thread_id,
                     timezone.now(),
-                    [json.dumps(item) for item in items],
+                    [json.dumps(without_nul(item)) for item in items],
                     self.run_id,
                     self.tenant_id,
                     self.attempt,

@@ -560,3 +560,24 @@ def test_the_heartbeat_renews_live_leases_and_names_the_lost_ones_in_one_stateme
     renewed = Run.objects.for_tenant(world_a.tenant).get(pk=live.run_id)
     assert renewed.lease_expires_at > before + timedelta(seconds=executor.lease_seconds() - 5)
     assert executor.renew([]) == []
+
+
+def test_an_outcome_that_cannot_be_saved_still_ends_the_run(world_a, thread, monkeypatch):
+    from usage import services as usage_services
+
+    run = _send(world_a, thread, "hello there")
+    save = usage_services.save_run_usage
+    calls = []
+
+    def broken_once(*args, **kwargs):  # a bug in what is written with the outcome
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("cannot store this")
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(usage_services, "save_run_usage", broken_once)
+    assert async_to_sync(executor.execute)(executor.claim(run.pk, owner="w")) == RunStatus.ERROR
+    run.refresh_from_db()
+    assert run.status == RunStatus.ERROR and "could not be saved" in run.error
+    thread.refresh_from_db()
+    assert thread.status != "busy"  # the conversation can go on
