@@ -137,15 +137,25 @@ def take(
     if taken is None:
         return None
     held, run = taken
-    ctx = _context(run, held)
-    if loop is not None:
-        token = agent_models.run_loop.set(loop)  # the run's models share that loop's clients
-        try:
-            ctx.extra["built"] = build(tenant=run.tenant, version=run.version, trace=ctx.trace)
-        except NotFound:
-            pass  # `run_version` builds it again, and says what no longer exists
-        finally:
-            agent_models.run_loop.reset(token)
+    try:
+        ctx = _context(run, held)
+        if loop is not None:
+            token = agent_models.run_loop.set(loop)  # the run's models share the loop's clients
+            try:
+                ctx.extra["built"] = build(tenant=run.tenant, version=run.version, trace=ctx.trace)
+            except NotFound:
+                pass  # `run_version` builds it again, and says what no longer exists
+            finally:
+                agent_models.run_loop.reset(token)
+    except Exception:
+        # The claim is committed: the run ends now, with a reason, rather than staying running
+        # until its lease lapses, then failing the same way on every retry.
+        log.exception("run %s attempt %s could not start", held.run_id, held.attempt)
+        message = "The reply could not start because of an error on our side. It is logged; "
+        message += "please try again."
+        if finish(held, agent_execute.RunOutcome("error", message=message), run=run):
+            close_stream(held.run_id, held.attempt - 1, RunStatus.ERROR, message)
+        return None
     return held, (run, ctx)
 
 

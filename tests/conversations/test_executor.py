@@ -581,3 +581,25 @@ def test_an_outcome_that_cannot_be_saved_still_ends_the_run(world_a, thread, mon
     assert run.status == RunStatus.ERROR and "could not be saved" in run.error
     thread.refresh_from_db()
     assert thread.status != "busy"  # the conversation can go on
+
+
+def test_a_run_whose_agent_cannot_be_built_ends_at_once_with_a_reason(world_a, thread, monkeypatch):
+    import asyncio
+
+    run = _send(world_a, thread, "hello there")
+
+    def broken_build(**kwargs):
+        raise ValueError("cannot decrypt the provider key")  # a bug, or a rotated key
+
+    monkeypatch.setattr(executor, "build", broken_build)
+    loop = asyncio.new_event_loop()
+    try:
+        assert executor.take(run.pk, owner="w", loop=loop) is None  # as the Celery task calls it
+    finally:
+        loop.close()
+    run.refresh_from_db()
+    assert run.status == RunStatus.ERROR and "could not start" in run.error
+    assert run.attempt == 1  # not retried: it would fail the same way
+    assert _events(run)[-1]["status"] == "error"  # readers of its stream see it end
+    thread.refresh_from_db()
+    assert thread.status != "busy"
