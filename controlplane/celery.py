@@ -23,3 +23,12 @@ def _database_connections(sender: Any = None, **_: Any) -> None:
 
     if not getattr(getattr(sender, "request", None), "is_eager", False):  # eager: the caller's
         close_old_connections()
+
+
+@signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect
+def _drain_runs(**kwargs: Any) -> None:
+    """Runs held by this process finish, or go to other workers, before it exits."""
+    from conversations.worker import drain_on_shutdown
+
+    drain_on_shutdown(**kwargs)

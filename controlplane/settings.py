@@ -336,6 +336,10 @@ OFFLINE_MODEL_WORD_DELAY = env.float("OFFLINE_MODEL_WORD_DELAY", default=0.02)
 RUN_LEASE_SECONDS = env.float("RUN_LEASE_SECONDS", default=30.0)
 RUN_MAX_ATTEMPTS = env.int("RUN_MAX_ATTEMPTS", default=3)
 RUN_TIMEOUT_SECONDS = env.float("RUN_TIMEOUT_SECONDS", default=600.0)
+# A worker shutting down (Celery's warm shutdown) lets its runs finish for this long, then hands
+# the others to other workers at once (conversations/worker.py). Keep it below the deployment's
+# stop timeout (docker-compose.yml: stop_grace_period).
+RUN_SHUTDOWN_GRACE_SECONDS = env.float("RUN_SHUTDOWN_GRACE_SECONDS", default=30.0)
 # Failed model calls (and malformed tool arguments) a run retries (ai_agents/runtime/retry.py).
 RUN_MODEL_RETRIES = env.int("RUN_MODEL_RETRIES", default=3)
 RUN_MODEL_RETRY_BACKOFF_SECONDS = env.float("RUN_MODEL_RETRY_BACKOFF_SECONDS", default=1.0)

@@ -306,9 +306,23 @@ def _close_dangling_calls(run: Run) -> None:
 def renew(claims: list[Claim]) -> list[Claim]:
     """Extend the leases of `claims`; returns the ones that were lost (superseded or ended).
     One statement however many runs the worker holds (the heartbeat beats every few seconds)."""
+    return _set_leases(claims, timezone.now() + timedelta(seconds=lease_seconds()))
+
+
+def release(claims: list[Claim]) -> list[Claim]:
+    """End the leases of `claims` now and kick their runs, so that another worker takes them
+    over at once (a worker shutting down). Returns the claims that were still held."""
+    lost = _set_leases(claims, timezone.now())
+    released = [held for held in claims if held not in lost]
+    for held in released:
+        kick(held.run_id)
+    return released
+
+
+def _set_leases(claims: list[Claim], until: datetime) -> list[Claim]:
+    """Set the leases of the runs `claims` still hold to end at `until`; the lost claims."""
     if not claims:
         return []
-    until = timezone.now() + timedelta(seconds=lease_seconds())
     # tenant-scope: the heartbeat renews the leases this worker holds, by run id and attempt
     with connection.cursor() as cursor:
         cursor.execute(

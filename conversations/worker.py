@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from typing import Any
 
 from django.db import close_old_connections
@@ -29,6 +29,8 @@ class RunHost:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._loop = asyncio.new_event_loop()
         self._held: dict[executor.Claim, asyncio.Task[Any]] = {}
+        # Every attempt submitted and not yet ended, from the moment it is submitted.
+        self._submitted: dict[executor.Claim, Future[str]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._loop.run_forever, name="run-host-loop", daemon=True).start()
@@ -38,9 +40,17 @@ class RunHost:
         """Execute the attempt `held` (`loaded`: what `executor.take` read with it)."""
         # A fresh context: the caller's (e.g. asgiref's thread markers) must not leak into the
         # run, whose database calls would then try the caller's executor.
-        return contextvars.Context().run(
+        future: Future[str] = contextvars.Context().run(
             asyncio.run_coroutine_threadsafe, self._hold(held, loaded), self._loop
         )
+        with self._lock:
+            self._submitted[held] = future
+        future.add_done_callback(lambda _: self._forget(held))
+        return future
+
+    def _forget(self, held: executor.Claim) -> None:
+        with self._lock:
+            self._submitted.pop(held, None)
 
     async def _hold(self, held: executor.Claim, loaded: Any) -> str:
         """Execute `held` while the heartbeat renews its lease (and cancels it once lost)."""
@@ -73,6 +83,28 @@ class RunHost:
         with self._lock:
             return len(self._held)
 
+    def drain(self, grace_s: float) -> list[executor.Claim]:
+        """The process is shutting down: wait up to `grace_s` seconds for the runs held to end,
+        then stop the others and release their leases, so that another worker takes them over
+        at once instead of after their lease lapses. Returns the released claims."""
+        with self._lock:
+            submitted = dict(self._submitted)
+        wait(submitted.values(), timeout=grace_s)
+        left = [held for held, future in submitted.items() if not future.done()]
+        for held in left:
+            submitted[held].cancel()  # the attempt stops; its writes would be fenced anyway
+        released: list[executor.Claim] = []
+        if left:
+            try:
+                released = executor.release(left)
+            except Exception:  # the database may be away: the leases lapse instead
+                log.warning("could not release the leases of %s runs", len(left), exc_info=True)
+            finally:
+                close_old_connections()
+            log.info("shutting down: released %s runs to other workers", len(released))
+        self._stop.set()
+        return released
+
     def _heartbeat(self) -> None:
         interval = max(executor.lease_seconds() / 3, 0.2)
         while not self._stop.wait(interval):
@@ -101,6 +133,20 @@ class RunHost:
 
 _host: RunHost | None = None
 _host_lock = threading.Lock()
+
+
+def drain_on_shutdown(**_: Any) -> None:
+    """Celery's warm shutdown (a deploy, a scale-down): the run host of this process, if it
+    started, lets its runs finish for up to RUN_SHUTDOWN_GRACE_SECONDS and hands the rest to
+    other workers. Connected to `worker_process_shutdown` (a prefork pool process) and to
+    `worker_shutdown` (the solo and threads pools, which run tasks in the main process)."""
+    from django.conf import settings
+
+    with _host_lock:
+        current = _host
+    if current is None or current.owner != f"{socket.gethostname()}:{os.getpid()}":
+        return
+    current.drain(settings.RUN_SHUTDOWN_GRACE_SECONDS)
 
 
 def host() -> RunHost:

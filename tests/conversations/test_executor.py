@@ -603,3 +603,82 @@ def test_a_run_whose_agent_cannot_be_built_ends_at_once_with_a_reason(world_a, t
     assert _events(run)[-1]["status"] == "error"  # readers of its stream see it end
     thread.refresh_from_db()
     assert thread.status != "busy"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_shutting_down_lets_short_runs_finish_and_hands_long_ones_over(settings, kicked):
+    from concurrent.futures import wait
+
+    from conversations.worker import RunHost
+    from tests.conftest import make_world
+
+    settings.OFFLINE_MODEL_WORD_DELAY = 0.2  # a long reply: seconds
+    world = make_world("Deploy")
+    agent = agent_services.agent_create(tenant=world.tenant, actor=world.actor(), name="Echo")
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hello there"
+    )
+    host = RunHost()
+    held = executor.claim(run.pk, owner=host.owner)
+    future = host.submit(held)
+    kicked.clear()
+
+    assert host.drain(grace_s=0.3) == [held]  # still replying after the grace: handed over
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.lease_expires_at <= timezone.now()
+    assert kicked == [str(run.pk)]  # another worker takes it at once, not after the lease
+    taken = executor.claim(run.pk, owner="another-worker")
+    assert taken is not None and taken.attempt == 2
+    wait([future], timeout=5)
+    assert future.cancelled()  # this process's attempt stopped
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_shutting_down_waits_for_runs_that_end_within_the_grace(settings, kicked):
+    from conversations.worker import RunHost
+    from tests.conftest import make_world
+
+    settings.OFFLINE_MODEL_WORD_DELAY = 0.01
+    world = make_world("Deploy")
+    agent = agent_services.agent_create(tenant=world.tenant, actor=world.actor(), name="Echo")
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hello there"
+    )
+    host = RunHost()
+    future = host.submit(executor.claim(run.pk, owner=host.owner))
+
+    assert host.drain(grace_s=30) == []
+
+    assert future.result(timeout=5) == RunStatus.SUCCESS
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCESS
+
+
+@pytest.mark.parametrize("signal", ["worker_process_shutdown", "worker_shutdown"])
+def test_celerys_shutdown_drains_this_processs_run_host(signal, settings, monkeypatch):
+    import os
+    import socket
+
+    from celery import signals
+
+    from conversations import worker
+
+    drained = []
+
+    class Host:
+        owner = f"{socket.gethostname()}:{os.getpid()}"
+
+        def drain(self, grace_s):
+            drained.append(grace_s)
+
+    settings.RUN_SHUTDOWN_GRACE_SECONDS = 12.0
+    monkeypatch.setattr(worker, "_host", Host())
+    getattr(signals, signal).send(sender=None, pid=os.getpid(), exitcode=0)
+    assert drained == [12.0]
