@@ -303,6 +303,73 @@ def _close_dangling_calls(run: Run) -> None:
     )
 
 
+def keep_what_was_said(run: Run) -> None:
+    """`run` is ending from outside (interrupted by a newer message, or stopped), its row locked:
+    the thread keeps what its readers saw. Its input, if it never started (its attempt stores
+    it), and the text of the turn in progress, which no item holds yet (a turn's items are
+    stored when the turn ends), as an incomplete assistant message. The text comes from the
+    run's event stream; without Redis only the input is kept."""
+    stored = list(Item.objects.filter(tenant_id=run.tenant_id, run=run).order_by("id"))
+    keep: list[dict[str, Any]] = [] if stored else [dict(item) for item in run.input or []]
+    if run.attempt:
+        try:
+            entries = streams.read_sync(run.pk, count=10_000)
+        except streams.StreamUnavailable:
+            entries = []
+        saved = sum(1 for item in stored if _assistant_text(item.data) is not None)
+        said = _unsaved_text([event for _id, event in entries], saved)
+        if said:
+            keep.append(
+                {
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "incomplete",
+                    "content": [{"type": "output_text", "text": said, "annotations": []}],
+                }
+            )
+    # tenant-scope: every new row carries the run's tenant (set below)
+    Item.objects.bulk_create(
+        [
+            Item(tenant_id=run.tenant_id, thread_id=run.thread_id, run=run, data=without_nul(d))
+            for d in keep
+        ]
+    )
+
+
+def _assistant_text(data: Any) -> str | None:
+    if not isinstance(data, dict) or data.get("role") != "assistant":
+        return None
+    content = data.get("content")
+    return (
+        content
+        if isinstance(content, str)
+        else "".join(part.get("text", "") for part in content or [] if isinstance(part, dict))
+    )
+
+
+def _unsaved_text(events: list[dict[str, Any]], saved_messages: int) -> str:
+    """What the latest attempt's readers saw that is not among its first `saved_messages`
+    stored assistant messages: its later whole messages and the text still being written
+    (with `model.retry`'s discards applied, as readers apply them)."""
+    messages: list[str] = []
+    partial = ""
+    for event in events:
+        kind = event.get("type")
+        if kind == run_events.RUN_STATUS and event.get("status") == RunStatus.RUNNING:
+            messages, partial = [], ""  # a new attempt starts the reply over
+        elif kind == run_events.MESSAGE_DELTA:
+            partial += str(event.get("text", ""))
+        elif kind == run_events.MESSAGE_COMPLETED:
+            messages.append(str(event.get("text", "")))
+            partial = ""
+        elif kind in (run_events.TOOL_STARTED, run_events.TOOL_FINISHED, run_events.HANDOFF):
+            partial = ""
+        elif kind == run_events.MODEL_RETRY and event.get("discard"):
+            partial = ""
+    said = [*messages[saved_messages:], partial]
+    return "\n\n".join(text.strip() for text in said if text.strip())
+
+
 def renew(claims: list[Claim]) -> list[Claim]:
     """Extend the leases of `claims`; returns the ones that were lost (superseded or ended).
     One statement however many runs the worker holds (the heartbeat beats every few seconds)."""

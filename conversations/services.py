@@ -391,7 +391,9 @@ def _apply_strategy(
         active.save(
             update_fields=["status", "error", "finished_at", "lease_owner", "lease_expires_at"]
         )
-        if not interrupted:
+        if interrupted:
+            executor.keep_what_was_said(active)
+        else:
             Item.objects.for_tenant(tenant).filter(run=active).delete()
         transaction.on_commit(
             partial(executor.close_stream, active.pk, active.attempt, active.status, active.error)
@@ -435,6 +437,7 @@ def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) 
             ]
         )
         if not was_queued:
+            executor.keep_what_was_said(run)  # the reply shown so far stays, as it was cut
             executor.end_thread(run, RunStatus.CANCELLED)
         transaction.on_commit(
             partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, "Stopped.")

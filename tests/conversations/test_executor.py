@@ -207,7 +207,8 @@ def test_stopping_a_run_ends_it_for_everyone_and_starts_the_next(
     assert stopped.status == RunStatus.CANCELLED
     assert _events(running)[-1]["status"] == "cancelled"  # followers see the end at once
     assert async_to_sync(executor.execute)(held) == "superseded"  # the worker's writes are refused
-    assert not Item.objects.for_tenant(world_a.tenant).filter(run=running).exists()
+    kept = [item.data for item in Item.objects.for_tenant(world_a.tenant).filter(run=running)]
+    assert kept == running.input  # the question stays in the thread; nothing was said yet
     waiting.refresh_from_db()
     assert not waiting.queued and kicked[-1] == str(waiting.pk)
     assert services.run_cancel(tenant=world_a.tenant, run_id=running.pk).status == "cancelled"
@@ -682,3 +683,66 @@ def test_celerys_shutdown_drains_this_processs_run_host(signal, settings, monkey
     monkeypatch.setattr(worker, "_host", Host())
     getattr(signals, signal).send(sender=None, pid=os.getpid(), exitcode=0)
     assert drained == [12.0]
+
+
+def _saw(run, held, events):
+    from conversations import events as ev
+
+    async_to_sync(streams.append)(run.pk, held.attempt, [ev.status("running"), *events])
+
+
+def _texts(run):
+    items = Item.objects.for_tenant(run.tenant).filter(run=run).order_by("id")
+    return [(item.data.get("role"), executor._assistant_text(item.data) or item.data.get("content"))
+            for item in items]  # fmt: skip
+
+
+def test_an_interrupted_reply_keeps_what_its_readers_saw(world_a, thread):
+    from conversations import events as ev
+
+    active = _send(world_a, thread, "tell me a story")
+    held = executor.claim(active.pk, owner="w")
+    _saw(active, held, [
+        ev.message_delta("Once upon", agent="Calc"),
+        ev.model_retry(reason="timeout", message="", retry=1, max_retries=3, wait_ms=0,
+                       discard=True, agent="Calc"),
+        ev.message_delta("Once upon a ", agent="Calc"),
+        ev.message_delta("time", agent="Calc"),
+    ])  # fmt: skip
+    _send(world_a, thread, "actually, a poem", strategy="interrupt")
+
+    active.refresh_from_db()
+    assert active.status == RunStatus.INTERRUPTED
+    # Its question (its attempt had not stored it yet) and the reply as far as it was shown.
+    assert _texts(active) == [("user", "tell me a story"), ("assistant", "Once upon a time")]
+    assert async_to_sync(executor.execute)(held) == "superseded"
+
+
+def test_a_stopped_reply_keeps_its_stored_turns_and_adds_only_the_unsaved_text(world_a, thread):
+    from conversations import events as ev
+    from conversations.session import ThreadSession
+
+    run = _send(world_a, thread, "look it up")
+    held = executor.claim(run.pk, owner="w")
+    session = ThreadSession(
+        tenant_id=run.tenant_id, thread_id=run.thread_id, run_id=run.pk, attempt=held.attempt
+    )
+    async_to_sync(session.add_items)([
+        {"role": "user", "content": "look it up"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Let me check."}]},
+    ])  # fmt: skip
+    _saw(run, held, [
+        ev.message_delta("Let me check.", agent="Calc"),
+        ev.message_completed("Let me check.", agent="Calc"),
+        ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
+        ev.tool_finished(call_id="c1", tool="calculator", output="42", agent="Calc"),
+        ev.message_delta("It is 4", agent="Calc"),
+    ])  # fmt: skip
+    services.run_cancel(tenant=world_a.tenant, run_id=run.pk, end_user=thread.end_user)
+
+    assert _texts(run) == [
+        ("user", "look it up"),
+        ("assistant", "Let me check."),
+        ("assistant", "It is 4"),
+    ]
