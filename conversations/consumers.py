@@ -21,8 +21,11 @@ Server → client:
     {"type": "run.started", "run_id"}
     {"type": "event", "id": "<stream id>", "run_id", "event": {...}}
     {"type": "error", "code", "message", "run_id"?}  codes: thread_busy, invalid, not_found,
-        conflict, unavailable (Redis down: reload the history over HTTP), bad_request,
+        conflict, unavailable (the run's stream cannot be read: said once per outage; the
+        socket keeps trying, then sends `live` or `run.ended`), bad_request,
         rate_limited (with retry_after seconds, limit and window: nothing was written)
+    {"type": "live", "run_id"}   the run's stream is read again after `unavailable`: its events
+        follow from where they stopped
     {"type": "run.ended", "run_id", "status"}   the run ended without a readable stream:
         reload the history over HTTP
     {"type": "revoked", "reason"} then close 4403
@@ -57,6 +60,10 @@ MAX_TEXT = services.MAX_INPUT_CHARS
 # A followed run quiet for this long is looked up in PostgreSQL (has it ended? is the socket's
 # membership still there?).
 HEARTBEAT_S = 15.0
+# After its stream failed, a followed run is followed again after this many seconds, doubling up
+# to the second value while the outage lasts.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 5.0
 
 
 thread_group = realtime.thread_group
@@ -317,54 +324,78 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # out as it is (no decoding and re-encoding per token). `run_id` is a UUID and stream
         # ids are digits and a dash: nothing in the frame needs escaping.
         head = '{"type":"event","run_id":"' + run_id + '","id":"'
+        # Seconds before following again after the stream failed; 0 while it works. Through an
+        # outage the run is followed again from the last event sent (the client is told once),
+        # until its stream answers or PostgreSQL says it ended: the client is never left
+        # waiting for a reply it will not hear of.
+        wait = 0.0
         try:
-            async for event_id, raw, terminal in streams.follow_raw(
-                run_id, after=after, heartbeat_s=HEARTBEAT_S
-            ):
+            while not self.revoked:
+                try:
+                    if wait:
+                        await asyncio.sleep(wait)
+                        if await self._ended(run_id):
+                            return
+                    async for event_id, raw, terminal in streams.follow_raw(
+                        run_id, after=after, heartbeat_s=HEARTBEAT_S
+                    ):
+                        if self.revoked:
+                            return
+                        if wait:
+                            wait = 0.0
+                            await self.send_json({"type": "live", "run_id": run_id})
+                        if terminal:
+                            self.finished.add(run_id)
+                        if raw is None:
+                            # Quiet for a while: if PostgreSQL says the run ended (its stream
+                            # expired or was never written), stop and let the client reload the
+                            # history. And look again at the membership, as for the client's
+                            # messages (`_still_open`).
+                            if await self._ended(run_id):
+                                return
+                            continue
+                        await self.send(text_data=head + event_id + '","event":' + raw + "}")
+                        after = event_id
+                    return
+                except streams.StreamUnavailable:
+                    message = (
+                        "Live updates are unavailable right now; the conversation is reloaded "
+                        "when the reply is saved."
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a reader bug must not kill the socket silently
+                    if not wait:
+                        log.exception("chat: following run %s failed", run_id)
+                    message = (
+                        "Live updates stopped; the conversation is reloaded when the reply is "
+                        "saved."
+                    )
                 if self.revoked:
                     return
-                if terminal:
-                    self.finished.add(run_id)
-                if raw is None:
-                    # Quiet for a while: if PostgreSQL says the run ended (its stream expired or
-                    # was never written), stop and let the client reload the history. And look
-                    # again at the membership, as for the client's messages (`_still_open`).
-                    try:
-                        status = await _db(_checked)(
-                            self,
-                            selectors.run_status,
-                            tenant=self.tenant,
-                            thread=self.thread,
-                            run_id=run_id,
-                        )
-                    except _Gone as gone:
-                        await self.connection_revoke({"reason": gone.reason})
-                        return
-                    if status is None or status in FINAL_STATUSES:
-                        await self.send_json(
-                            {"type": "run.ended", "run_id": run_id, "status": status}
-                        )
-                        return
-                    continue
-                await self.send(text_data=head + event_id + '","event":' + raw + "}")
-        except streams.StreamUnavailable:
-            if not self.revoked:
-                await self._error(
-                    "unavailable",
-                    "Live updates are unavailable right now; the conversation is reloaded "
-                    "when the reply is saved.",
-                    run_id=run_id,
-                )
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a reader bug must not kill the socket silently
-            log.exception("chat: following run %s failed", run_id)
-            if not self.revoked:
-                await self._error("unavailable", "Live updates stopped.", run_id=run_id)
+                if not wait:  # once per outage
+                    await self._error("unavailable", message, run_id=run_id)
+                wait = min(wait * 2, RETRY_MAX_S) if wait else RETRY_FIRST_S
         finally:
             task = self.followers.get(run_id)
             if task is asyncio.current_task():
                 del self.followers[run_id]
+
+    async def _ended(self, run_id: str) -> bool:
+        """Whether following `run_id` is over: PostgreSQL says the run ended (the client is told
+        to reload the history), or the socket's membership or thread is gone (it is revoked)."""
+        try:
+            status = await _db(_checked)(
+                self, selectors.run_status, tenant=self.tenant, thread=self.thread, run_id=run_id
+            )
+        except _Gone as gone:
+            await self.connection_revoke({"reason": gone.reason})
+            return True
+        if status is None or status in FINAL_STATUSES:
+            self.finished.add(run_id)
+            await self.send_json({"type": "run.ended", "run_id": run_id, "status": status})
+            return True
+        return False
 
     # --- from the channel layer --------------------------------------------------------------
 

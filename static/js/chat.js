@@ -311,6 +311,8 @@
         save();
         busy(true);
         status("Waiting for the agent\u2026");
+      } else if (msg.type === "live") {
+        status(running ? "Replying\u2026" : "");
       } else if (msg.type === "run.ended") {
         endRun({ status: msg.status });
       } else if (msg.type === "error") {
@@ -344,9 +346,9 @@
       log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
       if (pendingText && !input.value) input.value = pendingText;
     } else if (msg.code === "unavailable") {
-      // Redis is down: the reply still lands in PostgreSQL; reload the history a bit later.
+      // The run's stream cannot be read: the server keeps trying, and sends `live` when the
+      // events come again or `run.ended` once the reply is saved (the history is reloaded then).
       status("Live updates are unavailable; the reply will appear when it is saved.", "warn");
-      setTimeout(reloadNewItems, 5000);
     } else {
       status(msg.message || "Something went wrong.", "error");
       if (msg.code === "invalid") {

@@ -567,9 +567,13 @@ async def test_connecting_during_a_run_follows_it_from_the_given_id(_close_async
 
 
 @pytestmark_ws
-async def test_redis_down_answers_unavailable(settings, _close_async_clients):
+async def test_redis_down_answers_unavailable(settings, monkeypatch, _close_async_clients):
+    """Said once, however long the outage lasts; the socket keeps looking, and tells the page
+    when the reply is saved, so the page does not wait for it forever."""
+    monkeypatch.setattr(consumers, "RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr(consumers, "RETRY_MAX_S", 0.02)
     w = await database_sync_to_async(_setup)()
-    await database_sync_to_async(services.run_create)(
+    run = await database_sync_to_async(services.run_create)(
         tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input="hello"
     )
     settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there: the streams are down
@@ -579,6 +583,59 @@ async def test_redis_down_answers_unavailable(settings, _close_async_clients):
         answer = await socket.receive_json_from(timeout=WAIT)
         assert answer["type"] == "error" and answer["code"] == "unavailable"
         assert "unavailable right now" in answer["message"]  # the stream, not a reader bug
+        assert await socket.receive_nothing(timeout=0.3)  # retried meanwhile, said once
+        # The worker saves the reply while the stream is still down.
+        await Run.objects.for_tenant(w.a.tenant).filter(pk=run.pk).aupdate(status=RunStatus.SUCCESS)
+        ended = await socket.receive_json_from(timeout=WAIT)
+        assert ended == {"type": "run.ended", "run_id": str(run.pk), "status": "success"}
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_a_stream_that_fails_once_is_followed_again_from_the_last_event(
+    monkeypatch, _close_async_clients
+):
+    from conversations import events as ev
+
+    monkeypatch.setattr(consumers, "RETRY_FIRST_S", 0.01)
+    real = streams.follow_raw
+    calls: list[str] = []
+
+    async def fails_once(run_id, after="0-0", **kwargs):
+        calls.append(after)
+        async for entry in real(run_id, after, **kwargs):
+            yield entry
+            if len(calls) == 1:
+                raise streams.StreamUnavailable("Redis went away")
+
+    monkeypatch.setattr(streams, "follow_raw", fails_once)
+    w = await database_sync_to_async(_setup)()
+    run = await database_sync_to_async(services.run_create)(
+        tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input="hello"
+    )
+    held = await database_sync_to_async(executor.claim)(run.pk, owner="t")
+    ids = await streams.append(
+        run.pk, held.attempt,
+        [ev.status("running"), ev.message_delta("Hel", agent="Calc"),
+         ev.message_delta("lo", agent="Calc")],
+    )  # fmt: skip
+    socket, _ = await _open(w, w.mine, w.a.member)
+    try:
+        first = await socket.receive_json_from(timeout=WAIT)
+        assert first["id"] == ids[0] and first["event"]["status"] == "running"
+        outage = await socket.receive_json_from(timeout=WAIT)
+        assert outage["type"] == "error" and outage["code"] == "unavailable"
+        back = await socket.receive_json_from(timeout=WAIT)
+        assert back == {"type": "live", "run_id": str(run.pk)}
+        rest = [await socket.receive_json_from(timeout=WAIT) for _ in ids[1:]]
+        assert [(m["id"], m["event"].get("text")) for m in rest] == [
+            (ids[1], "Hel"), (ids[2], "lo"),
+        ]  # fmt: skip
+        await streams.finish(run.pk, held.attempt, ev.status("success"))
+        last = await socket.receive_json_from(timeout=WAIT)
+        assert last["event"]["type"] == "run.status" and last["event"]["status"] == "success"
+        assert calls == ["0-0", ids[0]]
     finally:
         await socket.disconnect()
 
