@@ -91,7 +91,8 @@ def chat_thread(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Ht
 
 @chat_view
 def chat_items(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
-    """htmx fragments of the history: `?before=<id>` an older page, `?after=<id>` newer items."""
+    """htmx fragments of the history: `?before=<id>` an older page, `?after=<id>` newer items,
+    neither: the latest page (the log of the thread page, as the page renders it)."""
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
     after = _int_or_none(request.GET.get("after"))
     if after is not None:
@@ -104,10 +105,11 @@ def chat_items(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Htt
             "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
         }
     else:
-        entries, earlier = selectors.item_page(
-            tenant=request.tenant, thread=thread, before=_int_or_none(request.GET.get("before"))
-        )
+        before = _int_or_none(request.GET.get("before"))
+        entries, earlier = selectors.item_page(tenant=request.tenant, thread=thread, before=before)
         context = {"thread": thread, "entries": entries, "earlier": earlier}
+        if before is None:  # the latest page ends, like the page, with what waits for the agent
+            context["waiting"] = selectors.pending_inputs(tenant=request.tenant, thread=thread)
     return render(request, "conversations/thread.html#items", context)
 
 

@@ -159,17 +159,25 @@
     return max;
   }
 
+  // Once the server's history is in: a reply that started meanwhile (the next one in line, or
+  // the one that replaced the ended reply) may have drawn into the log during the request, and
+  // its bubble may have left the page with the swap. Draw it again, from the tab's state. The
+  // messages waiting for the agent came with the history: they stay.
+  function afterReload() {
+    log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });
+    bubble = null;
+    lastAgent = null;
+    redraw();
+    scrollDown();
+  }
+
   // The server's sanitised rendering replaces what was streamed.
   function reloadNewItems() {
     var url = itemsUrl + "?after=" + lastItemId();
-    var done = function () {
-      log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
-      bubble = null;
-      scrollDown();
-    };
     if (window.htmx) {
       log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
-      htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(done, done);
+      bubble = null;
+      htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(afterReload, afterReload);
     } else {
       location.reload();
     }
@@ -179,7 +187,7 @@
   function reloadAll() {
     if (!window.htmx) { location.reload(); return; }
     bubble = null;
-    htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(scrollDown, scrollDown);
+    htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(afterReload, afterReload);
   }
 
   function endRun(ev) {

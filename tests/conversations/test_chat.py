@@ -283,6 +283,28 @@ def test_messages_not_yet_started_show_as_waiting_or_queued(world_a, chat):
     assert "Second question" in newer and "Queued" in newer
 
 
+def test_the_latest_page_reloaded_keeps_the_messages_waiting_for_the_agent(world_a, chat):
+    """After Stop, "Stop this reply, then send" or "Replace my last message" the page reloads
+    the latest page of the history: the message just sent is still there, not the empty state."""
+    services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk,
+        input="Replace it with this", source=RunSource.CHAT,
+    )  # fmt: skip
+    client = world_a.client_for(world_a.member)
+    latest = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), HTTP_HX_REQUEST="true"
+    ).content.decode()
+    assert "Replace it with this" in latest and "Waiting for the agent" in latest
+    assert "Say hello" not in latest
+    Item.objects.create(
+        tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": "older"}
+    )
+    older = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"before": 10**9}
+    ).content.decode()
+    assert "older" in older and "Replace it with this" not in older
+
+
 # --- The websocket --------------------------------------------------------------------------
 
 
