@@ -24,6 +24,10 @@
   var run = null; // {id, after, text, steps: [...], attempt}
   var bubble = null; // the pending assistant bubble being written
   var lastAgent = null;
+  // What this tab asked and the server has not answered yet, oldest first. The server answers a
+  // socket's messages one at a time, in order: a send with `run.created` or an error (nothing
+  // was stored), a cancel with an error or nothing, then the pong of the ping sent after it.
+  var asked = [];
 
   // --- state kept across a page refresh (per tab) ---
   function save() {
@@ -308,12 +312,15 @@
         }
       } else if (msg.type === "event") {
         onEvent(msg);
+      } else if (msg.type === "pong") {
+        if (asked.length && asked[0].kind === "cancel") asked.shift();
       } else if (msg.type === "run.created" && msg.queued) {
         // Waits in line behind the reply being written: it starts when that one ends.
-        var mine = log.querySelectorAll(".msg-user[data-pending]");
-        if (mine.length) mine[mine.length - 1].appendChild(
+        var sent = asked.length && asked[0].kind === "send" ? asked.shift() : null;
+        if (sent) sent.node.appendChild(
           el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
       } else if (msg.type === "run.created" || msg.type === "run.started") {
+        if (msg.type === "run.created" && asked.length && asked[0].kind === "send") asked.shift();
         root.setAttribute("data-active-run", msg.run_id);
         run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
         save();
@@ -332,6 +339,7 @@
       }
     };
     ws.onclose = function (ev) {
+      asked = []; // their answers will not come
       if (closedForGood || ev.code === 4401 || ev.code === 4403 || ev.code === 4404) {
         if (!closedForGood) status("This conversation is not available any more.", "error");
         busy(false);
@@ -343,35 +351,35 @@
     };
   }
 
+  // A send the server refused stored nothing: its bubble goes, and its text goes back to the
+  // composer (before anything typed since).
+  function refused(sent) {
+    sent.node.remove();
+    var typed = input.value.trim();
+    input.value = typed ? sent.text + "\n" + typed : sent.text;
+  }
+
   function onError(msg) {
+    // Errors about a followed run name it; any other answers the oldest open request.
+    var sent = !msg.run_id && asked.length && asked[0].kind === "send" ? asked.shift() : null;
+    if (sent) refused(sent);
     if (msg.code === "rate_limited") {
-      // Nothing was sent: take the bubble back and give the text back to the composer.
-      log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
-      if (pendingText && !input.value) input.value = pendingText;
       rateLimited(msg);
     } else if (msg.code === "thread_busy") {
       status(msg.message, "warn");
-      log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
-      if (pendingText && !input.value) input.value = pendingText;
     } else if (msg.code === "unavailable") {
       // The run's stream cannot be read: the server keeps trying, and sends `live` when the
       // events come again or `run.ended` once the reply is saved (the history is reloaded then).
       status("Live updates are unavailable; the reply will appear when it is saved.", "warn");
     } else {
       status(msg.message || "Something went wrong.", "error");
-      if (msg.code === "invalid") {
-        log.querySelectorAll(".msg-user[data-pending]").forEach(function (n) { n.remove(); });
-        busy(false);
-      }
     }
   }
 
-  var pendingText = "";
   form.addEventListener("submit", function (e) {
     e.preventDefault();
     var text = input.value.trim();
     if (!text || !ws || ws.readyState !== WebSocket.OPEN || limited()) return;
-    pendingText = text;
     dropEmpty();
     var mine = el("div", "msg msg-user");
     mine.setAttribute("data-pending", "");
@@ -381,13 +389,17 @@
     var message = { type: "send", text: text };
     if (strategyEl && !strategyEl.hidden) message.strategy = strategyEl.value;
     ws.send(JSON.stringify(message));
+    asked.push({ kind: "send", node: mine, text: text });
     input.value = "";
   });
   input.addEventListener("keydown", function (e) {
     if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
   });
   stopBtn.addEventListener("click", function () {
-    if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify({ type: "cancel" }));
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    ws.send(JSON.stringify({ type: "cancel" }));
+    ws.send(JSON.stringify({ type: "ping" })); // its pong closes the cancel's answers
+    asked.push({ kind: "cancel" });
   });
 
   run = load();
