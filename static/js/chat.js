@@ -171,6 +171,8 @@
     log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });
     bubble = null;
     lastAgent = null;
+    startedRun = null; // a waiting message may have come back with its note
+    if (run && (run.attempt !== null || run.steps.length)) started(run.id);
     redraw();
     scrollDown();
   }
@@ -194,7 +196,8 @@
     htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(afterReload, afterReload);
   }
 
-  function endRun(ev) {
+  function endRun(ev, id) {
+    if (id && root.getAttribute("data-active-run") === id) root.removeAttribute("data-active-run");
     busy(false);
     var replaced = ev && (ev.status === "cancelled" || ev.status === "interrupted");
     if (ev && ev.status && ev.status !== "success") {
@@ -208,12 +211,21 @@
     else reloadNewItems();
   }
 
+  // A message's "Waiting for the agent" (or "Queued") note goes once its run is running.
+  var startedRun = null;
+  function started(id) {
+    if (startedRun === id) return;
+    startedRun = id;
+    log.querySelectorAll('[data-waiting-run="' + id + '"] .msg-note').forEach(function (n) { n.remove(); });
+  }
+
   function onEvent(msg) {
     var ev = msg.event || {};
     if (!run || run.id !== msg.run_id) {
       run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
     }
     run.after = msg.id;
+    if (ev.type !== "run.status" || ev.status === "running") started(run.id);
     switch (ev.type) {
       case "run.status":
         if (ev.status === "running") {
@@ -230,7 +242,7 @@
           busy(true);
         } else {
           save();
-          endRun(ev);
+          endRun(ev, run.id);
           return;
         }
         break;
@@ -302,13 +314,17 @@
       var msg;
       try { msg = JSON.parse(raw.data); } catch (e) { return; }
       if (msg.type === "hello") {
-        if (!msg.active_run) {
-          if (run) endRun(null); // it ended while we were away: show the saved reply
-          busy(false);
-        } else {
-          root.setAttribute("data-active-run", msg.active_run);
-          if (run && run.id !== msg.active_run) { run = null; save(); }
-          busy(true);
+        // The reply the page knew of (from its render, or this tab's state) ended, or another
+        // one started, before this socket opened: the history has what changed meanwhile.
+        var known = root.getAttribute("data-active-run") || (run ? run.id : null);
+        var current = msg.active_run || null;
+        if (current) root.setAttribute("data-active-run", current);
+        else root.removeAttribute("data-active-run");
+        if (run && run.id !== current) { run = null; save(); }
+        busy(!!current);
+        if (known !== current) {
+          if (!current) status("");
+          reloadNewItems();
         }
       } else if (msg.type === "event") {
         onEvent(msg);
@@ -317,10 +333,15 @@
       } else if (msg.type === "run.created" && msg.queued) {
         // Waits in line behind the reply being written: it starts when that one ends.
         var sent = asked.length && asked[0].kind === "send" ? asked.shift() : null;
-        if (sent) sent.node.appendChild(
-          el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
+        if (sent) {
+          sent.node.setAttribute("data-waiting-run", msg.run_id);
+          sent.node.appendChild(
+            el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
+        }
       } else if (msg.type === "run.created" || msg.type === "run.started") {
-        if (msg.type === "run.created" && asked.length && asked[0].kind === "send") asked.shift();
+        if (msg.type === "run.created" && asked.length && asked[0].kind === "send") {
+          asked.shift().node.setAttribute("data-waiting-run", msg.run_id);
+        }
         root.setAttribute("data-active-run", msg.run_id);
         run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
         save();
@@ -329,7 +350,7 @@
       } else if (msg.type === "live") {
         status(running ? "Replying\u2026" : "");
       } else if (msg.type === "run.ended") {
-        endRun({ status: msg.status });
+        endRun({ status: msg.status }, msg.run_id);
       } else if (msg.type === "error") {
         onError(msg);
       } else if (msg.type === "revoked") {
