@@ -138,8 +138,9 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
-def entry_for(item: Item) -> Entry | None:
-    """How an item (SDK Responses format) is shown; None for items the user does not see."""
+def entry_for(item: Item, *, handoffs: dict[Any, str] | None = None) -> Entry | None:
+    """How an item (SDK Responses format) is shown; None for items the user does not see.
+    `handoffs` names the agent each handoff call (by call id) went to, from its result."""
     data = item.data if isinstance(item.data, dict) else {}
     kind, role = data.get("type"), data.get("role")
     base: dict[str, Any] = {"id": item.pk, "run_id": item.run_id}
@@ -154,7 +155,8 @@ def entry_for(item: Item) -> Entry | None:
     if kind == "function_call":
         name = str(data.get("name", ""))
         if name.startswith("transfer_to_"):
-            target = name.removeprefix("transfer_to_").replace("_", " ")
+            target = (handoffs or {}).get(data.get("call_id"))
+            target = target or name.removeprefix("transfer_to_").replace("_", " ")
             return Entry(kind="handoff", title=f"Handed off to {target}", **base)
         return Entry(
             kind="tool_call", title=name, detail=_pretty(data.get("arguments", "")), **base
@@ -166,8 +168,41 @@ def entry_for(item: Item) -> Entry | None:
     return Entry(kind="other", title=str(kind or role or "item"), detail=_pretty(data), **base)
 
 
+def _handoff_result(data: dict[str, Any]) -> str | None:
+    """The agent a handoff's saved result names (the SDK's `{"assistant": "<agent name>"}`)."""
+    if data.get("type") != "function_call_output":
+        return None
+    output = data.get("output")
+    try:
+        value = json.loads(output) if isinstance(output, str) else output
+    except ValueError:
+        return None
+    if isinstance(value, dict) and list(value) == ["assistant"]:
+        name = value["assistant"]
+        return name if isinstance(name, str) and name else None
+    return None
+
+
 def _entries(items: list[Item]) -> list[Entry]:
-    return [e for e in (entry_for(i) for i in items) if e is not None]
+    """The items as shown. A handoff is saved as a `transfer_to_<agent>` call and a result that
+    names the agent: one step, named from the result (the call's name is lower-cased)."""
+    calls: dict[Any, str] = {}
+    for item in items:
+        data = item.data if isinstance(item.data, dict) else {}
+        if data.get("type") == "function_call":
+            calls[data.get("call_id")] = str(data.get("name", ""))
+    handoffs: dict[Any, str] = {}
+    results: set[int] = set()
+    for item in items:
+        data = item.data if isinstance(item.data, dict) else {}
+        target = _handoff_result(data)
+        call = calls.get(data.get("call_id"))
+        # A result whose call is on an older page is a handoff's too: that page shows the step.
+        if target is not None and (call is None or call.startswith("transfer_to_")):
+            results.add(item.pk)
+            handoffs[data.get("call_id")] = target
+    shown = (entry_for(i, handoffs=handoffs) for i in items if i.pk not in results)
+    return [e for e in shown if e is not None]
 
 
 def item_page(

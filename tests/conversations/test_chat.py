@@ -233,6 +233,28 @@ def test_thread_page_renders_history_with_steps_and_sanitised_markdown(world_a, 
     assert 'data-ws-url="/ws/t/acme/chat/' in text and "js/chat.js" in text
 
 
+def test_a_handoff_shows_as_one_step_named_after_the_agent(world_a, chat):
+    for data in (
+        {"role": "user", "content": "I was charged twice"},
+        {"type": "function_call", "name": "transfer_to_billing_team", "call_id": "call_h",
+         "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_h",
+         "output": '{"assistant": "Billing Team"}'},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Billing here."}]},
+    ):  # fmt: skip
+        Item.objects.create(tenant=world_a.tenant, thread=chat.mine, data=data)
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+    newer = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": 0}
+    ).content.decode()
+    for text in (page, newer):
+        assert text.count("Handed off to") == 1 and "Handed off to Billing Team" in text
+        assert "Tool result" not in text and "&quot;assistant&quot;" not in text
+        assert "Billing here." in text
+
+
 def test_load_earlier_pages_back_by_item_id(world_a, chat):
     Item.objects.bulk_create(
         Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:02}"})
