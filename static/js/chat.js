@@ -16,6 +16,7 @@
   var strategyEl = document.getElementById("chat-strategy");
   var wsPath = root.getAttribute("data-ws-url");
   var itemsUrl = root.getAttribute("data-items-url");
+  var homeUrl = root.getAttribute("data-home-url") || "/";
   var KEY = "chat:" + wsPath;
 
   var ws = null;
@@ -355,8 +356,16 @@
         onError(msg);
       } else if (msg.type === "revoked") {
         closedForGood = true;
-        status("Your access to this tenant has ended (" + (msg.reason || "") + ").", "error");
-        setTimeout(function () { location.href = "/"; }, 2500);
+        run = null;
+        save();
+        if (msg.reason === "thread deleted") {
+          // Deleted here or in another tab: back to the tenant's chat, where the others are.
+          status("This conversation was deleted.", "error");
+          setTimeout(function () { location.href = homeUrl; }, 2500);
+        } else {
+          status("Your access to this tenant has ended (" + (msg.reason || "") + ").", "error");
+          setTimeout(function () { location.href = "/"; }, 2500);
+        }
       }
     };
     ws.onclose = function (ev) {
