@@ -14,6 +14,7 @@
   var stopBtn = document.getElementById("chat-stop");
   var statusEl = document.getElementById("chat-status");
   var strategyEl = document.getElementById("chat-strategy");
+  var announceEl = document.getElementById("chat-announce");
   var wsPath = root.getAttribute("data-ws-url");
   var itemsUrl = root.getAttribute("data-items-url");
   var homeUrl = root.getAttribute("data-home-url") || "/";
@@ -102,6 +103,7 @@
     if (!bubble) {
       var wrap = el("div", "msg msg-assistant msg-pending");
       wrap.setAttribute("data-pending", "");
+      wrap.setAttribute("aria-busy", "true"); // still being written
       if (agent) wrap.appendChild(el("div", "msg-agent muted small", agent));
       bubble = el("div", "bubble");
       wrap.appendChild(bubble);
@@ -148,7 +150,11 @@
     // Steps the server already rendered from saved items are not drawn twice.
     var saved = log.querySelector('[data-run-id="' + run.id + '"]') !== null;
     (run.steps || []).forEach(function (s) {
-      if (s.kind === "text") { bubble = null; pendingBubble(s.agent).textContent = s.text; }
+      if (s.kind === "text") {
+        bubble = null;
+        pendingBubble(s.agent).textContent = s.text;
+        if (s.done) bubble.parentNode.removeAttribute("aria-busy");
+      }
       else if (!saved) addStep(s);
     });
     scrollDown();
@@ -263,7 +269,10 @@
       case "message.completed":
         var cur = run.steps[run.steps.length - 1];
         if (cur && cur.kind === "text") cur.done = true;
+        if (bubble && bubble.parentNode) bubble.parentNode.removeAttribute("aria-busy");
         bubble = null;
+        // Read out once, whole (the log itself is not a live region).
+        if (announceEl) announceEl.textContent = (ev.agent ? ev.agent + ": " : "") + (ev.text || "");
         break;
       case "tool.started":
         var step = { kind: "tool", call_id: ev.call_id, tool: ev.tool, arguments: ev.arguments };

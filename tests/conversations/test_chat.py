@@ -133,6 +133,19 @@ def test_chat_home_shows_published_agents_and_only_my_threads(
     ), "every member has the Chat link"
 
 
+def test_screen_readers_hear_which_thread_a_button_acts_on_and_each_reply_once(world_a, chat):
+    _thread(world_a, world_a.member, chat.agent)
+    client = world_a.client_for(world_a.member)
+    home = client.get(_url("chat-home", world_a)).content.decode()
+    assert 'aria-label="Rename “My trip to Lisbon”"' in home
+    assert 'aria-label="Delete “My trip to Lisbon”"' in home
+    assert 'aria-label="Delete “Untitled conversation”"' in home
+    page = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+    log = page[page.index('id="chat-log"') :].split(">", 1)[0]
+    assert "aria-live" not in log, "streamed pieces and reloads are not read out"
+    assert 'id="chat-announce" aria-live="polite"' in page
+
+
 def test_chat_home_empty_states(world_a):
     text = world_a.client_for(world_a.member).get(_url("chat-home", world_a)).content.decode()
     assert "No agent is published yet" in text and "No conversations yet" in text
