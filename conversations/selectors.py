@@ -144,6 +144,9 @@ def entry_for(item: Item, *, handoffs: dict[Any, str] | None = None) -> Entry | 
     data = item.data if isinstance(item.data, dict) else {}
     kind, role = data.get("type"), data.get("role")
     base: dict[str, Any] = {"id": item.pk, "run_id": item.run_id}
+    if kind in ("function_call", "function_call_output"):
+        # The page skips a replayed tool step it already shows (static/js/chat.js).
+        base["extra"] = {"call_id": str(data.get("call_id") or "")}
     if role == "user":
         return Entry(kind="user", html=markdown.render_plain(_text_of(data.get("content"))), **base)
     if role == "assistant" and kind in (None, "message"):

@@ -143,19 +143,42 @@
     }
   }
 
+  // The run saves each turn's items while it goes on, and the server renders them: a page
+  // opened or refreshed mid-reply already shows part of what the run's stream replays from its
+  // start. Such a step is not drawn again: a tool call whose call id the page shows, and the
+  // run's first messages and handoffs, as many as the page shows of that run.
+  function shownCall(callId) {
+    var steps = log.querySelectorAll("[data-call-id]:not([data-pending])");
+    for (var i = 0; i < steps.length; i++) {
+      if (steps[i].getAttribute("data-call-id") === callId) return true;
+    }
+    return false;
+  }
+  function isSaved(step) {
+    if (step.kind === "tool") return !!step.call_id && shownCall(step.call_id);
+    var before = 0;
+    for (var i = 0; i < run.steps.length && run.steps[i] !== step; i++) {
+      if (run.steps[i].kind === step.kind) before++;
+    }
+    var cls = step.kind === "text" ? ".msg-assistant" : ".step-handoff";
+    return before < log.querySelectorAll(cls + ':not([data-pending])[data-run-id="' + run.id + '"]').length;
+  }
+
+  function drawText(s, agent) {
+    bubble = null;
+    pendingBubble(agent).textContent = s.text;
+    if (s.done) bubble.parentNode.removeAttribute("aria-busy");
+  }
+
   function redraw() {
     // After a refresh: what this tab had already shown of the running reply.
     if (!run) return;
     dropEmpty();
-    // Steps the server already rendered from saved items are not drawn twice.
-    var saved = log.querySelector('[data-run-id="' + run.id + '"]') !== null;
     (run.steps || []).forEach(function (s) {
-      if (s.kind === "text") {
-        bubble = null;
-        pendingBubble(s.agent).textContent = s.text;
-        if (s.done) bubble.parentNode.removeAttribute("aria-busy");
-      }
-      else if (!saved) addStep(s);
+      s.saved = isSaved(s);
+      if (s.saved) bubble = null;
+      else if (s.kind === "text") drawText(s, s.agent);
+      else addStep(s);
     });
     scrollDown();
   }
@@ -259,16 +282,29 @@
         if (!last || last.kind !== "text" || last.done) {
           last = { kind: "text", text: "", agent: ev.agent || "" };
           run.steps.push(last);
+          last.saved = isSaved(last);
           bubble = null;
         }
         last.text += ev.text || "";
-        pendingBubble(ev.agent !== lastAgent ? ev.agent : null).textContent = last.text;
+        if (!last.saved) pendingBubble(ev.agent !== lastAgent ? ev.agent : null).textContent = last.text;
         lastAgent = ev.agent;
         status("");
         break;
       case "message.completed":
         var cur = run.steps[run.steps.length - 1];
-        if (cur && cur.kind === "text") cur.done = true;
+        if (cur && cur.kind === "text" && !cur.done) {
+          // The whole message: its first deltas may have been trimmed from a long stream.
+          if (typeof ev.text === "string") cur.text = ev.text;
+          if (!cur.saved && bubble) bubble.textContent = cur.text;
+        } else {
+          // A message none of whose deltas were read: drawn whole.
+          cur = { kind: "text", text: ev.text || "", agent: ev.agent || "" };
+          run.steps.push(cur);
+          cur.saved = isSaved(cur);
+          if (!cur.saved) { drawText(cur, ev.agent !== lastAgent ? ev.agent : null); dropEmpty(); }
+          lastAgent = ev.agent;
+        }
+        cur.done = true;
         if (bubble && bubble.parentNode) bubble.parentNode.removeAttribute("aria-busy");
         bubble = null;
         // Read out once, whole (the log itself is not a live region).
@@ -277,7 +313,9 @@
       case "tool.started":
         var step = { kind: "tool", call_id: ev.call_id, tool: ev.tool, arguments: ev.arguments };
         run.steps.push(step);
-        addStep(step);
+        step.saved = isSaved(step);
+        if (step.saved) bubble = null;
+        else addStep(step);
         break;
       case "tool.finished":
         run.steps.forEach(function (s) { if (s.call_id === ev.call_id) s.output = ev.output; });
@@ -286,7 +324,9 @@
       case "handoff":
         var hs = { kind: "handoff", from: ev.from_agent, to: ev.to_agent };
         run.steps.push(hs);
-        addStep(hs);
+        hs.saved = isSaved(hs);
+        if (hs.saved) bubble = null;
+        else addStep(hs);
         break;
       case "guardrail.tripped":
         status("A guardrail stopped the reply: " + (ev.message || ""), "error");
