@@ -24,7 +24,13 @@ from ai_agents import forms, selectors, services
 from ai_agents.config import diff
 from ai_agents.models import Agent, AgentVersion, PlaygroundRun, VersionState
 from ai_agents.runtime import execute
-from controlplane.errors import Conflict, NotFound, Unavailable, ValidationFailed
+from controlplane.errors import (
+    Conflict,
+    NotFound,
+    QuotaExceeded,
+    Unavailable,
+    ValidationFailed,
+)
 from tenants.forms import apply_domain_errors
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
@@ -254,6 +260,7 @@ def agent_playground(request: TenantRequest, agent_id: UUID) -> HttpResponse:
     agent = selectors.agent_get(tenant=request.tenant, agent_id=agent_id)
     form = forms.PlaygroundForm(request.POST)
     run = None
+    status = 422
     if form.is_valid():
         try:
             kept = services.playground_run(
@@ -266,13 +273,16 @@ def agent_playground(request: TenantRequest, agent_id: UUID) -> HttpResponse:
             form.add_error("message", exc.fields.get("input", exc.message))
         except Conflict as exc:
             form.add_error(None, exc.message)
+        except QuotaExceeded as exc:  # the monthly budget is used up, or a rate limit
+            form.add_error(None, exc.message)
+            status = exc.status
         else:
             run = _run_summary(kept)
     if request.htmx:
         working = selectors.working_version(tenant=request.tenant, agent=agent)
         context = {"agent": agent, "playground": form, "run": run, "working": working}
         return render(request, "agents/agent_detail.html#playground", context)
-    return _editor_page(request, agent, playground=form, run=run, status=200 if run else 422)
+    return _editor_page(request, agent, playground=form, run=run, status=200 if run else status)
 
 
 # --- Versions ---------------------------------------------------------------------------------

@@ -581,6 +581,25 @@ def test_the_playground_needs_a_message(world_a, owner):
     assert _play(owner, agent, "", htmx=False).status_code == 422
 
 
+def test_the_playground_says_the_monthly_budget_is_used_up(world_a, owner):
+    from usage import services as usage_services
+
+    usage_services.budget_set(
+        tenant=world_a.tenant, actor=world_a.actor(), token_limit=1, cost_limit=None,
+        warn_percent=80,
+    )  # fmt: skip
+    agent = _agent(world_a)
+    assert _play(owner, agent, "Hello").context["run"]["status"] == "success"  # now over
+    response = _play(owner, agent, "Hello again")
+    assert response.status_code == 200 and response.context["run"] is None
+    page = response.content.decode()
+    assert "This workspace has used its monthly budget" in page
+    assert "An owner can raise it in Settings." in page
+    whole = _play(owner, agent, "Hello again", htmx=False)
+    assert whole.status_code == 402 and "<html" in whole.content.decode()
+    assert len(selectors.playground_run_list(tenant=world_a.tenant, agent=agent)) == 1
+
+
 def test_the_playground_without_htmx_renders_the_whole_page(world_a, owner):
     agent = _agent(world_a, "Support")
     response = _play(owner, agent, "Hello", htmx=False)
