@@ -379,8 +379,10 @@ def mcp_server_delete(*, tenant: Tenant, actor: Actor, server_id) -> None:
 
 def playground_run(*, tenant: Tenant, actor: Actor, agent_id, input: str) -> PlaygroundRun:
     """Run the agent's working version (its draft, else the live one) once and keep the result
-    with its trace. The model is called outside any transaction. Started with an API key, the
-    run counts against the key's run limit (RateLimited when it is reached)."""
+    with its trace. The model is called outside any transaction. A used-up monthly budget
+    refuses the run (BudgetExhausted) before any rate limit is counted. Started with an API key,
+    the run counts against the key's run limit (RateLimited when it is reached); a run that
+    raises before it is kept gives the slot back, like `conversations.services.run_create`."""
     _require_manager(actor)
     if not input.strip():
         raise ValidationFailed("Say something to the agent.", fields={"input": "Type a message."})
@@ -391,14 +393,15 @@ def playground_run(*, tenant: Tenant, actor: Actor, agent_id, input: str) -> Pla
     from ai_agents.runtime import execute  # the runtime builds on these services
     from usage import services as usage_services  # usage builds on agents' models
 
-    if actor.api_key is not None:  # a run started over the API counts against the key
-        limits.run_check(tenant=tenant, api_key=actor.api_key, source="api")
     usage_services.budget_check(tenant=tenant)  # a used-up monthly budget refuses test runs too
-    started = time.monotonic()
-    outcome = async_to_sync(execute.run_version)(tenant=tenant, version=version, input=input)
-    with transaction.atomic():
-        run = _playground_save(tenant, actor, agent, version, input, outcome, started)
-        usage_services.record_playground(tenant=tenant, actor=actor, run=run)
+    # A run started over the API counts against the key; one refused by the budget above was
+    # not counted, and one that raises before it is kept is taken back.
+    with limits.run_start(tenant=tenant, api_key=actor.api_key, source="api"):
+        started = time.monotonic()
+        outcome = async_to_sync(execute.run_version)(tenant=tenant, version=version, input=input)
+        with transaction.atomic():
+            run = _playground_save(tenant, actor, agent, version, input, outcome, started)
+            usage_services.record_playground(tenant=tenant, actor=actor, run=run)
     return run
 
 

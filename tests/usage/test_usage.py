@@ -275,6 +275,38 @@ def test_budget_warns_once_then_stops_new_runs_with_a_clear_message(setup, world
     services.run_create(tenant=world.tenant, end_user=member, thread_id=thread.pk, input="x")
 
 
+def test_draft_runs_refused_or_failing_give_the_keys_run_slot_back(setup, api_client, monkeypatch):
+    from ai_agents.runtime import execute
+    from tenants import services as tenant_services
+
+    world, _, agent, *_ = setup
+    tenant_services.api_key_limits_update(
+        tenant=world.tenant, actor=world.actor(), api_key_id=world.admin_key.pk,
+        requests_per_minute=None, runs_per_minute=1,
+    )  # fmt: skip
+    client = api_client(world.admin_key_raw)
+    url = f"/api/v1/agents/{agent.pk}/draft/run"
+
+    def draft_run():
+        return client.post(url, {"input": "hi"}, content_type="application/json")
+
+    _budget(world, token_limit=1)
+    _finished_run(world, agent, setup[3], [_call(inp=1, out=1)])
+    assert draft_run().status_code == 402  # refused by the budget: no run started
+    _budget(world, token_limit=None)
+
+    async def broken(**kwargs):
+        raise RuntimeError("the runtime broke")
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError):
+        patch.setattr(execute, "run_version", broken)
+        agent_services.playground_run(
+            tenant=world.tenant, actor=Actor(api_key=world.admin_key), agent_id=agent.pk, input="x"
+        )
+    assert draft_run().status_code == 200  # the key's one run of the minute
+    assert draft_run().status_code == 429
+
+
 def test_the_budget_counter_starts_again_next_month(setup, monkeypatch):
     world, _, agent, member, _ = setup
     _budget(world, cost_limit=Decimal("1.00"))
