@@ -13,6 +13,11 @@ PRICE_HELP = "US dollars per 1 million tokens."
 
 class PeriodForm(forms.Form):
     period = forms.ChoiceField(choices=list(PRESETS.items()), required=False)
+    # The period whose days the From/To fields showed when the form was drawn (hidden): the
+    # dates are a choice of their own only when they differ from that period's days.
+    shown = forms.ChoiceField(
+        choices=list(PRESETS.items()), required=False, widget=forms.HiddenInput
+    )
     since = forms.DateField(
         required=False, label="From", widget=forms.DateInput(attrs={"type": "date"})
     )

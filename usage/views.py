@@ -10,7 +10,7 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
-from django.http import Http404, HttpResponse
+from django.http import Http404, HttpResponse, QueryDict
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
@@ -44,9 +44,12 @@ def _period(request: TenantRequest) -> tuple[forms.PeriodForm, selectors.Period,
     if form.is_valid():
         data = form.cleaned_data
         preset, since, until = data["period"], data["since"], data["until"]
-        if preset and preset != "custom" and (since or until):
-            # The date fields show the preset's days; if they were changed, they are the choice.
-            shown = selectors.period_for(preset=preset)
+        # The form always sends the From/To dates along with the Period select. They are the
+        # choice only if they were changed from the days on screen (those of `shown`, else of
+        # the preset); otherwise the select is, so that picking a preset shows that preset.
+        on_screen = data["shown"] or preset
+        if preset and preset != "custom" and (since or until) and on_screen != "custom":
+            shown = selectors.period_for(preset=on_screen)
             if (since or shown.first, until or shown.last) != (shown.first, shown.last):
                 preset = "custom"
         try:
@@ -62,14 +65,23 @@ def _chart(request: TenantRequest, period: selectors.Period, by: str, metric: st
     return charts.stacked_bars(period.dates(), series, metric)
 
 
+def _period_query(period: selectors.Period) -> QueryDict:
+    """The query string that asks for `period` again: a preset by name (so a shared link to
+    "last 7 days" keeps moving), a custom period by its days."""
+    query = QueryDict(mutable=True)
+    query["period"] = period.preset
+    if period.preset == "custom":
+        query["since"], query["until"] = period.first.isoformat(), period.last.isoformat()
+    return query
+
+
 @tenant_view(manage=True)
 def usage_page(request: TenantRequest) -> HttpResponse:
     form, period, by, metric = _period(request)
-    query = request.GET.copy()
-    query.pop("fragment", None)
-    base = query.copy()
-    for key in ("by", "metric"):
-        base.pop(key, None)
+    # Links (the export, the chart's options) ask for the period shown, not the raw form.
+    base = _period_query(period)
+    query = base.copy()
+    query["by"], query["metric"] = by, metric
     context: dict[str, Any] = {
         "form": form,
         "period": period,

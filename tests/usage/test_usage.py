@@ -630,6 +630,39 @@ def test_changing_the_dates_on_the_page_makes_a_custom_period(used):
     assert old.context["totals"]["total_tokens"] == 0
 
 
+def test_picking_a_preset_shows_it_and_the_export_link_carries_it(used):
+    world, *_ = used
+    owner = world.client_for(world.owner)
+    url = f"/t/{world.tenant.slug}/usage/"
+    today = datetime.now(UTC).date()
+    first = today.replace(day=1)
+    # What the browser sends after "This month" is switched to "Last month" in the select: the
+    # From/To fields still hold this month's days.
+    picked = owner.get(
+        f"{url}?period=last_month&shown=this_month&since={first}&until={today}"
+        "&by=agent&metric=total_tokens"
+    )
+    assert picked.context["period"].preset == "last_month"
+    assert 'name="shown" value="this_month"' in owner.get(url).content.decode()
+    assert picked.context["totals"]["total_tokens"] == 0
+    html = picked.content.decode()
+    assert 'name="shown" value="last_month"' in html
+    export = html.split("/usage/export.csv", 1)[1].split('"', 1)[0]
+    assert export.startswith("?period=last_month&amp;by=agent") and "since" not in export
+    csv_body = owner.get(url + "export.csv" + export.replace("&amp;", "&")).streaming_content
+    assert len(b"".join(csv_body).decode().splitlines()) == 1  # last month: the header only
+    # Dates changed while a preset was on screen are a period of their own...
+    custom = owner.get(f"{url}?period=last_month&shown=last_month&since={today}&until={today}")
+    assert custom.context["period"].preset == "custom"
+    assert custom.context["totals"]["total_tokens"] == 2210
+    assert f"export.csv?period=custom&amp;since={today}&amp;until={today}" in (
+        custom.content.decode()
+    )
+    # ...and a preset picked while custom dates were on screen is that preset.
+    back = owner.get(f"{url}?period=this_month&shown=custom&since={today}&until={today}")
+    assert back.context["period"].preset == "this_month"
+
+
 def test_the_chart_stacks_each_days_groups_on_round_gridlines():
     from datetime import date
 
