@@ -243,6 +243,11 @@ def period_for(
         else:
             first = since or (until or today).replace(day=1)
             last = until or today
+            if last >= date.max:  # the period ends at midnight after `last`: past the calendar
+                raise ValidationFailed(
+                    "The period ends too late.",
+                    fields={"until": f"Pick a day before {date.max.isoformat()}."},
+                )
             if last < first:
                 raise ValidationFailed(
                     "The period ends before it starts.",

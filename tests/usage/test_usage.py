@@ -535,6 +535,21 @@ def test_the_usage_api_groups_over_a_range(used, api_client, world_b):
     assert theirs["totals"]["total_tokens"] == 0 and theirs["groups"] == []
 
 
+def test_a_period_at_the_end_of_the_calendar_is_a_clear_error(used, api_client):
+    world, *_ = used
+    far = "since=9999-12-31&until=9999-12-31"
+    read = api_client(world.read_key_raw)
+    for path in ("/api/v1/usage", "/api/v1/usage/records"):
+        response = read.get(f"{path}?{far}")
+        assert response.status_code == 422, path
+        assert response.json()["metadata"]["fields"] == {"until": "Pick a day before 9999-12-31."}
+    owner = world.client_for(world.owner)
+    page = owner.get(f"/t/{world.tenant.slug}/usage/?period=custom&{far}")
+    assert page.status_code == 200 and "Pick a day before 9999-12-31." in page.content.decode()
+    export = owner.get(f"/t/{world.tenant.slug}/usage/export.csv?period=custom&{far}")
+    assert export.status_code == 400 and b"until: Pick a day before 9999-12-31." in export.content
+
+
 # --- End to end, and the cost on the hot path -----------------------------------------------------
 
 
