@@ -11,7 +11,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import connection
-from django.db.models import Count, F, Q, QuerySet, Sum
+from django.db.models import Case, Count, F, Q, QuerySet, Sum, Value, When
 from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
@@ -315,10 +315,12 @@ def usage_totals(*, tenant: Tenant, period: Period) -> dict[str, Any]:
     )
 
 
-# Per group: the columns that identify a row, and how to label it.
+# Per group: the columns that identify a row, and how to label it. An agent is one group
+# however often it was renamed (records keep the name it had at the time), labelled with its
+# name now; the records of a deleted agent (agent_id NULL) are grouped by the name they kept.
 _GROUP_FIELDS: dict[str, list[str]] = {
     "day": ["day"],
-    "agent": ["agent_id", "agent_name"],
+    "agent": ["agent_id", "deleted_agent", "agent__name"],
     "model": ["model", "provider_name"],
     "end_user": [
         "end_user_id",
@@ -335,9 +337,10 @@ def _label(group: str, row: dict[str, Any]) -> tuple[str, str]:
     if group == "day":
         return row["day"].isoformat(), row["day"].isoformat()
     if group == "agent":
-        key = str(row["agent_id"] or "")
-        name = row["agent_name"] or "(deleted agent)"
-        return key, name if row["agent_id"] else f"{name} (deleted)"
+        if row["agent_id"] is not None:
+            return str(row["agent_id"]), row["agent__name"]
+        name = row["deleted_agent"]
+        return f"deleted:{name}", f"{name or '(unnamed agent)'} (deleted)"
     if group == "model":
         provider = row["provider_name"]
         label = "offline (built-in)" if provider == "builtin" else row["model"]
@@ -363,6 +366,10 @@ def _grouped(qs: QuerySet[UsageRecord], group: str) -> Any:  # a values() querys
         raise ValidationFailed("Unknown grouping.", fields={"group_by": f"One of {list(GROUPS)}."})
     if group == "day":
         qs = qs.annotate(day=TruncDate("created_at", tzinfo=UTC))
+    if group == "agent":
+        qs = qs.annotate(
+            deleted_agent=Case(When(agent_id__isnull=True, then=F("agent_name")), default=Value(""))
+        )
     return qs.values(*_GROUP_FIELDS[group])
 
 

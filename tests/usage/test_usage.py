@@ -550,6 +550,46 @@ def test_a_period_at_the_end_of_the_calendar_is_a_clear_error(used, api_client):
     assert export.status_code == 400 and b"until: Pick a day before 9999-12-31." in export.content
 
 
+def test_a_renamed_agent_is_one_group_and_deleted_agents_stay_apart(setup, api_client):
+    from usage import selectors
+
+    world, _, agent, member, _ = setup
+    actor = world.actor()
+    _finished_run(world, agent, member, [_call(inp=1000, out=0)])
+    agent_services.agent_update(
+        tenant=world.tenant, actor=actor, agent_id=agent.pk, name="Helper v2", description=""
+    )
+    _finished_run(world, agent, member, [_call(inp=500, out=0)])
+    for name, tokens in (("Old bot", 30), ("Older bot", 20)):  # agents deleted since
+        UsageRecord.objects.create(
+            tenant=world.tenant, source="chat", agent=None, agent_name=name, model="gpt-4o",
+            input_tokens=tokens, total_tokens=tokens,
+        )  # fmt: skip
+
+    period = selectors.period_for()
+    series = selectors.usage_series(
+        tenant=world.tenant, period=period, group="agent", metric="total_tokens"
+    )
+    assert [(s.label, sum(s.values)) for s in series] == [
+        ("Helper v2", 1500),  # counted once, under its name now
+        ("Old bot (deleted)", 30),
+        ("Older bot (deleted)", 20),
+    ]
+    groups = api_client(world.read_key_raw).get("/api/v1/usage?group_by=agent").json()["groups"]
+    assert [(g["key"], g["label"], g["total_tokens"]) for g in groups] == [
+        (str(agent.pk), "Helper v2", 1500),
+        ("deleted:Old bot", "Old bot (deleted)", 30),
+        ("deleted:Older bot", "Older bot (deleted)", 20),
+    ]
+    page = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/")
+    (agents,) = [rows for label, rows in page.context["tables"] if label == "Agents"]
+    assert [(r["label"], r["total_tokens"]) for r in agents] == [
+        ("Helper v2", 1500),
+        ("Old bot (deleted)", 30),
+        ("Older bot (deleted)", 20),
+    ]
+
+
 # --- End to end, and the cost on the hot path -----------------------------------------------------
 
 
