@@ -13,6 +13,7 @@ from ninja import Field, Query, Router, Schema, Status
 from tenants.auth import require_scope
 from tenants.requests import ApiRequest
 from usage import export, selectors, services
+from usage.models import COST_LIMIT_MAX, TOKEN_LIMIT_MAX
 
 router = Router(tags=["usage"])
 
@@ -82,9 +83,16 @@ class PriceIn(Schema):
 
 
 class BudgetIn(Schema):
-    token_limit: int | None = Field(None, ge=1, description="Tokens per month; null: no limit")
+    token_limit: int | None = Field(
+        None, ge=1, le=TOKEN_LIMIT_MAX, description="Tokens per month; null: no limit"
+    )
     cost_limit: Decimal | None = Field(
-        None, gt=0, max_digits=14, decimal_places=2, description="USD per month; null: no limit"
+        None,
+        gt=0,
+        le=COST_LIMIT_MAX,
+        max_digits=14,
+        decimal_places=2,
+        description="USD per month; null: no limit",
     )
     warn_percent: int = Field(80, ge=1, le=100)
 

@@ -6,6 +6,7 @@ from decimal import Decimal
 
 from django import forms
 
+from usage.models import COST_LIMIT_MAX, TOKEN_LIMIT_MAX
 from usage.selectors import GROUPS, PRESETS
 
 PRICE_HELP = "US dollars per 1 million tokens."
@@ -78,12 +79,14 @@ class BudgetForm(forms.Form):
     token_limit = forms.IntegerField(
         required=False,
         min_value=1,
+        max_value=TOKEN_LIMIT_MAX,
         label="Tokens per month",
         help_text="Empty: no token limit.",
     )
     cost_limit = forms.DecimalField(
         required=False,
         min_value=Decimal("0.01"),
+        max_value=COST_LIMIT_MAX,
         max_digits=14,
         decimal_places=2,
         label="Cost per month (USD)",

@@ -7,6 +7,7 @@ Amounts are US dollars as `Decimal`, prices per one million tokens.
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from django.db import models
 from django.db.models import Q
@@ -131,6 +132,11 @@ class UsageRecord(TenantOwned):
             models.Index(fields=["tenant", "agent", "created_at"], name="usage_agent_time"),
             models.Index(fields=["tenant", "end_user", "created_at"], name="usage_enduser_time"),
         ]
+
+
+# The largest limits the budget's columns hold: a bigint, and 14 digits with 2 for the cents.
+TOKEN_LIMIT_MAX = 2**63 - 1
+COST_LIMIT_MAX = Decimal("999999999999.99")
 
 
 class Budget(TenantOwned):

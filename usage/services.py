@@ -24,7 +24,15 @@ from tenants.audit import audit_changes, audit_record, changes
 from tenants.models import Tenant
 from usage import catalog, selectors
 from usage.errors import BudgetExhausted
-from usage.models import Budget, ModelPrice, MonthlyUsage, UsageRecord, UsageSource
+from usage.models import (
+    COST_LIMIT_MAX,
+    TOKEN_LIMIT_MAX,
+    Budget,
+    ModelPrice,
+    MonthlyUsage,
+    UsageRecord,
+    UsageSource,
+)
 
 if TYPE_CHECKING:
     from ai_agents.models import PlaygroundRun
@@ -321,9 +329,15 @@ def budget_set(
     fields: dict[str, str] = {}
     if token_limit is not None and token_limit < 1:
         fields["token_limit"] = "At least 1 token, or empty for no token limit."  # noqa: S105
-    if cost_limit is not None and cost_limit <= 0:
+    if token_limit is not None and token_limit > TOKEN_LIMIT_MAX:
+        fields["token_limit"] = f"At most {TOKEN_LIMIT_MAX:,} tokens, or empty for no token limit."
+    if cost_limit is not None and not cost_limit.is_finite():
+        fields["cost_limit"] = "An amount in dollars, or empty for no cost limit."
+    elif cost_limit is not None and cost_limit <= 0:
         fields["cost_limit"] = "More than $0, or empty for no cost limit."
-    if cost_limit is not None and cost_limit.as_tuple().exponent < -2:  # type: ignore[operator]
+    elif cost_limit is not None and cost_limit > COST_LIMIT_MAX:
+        fields["cost_limit"] = f"At most ${COST_LIMIT_MAX:,}, or empty for no cost limit."
+    elif cost_limit is not None and cost_limit.as_tuple().exponent < -2:  # type: ignore[operator]
         fields["cost_limit"] = "Dollars and cents: at most two decimal places."
     if not 1 <= warn_percent <= 100:
         fields["warn_percent"] = "A percentage from 1 to 100."

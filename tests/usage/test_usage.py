@@ -14,6 +14,7 @@ from django.utils import timezone
 
 from ai_agents import services as agent_services
 from ai_agents.runtime.execute import RunOutcome
+from controlplane.errors import ValidationFailed
 from conversations import executor, services
 from conversations.models import Run
 from tenants.actors import Actor
@@ -356,6 +357,36 @@ def test_budget_is_validated_and_changed_only_by_owners(setup, api_client):
     )
     assert ok.status_code == 200
     assert ok.json()["cost_limit"] == "25.00" and ok.json()["token_limit"] is None
+
+
+def test_budget_limits_beyond_what_is_stored_are_field_errors(setup, api_client):
+    world, *_ = setup
+    url = f"/t/{world.tenant.slug}/settings/budget/"
+    owner = world.client_for(world.owner)
+    huge = owner.post(url, {"token_limit": str(10**19), "cost_limit": "1e13", "warn_percent": "80"})
+    assert huge.status_code == 200
+    assert set(huge.context["form"].errors) == {"token_limit", "cost_limit"}
+    assert (
+        "less than or equal to 9223372036854775807" in huge.context["form"].errors["token_limit"][0]
+    )
+    most = {"token_limit": str(2**63 - 1), "cost_limit": "999999999999.99", "warn_percent": "80"}
+    assert owner.post(url, most).status_code == 302
+
+    write = api_client(world.admin_key_raw)
+    body = json.dumps({"token_limit": 10**19, "cost_limit": "10000000000000", "warn_percent": 80})
+    refused = write.put("/api/v1/budget", body, content_type="application/json")
+    assert refused.status_code == 422
+    assert set(refused.json()["metadata"]["fields"]) == {"token_limit", "cost_limit"}
+    body = json.dumps({"token_limit": 2**63 - 1, "cost_limit": "999999999999.99"})
+    ok = write.put("/api/v1/budget", body, content_type="application/json")
+    assert ok.status_code == 200 and ok.json()["token_limit"] == 2**63 - 1
+
+    with pytest.raises(ValidationFailed) as invalid:
+        _budget(world, token_limit=2**63, cost_limit=Decimal("1e12"))
+    assert invalid.value.fields == {
+        "token_limit": "At most 9,223,372,036,854,775,807 tokens, or empty for no token limit.",
+        "cost_limit": "At most $999,999,999,999.99, or empty for no cost limit.",
+    }
 
 
 # --- Prices: dashboard and API --------------------------------------------------------------------
