@@ -11,6 +11,7 @@ from ninja.errors import AuthenticationError, HttpError
 from ninja.errors import ValidationError as NinjaValidationError
 
 from controlplane.errors import DomainError, envelope
+from controlplane.middleware import unavailable_response
 from tenants.auth import ApiKeyAuth
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ def on_http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
 
 @api.exception_handler(Exception)
 def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    unavailable = unavailable_response(request, exc)  # Redis down: 503 + Retry-After, as pages
+    if unavailable is not None:
+        return unavailable
     log.exception("unhandled error in %s %s", request.method, request.path)
     return _error(request, 500, "internal_error", "Something went wrong on our side.")
 

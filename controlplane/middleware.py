@@ -48,18 +48,25 @@ class DependencyUnavailableMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request: HttpRequest, exception: Exception) -> HttpResponse | None:
-        if not _unavailable(exception):
-            return None
-        log.warning("%s %s: Redis is unavailable: %s", request.method, request.path, exception)
-        response: HttpResponse
-        if request.path.startswith("/api/"):
-            response = JsonResponse(envelope("unavailable", MESSAGE), status=503)
-        else:
-            response = render(
-                request,
-                "errors/error.html",
-                {"title": "Back in a moment", "message": MESSAGE},
-                status=503,
-            )
-        response["Retry-After"] = str(RETRY_AFTER_SECONDS)
-        return response
+        return unavailable_response(request, exception)
+
+
+def unavailable_response(request: HttpRequest, exception: BaseException) -> HttpResponse | None:
+    """The 503 (with Retry-After) for an error caused by Redis being unreachable, else None.
+    Pages get it from the middleware; the API's catch-all handler asks here first, since
+    django-ninja handles an endpoint's exceptions before any middleware sees them."""
+    if not _unavailable(exception):
+        return None
+    log.warning("%s %s: Redis is unavailable: %s", request.method, request.path, exception)
+    response: HttpResponse
+    if request.path.startswith("/api/"):
+        response = JsonResponse(envelope("unavailable", MESSAGE), status=503)
+    else:
+        response = render(
+            request,
+            "errors/error.html",
+            {"title": "Back in a moment", "message": MESSAGE},
+            status=503,
+        )
+    response["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return response

@@ -52,6 +52,31 @@ def test_the_api_answers_redis_failures_with_its_error_envelope(rf, error):
     assert body["code"] == "unavailable" and "try again" in body["message"]
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.exceptions.ConnectionError("Connection refused"),
+        redis.exceptions.TimeoutError("Timeout reading from socket"),
+        StreamUnavailable("The event stream of run x is unavailable"),
+    ],
+)
+def test_an_api_endpoint_that_hits_a_redis_failure_answers_503(world_a, monkeypatch, error):
+    from usage import selectors
+
+    def down(**kwargs):
+        raise error
+
+    monkeypatch.setattr(selectors, "price_list", down)
+    client = Client(
+        HTTP_AUTHORIZATION=f"Bearer {world_a.read_key_raw}", raise_request_exception=False
+    )
+    response = client.get("/api/v1/prices")
+    assert response.status_code == 503 and response["Retry-After"] == "5"
+    assert response.json()["code"] == "unavailable"
+    monkeypatch.setattr(selectors, "price_list", lambda **kwargs: 1 / 0)
+    assert client.get("/api/v1/prices").status_code == 500  # a bug is still a 500
+
+
 def test_other_errors_are_left_to_the_500_handler(rf):
     middleware = DependencyUnavailableMiddleware(lambda request: None)  # type: ignore[arg-type,return-value]
     assert middleware.process_exception(rf.get("/api/v1/threads"), ValueError("bug")) is None
