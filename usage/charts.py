@@ -21,13 +21,24 @@ WIDTH, HEIGHT = 760, 240
 LEFT, RIGHT, TOP, BOTTOM = 64, 8, 10, 26
 
 
+COST_PLACES = Decimal("1e-8")  # costs are kept to 8 decimal places
+
+
+def sub_cent(value: Decimal) -> str:
+    """An amount below a cent with the digits it has: $0.0042, $0.0000004 (never "$0.")."""
+    kept = value.quantize(COST_PLACES)  # a float's binary tail is not a digit of the cost
+    if not kept:
+        return "$0" if not value else "less than $0.00000001"
+    return f"${kept.normalize():f}"
+
+
 def amount(value: Any, metric: str) -> str:
     """Tokens as 1.2k / 3.4M, cost in dollars with the cents (or more digits below a cent)."""
     if metric == "cost":
         v = Decimal(value)
         if v == 0:
             return "$0"
-        return f"${v:,.2f}" if abs(v) >= Decimal("0.01") else f"${v:.6f}".rstrip("0")
+        return f"${v:,.2f}" if abs(v) >= Decimal("0.01") else sub_cent(v)
     n = float(value)
     for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= size:

@@ -8,6 +8,8 @@ from typing import Any
 
 from django import template
 
+from usage.charts import sub_cent
+
 register = template.Library()
 
 
@@ -49,7 +51,7 @@ def cost(value: Decimal | float | None) -> str:
     if amount == 0:
         return "$0"
     if amount < Decimal("0.01"):
-        return f"${amount.normalize():f}"
+        return sub_cent(amount)
     return (
         f"${amount:.2f}" if amount >= 1 else f"${amount.quantize(Decimal('0.0001')).normalize():f}"
     )

@@ -768,6 +768,21 @@ def test_the_chart_stacks_each_days_groups_on_round_gridlines():
     assert charts.stacked_bars(days, [Series("a", "A", [0, 0])], "cost").empty
 
 
+def test_costs_below_a_cent_show_their_digits(setup):
+    from usage import charts
+
+    assert charts.amount(Decimal("0.0000004"), "cost") == "$0.0000004"
+    assert charts.amount(Decimal("0.00420000"), "cost") == "$0.0042"
+    assert charts.amount(0.0025, "cost") == "$0.0025"  # a gridline: a float
+    assert charts.amount(Decimal("1234.5"), "cost") == "$1,234.50"
+    world, _, agent, member, _ = setup
+    _price(world, "gpt-4o", inp="0.4", out="0")
+    _finished_run(world, agent, member, [_call(inp=1, out=0)])
+    page = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/")
+    html = page.content.decode()
+    assert html.count("$0.0000004") >= 2 and "$0.<" not in html  # totals and the tables
+
+
 def test_price_lists_cost_the_same_queries_for_many_prices(
     setup, api_client, django_assert_max_num_queries
 ):
