@@ -466,7 +466,7 @@ def finish(
     run.total_tokens = usage.get("total_tokens", 0)
     run.finished_at = now = timezone.now()
     run.lease_owner, run.lease_expires_at = "", None
-    records = usage_services.price_run(run, outcome.trace)  # sets run.cost; writes nothing
+    records = usage_services.price_run(run, outcome.trace)  # sets the cost; writes nothing
     with transaction.atomic():
         fenced, following = _write_outcome(held, run, now)
         if not fenced:
@@ -487,6 +487,7 @@ _OUTCOME_FIELDS = (
     "output_tokens",
     "total_tokens",
     "cost",
+    "unpriced_tokens",
     "finished_at",
     "lease_owner",
     "lease_expires_at",

@@ -233,11 +233,12 @@ def record_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
 
 
 def price_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
-    """The usage records of the run's model calls, priced, and `run.cost` set; nothing is
+    """The usage records of the run's model calls, priced, and `run.cost` (of the priced
+    calls) and `run.unpriced_tokens` (of the calls without a price) set; nothing is
     written (one query, the prices, and none when no priced model was called). The version and
     agent name the records carry come from `run.version` (read with the run by the worker)."""
     if not model_calls(trace):  # e.g. stopped before the model answered: nothing to count
-        run.cost = Decimal(0)
+        run.cost, run.unpriced_tokens = Decimal(0), 0
         return []
     number, agent_name = run.version.number, run.version.agent.name
     records = _records(
@@ -256,6 +257,7 @@ def price_run(run: Run, trace: list[dict[str, Any]]) -> list[UsageRecord]:
         thread_id=run.thread_id,
     )
     run.cost = sum((r.cost for r in records if r.cost is not None), Decimal(0))
+    run.unpriced_tokens = sum(r.total_tokens for r in records if r.cost is None)
     return records
 
 

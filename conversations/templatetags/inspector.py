@@ -55,3 +55,15 @@ def cost(value: Decimal | float | None) -> str:
     return (
         f"${amount:.2f}" if amount >= 1 else f"${amount.quantize(Decimal('0.0001')).normalize():f}"
     )
+
+
+@register.filter
+def run_cost(run: Any) -> str:
+    """What a run cost, never a silent $0 for a model without a price: "no price" when none of
+    its tokens had one, "$0.01 + 120 tokens with no price" when some did not."""
+    unpriced = run.unpriced_tokens
+    if not unpriced:
+        return cost(run.cost)
+    if not run.cost and unpriced >= run.total_tokens:
+        return "no price"
+    return f"{cost(run.cost)} + {unpriced:,} tokens with no price"

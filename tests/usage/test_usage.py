@@ -150,6 +150,32 @@ def test_a_finished_run_records_every_model_call_with_cost_and_attribution(setup
     assert month.unpriced_tokens == 1500 and month.calls == 3
 
 
+def test_the_run_inspector_says_no_price_instead_of_a_cost_of_zero(setup):
+    world, provider, agent, member, _ = setup
+    _price(world, "gpt-4o", inp="2", out="8")
+    unpriced = _finished_run(world, agent, member, [_call("mystery-model", provider, 7, 0, 3)])
+    mixed = _finished_run(
+        world, agent, member, [_call(inp=1000, out=1000), _call("mystery-model", provider, 7, 0, 3)]
+    )
+    assert (unpriced.cost, unpriced.unpriced_tokens) == (0, 10)
+    admin = world.client_for(world.admin)
+
+    def cost_on_page(run):
+        html = admin.get(f"/t/{world.tenant.slug}/runs/{run.pk}/").content.decode()
+        return html.split("<dt>Cost</dt><dd>", 1)[1].split("</dd>", 1)[0]
+
+    assert cost_on_page(unpriced) == "no price"
+    assert cost_on_page(mixed) == "$0.01 + 10 tokens with no price"
+    rows = admin.get(f"/t/{world.tenant.slug}/runs/").content.decode()
+
+    def cost_in_list(run):
+        row = rows.split(f'data-run-id="{run.pk}"', 1)[1].split("</tr>", 1)[0]
+        return row.split('<td class="num small nowrap">')[-1].split("</td>", 1)[0]
+
+    assert cost_in_list(unpriced) == "no price"
+    assert cost_in_list(mixed) == "$0.01 + 10 tokens with no price"
+
+
 def test_a_run_started_with_an_api_key_is_attributed_to_the_key(setup):
     world, _, agent, _, external = setup
     run = _finished_run(world, agent, external, [_call()], actor=Actor(api_key=world.admin_key))
