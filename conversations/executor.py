@@ -27,6 +27,7 @@ from ai_agents.models import Agent, AgentVersion
 from ai_agents.runtime import execute as agent_execute
 from ai_agents.runtime import models as agent_models
 from ai_agents.runtime.build import build, context_for
+from ai_agents.runtime.trace import Trace
 from controlplane import rows
 from controlplane.errors import NotFound
 from controlplane.text import without_nul
@@ -432,6 +433,47 @@ def mark_side_effects(held: Claim) -> None:
         raise SupersededAttempt(f"attempt {held.attempt} of run {held.run_id} is superseded")
 
 
+def record_stopped_usage(held: Claim, spans: list[dict[str, Any]]) -> bool:
+    """The attempt `held` was stopped from outside (its run cancelled or interrupted), so its
+    outcome is fenced out; the model calls it completed still count: their usage is stored and
+    the run's tokens and cost set, as `finish` would have. Nothing for a run taken over by a
+    newer attempt (which counts its own), or still running (a worker shutting down). Returns
+    whether anything was recorded. Call once per attempt."""
+    usage = Trace(spans=spans).usage()
+    if not usage.get("requests"):
+        return False
+    with transaction.atomic():
+        # tenant-scope: the claim carries the run id; the attempt and status select the case
+        run = (
+            _runs("recording a stopped attempt's usage")
+            .select_for_update(of=("self",))
+            .select_related("tenant", "version__agent")
+            .filter(
+                pk=held.run_id,
+                attempt=held.attempt,
+                status__in=(RunStatus.CANCELLED, RunStatus.INTERRUPTED),
+            )
+            .first()
+        )
+        if run is None:
+            return False
+        records = usage_services.price_run(run, without_nul(spans))
+        run.input_tokens = usage.get("input_tokens", 0)
+        run.output_tokens = usage.get("output_tokens", 0)
+        run.total_tokens = usage.get("total_tokens", 0)
+        run.save(
+            update_fields=[
+                "input_tokens",
+                "output_tokens",
+                "total_tokens",
+                "cost",
+                "unpriced_tokens",
+            ]
+        )
+        usage_services.save_run_usage(run.tenant, records)
+    return True
+
+
 def _status_of(outcome: agent_execute.RunOutcome) -> str:
     return RunStatus.SUCCESS if outcome.status == "success" else RunStatus.ERROR
 
@@ -686,7 +728,11 @@ async def execute(
             timeout=run_timeout(),
         )
     except SupersededAttempt:
+        await _count_stopped(held, ctx)
         return "superseded"
+    except asyncio.CancelledError:  # its lease was lost: stopped, or the process shuts down
+        await _count_stopped(held, ctx)
+        raise
     except (InterfaceError, OperationalError):
         # PostgreSQL went away for a moment: this attempt stops here and writes nothing more;
         # its lease lapses and the sweeper runs the run again on a healthy connection.
@@ -722,6 +768,19 @@ async def execute(
     return await asyncio.shield(_conclude(held, outcome, status or _status_of(outcome), run))
 
 
+async def _count_stopped(held: Claim, ctx: Any, spans: list[dict[str, Any]] | None = None) -> None:
+    """`record_stopped_usage` for an attempt that lost its run, shielded from a second
+    cancellation; a failure is logged (the run's outcome is not this attempt's to change)."""
+    try:
+        await asyncio.shield(
+            orm(record_stopped_usage)(held, spans if spans is not None else ctx.trace.spans)
+        )
+    except Exception:
+        log.warning(
+            "run %s: the stopped attempt's usage was not recorded", held.run_id, exc_info=True
+        )
+
+
 async def _conclude(held: Claim, outcome: agent_execute.RunOutcome, final: str, run: Run) -> str:
     """Write the attempt's outcome, then end its event stream (after its queued events). An
     outcome that cannot be written (a bug) still ends the run, as an error without its trace,
@@ -743,6 +802,7 @@ async def _conclude(held: Claim, outcome: agent_execute.RunOutcome, final: str, 
         )
         written = await orm(finish)(held, outcome, status=final, run=run)
     if not written:
+        await _count_stopped(held, None, outcome.trace)
         return "superseded"
     try:
         if outcome.usage:

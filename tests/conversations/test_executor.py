@@ -746,3 +746,20 @@ def test_a_stopped_reply_keeps_its_stored_turns_and_adds_only_the_unsaved_text(w
         ("assistant", "Let me check."),
         ("assistant", "It is 4"),
     ]
+
+
+def test_a_stopped_run_counts_the_model_calls_it_completed(world_a, thread, monkeypatch):
+    run = _send(world_a, thread, "hello there")
+    finish = executor.finish
+
+    def stopped_as_it_ends(held, outcome, **kwargs):  # the stop button, as the reply was saved
+        services.run_cancel(tenant=world_a.tenant, run_id=run.pk)
+        return finish(held, outcome, **kwargs)
+
+    monkeypatch.setattr(executor, "finish", stopped_as_it_ends)
+    assert async_to_sync(executor.execute)(executor.claim(run.pk, owner="w")) == "superseded"
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    records = UsageRecord.objects.for_tenant(world_a.tenant).filter(run_id=run.pk)
+    assert records.count() == 1 and run.total_tokens == records.get().total_tokens > 0
