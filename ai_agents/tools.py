@@ -299,5 +299,20 @@ def validate(name: str, raw_settings: dict[str, Any]) -> dict[str, Any]:
         raise ToolSettingsInvalid(f"{name}: {where}: {first['msg']}") from None
 
 
+# Marks the tools `build` made from a catalogue entry that changes nothing. A tool's name does
+# not say where it comes from: an MCP server may offer a tool called "calculator".
+_CHANGES_NOTHING = "_controlplane_changes_nothing"
+
+
 def build(name: str, settings: dict[str, Any]) -> FunctionTool:
-    return CATALOGUE[name].build(settings)
+    spec = CATALOGUE[name]
+    tool = spec.build(settings)
+    if not spec.has_side_effects:
+        setattr(tool, _CHANGES_NOTHING, True)
+    return tool
+
+
+def changes_nothing(tool: Any) -> bool:
+    """Whether `tool` is a built-in tool that changes nothing (the date, the calculator, the web
+    fetch). Any other tool, an MCP server's whatever its name, may change things."""
+    return getattr(tool, _CHANGES_NOTHING, False) is True

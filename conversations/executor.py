@@ -411,12 +411,11 @@ def _set_leases(claims: list[Claim], until: datetime) -> list[Claim]:
     return [held for held in claims if (UUID(str(held.run_id)), held.attempt) not in kept]
 
 
-def has_side_effects(tool: str) -> bool:
+def has_side_effects(tool: Any) -> bool:
     """Built-in tools say whether they change anything; any other tool (MCP) is assumed to."""
-    from ai_agents.tools import CATALOGUE
+    from ai_agents.tools import changes_nothing
 
-    spec = CATALOGUE.get(tool)
-    return spec.has_side_effects if spec is not None else True
+    return not changes_nothing(tool)
 
 
 def mark_side_effects(held: Claim) -> None:
@@ -692,7 +691,7 @@ async def execute(
     mapper = run_events.EventMapper(run.version.agent.name)  # follows handoffs and tool names
     events = streams.Coalescer(held.run_id, held.attempt)
 
-    async def before_tool(tool: str) -> None:
+    async def before_tool(tool: Any) -> None:
         # Runs before the tool does (a trace hook), so a worker that dies inside the tool has
         # already recorded that the run must not be repeated. Every such call is fenced, each
         # one waiting for its own mark: a run stopped or taken over while the model answered

@@ -126,7 +126,7 @@ class TraceHooks(RunHooks[Any]):
             return
         before_tool = getattr(context.context, "extra", {}).get("before_tool")
         if before_tool is not None:  # e.g. the executor records side effects before they happen
-            await before_tool(tool.name)
+            await before_tool(tool)
 
     def _malformed(self, agent: Agent[Any], tool: Tool, arguments: str) -> None:
         from ai_agents.runtime import retry

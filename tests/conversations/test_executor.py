@@ -763,3 +763,21 @@ def test_a_stopped_run_counts_the_model_calls_it_completed(world_a, thread, monk
     assert run.status == RunStatus.CANCELLED
     records = UsageRecord.objects.for_tenant(world_a.tenant).filter(run_id=run.pk)
     assert records.count() == 1 and run.total_tokens == records.get().total_tokens > 0
+
+
+def test_a_tool_changes_nothing_only_if_it_is_the_built_in_one():
+    from agents import function_tool
+
+    from ai_agents import tools
+
+    @function_tool(name_override="calculator")
+    def from_an_mcp_server(expression: str) -> str:
+        """Evaluate something, somewhere.
+
+        Args:
+            expression: the expression.
+        """
+        return "0"
+
+    assert not executor.has_side_effects(tools.build("calculator", {}))
+    assert executor.has_side_effects(from_an_mcp_server)  # the same name, another origin
