@@ -148,6 +148,10 @@ def take(
                 pass  # `run_version` builds it again, and says what no longer exists
             finally:
                 agent_models.run_loop.reset(token)
+    except (InterfaceError, OperationalError):
+        # The database went away: not this run's fault. The lease lapses and the sweeper (or
+        # the next kick) retries it, as after a worker's death.
+        raise
     except Exception:
         # The claim is committed: the run ends now, with a reason, rather than staying running
         # until its lease lapses, then failing the same way on every retry.

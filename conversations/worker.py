@@ -34,7 +34,10 @@ class RunHost:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._loop.run_forever, name="run-host-loop", daemon=True).start()
-        threading.Thread(target=self._heartbeat, name="run-host-heartbeat", daemon=True).start()
+        self._beating = threading.Thread(
+            target=self._heartbeat, name="run-host-heartbeat", daemon=True
+        )
+        self._beating.start()
 
     def submit(self, held: executor.Claim, loaded: Any = None) -> Future[str]:
         """Execute the attempt `held` (`loaded`: what `executor.take` read with it)."""
@@ -93,6 +96,11 @@ class RunHost:
         left = [held for held, future in submitted.items() if not future.done()]
         for held in left:
             submitted[held].cancel()  # the attempt stops; its writes would be fenced anyway
+        # No renewal may follow the release: a beat in flight would extend the leases again
+        # and keep the runs from other workers until they lapse.
+        self._stop.set()
+        if threading.current_thread() is not self._beating:
+            self._beating.join(timeout=executor.lease_seconds())
         released: list[executor.Claim] = []
         if left:
             try:
@@ -102,7 +110,6 @@ class RunHost:
             finally:
                 close_old_connections()
             log.info("shutting down: released %s runs to other workers", len(released))
-        self._stop.set()
         return released
 
     def _heartbeat(self) -> None:

@@ -606,6 +606,77 @@ def test_a_run_whose_agent_cannot_be_built_ends_at_once_with_a_reason(world_a, t
     assert thread.status != "busy"
 
 
+def test_a_run_whose_database_goes_away_while_it_starts_is_left_for_a_retry(
+    world_a, thread, monkeypatch
+):
+    import asyncio
+
+    from django.db import OperationalError
+
+    run = _send(world_a, thread, "hello there")
+
+    def database_gone(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(executor, "build", database_gone)
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(OperationalError):
+            executor.take(run.pk, owner="w", loop=loop)
+    finally:
+        loop.close()
+    run.refresh_from_db()
+    # Not failed for the database's sake: its lease lapses and another attempt replies.
+    assert run.status == RunStatus.RUNNING and run.error == ""
+    run.lease_expires_at = timezone.now() - timedelta(seconds=1)
+    run.save(update_fields=["lease_expires_at"])
+    monkeypatch.undo()
+    retried = executor.claim(run.pk, owner="w2")
+    assert retried is not None and retried.attempt == 2
+    assert async_to_sync(executor.execute)(retried) == RunStatus.SUCCESS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_beat_in_flight_does_not_renew_the_leases_a_shutdown_released(
+    settings, kicked, monkeypatch
+):
+    import threading
+    import time
+
+    from conversations.worker import RunHost
+    from tests.conftest import make_world
+
+    settings.OFFLINE_MODEL_WORD_DELAY = 0.2  # a long reply
+    settings.RUN_LEASE_SECONDS = 1.5  # a beat every 0.5 s
+    world = make_world("Deploy")
+    agent = agent_services.agent_create(tenant=world.tenant, actor=world.actor(), name="Echo")
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hello there"
+    )
+    renewing = threading.Event()
+    real_renew = executor.renew
+
+    def slow_renew(claims):  # a database slow to answer the heartbeat
+        renewing.set()
+        time.sleep(0.6)
+        return real_renew(claims)
+
+    monkeypatch.setattr(executor, "renew", slow_renew)
+    host = RunHost()
+    held = executor.claim(run.pk, owner=host.owner)
+    host.submit(held)
+    assert renewing.wait(timeout=5)  # a beat is in flight
+
+    assert host.drain(grace_s=0) == [held]
+
+    time.sleep(0.8)  # long enough for that beat to have ended
+    run.refresh_from_db()
+    assert run.lease_expires_at <= timezone.now()  # still released: another worker may take it
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_shutting_down_lets_short_runs_finish_and_hands_long_ones_over(settings, kicked):
     from concurrent.futures import wait
