@@ -313,12 +313,14 @@ def keep_what_was_said(run: Run) -> None:
     the thread keeps what its readers saw. Its input, if it never started (its attempt stores
     it), and the text of the turn in progress, which no item holds yet (a turn's items are
     stored when the turn ends), as an incomplete assistant message. The text comes from the
-    run's event stream; without Redis only the input is kept."""
+    latest attempt's events, read under the row locks so that nothing streamed before the fence
+    is missed (milliseconds; when Redis is away, bounded by the stream client's timeouts, and
+    only the input is kept)."""
     stored = list(Item.objects.filter(tenant_id=run.tenant_id, run=run).order_by("id"))
     keep: list[dict[str, Any]] = [] if stored else [dict(item) for item in run.input or []]
     if run.attempt:
         try:
-            entries = streams.read_sync(run.pk, count=10_000)
+            entries = streams.read_latest_attempt_sync(run.pk)
         except streams.StreamUnavailable:
             entries = []
         saved = sum(1 for item in stored if _assistant_text(item.data) is not None)

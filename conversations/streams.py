@@ -958,6 +958,28 @@ def finish_sync(run_id: UUID | str, attempt: int, final_event: Mapping[str, Any]
     return str(entry_id)
 
 
+def read_latest_attempt_sync(run_id: UUID | str, page: int = 500) -> list[Entry]:
+    """The events of the run's latest attempt, oldest first: read from the stream's end back to
+    the attempt's `run.status` running event (or the stream's start), a page at a time, so the
+    newest events are never the ones left out of a long stream."""
+    key = stream_key(run_id)
+    conn = _sconn()
+    newest_first: list[Entry] = []
+    before = "+"
+    while True:
+        with _unavailable(run_id):
+            rows = conn.client.xrevrange(key, max=before, min="-", count=page)
+        entries = _entries([(key, rows)])
+        for entry in entries:
+            newest_first.append(entry)
+            event = entry[1]
+            if event.get("type") == run_events.RUN_STATUS and event.get("status") == "running":
+                return newest_first[::-1]
+        if len(rows) < page:
+            return newest_first[::-1]
+        before = "(" + rows[-1][0]
+
+
 def read_sync(
     run_id: UUID | str, after: str = "0-0", block_ms: int | None = None, count: int = 500
 ) -> list[Entry]:

@@ -20,6 +20,7 @@ from agents import (
     function_tool,
 )
 from agents.testing import ScriptedModel, assistant_message, function_call
+from asgiref.sync import sync_to_async
 from django.conf import settings as django_settings
 
 from ai_agents.runtime.offline import OfflineModel
@@ -69,6 +70,20 @@ async def test_append_reads_back_in_order_and_resumes_from_a_middle_id(run_id):
     assert await streams.read(run_id, after=ids[2]) == []
     # The web side's sync reader sees the same entries.
     assert streams.read_sync(run_id, after=ids[0]) == entries[1:]
+
+
+async def test_the_latest_attempts_events_are_read_back_from_the_streams_end(run_id):
+    assert await streams.claim(run_id, 1)
+    told = [events.status("running"), events.message_delta("first try", agent="A")]
+    told += [events.status("running")]  # a retry starts the reply over
+    told += [events.message_delta(f"w{i} ", agent="A") for i in range(7)]
+    await streams.append(run_id, 1, told)
+
+    # Pages of 3, newest first, until the attempt's start: nothing is capped away at the end.
+    latest = await sync_to_async(streams.read_latest_attempt_sync)(run_id, page=3)
+    assert _types(latest) == ["run.status"] + ["message.delta"] * 7
+    assert "".join(_texts(latest[1:])) == "w0 w1 w2 w3 w4 w5 w6 "
+    assert await sync_to_async(streams.read_latest_attempt_sync)(uuid.uuid4()) == []
 
 
 async def test_read_rejects_an_id_that_is_not_a_stream_id(run_id):
