@@ -226,10 +226,27 @@
     htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(afterReload, afterReload);
   }
 
+  // The reply being written, as far as this page knows: set by `hello`, `run.created` and
+  // `run.started`, cleared when that reply ends.
+  function activeRun() { return root.getAttribute("data-active-run"); }
+
+  // An earlier reply's events can still arrive after the next reply started (a message sent
+  // with "Stop this reply, then send" interrupts it): they must not touch the reply being
+  // written. Only the earlier reply's end matters, for what it saved.
+  function isEarlier(id) {
+    var active = activeRun();
+    return !!(id && active && id !== active);
+  }
+
   function endRun(ev, id) {
-    if (id && root.getAttribute("data-active-run") === id) root.removeAttribute("data-active-run");
-    busy(false);
     var replaced = ev && (ev.status === "cancelled" || ev.status === "interrupted");
+    if (isEarlier(id)) {
+      if (replaced) reloadAll();
+      else reloadNewItems();
+      return;
+    }
+    if (id && activeRun() === id) root.removeAttribute("data-active-run");
+    busy(false);
     if (ev && ev.status && ev.status !== "success") {
       status(ev.message || ("The reply ended: " + ev.status + "."), replaced ? "warn" : "error");
     } else {
@@ -249,10 +266,18 @@
     log.querySelectorAll('[data-waiting-run="' + id + '"] .msg-note').forEach(function (n) { n.remove(); });
   }
 
+  var TERMINAL = ["success", "error", "cancelled", "interrupted", "timeout"];
+
   function onEvent(msg) {
     var ev = msg.event || {};
+    if (isEarlier(msg.run_id)) {
+      if (ev.type === "run.status" && TERMINAL.indexOf(ev.status) >= 0) endRun(ev, msg.run_id);
+      return;
+    }
     if (!run || run.id !== msg.run_id) {
       run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
+      bubble = null; // never write one reply into another's bubble
+      lastAgent = null;
     }
     run.after = msg.id;
     if (ev.type !== "run.status" || ev.status === "running") started(run.id);
@@ -393,7 +418,11 @@
           asked.shift().node.setAttribute("data-waiting-run", msg.run_id);
         }
         root.setAttribute("data-active-run", msg.run_id);
-        run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
+        if (!run || run.id !== msg.run_id) {
+          run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
+          bubble = null;
+          lastAgent = null;
+        }
         save();
         busy(true);
         status("Waiting for the agent\u2026");

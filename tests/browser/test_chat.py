@@ -321,3 +321,57 @@ def test_a_message_sent_during_a_reply_waits_in_line_and_survives_a_refresh(
     runs = list(Run.objects.for_tenant(world.tenant).order_by("created_at"))
     assert [r.status for r in runs] == [RunStatus.SUCCESS, RunStatus.SUCCESS]
     assert runs[1].strategy == "enqueue"
+
+
+def _scripted_socket(page: Page, frames: list[dict]) -> None:
+    """The page's chat socket answers with `frames`, in order, and nothing else: the page's
+    handling of an order of events the server can produce but not on cue."""
+    import json
+
+    def connected(ws) -> None:
+        for frame in frames:
+            ws.send(json.dumps(frame))
+
+    page.route_web_socket(re.compile(r"/ws/t/"), connected)
+
+
+def test_a_late_event_of_an_interrupted_reply_leaves_the_next_reply_alone(
+    asgi_site, run_in_browser
+):
+    import uuid
+
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def event(run_id: str, n: int, **ev) -> dict:
+        return {"type": "event", "id": f"{n}-0", "run_id": run_id, "event": ev}
+
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": None},
+        {"type": "run.started", "run_id": first},
+        event(first, 1, type="run.status", status="running", message="", attempt=1),
+        event(first, 2, type="message.delta", text="Once upon", agent="Calc"),
+        # "Stop this reply, then send": the next reply starts before the first one's end is read.
+        {"type": "run.started", "run_id": second},
+        event(second, 1, type="run.status", status="running", message="", attempt=1),
+        event(second, 2, type="message.delta", text="Sec", agent="Calc"),
+        event(first, 3, type="run.status", status="interrupted", message="Interrupted.", attempt=1),
+        event(second, 3, type="message.delta", text="ond", agent="Calc"),
+    ]
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+
+        # The second reply is whole, in one bubble, and still stoppable.
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Second"], timeout=LONG)
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()
+        expect(page.locator("#chat")).to_have_attribute("data-active-run", second)
+
+    run_in_browser(flow)
