@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import connection
-from django.db.models import QuerySet
+from django.db.models import Count, Q, QuerySet
 from django.utils.safestring import SafeString
 
 from conversations import markdown
@@ -208,6 +208,44 @@ def _entries(items: list[Item]) -> list[Entry]:
     return [e for e in shown if e is not None]
 
 
+def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, int]]) -> list[Entry]:
+    """Each assistant message and handoff gets its place among its run's own (`seq`, from 0),
+    counting the run's items before these (`earlier`): the chat page matches a reply's replayed
+    steps with what it shows by it, whatever page of the history it shows."""
+    counts: dict[tuple[Any, str], int] = {}
+    for entry in entries:
+        if entry.run_id is None or entry.kind not in ("assistant", "handoff"):
+            continue
+        key = (entry.run_id, entry.kind)
+        seq = counts.get(key, earlier.get(entry.run_id, {}).get(entry.kind, 0))
+        entry.extra = {**entry.extra, "seq": seq}
+        counts[key] = seq + 1
+    return entries
+
+
+def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[Any, dict[str, int]]:
+    """How many assistant messages and handoffs each run of `rows` has before them."""
+    run_ids = {row.run_id for row in rows if row.run_id is not None}
+    if not run_ids:
+        return {}
+    counted = (
+        Item.objects.for_tenant(tenant)
+        .filter(thread=thread, run_id__in=run_ids, id__lt=rows[0].pk)
+        .values("run_id")
+        .annotate(
+            assistant=Count(
+                "id",
+                filter=Q(data__role="assistant")
+                & (Q(data__type="message") | ~Q(data__has_key="type")),
+            ),
+            handoff=Count(
+                "id", filter=Q(data__type="function_call", data__name__startswith="transfer_to_")
+            ),
+        )
+    )
+    return {row["run_id"]: row for row in counted}
+
+
 def item_page(
     *, tenant: Tenant, thread: Thread, before: int | None = None, limit: int = PAGE_SIZE
 ) -> tuple[list[Entry], int | None]:
@@ -219,7 +257,8 @@ def item_page(
     rows = list(qs[: limit + 1])
     more = len(rows) > limit
     rows = list(reversed(rows[:limit]))
-    return _entries(rows), (rows[0].pk if more and rows else None)
+    entries = _numbered(_entries(rows), _earlier_counts(tenant, thread, rows))
+    return entries, (rows[0].pk if more and rows else None)
 
 
 def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
@@ -254,4 +293,4 @@ def item_after(*, tenant: Tenant, thread: Thread, after: int, limit: int = 200) 
     rows = list(
         Item.objects.for_tenant(tenant).filter(thread=thread, id__gt=after).order_by("id")[:limit]
     )
-    return _entries(rows)
+    return _numbered(_entries(rows), _earlier_counts(tenant, thread, rows))

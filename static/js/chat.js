@@ -145,8 +145,9 @@
 
   // The run saves each turn's items while it goes on, and the server renders them: a page
   // opened or refreshed mid-reply already shows part of what the run's stream replays from its
-  // start. Such a step is not drawn again: a tool call whose call id the page shows, and the
-  // run's first messages and handoffs, as many as the page shows of that run.
+  // start. Such a step is not drawn again: a tool call whose call id the page shows, and a
+  // message or handoff whose place among the run's own (`data-run-seq`, counted by the server
+  // over the whole thread, not only the page shown) the page shows.
   function shownCall(callId) {
     var steps = log.querySelectorAll("[data-call-id]:not([data-pending])");
     for (var i = 0; i < steps.length; i++) {
@@ -161,7 +162,8 @@
       if (run.steps[i].kind === step.kind) before++;
     }
     var cls = step.kind === "text" ? ".msg-assistant" : ".step-handoff";
-    return before < log.querySelectorAll(cls + ':not([data-pending])[data-run-id="' + run.id + '"]').length;
+    return !!log.querySelector(
+      cls + ':not([data-pending])[data-run-id="' + run.id + '"][data-run-seq="' + before + '"]');
   }
 
   function drawText(s, agent) {

@@ -8,6 +8,7 @@ offline model; nothing sleeps: each wait is a receive with a timeout that only b
 from __future__ import annotations
 
 import asyncio
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -287,6 +288,48 @@ def test_load_earlier_pages_back_by_item_id(world_a, chat):
         _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": first_shown}
     ).content.decode()
     assert "m11" in newer and "m10" not in newer
+
+
+def test_a_long_replys_messages_carry_their_place_in_the_run_on_every_page(world_a, chat):
+    """A reply longer than a page (many tool calls): the page shows its latest items only, and
+    numbers its messages and handoffs among the whole run's, as the stream replays them."""
+    run = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
+    )
+    data = [{"role": "user", "content": "go"}]
+    for i in range(30):
+        data += [
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": f"step {i}"}]},
+            {"type": "function_call", "name": "calculator", "call_id": f"c{i}", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{i}", "output": "1"},
+        ]  # fmt: skip
+    data.append(
+        {"type": "function_call", "name": "transfer_to_billing", "call_id": "h", "arguments": "{}"}
+    )
+    data.append({"role": "assistant", "content": "Billing here."})  # no `type`: a message too
+    Item.objects.bulk_create(
+        Item(tenant=world_a.tenant, thread=chat.mine, run=run, data=d) for d in data
+    )
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+
+    def seq(text: str, needle: str) -> str:
+        return re.findall(r'data-run-seq="(\d*)"', text[: text.index(needle)])[-1]
+
+    assert "step 13" not in page and "step 14" in page  # the latest 50 items only
+    assert seq(page, "step 14") == "14" and seq(page, "step 29") == "29"
+    assert seq(page, "Handed off to billing") == "0" and seq(page, "Billing here.") == "30"
+
+    first_shown = int(re.search(r"\?before=(\d+)", page).group(1))
+    newer = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": first_shown + 5}
+    ).content.decode()
+    assert "step 15" not in newer and seq(newer, "step 16") == "16"
+    older = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"before": first_shown}
+    ).content.decode()
+    assert seq(older, "step 0") == "0" and seq(older, "step 13") == "13"
 
 
 def test_messages_not_yet_started_show_as_waiting_or_queued(world_a, chat):
