@@ -26,6 +26,12 @@ source text (for `Agent` it ends in a NameError on a name imported only for type
 the SDK takes its default), about 0.4 ms of a worker's CPU per run, which builds its agents.
 The answer depends on the class alone, so it is kept per class and field.
 
+**Session contracts** (`install_session_contracts`): on every turn the Agents SDK asks whether
+the session's four history methods take a `wrapper` argument, with `inspect.signature` of each
+bound method: about 3 % of a worker's CPU. For a session whose methods are its class's own, the
+answer depends on the class alone and is kept per class; an instance that replaces a method
+gets the library's answer every time.
+
 Tests compare each fast path with the library's on what the SDK sends and receives.
 """
 
@@ -138,6 +144,38 @@ def install_declared_types() -> bool:
             continue
         if getattr(module, "_declared_dataclass_type", None) is original:
             module._declared_dataclass_type = cached  # type: ignore[attr-defined]
+    return True
+
+
+_SESSION_METHODS = ("get_items", "add_items", "pop_item", "clear_session")
+
+
+def install_session_contracts() -> bool:
+    """Keep the SDK's answer to "do this session's methods take `wrapper`" per session class
+    (once). False if this SDK does not ask."""
+    try:
+        from agents.memory import session as module
+    except ImportError:
+        return False
+    original = getattr(module, "_session_accepts_wrapper", None)
+    if original is None:
+        return False
+    if hasattr(original, "__wrapped__"):
+        return True
+    known: dict[type, bool] = {}
+
+    @functools.wraps(original)
+    def accepts_wrapper(session: Any) -> bool:
+        kind = type(session)
+        own = getattr(session, "__dict__", {})
+        if any(name in own or not callable(getattr(kind, name, None)) for name in _SESSION_METHODS):
+            return bool(original(session))  # methods of its own: the library's answer
+        answer = known.get(kind)
+        if answer is None:
+            answer = known[kind] = bool(original(session))
+        return answer
+
+    module._session_accepts_wrapper = accepts_wrapper  # type: ignore[attr-defined]
     return True
 
 

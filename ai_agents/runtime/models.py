@@ -20,6 +20,7 @@ from controlplane import crypto
 
 fastpaths.install()  # chat-completion bodies skip openai's type walk when it changes nothing
 fastpaths.install_declared_types()  # an Agent's settings type is looked up once per class
+fastpaths.install_session_contracts()  # a session's methods are inspected once per class
 
 
 def offline_model() -> Model:

@@ -251,3 +251,41 @@ def test_an_agents_settings_type_is_resolved_once_per_class(monkeypatch):
     built = [Agent(name=f"a{n}", model_settings={"temperature": 0.5}) for n in range(3)]
     assert [a.model_settings for a in built] == [ModelSettings(temperature=0.5)] * 3
     assert resolved.count(Agent) == 1
+
+
+def test_a_sessions_wrapper_contract_is_inspected_once_per_class_as_the_library_answers(
+    monkeypatch,
+):
+    from agents import SQLiteSession
+    from agents.memory import session as module
+
+    from conversations.session import ThreadSession
+
+    class TakesWrapper:
+        async def get_items(self, limit=None, wrapper=None): ...
+        async def add_items(self, items, wrapper=None): ...
+        async def pop_item(self, wrapper=None): ...
+        async def clear_session(self, wrapper=None): ...
+
+    kept = module._session_accepts_wrapper
+    library = kept.__wrapped__
+    thread_session = ThreadSession(tenant_id=1, thread_id=1)
+    patched = TakesWrapper()
+    patched.pop_item = lambda: None  # an instance's own method: no `wrapper`
+    for session in (thread_session, SQLiteSession("s"), TakesWrapper(), patched):
+        assert kept(session) is library(session)
+    assert kept(TakesWrapper()) is True and kept(patched) is False
+
+    inspected = []
+    real = module._session_method_accepts_wrapper
+    monkeypatch.setattr(
+        module,
+        "_session_method_accepts_wrapper",
+        lambda method: inspected.append(method) or real(method),
+    )
+    for _ in range(3):
+        assert module._get_session_wrapper(thread_session, object()) is None
+        assert kept(TakesWrapper()) is True
+    assert inspected == []  # both classes were answered above: no signature read again
+    kept(patched)
+    assert len(inspected) == 3  # the library's answer (it stops at pop_item)
