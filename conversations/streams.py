@@ -968,7 +968,7 @@ def read_latest_attempt_sync(run_id: UUID | str, page: int = 500) -> list[Entry]
     before = "+"
     while True:
         with _unavailable(run_id):
-            rows = conn.client.xrevrange(key, max=before, min="-", count=page)
+            rows: list[Any] = conn.client.xrevrange(key, max=before, min="-", count=page) or []
         entries = _entries([(key, rows)])
         for entry in entries:
             newest_first.append(entry)
