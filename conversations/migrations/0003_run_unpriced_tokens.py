@@ -7,6 +7,7 @@ class Migration(migrations.Migration):
 
     dependencies = [
         ('conversations', '0002_run_inspector_indexes'),
+        ('usage', '0001_usage_prices_records_budget'),
     ]
 
     operations = [
@@ -14,5 +15,19 @@ class Migration(migrations.Migration):
             model_name='run',
             name='unpriced_tokens',
             field=models.PositiveIntegerField(default=0),
+        ),
+        # Runs that finished before: their calls without a price, from their usage records.
+        migrations.RunSQL(
+            sql="""
+                UPDATE conversations_run AS run SET unpriced_tokens = unpriced.tokens
+                FROM (
+                    SELECT run_id, tenant_id, SUM(total_tokens) AS tokens
+                    FROM usage_usagerecord
+                    WHERE cost IS NULL AND run_id IS NOT NULL
+                    GROUP BY run_id, tenant_id
+                ) AS unpriced
+                WHERE run.id = unpriced.run_id AND run.tenant_id = unpriced.tenant_id
+            """,
+            reverse_sql=migrations.RunSQL.noop,
         ),
     ]

@@ -150,35 +150,6 @@ def test_a_finished_run_records_every_model_call_with_cost_and_attribution(setup
     assert month.unpriced_tokens == 1500 and month.calls == 3
 
 
-def test_runs_finished_before_unpriced_tokens_were_counted_get_them_from_their_records(
-    setup, monkeypatch
-):
-    import importlib
-
-    from django.db import connection
-
-    world, provider, agent, member, _ = setup
-    _price(world, "gpt-4o", inp="2", out="8")
-    older = [
-        _finished_run(world, agent, member, [_call("mystery-model", provider, 7, 0, 3)]),
-        _finished_run(
-            world, agent, member, [_call(inp=10, out=10), _call("other", provider, 5, 0, 1)]
-        ),
-        _finished_run(world, agent, member, [_call(inp=10, out=10)]),
-    ]
-    Run.objects.for_tenant(world.tenant).filter(pk__in=[r.pk for r in older]).update(
-        unpriced_tokens=0
-    )  # as they were
-    migration = importlib.import_module("conversations.migrations.0004_backfill_unpriced_tokens")
-    monkeypatch.setattr(migration, "BATCH", 1)  # one run per batch: the batches follow on
-
-    with connection.schema_editor() as editor:
-        migration.backfill(None, editor)
-
-    runs = Run.objects.for_tenant(world.tenant)
-    assert [runs.get(pk=r.pk).unpriced_tokens for r in older] == [10, 6, 0]
-
-
 def test_the_run_inspector_says_no_price_instead_of_a_cost_of_zero(setup):
     world, provider, agent, member, _ = setup
     _price(world, "gpt-4o", inp="2", out="8")
