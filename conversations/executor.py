@@ -378,39 +378,46 @@ def _unsaved_text(events: list[dict[str, Any]], saved_messages: int) -> str:
 
 
 def renew(claims: list[Claim]) -> list[Claim]:
-    """Extend the leases of `claims`; returns the ones that were lost (superseded or ended).
-    One statement however many runs the worker holds (the heartbeat beats every few seconds)."""
-    return _set_leases(claims, timezone.now() + timedelta(seconds=lease_seconds()))
+    """Extend the leases of `claims`; returns the ones that were lost (superseded, ended or
+    released). One statement however many runs the worker holds (the heartbeat beats every few
+    seconds)."""
+    return _set_leases(claims, timezone.now() + timedelta(seconds=lease_seconds()), keep=True)
 
 
 def release(claims: list[Claim]) -> list[Claim]:
     """End the leases of `claims` now and kick their runs, so that another worker takes them
-    over at once (a worker shutting down). Returns the claims that were still held."""
-    lost = _set_leases(claims, timezone.now())
+    over at once (a worker shutting down). Returns the claims that were still held. The lease
+    loses its owner too: a renewal still in flight cannot extend it again."""
+    lost = _set_leases(claims, timezone.now(), keep=False)
     released = [held for held in claims if held not in lost]
     for held in released:
         kick(held.run_id)
     return released
 
 
-def _set_leases(claims: list[Claim], until: datetime) -> list[Claim]:
-    """Set the leases of the runs `claims` still hold to end at `until`; the lost claims."""
+def _set_leases(claims: list[Claim], until: datetime, *, keep: bool) -> list[Claim]:
+    """Set the leases of the runs `claims` still hold (same attempt, same owner) to end at
+    `until`, keeping their owner or not; the lost claims."""
     if not claims:
         return []
     # tenant-scope: the heartbeat renews the leases this worker holds, by run id and attempt
     with connection.cursor() as cursor:
         cursor.execute(
             """
-            UPDATE conversations_run SET lease_expires_at = %s
+            UPDATE conversations_run
+            SET lease_expires_at = %s, lease_owner = CASE WHEN %s THEN lease_owner ELSE '' END
             WHERE status = %s
-              AND (id, attempt) IN (SELECT * FROM unnest(%s::uuid[], %s::integer[]))
+              AND (id, attempt, lease_owner) IN (
+                SELECT * FROM unnest(%s::uuid[], %s::integer[], %s::varchar[]))
             RETURNING id, attempt
             """,
             [
                 until,
+                keep,
                 RunStatus.RUNNING,
                 [held.run_id for held in claims],
                 [held.attempt for held in claims],
+                [held.owner for held in claims],
             ],
         )
         kept = {(UUID(str(run_id)), attempt) for run_id, attempt in cursor.fetchall()}

@@ -563,6 +563,17 @@ def test_the_heartbeat_renews_live_leases_and_names_the_lost_ones_in_one_stateme
     assert executor.renew([]) == []
 
 
+def test_a_released_lease_is_never_renewed_again(world_a, thread, kicked):
+    held = executor.claim(_send(world_a, thread).pk, owner="w")
+    assert executor.release([held]) == [held] and kicked[-1] == str(held.run_id)
+    # A beat that read its claims before the release renews after it: refused.
+    assert executor.renew([held]) == [held]
+    run = Run.objects.for_tenant(world_a.tenant).get(pk=held.run_id)
+    assert run.lease_expires_at <= timezone.now() and run.lease_owner == ""
+    taken = executor.claim(run.pk, owner="another-worker")
+    assert taken is not None and taken.attempt == 2
+
+
 def test_an_outcome_that_cannot_be_saved_still_ends_the_run(world_a, thread, monkeypatch):
     from usage import services as usage_services
 
@@ -656,13 +667,16 @@ def test_a_beat_in_flight_does_not_renew_the_leases_a_shutdown_released(
     run = services.run_create(
         tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hello there"
     )
-    renewing = threading.Event()
+    renewing, renewed = threading.Event(), threading.Event()
     real_renew = executor.renew
 
     def slow_renew(claims):  # a database slow to answer the heartbeat
         renewing.set()
         time.sleep(0.6)
-        return real_renew(claims)
+        try:
+            return real_renew(claims)
+        finally:
+            renewed.set()
 
     monkeypatch.setattr(executor, "renew", slow_renew)
     host = RunHost()
@@ -672,7 +686,7 @@ def test_a_beat_in_flight_does_not_renew_the_leases_a_shutdown_released(
 
     assert host.drain(grace_s=0) == [held]
 
-    time.sleep(0.8)  # long enough for that beat to have ended
+    assert renewed.wait(timeout=5)  # that beat has ended
     run.refresh_from_db()
     assert run.lease_expires_at <= timezone.now()  # still released: another worker may take it
 
