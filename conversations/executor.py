@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -320,11 +321,11 @@ def keep_what_was_said(run: Run) -> None:
     keep: list[dict[str, Any]] = [] if stored else [dict(item) for item in run.input or []]
     if run.attempt:
         try:
-            entries = streams.read_latest_attempt_sync(run.pk)
+            entries, whole = streams.read_latest_attempt_sync(run.pk)
         except streams.StreamUnavailable:
-            entries = []
-        saved = sum(1 for item in stored if _assistant_text(item.data) is not None)
-        said = _unsaved_text([event for _id, event in entries], saved)
+            entries, whole = [], True
+        saved = [text for item in stored if (text := _assistant_text(item.data)) is not None]
+        said = _unsaved_text([event for _id, event in entries], saved, whole=whole)
         if said:
             keep.append(
                 {
@@ -354,10 +355,12 @@ def _assistant_text(data: Any) -> str | None:
     )
 
 
-def _unsaved_text(events: list[dict[str, Any]], saved_messages: int) -> str:
-    """What the latest attempt's readers saw that is not among its first `saved_messages`
-    stored assistant messages: its later whole messages and the text still being written
-    (with `model.retry`'s discards applied, as readers apply them)."""
+def _unsaved_text(events: list[dict[str, Any]], saved: list[str], *, whole: bool = True) -> str:
+    """What the latest attempt's readers saw that is not among its `saved` assistant messages
+    (their texts, in order): its later whole messages and the text still being written (with
+    `model.retry`'s discards applied, as readers apply them). `whole`: the events start at the
+    attempt's start; if not (a stream trimmed to its length cap), the saved messages are told
+    apart by their text instead of their place."""
     messages: list[str] = []
     partial = ""
     for event in events:
@@ -373,7 +376,17 @@ def _unsaved_text(events: list[dict[str, Any]], saved_messages: int) -> str:
             partial = ""
         elif kind == run_events.MODEL_RETRY and event.get("discard"):
             partial = ""
-    said = [*messages[saved_messages:], partial]
+    if whole:
+        unsaved = messages[len(saved) :]
+    else:
+        left = Counter(text.strip() for text in saved)
+        unsaved = []
+        for text in messages:
+            if left[text.strip()] > 0:
+                left[text.strip()] -= 1
+            else:
+                unsaved.append(text)
+    said = [*unsaved, partial]
     return "\n\n".join(text.strip() for text in said if text.strip())
 
 

@@ -958,10 +958,12 @@ def finish_sync(run_id: UUID | str, attempt: int, final_event: Mapping[str, Any]
     return str(entry_id)
 
 
-def read_latest_attempt_sync(run_id: UUID | str, page: int = 500) -> list[Entry]:
-    """The events of the run's latest attempt, oldest first: read from the stream's end back to
-    the attempt's `run.status` running event (or the stream's start), a page at a time, so the
-    newest events are never the ones left out of a long stream."""
+def read_latest_attempt_sync(run_id: UUID | str, page: int = 500) -> tuple[list[Entry], bool]:
+    """The events of the run's latest attempt, oldest first, and whether they start at the
+    attempt's start: read from the stream's end back to the attempt's `run.status` running
+    event, a page at a time, so the newest events are never the ones left out of a long stream.
+    Without that event (the stream was trimmed to its length cap), what the stream still holds,
+    and False."""
     key = stream_key(run_id)
     conn = _sconn()
     newest_first: list[Entry] = []
@@ -974,9 +976,9 @@ def read_latest_attempt_sync(run_id: UUID | str, page: int = 500) -> list[Entry]
             newest_first.append(entry)
             event = entry[1]
             if event.get("type") == run_events.RUN_STATUS and event.get("status") == "running":
-                return newest_first[::-1]
+                return newest_first[::-1], True
         if len(rows) < page:
-            return newest_first[::-1]
+            return newest_first[::-1], not newest_first
         before = "(" + rows[-1][0]
 
 

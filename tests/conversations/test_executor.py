@@ -866,3 +866,48 @@ def test_a_tool_changes_nothing_only_if_it_is_the_built_in_one():
 
     assert not executor.has_side_effects(tools.build("calculator", {}))
     assert executor.has_side_effects(from_an_mcp_server)  # the same name, another origin
+
+
+def test_a_stopped_reply_on_a_trimmed_stream_keeps_its_unsaved_messages(world_a, thread, settings):
+    """A reply longer than its stream's length cap: the attempt's start is gone from the
+    stream, so its saved messages are told apart by their text, not their place."""
+    import redis as redis_client
+
+    from conversations import events as ev
+    from conversations.session import ThreadSession
+
+    run = _send(world_a, thread, "look it up")
+    held = executor.claim(run.pk, owner="w")
+    session = ThreadSession(
+        tenant_id=run.tenant_id, thread_id=run.thread_id, run_id=run.pk, attempt=held.attempt
+    )
+    async_to_sync(session.add_items)([
+        {"role": "user", "content": "look it up"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Sure."}]},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Let me check."}]},
+    ])  # fmt: skip
+    _saw(run, held, [
+        *[ev.message_delta("x", agent="Calc") for _ in range(4)],  # trimmed away below
+        ev.message_completed("Sure.", agent="Calc"),
+        ev.message_completed("Let me check.", agent="Calc"),
+        ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
+        ev.tool_finished(call_id="c1", tool="calculator", output="42", agent="Calc"),
+        ev.message_completed("It is 42.", agent="Calc"),  # its turn is not stored yet
+        ev.tool_started(call_id="c2", tool="calculator", arguments="{}", agent="Calc"),
+        ev.message_delta("And the", agent="Calc"),
+    ])  # fmt: skip
+    client = redis_client.Redis.from_url(settings.REDIS_URL)
+    try:
+        client.xtrim(streams.stream_key(run.pk), maxlen=6, approximate=False)
+    finally:
+        client.close()
+    services.run_cancel(tenant=world_a.tenant, run_id=run.pk, end_user=thread.end_user)
+
+    assert _texts(run) == [
+        ("user", "look it up"),
+        ("assistant", "Sure."),
+        ("assistant", "Let me check."),
+        ("assistant", "It is 42.\n\nAnd the"),
+    ]

@@ -80,10 +80,19 @@ async def test_the_latest_attempts_events_are_read_back_from_the_streams_end(run
     await streams.append(run_id, 1, told)
 
     # Pages of 3, newest first, until the attempt's start: nothing is capped away at the end.
-    latest = await sync_to_async(streams.read_latest_attempt_sync)(run_id, page=3)
-    assert _types(latest) == ["run.status"] + ["message.delta"] * 7
+    latest, whole = await sync_to_async(streams.read_latest_attempt_sync)(run_id, page=3)
+    assert whole and _types(latest) == ["run.status"] + ["message.delta"] * 7
     assert "".join(_texts(latest[1:])) == "w0 w1 w2 w3 w4 w5 w6 "
-    assert await sync_to_async(streams.read_latest_attempt_sync)(uuid.uuid4()) == []
+    assert await sync_to_async(streams.read_latest_attempt_sync)(uuid.uuid4()) == ([], True)
+
+    # Trimmed to its length cap past the attempt's start: what is left, and not whole.
+    client = redis.Redis.from_url(django_settings.REDIS_URL)
+    try:
+        client.xtrim(streams.stream_key(run_id), maxlen=4, approximate=False)
+    finally:
+        client.close()
+    left, whole = await sync_to_async(streams.read_latest_attempt_sync)(run_id, page=3)
+    assert not whole and "".join(_texts(left)) == "w3 w4 w5 w6 "
 
 
 async def test_read_rejects_an_id_that_is_not_a_stream_id(run_id):
