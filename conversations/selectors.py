@@ -208,13 +208,17 @@ def _entries(items: list[Item]) -> list[Entry]:
     return [e for e in shown if e is not None]
 
 
+NUMBERED = ("assistant", "handoff", "tool_call")
+
+
 def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, int]]) -> list[Entry]:
-    """Each assistant message and handoff gets its place among its run's own (`seq`, from 0),
-    counting the run's items before these (`earlier`): the chat page matches a reply's replayed
-    steps with what it shows by it, whatever page of the history it shows."""
+    """Each assistant message, handoff and tool call gets its place among its run's own of its
+    kind (`seq`, from 0), counting the run's items before these (`earlier`): the chat page
+    matches a reply's replayed steps with what it shows by it, whatever page of the history it
+    shows (static/js/chat.js)."""
     counts: dict[tuple[Any, str], int] = {}
     for entry in entries:
-        if entry.run_id is None or entry.kind not in ("assistant", "handoff"):
+        if entry.run_id is None or entry.kind not in NUMBERED:
             continue
         key = (entry.run_id, entry.kind)
         seq = counts.get(key, earlier.get(entry.run_id, {}).get(entry.kind, 0))
@@ -224,7 +228,8 @@ def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, int]]) -> list[
 
 
 def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[Any, dict[str, int]]:
-    """How many assistant messages and handoffs each run of `rows` has before them."""
+    """How many assistant messages, handoffs and tool calls each run of `rows` has before
+    them."""
     run_ids = {row.run_id for row in rows if row.run_id is not None}
     if not run_ids:
         return {}
@@ -240,6 +245,10 @@ def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[An
             ),
             handoff=Count(
                 "id", filter=Q(data__type="function_call", data__name__startswith="transfer_to_")
+            ),
+            tool_call=Count(
+                "id",
+                filter=Q(data__type="function_call") & ~Q(data__name__startswith="transfer_to_"),
             ),
         )
     )

@@ -145,9 +145,12 @@
 
   // The run saves each turn's items while it goes on, and the server renders them: a page
   // opened or refreshed mid-reply already shows part of what the run's stream replays from its
-  // start. Such a step is not drawn again: a tool call whose call id the page shows, and a
-  // message or handoff whose place among the run's own (`data-run-seq`, counted by the server
-  // over the whole thread, not only the page shown) the page shows.
+  // start. Such a step is not drawn again: a tool call whose call id the page shows, and any
+  // message, handoff or tool call whose place among the run's own of its kind is at most the
+  // highest the page shows (`data-run-seq`, numbered by the server over the whole thread).
+  // Items are saved in order, so the run's earlier ones are saved too, even those on older
+  // pages of the history that the page has not loaded.
+  var SAVED_AS = { text: ".msg-assistant", handoff: ".step-handoff", tool: ".step-tool_call" };
   function shownCall(callId) {
     var steps = log.querySelectorAll("[data-call-id]:not([data-pending])");
     for (var i = 0; i < steps.length; i++) {
@@ -155,15 +158,23 @@
     }
     return false;
   }
+  function savedUpTo(kind) {
+    var shown = log.querySelectorAll(
+      SAVED_AS[kind] + ':not([data-pending])[data-run-id="' + run.id + '"][data-run-seq]');
+    var most = -1;
+    for (var i = 0; i < shown.length; i++) {
+      var seq = parseInt(shown[i].getAttribute("data-run-seq"), 10);
+      if (seq > most) most = seq;
+    }
+    return most;
+  }
   function isSaved(step) {
-    if (step.kind === "tool") return !!step.call_id && shownCall(step.call_id);
+    if (step.kind === "tool" && step.call_id && shownCall(step.call_id)) return true;
     var before = 0;
     for (var i = 0; i < run.steps.length && run.steps[i] !== step; i++) {
       if (run.steps[i].kind === step.kind) before++;
     }
-    var cls = step.kind === "text" ? ".msg-assistant" : ".step-handoff";
-    return !!log.querySelector(
-      cls + ':not([data-pending])[data-run-id="' + run.id + '"][data-run-seq="' + before + '"]');
+    return before <= savedUpTo(step.kind);
   }
 
   function drawText(s, agent) {
@@ -241,6 +252,7 @@
   }
 
   function endRun(ev, id) {
+    if (id) ended[id] = true;
     var replaced = ev && (ev.status === "cancelled" || ev.status === "interrupted");
     if (isEarlier(id)) {
       if (replaced) reloadAll();
@@ -270,8 +282,17 @@
 
   var TERMINAL = ["success", "error", "cancelled", "interrupted", "timeout"];
 
+  var ended = {}; // runs whose end this page has seen
+
   function onEvent(msg) {
     var ev = msg.event || {};
+    var starts = ev.type === "run.status" && ev.status === "running";
+    if (isEarlier(msg.run_id) && starts && !ended[msg.run_id]) {
+      // One reply runs at a time: a later one running means the one this page knew of ended
+      // (its end may still be on its way). A queued message's socket follows its run from the
+      // start, so it hears no `run.started` of it.
+      root.setAttribute("data-active-run", msg.run_id);
+    }
     if (isEarlier(msg.run_id)) {
       if (ev.type === "run.status" && TERMINAL.indexOf(ev.status) >= 0) endRun(ev, msg.run_id);
       return;
@@ -287,8 +308,10 @@
       case "run.status":
         if (ev.status === "running") {
           if (run.attempt !== null && ev.attempt !== run.attempt) {
-            // A retry of the run starts the reply over.
+            // A retry of the run starts the reply over, from its question: what the earlier
+            // attempt saved is gone from the thread too.
             log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });
+            log.querySelectorAll('[data-run-id="' + run.id + '"]').forEach(function (n) { n.remove(); });
             run.steps = [];
             bubble = null;
           }

@@ -375,3 +375,137 @@ def test_a_late_event_of_an_interrupted_reply_leaves_the_next_reply_alone(
         expect(page.locator("#chat")).to_have_attribute("data-active-run", second)
 
     run_in_browser(flow)
+
+
+def _event(run_id: str, n: int, **ev) -> dict:
+    return {"type": "event", "id": f"{n}-0", "run_id": run_id, "event": ev}
+
+
+def test_a_queued_reply_that_starts_before_the_earlier_ones_end_arrives_is_shown_whole(
+    asgi_site, run_in_browser
+):
+    import uuid
+
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": first},
+        _event(first, 1, type="run.status", status="running", message="", attempt=1),
+        _event(first, 2, type="message.delta", text="Once upon", agent="Calc"),
+        # "Send after this reply": this socket follows the queued run from its creation, so it
+        # hears no `run.started` when the run is promoted; its start can beat the earlier end.
+        {"type": "run.created", "run_id": second, "queued": True},
+        _event(second, 1, type="run.status", status="running", message="", attempt=1),
+        _event(second, 2, type="message.delta", text="Sec", agent="Calc"),
+        _event(first, 3, type="run.status", status="success", message="", attempt=1),
+        _event(second, 3, type="message.delta", text="ond", agent="Calc"),
+    ]
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Second"], timeout=LONG)
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()
+        expect(page.locator("#chat")).to_have_attribute("data-active-run", second)
+
+    run_in_browser(flow)
+
+
+def test_a_reply_longer_than_a_page_replayed_from_its_start_draws_only_what_is_unsaved(
+    asgi_site, run_in_browser
+):
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=RunStatus.RUNNING, attempt=1
+    )
+    data = [{"role": "user", "content": "go"}]
+    for i in range(30):  # 91 items: the page shows the latest 50
+        data += [
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": f"step {i}"}]},
+            {"type": "function_call", "name": "calculator", "call_id": f"c{i}", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{i}", "output": "1"},
+        ]  # fmt: skip
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, run=run, data=d) for d in data
+    )
+    rid = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+    ]
+    for i in range(30):
+        frames += [
+            _event(rid, 3 * i + 2, type="message.completed", text=f"step {i}", agent="Calc"),
+            _event(rid, 3 * i + 3, type="tool.started", call_id=f"c{i}", tool="calculator",
+                   arguments="{}", agent="Calc"),
+            _event(rid, 3 * i + 4, type="tool.finished", call_id=f"c{i}", tool="calculator",
+                   output="1", agent="Calc"),
+        ]  # fmt: skip
+    frames.append(_event(rid, 100, type="message.delta", text="now writing", agent="Calc"))
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["now writing"], timeout=LONG)
+        expect(page.locator("details[data-pending]")).to_have_count(0)
+        expect(page.locator(".msg-assistant", has_text="step 0")).to_have_count(0)  # older page
+
+    run_in_browser(flow)
+
+
+def test_a_retried_reply_replaces_what_its_earlier_attempt_had_saved(asgi_site, run_in_browser):
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=RunStatus.RUNNING, attempt=1
+    )
+    for d in (
+        {"role": "user", "content": "go"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "First try"}]},
+    ):  # fmt: skip
+        Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+    rid = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+        _event(rid, 2, type="message.completed", text="First try", agent="Calc"),
+        # Its worker died; the retry starts the reply over (and removed what attempt 1 saved).
+        _event(rid, 3, type="run.status", status="running", message="", attempt=2),
+        _event(rid, 4, type="message.completed", text="First try", agent="Calc"),
+        _event(rid, 5, type="message.delta", text="and more", agent="Calc"),
+    ]
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(
+            ["First try", "and more"], timeout=LONG
+        )
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_count(0)
+
+    run_in_browser(flow)

@@ -320,6 +320,7 @@ def test_a_long_replys_messages_carry_their_place_in_the_run_on_every_page(world
     assert "step 13" not in page and "step 14" in page  # the latest 50 items only
     assert seq(page, "step 14") == "14" and seq(page, "step 29") == "29"
     assert seq(page, "Handed off to billing") == "0" and seq(page, "Billing here.") == "30"
+    assert seq(page, 'data-call-id="c29"') == "29"  # tool calls are numbered apart from handoffs
 
     first_shown = int(re.search(r"\?before=(\d+)", page).group(1))
     newer = client.get(
