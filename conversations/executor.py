@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -324,8 +323,9 @@ def keep_what_was_said(run: Run) -> None:
             entries, whole = streams.read_latest_attempt_sync(run.pk)
         except streams.StreamUnavailable:
             entries, whole = [], True
-        saved = [text for item in stored if (text := _assistant_text(item.data)) is not None]
-        said = _unsaved_text([event for _id, event in entries], saved, whole=whole)
+        said = _unsaved_text(
+            [event for _id, event in entries], [item.data for item in stored], whole=whole
+        )
         if said:
             keep.append(
                 {
@@ -355,18 +355,35 @@ def _assistant_text(data: Any) -> str | None:
     )
 
 
-def _unsaved_text(events: list[dict[str, Any]], saved: list[str], *, whole: bool = True) -> str:
-    """What the latest attempt's readers saw that is not among its `saved` assistant messages
-    (their texts, in order): its later whole messages and the text still being written (with
-    `model.retry`'s discards applied, as readers apply them). `whole`: the events start at the
-    attempt's start; if not (a stream trimmed to its length cap), the saved messages are told
-    apart by their text instead of their place."""
+# The item a tool event's call id is stored with.
+_STORED_AS = {
+    run_events.TOOL_STARTED: "function_call",
+    run_events.TOOL_FINISHED: "function_call_output",
+}
+
+
+def _unsaved_text(events: list[dict[str, Any]], stored: list[Any], *, whole: bool = True) -> str:
+    """What the latest attempt's readers saw that its `stored` items (their data, in order) do
+    not hold: its later whole messages and the text still being written (with `model.retry`'s
+    discards applied, as readers apply them). `whole`: the events start at the attempt's start,
+    so the n-th message is the n-th stored one. If not (a stream trimmed to its length cap), the
+    latest tool call or result the events show and the items hold anchors them (call ids are
+    unique); with none in sight, the longest run of the stored messages' texts that the events'
+    first messages repeat is taken to be those messages."""
+    saved: list[str] = []
+    saved_before: dict[tuple[Any, Any], int] = {}  # stored call or result -> messages before it
+    for data in stored:
+        if (text := _assistant_text(data)) is not None:
+            saved.append(text.strip())
+        elif isinstance(data, dict) and data.get("call_id"):
+            saved_before[(data.get("type"), data.get("call_id"))] = len(saved)
     messages: list[str] = []
     partial = ""
+    anchor: tuple[int, int] | None = None  # (messages seen, messages stored) at the anchor
     for event in events:
         kind = event.get("type")
         if kind == run_events.RUN_STATUS and event.get("status") == RunStatus.RUNNING:
-            messages, partial = [], ""  # a new attempt starts the reply over
+            messages, partial, anchor = [], "", None  # a new attempt starts the reply over
         elif kind == run_events.MESSAGE_DELTA:
             partial += str(event.get("text", ""))
         elif kind == run_events.MESSAGE_COMPLETED:
@@ -374,18 +391,24 @@ def _unsaved_text(events: list[dict[str, Any]], saved: list[str], *, whole: bool
             partial = ""
         elif kind in (run_events.TOOL_STARTED, run_events.TOOL_FINISHED, run_events.HANDOFF):
             partial = ""
+            stored_as = _STORED_AS.get(kind)
+            before = saved_before.get((stored_as, event.get("call_id")))
+            if stored_as and before is not None:
+                anchor = (len(messages), before)
         elif kind == run_events.MODEL_RETRY and event.get("discard"):
             partial = ""
     if whole:
         unsaved = messages[len(saved) :]
+    elif anchor is not None:
+        seen, held = anchor
+        unsaved = messages[seen:][len(saved) - held :]
     else:
-        left = Counter(text.strip() for text in saved)
-        unsaved = []
-        for text in messages:
-            if left[text.strip()] > 0:
-                left[text.strip()] -= 1
-            else:
-                unsaved.append(text)
+        overlap = next(
+            n
+            for n in range(min(len(saved), len(messages)), -1, -1)
+            if [text.strip() for text in messages[:n]] == saved[len(saved) - n :]
+        )
+        unsaved = messages[overlap:]
     said = [*unsaved, partial]
     return "\n\n".join(text.strip() for text in said if text.strip())
 

@@ -911,3 +911,50 @@ def test_a_stopped_reply_on_a_trimmed_stream_keeps_its_unsaved_messages(world_a,
         ("assistant", "Let me check."),
         ("assistant", "It is 42.\n\nAnd the"),
     ]
+
+
+def test_a_stopped_reply_on_a_trimmed_stream_keeps_a_message_that_repeats_a_saved_one(
+    world_a, thread, settings
+):
+    """The agent said the same words in two turns; only the first turn is stored. The second
+    one's message is unsaved, and is kept, though the stored items hold its text."""
+    import redis as redis_client
+
+    from conversations import events as ev
+    from conversations.session import ThreadSession
+
+    run = _send(world_a, thread, "add them up")
+    held = executor.claim(run.pk, owner="w")
+    session = ThreadSession(
+        tenant_id=run.tenant_id, thread_id=run.thread_id, run_id=run.pk, attempt=held.attempt
+    )
+    async_to_sync(session.add_items)([
+        {"role": "user", "content": "add them up"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "name": "calculator", "call_id": "c1", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c1", "output": "2"},
+    ])  # fmt: skip
+    _saw(run, held, [
+        *[ev.message_delta("x", agent="Calc") for _ in range(4)],  # trimmed away below
+        ev.message_completed("Checking.", agent="Calc"),
+        ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
+        ev.tool_finished(call_id="c1", tool="calculator", output="2", agent="Calc"),
+        ev.message_completed("Checking.", agent="Calc"),  # its turn is not stored yet
+        ev.tool_started(call_id="c2", tool="calculator", arguments="{}", agent="Calc"),
+        ev.message_delta("The sum", agent="Calc"),
+    ])  # fmt: skip
+    client = redis_client.Redis.from_url(settings.REDIS_URL)
+    try:
+        client.xtrim(streams.stream_key(run.pk), maxlen=4, approximate=False)
+    finally:
+        client.close()
+    services.run_cancel(tenant=world_a.tenant, run_id=run.pk, end_user=thread.end_user)
+
+    assert _texts(run) == [
+        ("user", "add them up"),
+        ("assistant", "Checking."),
+        (None, None),  # the call c1
+        (None, None),  # and its result
+        ("assistant", "Checking.\n\nThe sum"),
+    ]
