@@ -105,20 +105,33 @@ def message_delta(text: str, *, agent: str) -> Event:
     return {"type": MESSAGE_DELTA, "text": text, "agent": agent}
 
 
-def message_completed(text: str, *, agent: str) -> Event:
-    """`message.completed`: one whole assistant message (a run may have several)."""
-    return {"type": MESSAGE_COMPLETED, "text": text, "agent": agent}
+def _placed(event: Event, seq: int | None) -> Event:
+    if seq is not None:
+        event["seq"] = seq
+    return event
 
 
-def tool_started(*, call_id: str, tool: str, arguments: str, agent: str) -> Event:
-    """`tool.started`: the model called a tool. `arguments` is the model's JSON text, clipped."""
-    return {
-        "type": TOOL_STARTED,
-        "call_id": call_id,
-        "tool": tool,
-        "arguments": _clip(arguments),
-        "agent": agent,
-    }
+def message_completed(text: str, *, agent: str, seq: int | None = None) -> Event:
+    """`message.completed`: one whole assistant message (a run may have several). `seq`: its
+    place among the attempt's messages, from 0."""
+    return _placed({"type": MESSAGE_COMPLETED, "text": text, "agent": agent}, seq)
+
+
+def tool_started(
+    *, call_id: str, tool: str, arguments: str, agent: str, seq: int | None = None
+) -> Event:
+    """`tool.started`: the model called a tool. `arguments` is the model's JSON text, clipped.
+    `seq`: the call's place among the attempt's function tool calls, from 0."""
+    return _placed(
+        {
+            "type": TOOL_STARTED,
+            "call_id": call_id,
+            "tool": tool,
+            "arguments": _clip(arguments),
+            "agent": agent,
+        },
+        seq,
+    )
 
 
 def tool_finished(*, call_id: str, tool: str, output: Any, agent: str) -> Event:
@@ -133,9 +146,10 @@ def tool_finished(*, call_id: str, tool: str, output: Any, agent: str) -> Event:
     }
 
 
-def handoff(*, from_agent: str, to_agent: str) -> Event:
-    """`handoff`: the conversation moved to another agent; later messages come from `to_agent`."""
-    return {"type": HANDOFF, "from_agent": from_agent, "to_agent": to_agent}
+def handoff(*, from_agent: str, to_agent: str, seq: int | None = None) -> Event:
+    """`handoff`: the conversation moved to another agent; later messages come from `to_agent`.
+    `seq`: its place among the attempt's handoffs, from 0."""
+    return _placed({"type": HANDOFF, "from_agent": from_agent, "to_agent": to_agent}, seq)
 
 
 def guardrail_tripped(*, side: str, message: str) -> Event:
@@ -212,12 +226,20 @@ def is_terminal(event: Mapping[str, Any]) -> bool:
 class EventMapper:
     """Translates one run's SDK stream events, in order. It remembers what a single event does
     not carry: the agent currently speaking (raw token deltas do not name their agent; the SDK
-    announces a new agent with `AgentUpdatedStreamEvent`) and each tool call's name (a
-    `ToolCallOutputItem` only has the call id). Use one mapper per run."""
+    announces a new agent with `AgentUpdatedStreamEvent`), each tool call's name (a
+    `ToolCallOutputItem` only has the call id) and how many messages, function tool calls and
+    handoffs came before (each one's `seq`: the chat page tells a replayed step the thread has
+    saved by it). Use one mapper per attempt of a run."""
 
     def __init__(self, agent_name: str) -> None:
         self.agent = agent_name
         self._tools: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+
+    def _next(self, kind: str) -> int:
+        seq = self._counts.get(kind, 0)
+        self._counts[kind] = seq + 1
+        return seq
 
     def map(self, event: StreamEvent) -> list[Event]:
         if isinstance(event, RawResponsesStreamEvent):
@@ -250,17 +272,25 @@ class EventMapper:
         item = event.item
         agent = getattr(getattr(item, "agent", None), "name", None) or self.agent
         if event.name == "message_output_created" and isinstance(item, MessageOutputItem):
-            return [message_completed(ItemHelpers.text_message_output(item), agent=agent)]
+            return [
+                message_completed(
+                    ItemHelpers.text_message_output(item), agent=agent, seq=self._next("message")
+                )
+            ]
         if event.name == "tool_called" and isinstance(item, ToolCallItem):
             call_id = str(item.call_id or "")
             tool = item.tool_name or _raw_get(item.raw_item, "type") or "tool"
             self._tools[call_id] = tool
+            # Numbered like the thread numbers its saved items: function calls only (hosted
+            # tools' calls are saved as items of their own kinds).
+            function = _raw_get(item.raw_item, "type") == "function_call"
             return [
                 tool_started(
                     call_id=call_id,
                     tool=tool,
                     arguments=_text(_raw_get(item.raw_item, "arguments") or ""),
                     agent=agent,
+                    seq=self._next("tool") if function else None,
                 )
             ]
         if event.name == "tool_output" and isinstance(item, ToolCallOutputItem):
@@ -275,7 +305,13 @@ class EventMapper:
             ]
         # "handoff_occured" is the SDK's spelling.
         if event.name == "handoff_occured" and isinstance(item, HandoffOutputItem):
-            return [handoff(from_agent=item.source_agent.name, to_agent=item.target_agent.name)]
+            return [
+                handoff(
+                    from_agent=item.source_agent.name,
+                    to_agent=item.target_agent.name,
+                    seq=self._next("handoff"),
+                )
+            ]
         # handoff_requested (its handoff_occured follows), reasoning, MCP listings and approvals,
         # tool search: not part of the vocabulary.
         return []
@@ -287,6 +323,9 @@ def _raw_get(raw: Any, name: str) -> Any:
 
 def from_sdk(event: StreamEvent, *, agent_name: str) -> list[Event]:
     """Map one SDK stream event with no memory of the run: deltas are attributed to
-    `agent_name` and `tool.finished` has an empty `tool`. A run's executor should keep one
-    `EventMapper` instead, which gets both right after a handoff."""
-    return EventMapper(agent_name).map(event)
+    `agent_name`, `tool.finished` has an empty `tool` and nothing has a `seq`. A run's executor
+    should keep one `EventMapper` instead, which gets all three right."""
+    mapped = EventMapper(agent_name).map(event)
+    for one in mapped:
+        one.pop("seq", None)
+    return mapped

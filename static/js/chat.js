@@ -149,7 +149,10 @@
   // message, handoff or tool call whose place among the run's own of its kind is at most the
   // highest the page shows (`data-run-seq`, numbered by the server over the whole thread).
   // Items are saved in order, so the run's earlier ones are saved too, even those on older
-  // pages of the history that the page has not loaded.
+  // pages of the history that the page has not loaded. The place is the event's `seq`; a
+  // message still being written has none yet: its place is counted from the attempt's start
+  // if the page read it (`run.whole`), and otherwise it is unsaved (a message is saved after
+  // it ends), which its `message.completed` confirms or corrects.
   var SAVED_AS = { text: ".msg-assistant", handoff: ".step-handoff", tool: ".step-tool_call" };
   function shownCall(callId) {
     var steps = log.querySelectorAll("[data-call-id]:not([data-pending])");
@@ -170,6 +173,8 @@
   }
   function isSaved(step) {
     if (step.kind === "tool" && step.call_id && shownCall(step.call_id)) return true;
+    if (typeof step.seq === "number") return step.seq <= savedUpTo(step.kind);
+    if (!run.whole) return false;
     var before = 0;
     for (var i = 0; i < run.steps.length && run.steps[i] !== step; i++) {
       if (run.steps[i].kind === step.kind) before++;
@@ -283,14 +288,17 @@
   var TERMINAL = ["success", "error", "cancelled", "interrupted", "timeout"];
 
   var ended = {}; // runs whose end this page has seen
+  var queued = {}; // runs this page sent that wait in line behind the active one
 
   function onEvent(msg) {
     var ev = msg.event || {};
     var starts = ev.type === "run.status" && ev.status === "running";
-    if (isEarlier(msg.run_id) && starts && !ended[msg.run_id]) {
-      // One reply runs at a time: a later one running means the one this page knew of ended
-      // (its end may still be on its way). A queued message's socket follows its run from the
-      // start, so it hears no `run.started` of it.
+    if (isEarlier(msg.run_id) && starts && queued[msg.run_id] && !ended[msg.run_id]) {
+      // One reply runs at a time: the run this page queued running means the one it waited
+      // for ended (its end may still be on its way). A queued message's socket follows its run
+      // from the start, so it hears no `run.started` of it. Any other run's start is an older
+      // reply's, read late: it changes nothing.
+      delete queued[msg.run_id];
       root.setAttribute("data-active-run", msg.run_id);
     }
     if (isEarlier(msg.run_id)) {
@@ -311,11 +319,21 @@
             // A retry of the run starts the reply over, from its question: what the earlier
             // attempt saved is gone from the thread too.
             log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });
-            log.querySelectorAll('[data-run-id="' + run.id + '"]').forEach(function (n) { n.remove(); });
+            log.querySelectorAll('[data-run-id="' + run.id + '"]').forEach(function (n) {
+              // The retry saved the question again: this copy stays until the history's
+              // reload brings that one.
+              if (n.classList.contains("msg-user")) {
+                n.setAttribute("data-pending", "");
+                n.removeAttribute("data-item-id");
+              } else {
+                n.remove();
+              }
+            });
             run.steps = [];
             bubble = null;
           }
           run.attempt = ev.attempt == null ? null : ev.attempt;
+          run.whole = true; // the page reads this attempt from its start
           busy(true);
           status("Replying\u2026");
         } else if (ev.status === "pending") {
@@ -345,10 +363,17 @@
         if (cur && cur.kind === "text" && !cur.done) {
           // The whole message: its first deltas may have been trimmed from a long stream.
           if (typeof ev.text === "string") cur.text = ev.text;
+          if (typeof ev.seq === "number") cur.seq = ev.seq;
+          if (!cur.saved && isSaved(cur)) {
+            // Its place is known now: the page shows it already.
+            cur.saved = true;
+            if (bubble && bubble.parentNode) bubble.parentNode.remove();
+            bubble = null;
+          }
           if (!cur.saved && bubble) bubble.textContent = cur.text;
         } else {
           // A message none of whose deltas were read: drawn whole.
-          cur = { kind: "text", text: ev.text || "", agent: ev.agent || "" };
+          cur = { kind: "text", text: ev.text || "", agent: ev.agent || "", seq: ev.seq };
           run.steps.push(cur);
           cur.saved = isSaved(cur);
           if (!cur.saved) { drawText(cur, ev.agent !== lastAgent ? ev.agent : null); dropEmpty(); }
@@ -361,7 +386,8 @@
         if (announceEl) announceEl.textContent = (ev.agent ? ev.agent + ": " : "") + (ev.text || "");
         break;
       case "tool.started":
-        var step = { kind: "tool", call_id: ev.call_id, tool: ev.tool, arguments: ev.arguments };
+        var step = { kind: "tool", call_id: ev.call_id, tool: ev.tool, arguments: ev.arguments,
+                     seq: ev.seq };
         run.steps.push(step);
         step.saved = isSaved(step);
         if (step.saved) bubble = null;
@@ -372,7 +398,7 @@
         finishStep(ev.call_id, ev.output);
         break;
       case "handoff":
-        var hs = { kind: "handoff", from: ev.from_agent, to: ev.to_agent };
+        var hs = { kind: "handoff", from: ev.from_agent, to: ev.to_agent, seq: ev.seq };
         run.steps.push(hs);
         hs.saved = isSaved(hs);
         if (hs.saved) bubble = null;
@@ -433,11 +459,14 @@
       } else if (msg.type === "run.created" && msg.queued) {
         // Waits in line behind the reply being written: it starts when that one ends.
         var sent = asked.length && asked[0].kind === "send" ? asked.shift() : null;
+        queued[msg.run_id] = true;
         if (sent) {
           sent.node.setAttribute("data-waiting-run", msg.run_id);
           sent.node.appendChild(
             el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
         }
+      } else if (msg.type === "run.started" && ended[msg.run_id]) {
+        // A late announcement of a reply this page saw end: nothing to follow.
       } else if (msg.type === "run.created" || msg.type === "run.started") {
         if (msg.type === "run.created" && asked.length && asked[0].kind === "send") {
           asked.shift().node.setAttribute("data-waiting-run", msg.run_id);

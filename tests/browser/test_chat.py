@@ -12,6 +12,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -323,16 +324,21 @@ def test_a_message_sent_during_a_reply_waits_in_line_and_survives_a_refresh(
     assert runs[1].strategy == "enqueue"
 
 
-def _scripted_socket(page: Page, frames: list[dict]) -> None:
+def _scripted_socket(page: Page, frames: list[dict]) -> list:
     """The page's chat socket answers with `frames`, in order, and nothing else: the page's
-    handling of an order of events the server can produce but not on cue."""
+    handling of an order of events the server can produce but not on cue. Returns the sockets
+    opened so far (a flow sends more frames with `sockets[-1].send`)."""
     import json
 
+    sockets: list = []
+
     def connected(ws) -> None:
+        sockets.append(ws)
         for frame in frames:
             ws.send(json.dumps(frame))
 
     page.route_web_socket(re.compile(r"/ws/t/"), connected)
+    return sockets
 
 
 def test_a_late_event_of_an_interrupted_reply_leaves_the_next_reply_alone(
@@ -507,5 +513,160 @@ def test_a_retried_reply_replaces_what_its_earlier_attempt_had_saved(asgi_site, 
             ["First try", "and more"], timeout=LONG
         )
         expect(page.locator(".msg-assistant:not([data-pending])")).to_have_count(0)
+
+    run_in_browser(flow)
+
+
+@pytest.fixture
+def unstarted(asgi_site, monkeypatch) -> None:
+    """Runs stay as the test sets them: none is handed to the site's in-process worker."""
+    monkeypatch.setattr(executor, "kick", lambda run_id: None)
+
+
+def test_an_older_replys_start_read_late_does_not_take_over_the_page(unstarted, run_in_browser):
+    import uuid
+
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    older, current = str(uuid.uuid4()), str(run.pk)  # the page opens on the current one
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": current},
+        # The interrupted reply's stream, replayed late: it started long before the current one.
+        _event(older, 1, type="run.status", status="running", message="", attempt=1),
+        _event(older, 2, type="message.delta", text="Old words", agent="Calc"),
+        _event(current, 1, type="run.status", status="running", message="", attempt=1),
+        _event(current, 2, type="message.delta", text="Current", agent="Calc"),
+    ]
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Current"], timeout=LONG)
+        expect(page.locator("#chat")).to_have_attribute("data-active-run", current)
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()
+
+    run_in_browser(flow)
+
+
+def test_a_reply_whose_stream_lost_its_start_draws_its_unsaved_steps(unstarted, run_in_browser):
+    """A stream trimmed to its length cap replays from the middle of the reply: the page knows
+    each step's place from the event, not by counting what it read."""
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=RunStatus.RUNNING, attempt=1
+    )
+    data = [{"role": "user", "content": "go"}]
+    for i in range(3):  # three turns saved; the fourth is being written
+        data += [
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": f"step {i}"}]},
+            {"type": "function_call", "name": "calculator", "call_id": f"c{i}", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{i}", "output": "1"},
+        ]  # fmt: skip
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, run=run, data=d) for d in data
+    )
+    rid = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        # No `running` event: the stream's first events were trimmed away.
+        _event(rid, 7, type="message.completed", text="step 2", agent="Calc", seq=2),
+        _event(rid, 8, type="tool.started", call_id="c2", tool="calculator", arguments="{}",
+               agent="Calc", seq=2),
+        _event(rid, 9, type="tool.finished", call_id="c2", tool="calculator", output="1",
+               agent="Calc"),
+        _event(rid, 10, type="message.completed", text="step 3", agent="Calc", seq=3),
+        _event(rid, 11, type="tool.started", call_id="c3", tool="calculator", arguments="{}",
+               agent="Calc", seq=3),
+        _event(rid, 12, type="message.delta", text="now writing", agent="Calc"),
+    ]  # fmt: skip
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(
+            ["step 3", "now writing"], timeout=LONG
+        )
+        expect(page.locator("details[data-pending]")).to_have_count(1)  # the call c3
+        expect(page.locator(".msg-assistant", has_text="step 2")).to_have_count(1)
+
+    run_in_browser(flow)
+
+
+def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_browser):
+    import json
+
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    runs = Run.objects.for_tenant(world.tenant).filter(pk=run.pk)
+    runs.update(status=RunStatus.RUNNING, attempt=1)
+    for d in (
+        {"role": "user", "content": "go"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "First try"}]},
+    ):  # fmt: skip
+        Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+    rid = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+        _event(rid, 2, type="message.completed", text="First try", agent="Calc", seq=0),
+        _event(rid, 3, type="run.status", status="running", message="", attempt=2),
+        _event(rid, 4, type="message.delta", text="Second try", agent="Calc"),
+    ]
+
+    def retried() -> None:
+        Item.objects.for_tenant(world.tenant).filter(run=run).delete()
+        for d in (
+            {"role": "user", "content": "go"},
+            {"type": "message", "role": "assistant",
+             "content": [{"type": "output_text", "text": "Second try"}]},
+        ):  # fmt: skip
+            Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+        runs.update(status=RunStatus.SUCCESS)
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        sockets = _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Second try"], timeout=LONG)
+        expect(page.locator(".msg-user", has_text="go")).to_have_count(1)
+
+        # The retry stored the question again, then its reply, and the run ended.
+        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
+            pool.submit(retried).result()
+        sockets[-1].send(json.dumps(_event(
+            rid, 5, type="run.status", status="success", message="", attempt=2
+        )))  # fmt: skip
+
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_text(
+            ["Second try"], timeout=LONG
+        )
+        expect(page.locator(".msg-user", has_text="go")).to_have_count(1)
+        expect(page.locator("[data-pending]")).to_have_count(0)
 
     run_in_browser(flow)

@@ -13,6 +13,7 @@ import redis
 from agents import (
     Agent,
     AgentUpdatedStreamEvent,
+    MessageOutputItem,
     RunConfig,
     RunItemStreamEvent,
     Runner,
@@ -251,6 +252,42 @@ async def test_from_sdk_maps_a_streamed_tool_run_and_survives_the_stream(run_id)
     assert [e for _, e in await streams.read(run_id)] == mapped  # JSON round trip
 
 
+async def test_each_message_tool_call_and_handoff_carries_its_place_among_its_kind():
+    weather = {"city": "Oslo"}
+    model = ScriptedModel(
+        [
+            [assistant_message("Looking."), function_call("get_weather", weather, call_id="a")],
+            [function_call("get_weather", {"city": "Rome"}, call_id="b")],
+            [assistant_message("Sunny."), function_call("transfer_to_billing", {}, call_id="t")],
+            [assistant_message("Billing here.")],
+        ]
+    )
+    billing = Agent(name="Billing", model=model, handoff_description="invoices")
+    triage = Agent(name="Triage", model=model, tools=[get_weather], handoffs=[billing])
+    mapped, _final = await _mapped(triage, "hi", agent_name="Triage")
+
+    placed = [(e["type"], e.get("seq")) for e in mapped if e["type"] != "message.delta"]
+    assert placed == [
+        ("message.completed", 0),
+        ("tool.started", 0),
+        ("tool.finished", None),
+        ("tool.started", 1),
+        ("tool.finished", None),
+        ("message.completed", 1),
+        ("handoff", 0),
+        ("message.completed", 2),
+    ]
+    # Without a mapper's memory, no place is known: none is given.
+    lone = events.from_sdk(
+        RunItemStreamEvent(
+            name="message_output_created",
+            item=MessageOutputItem(agent=triage, raw_item=assistant_message("Hi.")),
+        ),
+        agent_name="Triage",
+    )
+    assert lone == [{"type": "message.completed", "text": "Hi.", "agent": "Triage"}]
+
+
 async def test_from_sdk_maps_a_handoff_and_attributes_later_text_to_the_new_agent():
     model = ScriptedModel(
         [
@@ -270,6 +307,7 @@ async def test_from_sdk_maps_a_handoff_and_attributes_later_text_to_the_new_agen
             "tool": "get_weather",
             "arguments": '{"city":"Oslo"}',
             "agent": "Triage",
+            "seq": 0,
         },
         {
             "type": "tool.finished",
@@ -278,9 +316,9 @@ async def test_from_sdk_maps_a_handoff_and_attributes_later_text_to_the_new_agen
             "output": "sunny in Oslo",
             "agent": "Triage",
         },
-        {"type": "handoff", "from_agent": "Triage", "to_agent": "Billing"},
+        {"type": "handoff", "from_agent": "Triage", "to_agent": "Billing", "seq": 0},
         {"type": "message.delta", "text": "Billing here.", "agent": "Billing"},
-        {"type": "message.completed", "text": "Billing here.", "agent": "Billing"},
+        {"type": "message.completed", "text": "Billing here.", "agent": "Billing", "seq": 0},
     ]
     assert final == "Billing here."
     # Without a mapper's memory: the agent update maps to nothing.
