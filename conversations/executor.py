@@ -240,8 +240,9 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
                 "The reply was stopped: its worker disappeared after a tool that may change "
                 "things had started, and repeating it could do that twice."
                 if run.side_effects
-                else f"The run was stopped after {run.attempt} attempts: its worker kept "
-                "disappearing before it could finish."
+                else f"The run was stopped after {run.attempt} attempts: each one ended "
+                "before it could finish (its worker stopped, or lost the database). Please "
+                "try again."
             )
             run.lease_owner, run.lease_expires_at = "", None
             run.save(
