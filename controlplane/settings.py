@@ -340,6 +340,11 @@ RUN_TIMEOUT_SECONDS = env.float("RUN_TIMEOUT_SECONDS", default=600.0)
 # the others to other workers at once (conversations/worker.py). Keep it below the deployment's
 # stop timeout (docker-compose.yml: stop_grace_period).
 RUN_SHUTDOWN_GRACE_SECONDS = env.float("RUN_SHUTDOWN_GRACE_SECONDS", default=30.0)
+# The event loop a worker's runs share (conversations/worker.py): uvloop (the default; about a
+# tenth less worker CPU per streamed run, docs/benchmark.md) or asyncio's own.
+RUN_EVENT_LOOP = env.str("RUN_EVENT_LOOP", default="uvloop")
+if RUN_EVENT_LOOP not in ("uvloop", "asyncio"):
+    raise ImproperlyConfigured(f"RUN_EVENT_LOOP must be uvloop or asyncio, not {RUN_EVENT_LOOP!r}.")
 # Failed model calls (and malformed tool arguments) a run retries (ai_agents/runtime/retry.py).
 RUN_MODEL_RETRIES = env.int("RUN_MODEL_RETRIES", default=3)
 RUN_MODEL_RETRY_BACKOFF_SECONDS = env.float("RUN_MODEL_RETRY_BACKOFF_SECONDS", default=1.0)

@@ -256,3 +256,12 @@ def test_settings_refuse_to_load_without_a_secret_key():
 
     assert result.returncode != 0
     assert "DJANGO_SECRET_KEY" in result.stderr
+
+
+def test_settings_refuse_an_unknown_run_event_loop():
+    result = _manage(
+        "check", env=_production_env(DJANGO_SECRET_KEY="x" * 50, RUN_EVENT_LOOP="trio")
+    )
+
+    assert result.returncode != 0
+    assert "RUN_EVENT_LOOP must be uvloop or asyncio, not 'trio'" in result.stderr

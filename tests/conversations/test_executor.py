@@ -189,6 +189,34 @@ def test_one_worker_process_holds_hundreds_of_runs_at_once(settings):
     assert replies.count() == 200
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_worker_runs_on_the_event_loop_its_setting_names(settings, loop):
+    import uvloop
+
+    from conversations.worker import RunHost
+    from tests.conftest import make_world
+
+    world_a = make_world("Loops")
+    agent = agent_services.agent_create(tenant=world_a.tenant, actor=world_a.actor(), name="Echo")
+    agent_services.agent_publish(tenant=world_a.tenant, actor=world_a.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    thread = services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+    settings.RUN_EVENT_LOOP = loop
+    host = RunHost()
+    try:
+        assert isinstance(host._loop, uvloop.Loop) == (loop == "uvloop")
+        run = _send(world_a, thread, "hello there")
+        assert host.submit(executor.claim(run.pk, owner=host.owner)).result(30) == "success"
+    finally:
+        host.drain(grace_s=0)
+        host.loop.call_soon_threadsafe(host.loop.stop)
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCESS
+    (question, reply) = _texts(run)  # the question and one reply
+    assert question == ("user", "hello there") and reply[0] == "assistant" and reply[1]
+
+
 def test_stopping_a_run_ends_it_for_everyone_and_starts_the_next(
     world_a, thread, kicked, django_capture_on_commit_callbacks
 ):
