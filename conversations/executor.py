@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -368,16 +369,23 @@ def _unsaved_text(events: list[dict[str, Any]], stored: list[Any], *, whole: boo
     not hold: its later whole messages and the text still being written (with `model.retry`'s
     discards applied, as readers apply them). `whole`: the events start at the attempt's start,
     so the n-th message is the n-th stored one. If not (a stream trimmed to its length cap), the
-    latest tool call or result the events show and the items hold anchors them (call ids are
-    unique); with none in sight, the longest run of the stored messages' texts that the events'
-    first messages repeat is taken to be those messages."""
+    latest tool call or result the events show and the items hold anchors them, if its call id
+    is the only one of its kind on both sides (a provider may reuse ids across turns); with none
+    in sight, the longest run of the stored messages' texts that the events' first messages
+    repeat is taken to be those messages."""
     saved: list[str] = []
     saved_before: dict[tuple[Any, Any], int] = {}  # stored call or result -> messages before it
+    stored_keys: Counter[tuple[Any, Any]] = Counter()
     for data in stored:
         if (text := _assistant_text(data)) is not None:
             saved.append(text.strip())
         elif isinstance(data, dict) and data.get("call_id"):
-            saved_before[(data.get("type"), data.get("call_id"))] = len(saved)
+            key = (data.get("type"), data.get("call_id"))
+            saved_before[key] = len(saved)
+            stored_keys[key] += 1
+    event_keys: Counter[tuple[Any, Any]] = Counter(
+        (_STORED_AS.get(str(event.get("type"))), event.get("call_id")) for event in events
+    )
     messages: list[str] = []
     partial = ""
     anchor: tuple[int, int] | None = None  # (messages seen, messages stored) at the anchor
@@ -392,10 +400,9 @@ def _unsaved_text(events: list[dict[str, Any]], stored: list[Any], *, whole: boo
             partial = ""
         elif kind in (run_events.TOOL_STARTED, run_events.TOOL_FINISHED, run_events.HANDOFF):
             partial = ""
-            stored_as = _STORED_AS.get(kind)
-            before = saved_before.get((stored_as, event.get("call_id")))
-            if stored_as and before is not None:
-                anchor = (len(messages), before)
+            key = (_STORED_AS.get(kind), event.get("call_id"))
+            if stored_keys[key] == 1 and event_keys[key] == 1:
+                anchor = (len(messages), saved_before[key])
         elif kind == run_events.MODEL_RETRY and event.get("discard"):
             partial = ""
     if whole:

@@ -986,3 +986,29 @@ def test_a_stopped_reply_on_a_trimmed_stream_keeps_a_message_that_repeats_a_save
         (None, None),  # and its result
         ("assistant", "Checking.\n\nThe sum"),
     ]
+
+
+def test_a_call_id_reused_across_turns_anchors_nothing_on_a_trimmed_stream():
+    """Some providers number calls per response: the later, unsaved call's events must not be
+    taken for the stored call with the same id (the unsaved message between them was lost)."""
+    from conversations import events as ev
+
+    def message(text):
+        return {"type": "message", "role": "assistant",
+                "content": [{"type": "output_text", "text": text}]}  # fmt: skip
+
+    stored = [
+        {"role": "user", "content": "go"},
+        message("A"),
+        {"type": "function_call", "name": "calculator", "call_id": "call_0", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "call_0", "output": "1"},
+    ]
+    trimmed = [  # the attempt's `running` event and message A were trimmed away
+        ev.tool_started(call_id="call_0", tool="calculator", arguments="{}", agent="Calc"),
+        ev.tool_finished(call_id="call_0", tool="calculator", output="1", agent="Calc"),
+        ev.message_completed("B", agent="Calc"),
+        ev.tool_started(call_id="call_0", tool="calculator", arguments="{}", agent="Calc"),
+        ev.tool_finished(call_id="call_0", tool="calculator", output="2", agent="Calc"),
+        ev.message_delta("par", agent="Calc"),
+    ]
+    assert executor._unsaved_text(trimmed, stored, whole=False) == "B\n\npar"
