@@ -257,7 +257,7 @@
   }
 
   function endRun(ev, id) {
-    if (id) ended[id] = true;
+    if (id) { ended[id] = true; delete queued[id]; }
     var replaced = ev && (ev.status === "cancelled" || ev.status === "interrupted");
     if (isEarlier(id)) {
       if (replaced) reloadAll();
@@ -298,9 +298,9 @@
       // for ended (its end may still be on its way). A queued message's socket follows its run
       // from the start, so it hears no `run.started` of it. Any other run's start is an older
       // reply's, read late: it changes nothing.
-      delete queued[msg.run_id];
       root.setAttribute("data-active-run", msg.run_id);
     }
+    if (starts) delete queued[msg.run_id]; // it waits in line no more: a later start is a retry
     if (isEarlier(msg.run_id)) {
       if (ev.type === "run.status" && TERMINAL.indexOf(ev.status) >= 0) endRun(ev, msg.run_id);
       return;
@@ -315,7 +315,11 @@
     switch (ev.type) {
       case "run.status":
         if (ev.status === "running") {
-          if (run.attempt !== null && ev.attempt !== run.attempt) {
+          // A new attempt: another than the one read, or, when the page read none (the stream
+          // lost its start), one that comes after steps it read or is not the first.
+          var newAttempt = run.attempt !== null ? ev.attempt !== run.attempt
+            : run.steps.length > 0 || ev.attempt > 1;
+          if (newAttempt) {
             // A retry of the run starts the reply over, from its question: what the earlier
             // attempt saved is gone from the thread too.
             log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });

@@ -670,3 +670,88 @@ def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_
         expect(page.locator("[data-pending]")).to_have_count(0)
 
     run_in_browser(flow)
+
+
+def test_a_queued_reply_that_already_ran_never_takes_the_page_back(unstarted, run_in_browser):
+    """A reply this page queued started normally (after the earlier one's end); a retry of it,
+    read after a newer reply started, must not make it the page's reply again."""
+    import uuid
+
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    first, queued, newest = str(run.pk), str(uuid.uuid4()), str(uuid.uuid4())
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": first},
+        {"type": "run.created", "run_id": queued, "queued": True},
+        _event(first, 1, type="run.status", status="success", message="", attempt=1),
+        _event(queued, 1, type="run.status", status="running", message="", attempt=1),
+        # "Stop this reply, then send": the newest reply starts; the queued one's retry, in
+        # flight as it was interrupted, is read late.
+        {"type": "run.started", "run_id": newest},
+        _event(queued, 2, type="run.status", status="running", message="", attempt=2),
+        _event(newest, 1, type="run.status", status="running", message="", attempt=1),
+        _event(newest, 2, type="message.delta", text="Newest", agent="Calc"),
+    ]
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Newest"], timeout=LONG)
+        expect(page.locator("#chat")).to_have_attribute("data-active-run", newest)
+
+    run_in_browser(flow)
+
+
+def test_a_retry_read_after_a_stream_that_lost_its_start_starts_the_reply_over(
+    unstarted, run_in_browser
+):
+    world = make_world("Acme")
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    run = services.run_create(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
+    )
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=RunStatus.RUNNING, attempt=1
+    )
+    for d in (
+        {"role": "user", "content": "go"},
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "step 0"}]},
+        {"type": "function_call", "name": "calculator", "call_id": "c0", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "c0", "output": "1"},
+    ):  # fmt: skip
+        Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+    rid = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        # Attempt 1, its start trimmed away: what it shows is saved.
+        _event(rid, 5, type="message.completed", text="step 0", agent="Calc", seq=0),
+        _event(rid, 6, type="tool.started", call_id="c0", tool="calculator", arguments="{}",
+               agent="Calc", seq=0),
+        # Its worker died; the retry removed what attempt 1 saved and writes the reply again.
+        _event(rid, 7, type="run.status", status="running", message="", attempt=2),
+        _event(rid, 8, type="message.completed", text="step 0", agent="Calc", seq=0),
+        _event(rid, 9, type="message.delta", text="more", agent="Calc"),
+    ]  # fmt: skip
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        _scripted_socket(page, frames)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["step 0", "more"], timeout=LONG)
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_count(0)
+        expect(page.locator(".msg-user", has_text="go")).to_have_count(1)
+
+    run_in_browser(flow)
