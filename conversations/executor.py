@@ -374,17 +374,18 @@ def _unsaved_text(events: list[dict[str, Any]], stored: list[Any], *, whole: boo
     in sight, the longest run of the stored messages' texts that the events' first messages
     repeat is taken to be those messages."""
     saved: list[str] = []
-    saved_before: dict[tuple[Any, Any], int] = {}  # stored call or result -> messages before it
-    stored_keys: Counter[tuple[Any, Any]] = Counter()
+    # Each stored call or result: the messages stored before it; None if its id is not unique.
+    saved_before: dict[tuple[Any, Any], int | None] = {}
     for data in stored:
         if (text := _assistant_text(data)) is not None:
             saved.append(text.strip())
         elif isinstance(data, dict) and data.get("call_id"):
             key = (data.get("type"), data.get("call_id"))
-            saved_before[key] = len(saved)
-            stored_keys[key] += 1
+            saved_before[key] = None if key in saved_before else len(saved)
     event_keys: Counter[tuple[Any, Any]] = Counter(
-        (_STORED_AS.get(str(event.get("type"))), event.get("call_id")) for event in events
+        (_STORED_AS[str(event["type"])], event.get("call_id"))
+        for event in events
+        if event.get("type") in _STORED_AS
     )
     messages: list[str] = []
     partial = ""
@@ -400,9 +401,9 @@ def _unsaved_text(events: list[dict[str, Any]], stored: list[Any], *, whole: boo
             partial = ""
         elif kind in (run_events.TOOL_STARTED, run_events.TOOL_FINISHED, run_events.HANDOFF):
             partial = ""
-            key = (_STORED_AS.get(kind), event.get("call_id"))
-            if stored_keys[key] == 1 and event_keys[key] == 1:
-                anchor = (len(messages), saved_before[key])
+            key = (_STORED_AS.get(str(kind)), event.get("call_id"))
+            if (before := saved_before.get(key)) is not None and event_keys[key] == 1:
+                anchor = (len(messages), before)
         elif kind == run_events.MODEL_RETRY and event.get("discard"):
             partial = ""
     if whole:

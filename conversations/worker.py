@@ -17,6 +17,7 @@ import threading
 from concurrent.futures import Future, wait
 from typing import Any
 
+import uvloop
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -26,16 +27,11 @@ log = logging.getLogger(__name__)
 
 
 def new_run_loop() -> asyncio.AbstractEventLoop:
-    """The loop a worker's runs share, as `RUN_EVENT_LOOP` says: uvloop, whose loop does the
-    same work for less CPU (every run's stream is many small reads and writes), or asyncio's.
-    Where uvloop is not installed (it has no Windows build), asyncio's."""
+    """The loop a worker's runs share, as `RUN_EVENT_LOOP` says: uvloop (a pinned dependency),
+    whose loop does the same work for less CPU (every run's stream is many small reads and
+    writes), or asyncio's."""
     if settings.RUN_EVENT_LOOP == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            log.warning("RUN_EVENT_LOOP is uvloop but uvloop is not installed: using asyncio's")
-        else:
-            return uvloop.new_event_loop()
+        return uvloop.new_event_loop()
     return asyncio.new_event_loop()
 
 
