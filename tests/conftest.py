@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -19,6 +20,9 @@ from django.test import Client
 from tenants import services
 from tenants.actors import Actor
 from tenants.models import ApiKey, Membership, Role, Tenant, User
+
+if TYPE_CHECKING:
+    from conversations.models import Thread
 
 PASSWORD = "correct-horse-battery-staple-9"
 
@@ -116,6 +120,20 @@ def make_world(name: str) -> World:
         tenant=tenant, actor=actor, name=f"{name} read key", scopes=["read"]
     )
     return World(tenant, owner, admin, member, om, am, mm, admin_key, admin_raw, read_key, read_raw)
+
+
+def member_thread(world: World, agent_name: str = "Echo") -> Thread:
+    """A thread of the world's member with a newly published agent (the built-in model)."""
+    from ai_agents import services as agent_services
+    from conversations import services as conversation_services
+
+    actor = world.actor()
+    agent = agent_services.agent_create(tenant=world.tenant, actor=actor, name=agent_name)
+    agent_services.agent_publish(tenant=world.tenant, actor=actor, agent_id=agent.pk)
+    end_user = conversation_services.end_user_for_member(tenant=world.tenant, user=world.member)
+    return conversation_services.thread_create(
+        tenant=world.tenant, end_user=end_user, agent_id=agent.pk
+    )
 
 
 @pytest.fixture

@@ -341,40 +341,86 @@ def _scripted_socket(page: Page, frames: list[dict]) -> list:
     return sockets
 
 
+def _event(run_id: str, n: int, **ev) -> dict:
+    return {"type": "event", "id": f"{n}-0", "run_id": run_id, "event": ev}
+
+
+def _message(text: str) -> dict:
+    return {"type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": text}]}  # fmt: skip
+
+
+def _turns(count: int) -> list[dict]:
+    """`count` saved turns of a reply: each a message, a calculator call and its result."""
+    items: list[dict] = []
+    for i in range(count):
+        items += [
+            _message(f"step {i}"),
+            {"type": "function_call", "name": "calculator", "call_id": f"c{i}", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{i}", "output": "1"},
+        ]
+    return items
+
+
+def _member_thread(world):
+    """A thread of the world's member with the Calc agent."""
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    return services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+
+
+def _thread_with_a_run(world, items: list[dict] | None = None):
+    """A thread whose run asks "go": pending with no `items`; else running its first attempt,
+    which saved `items`, the question first."""
+    thread = _member_thread(world)
+    run = services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input="go"
+    )
+    if items is not None:
+        Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+            status=RunStatus.RUNNING, attempt=1
+        )
+        Item.objects.bulk_create(
+            Item(tenant=world.tenant, thread=thread, run=run, data=d)
+            for d in [{"role": "user", "content": "go"}, *items]
+        )
+    return thread, run
+
+
+def _open_chat(new_context, world, thread, frames: list[dict]) -> tuple[Page, list]:
+    """The member's chat page on `thread`, its socket scripted with `frames`."""
+    page = new_context().new_page()
+    log_in(page, world.member.email)
+    expect(page).to_have_url(re.compile(r"/t/acme/$"))
+    sockets = _scripted_socket(page, frames)
+    page.goto(f"/t/acme/chat/{thread.pk}/")
+    return page, sockets
+
+
 def test_a_late_event_of_an_interrupted_reply_leaves_the_next_reply_alone(
     asgi_site, run_in_browser
 ):
     import uuid
 
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    thread = _member_thread(world)
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
-
-    def event(run_id: str, n: int, **ev) -> dict:
-        return {"type": "event", "id": f"{n}-0", "run_id": run_id, "event": ev}
-
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": None},
         {"type": "run.started", "run_id": first},
-        event(first, 1, type="run.status", status="running", message="", attempt=1),
-        event(first, 2, type="message.delta", text="Once upon", agent="Calc"),
+        _event(first, 1, type="run.status", status="running", message="", attempt=1),
+        _event(first, 2, type="message.delta", text="Once upon", agent="Calc"),
         # "Stop this reply, then send": the next reply starts before the first one's end is read.
         {"type": "run.started", "run_id": second},
-        event(second, 1, type="run.status", status="running", message="", attempt=1),
-        event(second, 2, type="message.delta", text="Sec", agent="Calc"),
-        event(first, 3, type="run.status", status="interrupted", message="Interrupted.", attempt=1),
-        event(second, 3, type="message.delta", text="ond", agent="Calc"),
-    ]
+        _event(second, 1, type="run.status", status="running", message="", attempt=1),
+        _event(second, 2, type="message.delta", text="Sec", agent="Calc"),
+        _event(first, 3, type="run.status", status="interrupted", message="Interrupted.",
+               attempt=1),
+        _event(second, 3, type="message.delta", text="ond", agent="Calc"),
+    ]  # fmt: skip
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
-
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         # The second reply is whole, in one bubble, and still stoppable.
         expect(page.locator(".msg-pending .bubble")).to_have_text(["Second"], timeout=LONG)
         expect(page.get_by_role("button", name="Stop")).to_be_visible()
@@ -383,19 +429,13 @@ def test_a_late_event_of_an_interrupted_reply_leaves_the_next_reply_alone(
     run_in_browser(flow)
 
 
-def _event(run_id: str, n: int, **ev) -> dict:
-    return {"type": "event", "id": f"{n}-0", "run_id": run_id, "event": ev}
-
-
 def test_a_queued_reply_that_starts_before_the_earlier_ones_end_arrives_is_shown_whole(
     asgi_site, run_in_browser
 ):
     import uuid
 
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    thread = _member_thread(world)
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": first},
@@ -411,11 +451,7 @@ def test_a_queued_reply_that_starts_before_the_earlier_ones_end_arrives_is_shown
     ]
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(["Second"], timeout=LONG)
         expect(page.get_by_role("button", name="Stop")).to_be_visible()
         expect(page.locator("#chat")).to_have_attribute("data-active-run", second)
@@ -427,26 +463,7 @@ def test_a_reply_longer_than_a_page_replayed_from_its_start_draws_only_what_is_u
     asgi_site, run_in_browser
 ):
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
-    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
-        status=RunStatus.RUNNING, attempt=1
-    )
-    data = [{"role": "user", "content": "go"}]
-    for i in range(30):  # 91 items: the page shows the latest 50
-        data += [
-            {"type": "message", "role": "assistant",
-             "content": [{"type": "output_text", "text": f"step {i}"}]},
-            {"type": "function_call", "name": "calculator", "call_id": f"c{i}", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": f"c{i}", "output": "1"},
-        ]  # fmt: skip
-    Item.objects.bulk_create(
-        Item(tenant=world.tenant, thread=thread, run=run, data=d) for d in data
-    )
+    thread, run = _thread_with_a_run(world, _turns(30))  # 91 items: the page shows the latest 50
     rid = str(run.pk)
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
@@ -463,11 +480,7 @@ def test_a_reply_longer_than_a_page_replayed_from_its_start_draws_only_what_is_u
     frames.append(_event(rid, 100, type="message.delta", text="now writing", agent="Calc"))
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(["now writing"], timeout=LONG)
         expect(page.locator("details[data-pending]")).to_have_count(0)
         expect(page.locator(".msg-assistant", has_text="step 0")).to_have_count(0)  # older page
@@ -477,21 +490,7 @@ def test_a_reply_longer_than_a_page_replayed_from_its_start_draws_only_what_is_u
 
 def test_a_retried_reply_replaces_what_its_earlier_attempt_had_saved(asgi_site, run_in_browser):
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
-    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
-        status=RunStatus.RUNNING, attempt=1
-    )
-    for d in (
-        {"role": "user", "content": "go"},
-        {"type": "message", "role": "assistant",
-         "content": [{"type": "output_text", "text": "First try"}]},
-    ):  # fmt: skip
-        Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+    thread, run = _thread_with_a_run(world, [_message("First try")])
     rid = str(run.pk)
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
@@ -504,11 +503,7 @@ def test_a_retried_reply_replaces_what_its_earlier_attempt_had_saved(asgi_site, 
     ]
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(
             ["First try", "and more"], timeout=LONG
         )
@@ -527,12 +522,7 @@ def test_an_older_replys_start_read_late_does_not_take_over_the_page(unstarted, 
     import uuid
 
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
+    thread, run = _thread_with_a_run(world)
     older, current = str(uuid.uuid4()), str(run.pk)  # the page opens on the current one
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": current},
@@ -544,11 +534,7 @@ def test_an_older_replys_start_read_late_does_not_take_over_the_page(unstarted, 
     ]
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(["Current"], timeout=LONG)
         expect(page.locator("#chat")).to_have_attribute("data-active-run", current)
         expect(page.get_by_role("button", name="Stop")).to_be_visible()
@@ -560,26 +546,7 @@ def test_a_reply_whose_stream_lost_its_start_draws_its_unsaved_steps(unstarted, 
     """A stream trimmed to its length cap replays from the middle of the reply: the page knows
     each step's place from the event, not by counting what it read."""
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
-    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
-        status=RunStatus.RUNNING, attempt=1
-    )
-    data = [{"role": "user", "content": "go"}]
-    for i in range(3):  # three turns saved; the fourth is being written
-        data += [
-            {"type": "message", "role": "assistant",
-             "content": [{"type": "output_text", "text": f"step {i}"}]},
-            {"type": "function_call", "name": "calculator", "call_id": f"c{i}", "arguments": "{}"},
-            {"type": "function_call_output", "call_id": f"c{i}", "output": "1"},
-        ]  # fmt: skip
-    Item.objects.bulk_create(
-        Item(tenant=world.tenant, thread=thread, run=run, data=d) for d in data
-    )
+    thread, run = _thread_with_a_run(world, _turns(3))  # three turns saved; a fourth is written
     rid = str(run.pk)
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
@@ -596,11 +563,7 @@ def test_a_reply_whose_stream_lost_its_start_draws_its_unsaved_steps(unstarted, 
     ]  # fmt: skip
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(
             ["step 3", "now writing"], timeout=LONG
         )
@@ -614,20 +577,7 @@ def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_
     import json
 
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
-    runs = Run.objects.for_tenant(world.tenant).filter(pk=run.pk)
-    runs.update(status=RunStatus.RUNNING, attempt=1)
-    for d in (
-        {"role": "user", "content": "go"},
-        {"type": "message", "role": "assistant",
-         "content": [{"type": "output_text", "text": "First try"}]},
-    ):  # fmt: skip
-        Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+    thread, run = _thread_with_a_run(world, [_message("First try")])
     rid = str(run.pk)
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
@@ -639,20 +589,14 @@ def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_
 
     def retried() -> None:
         Item.objects.for_tenant(world.tenant).filter(run=run).delete()
-        for d in (
-            {"role": "user", "content": "go"},
-            {"type": "message", "role": "assistant",
-             "content": [{"type": "output_text", "text": "Second try"}]},
-        ):  # fmt: skip
-            Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
-        runs.update(status=RunStatus.SUCCESS)
+        Item.objects.bulk_create(
+            Item(tenant=world.tenant, thread=thread, run=run, data=d)
+            for d in [{"role": "user", "content": "go"}, _message("Second try")]
+        )
+        Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(status=RunStatus.SUCCESS)
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        sockets = _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(["Second try"], timeout=LONG)
         expect(page.locator(".msg-user", has_text="go")).to_have_count(1)
 
@@ -678,12 +622,7 @@ def test_a_queued_reply_that_already_ran_never_takes_the_page_back(unstarted, ru
     import uuid
 
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
+    thread, run = _thread_with_a_run(world)
     first, queued, newest = str(run.pk), str(uuid.uuid4()), str(uuid.uuid4())
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": first},
@@ -699,11 +638,7 @@ def test_a_queued_reply_that_already_ran_never_takes_the_page_back(unstarted, ru
     ]
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(["Newest"], timeout=LONG)
         expect(page.locator("#chat")).to_have_attribute("data-active-run", newest)
 
@@ -714,23 +649,7 @@ def test_a_retry_read_after_a_stream_that_lost_its_start_starts_the_reply_over(
     unstarted, run_in_browser
 ):
     world = make_world("Acme")
-    agent = _published_agent(world)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-    run = services.run_create(
-        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="go"
-    )
-    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
-        status=RunStatus.RUNNING, attempt=1
-    )
-    for d in (
-        {"role": "user", "content": "go"},
-        {"type": "message", "role": "assistant",
-         "content": [{"type": "output_text", "text": "step 0"}]},
-        {"type": "function_call", "name": "calculator", "call_id": "c0", "arguments": "{}"},
-        {"type": "function_call_output", "call_id": "c0", "output": "1"},
-    ):  # fmt: skip
-        Item.objects.create(tenant=world.tenant, thread=thread, run=run, data=d)
+    thread, run = _thread_with_a_run(world, _turns(1))
     rid = str(run.pk)
     frames = [
         {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
@@ -745,11 +664,7 @@ def test_a_retry_read_after_a_stream_that_lost_its_start_starts_the_reply_over(
     ]  # fmt: skip
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        _scripted_socket(page, frames)
-        page.goto(f"/t/acme/chat/{thread.pk}/")
+        page, _sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-pending .bubble")).to_have_text(["step 0", "more"], timeout=LONG)
         expect(page.locator(".msg-assistant:not([data-pending])")).to_have_count(0)
         expect(page.locator(".msg-user", has_text="go")).to_have_count(1)

@@ -195,13 +195,10 @@ def test_a_worker_runs_on_the_event_loop_its_setting_names(settings, loop):
     import uvloop
 
     from conversations.worker import RunHost
-    from tests.conftest import make_world
+    from tests.conftest import make_world, member_thread
 
     world_a = make_world("Loops")
-    agent = agent_services.agent_create(tenant=world_a.tenant, actor=world_a.actor(), name="Echo")
-    agent_services.agent_publish(tenant=world_a.tenant, actor=world_a.actor(), agent_id=agent.pk)
-    end_user = services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
-    thread = services.thread_create(tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk)
+    thread = member_thread(world_a)
     settings.RUN_EVENT_LOOP = loop
     host = RunHost()
     try:
@@ -896,42 +893,58 @@ def test_a_tool_changes_nothing_only_if_it_is_the_built_in_one():
     assert executor.has_side_effects(from_an_mcp_server)  # the same name, another origin
 
 
-def test_a_stopped_reply_on_a_trimmed_stream_keeps_its_unsaved_messages(world_a, thread, settings):
-    """A reply longer than its stream's length cap: the attempt's start is gone from the
-    stream, so its saved messages are told apart by their text, not their place."""
+def _message(text):
+    return {"type": "message", "role": "assistant",
+            "content": [{"type": "output_text", "text": text}]}  # fmt: skip
+
+
+def _stopped_after_trimming(world, thread, question, stored, events, *, keep, redis_url):
+    """A reply to `question` whose attempt stored `stored` (after the question) and streamed
+    `events`, after four deltas that the stream then loses: it is trimmed to its last `keep`
+    entries before the end user stops the reply. The run."""
     import redis as redis_client
 
     from conversations import events as ev
     from conversations.session import ThreadSession
 
-    run = _send(world_a, thread, "look it up")
+    run = _send(world, thread, question)
     held = executor.claim(run.pk, owner="w")
     session = ThreadSession(
         tenant_id=run.tenant_id, thread_id=run.thread_id, run_id=run.pk, attempt=held.attempt
     )
-    async_to_sync(session.add_items)([
-        {"role": "user", "content": "look it up"},
-        {"type": "message", "role": "assistant",
-         "content": [{"type": "output_text", "text": "Sure."}]},
-        {"type": "message", "role": "assistant",
-         "content": [{"type": "output_text", "text": "Let me check."}]},
-    ])  # fmt: skip
-    _saw(run, held, [
-        *[ev.message_delta("x", agent="Calc") for _ in range(4)],  # trimmed away below
-        ev.message_completed("Sure.", agent="Calc"),
-        ev.message_completed("Let me check.", agent="Calc"),
-        ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
-        ev.tool_finished(call_id="c1", tool="calculator", output="42", agent="Calc"),
-        ev.message_completed("It is 42.", agent="Calc"),  # its turn is not stored yet
-        ev.tool_started(call_id="c2", tool="calculator", arguments="{}", agent="Calc"),
-        ev.message_delta("And the", agent="Calc"),
-    ])  # fmt: skip
-    client = redis_client.Redis.from_url(settings.REDIS_URL)
+    async_to_sync(session.add_items)([{"role": "user", "content": question}, *stored])
+    _saw(run, held, [*[ev.message_delta("x", agent="Calc") for _ in range(4)], *events])
+    client = redis_client.Redis.from_url(redis_url)
     try:
-        client.xtrim(streams.stream_key(run.pk), maxlen=6, approximate=False)
+        client.xtrim(streams.stream_key(run.pk), maxlen=keep, approximate=False)
     finally:
         client.close()
-    services.run_cancel(tenant=world_a.tenant, run_id=run.pk, end_user=thread.end_user)
+    services.run_cancel(tenant=world.tenant, run_id=run.pk, end_user=thread.end_user)
+    return run
+
+
+def test_a_stopped_reply_on_a_trimmed_stream_keeps_its_unsaved_messages(world_a, thread, settings):
+    """A reply longer than its stream's length cap: the attempt's start is gone from the
+    stream, so its saved messages are told apart by their text and order, not their place."""
+    from conversations import events as ev
+
+    run = _stopped_after_trimming(
+        world_a,
+        thread,
+        "look it up",
+        [_message("Sure."), _message("Let me check.")],
+        [
+            ev.message_completed("Sure.", agent="Calc"),
+            ev.message_completed("Let me check.", agent="Calc"),
+            ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
+            ev.tool_finished(call_id="c1", tool="calculator", output="42", agent="Calc"),
+            ev.message_completed("It is 42.", agent="Calc"),  # its turn is not stored yet
+            ev.tool_started(call_id="c2", tool="calculator", arguments="{}", agent="Calc"),
+            ev.message_delta("And the", agent="Calc"),
+        ],
+        keep=6,
+        redis_url=settings.REDIS_URL,
+    )
 
     assert _texts(run) == [
         ("user", "look it up"),
@@ -946,38 +959,28 @@ def test_a_stopped_reply_on_a_trimmed_stream_keeps_a_message_that_repeats_a_save
 ):
     """The agent said the same words in two turns; only the first turn is stored. The second
     one's message is unsaved, and is kept, though the stored items hold its text."""
-    import redis as redis_client
-
     from conversations import events as ev
-    from conversations.session import ThreadSession
 
-    run = _send(world_a, thread, "add them up")
-    held = executor.claim(run.pk, owner="w")
-    session = ThreadSession(
-        tenant_id=run.tenant_id, thread_id=run.thread_id, run_id=run.pk, attempt=held.attempt
+    run = _stopped_after_trimming(
+        world_a,
+        thread,
+        "add them up",
+        [
+            _message("Checking."),
+            {"type": "function_call", "name": "calculator", "call_id": "c1", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "2"},
+        ],
+        [
+            ev.message_completed("Checking.", agent="Calc"),
+            ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
+            ev.tool_finished(call_id="c1", tool="calculator", output="2", agent="Calc"),
+            ev.message_completed("Checking.", agent="Calc"),  # its turn is not stored yet
+            ev.tool_started(call_id="c2", tool="calculator", arguments="{}", agent="Calc"),
+            ev.message_delta("The sum", agent="Calc"),
+        ],
+        keep=4,
+        redis_url=settings.REDIS_URL,
     )
-    async_to_sync(session.add_items)([
-        {"role": "user", "content": "add them up"},
-        {"type": "message", "role": "assistant",
-         "content": [{"type": "output_text", "text": "Checking."}]},
-        {"type": "function_call", "name": "calculator", "call_id": "c1", "arguments": "{}"},
-        {"type": "function_call_output", "call_id": "c1", "output": "2"},
-    ])  # fmt: skip
-    _saw(run, held, [
-        *[ev.message_delta("x", agent="Calc") for _ in range(4)],  # trimmed away below
-        ev.message_completed("Checking.", agent="Calc"),
-        ev.tool_started(call_id="c1", tool="calculator", arguments="{}", agent="Calc"),
-        ev.tool_finished(call_id="c1", tool="calculator", output="2", agent="Calc"),
-        ev.message_completed("Checking.", agent="Calc"),  # its turn is not stored yet
-        ev.tool_started(call_id="c2", tool="calculator", arguments="{}", agent="Calc"),
-        ev.message_delta("The sum", agent="Calc"),
-    ])  # fmt: skip
-    client = redis_client.Redis.from_url(settings.REDIS_URL)
-    try:
-        client.xtrim(streams.stream_key(run.pk), maxlen=4, approximate=False)
-    finally:
-        client.close()
-    services.run_cancel(tenant=world_a.tenant, run_id=run.pk, end_user=thread.end_user)
 
     assert _texts(run) == [
         ("user", "add them up"),
@@ -993,13 +996,9 @@ def test_a_call_id_reused_across_turns_anchors_nothing_on_a_trimmed_stream():
     taken for the stored call with the same id (the unsaved message between them was lost)."""
     from conversations import events as ev
 
-    def message(text):
-        return {"type": "message", "role": "assistant",
-                "content": [{"type": "output_text", "text": text}]}  # fmt: skip
-
     stored = [
         {"role": "user", "content": "go"},
-        message("A"),
+        _message("A"),
         {"type": "function_call", "name": "calculator", "call_id": "call_0", "arguments": "{}"},
         {"type": "function_call_output", "call_id": "call_0", "output": "1"},
     ]

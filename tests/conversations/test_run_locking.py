@@ -12,7 +12,6 @@ import pytest
 from django.db import connections
 from django.utils import timezone
 
-from ai_agents import services as agent_services
 from ai_agents.runtime import execute as agent_execute
 from conversations import executor, services
 from conversations.models import Run
@@ -21,13 +20,11 @@ from conversations.models import Run
 @pytest.mark.parametrize("ender", ["finish", "cancel", "session", "failed claim"])
 @pytest.mark.django_db(transaction=True)
 def test_a_message_sent_while_the_reply_ends_does_not_deadlock(monkeypatch, ender):
-    from tests.conftest import make_world
+    from tests.conftest import make_world, member_thread
 
     world = make_world("Race")
-    agent = agent_services.agent_create(tenant=world.tenant, actor=world.actor(), name="Echo")
-    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    thread = member_thread(world)
+    end_user = thread.end_user
     run = services.run_create(
         tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input="hello"
     )
