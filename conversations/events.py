@@ -16,6 +16,7 @@ from typing import Any, Final
 
 from agents import (
     AgentUpdatedStreamEvent,
+    HandoffCallItem,
     HandoffOutputItem,
     ItemHelpers,
     MessageOutputItem,
@@ -229,11 +230,15 @@ class EventMapper:
     announces a new agent with `AgentUpdatedStreamEvent`), each tool call's name (a
     `ToolCallOutputItem` only has the call id) and how many messages, function tool calls and
     handoffs came before (each one's `seq`: the chat page tells a replayed step the thread has
-    saved by it). Use one mapper per attempt of a run."""
+    saved by it), and which calls asked for a handoff: a response that asks for several gets
+    the first, and the others' results (`ToolCallOutputItem`s saying so) are no event, as the
+    chat page shows them as nothing (`selectors.transfer_kinds`). Use one mapper per attempt of
+    a run."""
 
     def __init__(self, agent_name: str) -> None:
         self.agent = agent_name
         self._tools: dict[str, str] = {}
+        self._handoff_calls: set[str] = set()
         self._counts: dict[str, int] = {}
 
     def _next(self, kind: str) -> int:
@@ -281,6 +286,7 @@ class EventMapper:
             call_id = str(item.call_id or "")
             tool = item.tool_name or _raw_get(item.raw_item, "type") or "tool"
             self._tools[call_id] = tool
+            self._handoff_calls.discard(call_id)  # a reused call id
             # Numbered like the thread numbers its saved items: function calls only (hosted
             # tools' calls are saved as items of their own kinds).
             function = _raw_get(item.raw_item, "type") == "function_call"
@@ -293,8 +299,14 @@ class EventMapper:
                     seq=self._next("tool") if function else None,
                 )
             ]
+        if event.name == "handoff_requested" and isinstance(item, HandoffCallItem):
+            self._handoff_calls.add(str(_raw_get(item.raw_item, "call_id") or ""))
+            return []  # its `handoff_occured` follows, if it is the one taken
         if event.name == "tool_output" and isinstance(item, ToolCallOutputItem):
             call_id = str(item.call_id or "")
+            if call_id in self._handoff_calls:
+                self._handoff_calls.discard(call_id)
+                return []  # a handoff the SDK did not take
             return [
                 tool_finished(
                     call_id=call_id,
@@ -305,6 +317,7 @@ class EventMapper:
             ]
         # "handoff_occured" is the SDK's spelling.
         if event.name == "handoff_occured" and isinstance(item, HandoffOutputItem):
+            self._handoff_calls.discard(str(_raw_get(item.raw_item, "call_id") or ""))
             return [
                 handoff(
                     from_agent=item.source_agent.name,
@@ -312,8 +325,7 @@ class EventMapper:
                     seq=self._next("handoff"),
                 )
             ]
-        # handoff_requested (its handoff_occured follows), reasoning, MCP listings and approvals,
-        # tool search: not part of the vocabulary.
+        # Reasoning, MCP listings and approvals, tool search: not part of the vocabulary.
         return []
 
 

@@ -138,9 +138,10 @@ def _pretty(value: Any) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
-def entry_for(item: Item, *, handoffs: dict[Any, str] | None = None) -> Entry | None:
+def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None:
     """How an item (SDK Responses format) is shown; None for items the user does not see.
-    `handoffs` names the agent each handoff call (by call id) went to, from its result."""
+    `transfers` tells what each `transfer_to_*` call was (`transfer_kinds`); without it, such a call
+    is taken for the handoff its name says."""
     data = item.data if isinstance(item.data, dict) else {}
     kind, role = data.get("type"), data.get("role")
     base: dict[str, Any] = {"id": item.pk, "run_id": item.run_id}
@@ -157,9 +158,11 @@ def entry_for(item: Item, *, handoffs: dict[Any, str] | None = None) -> Entry | 
         )
     if kind == "function_call":
         name = str(data.get("name", ""))
-        if name.startswith("transfer_to_"):
-            target = (handoffs or {}).get(data.get("call_id"))
+        was, target = (transfers or {}).get(item.pk, (_transfer_kind(name), None))
+        if was != TOOL:
             target = target or name.removeprefix("transfer_to_").replace("_", " ")
+            if was == IGNORED:
+                return Entry(kind="other", title=f"Handoff to {target} not taken", **base)
             return Entry(kind="handoff", title=f"Handed off to {target}", **base)
         return Entry(
             kind="tool_call", title=name, detail=_pretty(data.get("arguments", "")), **base
@@ -168,7 +171,32 @@ def entry_for(item: Item, *, handoffs: dict[Any, str] | None = None) -> Entry | 
         return Entry(kind="tool_output", title="Result", detail=_pretty(data.get("output")), **base)
     if role in ("system", "developer") or kind == "reasoning":
         return None
+    if isinstance(kind, str) and kind.endswith("_call"):
+        # A hosted tool's call (web search, MCP, ...): the page skips its replayed step by its
+        # id, as the run's events name it (the SDK's `ToolCallItem.call_id`).
+        base["extra"] = {"call_id": str(data.get("call_id") or data.get("id") or "")}
     return Entry(kind="other", title=str(kind or role or "item"), detail=_pretty(data), **base)
+
+
+# --- Handoffs --------------------------------------------------------------------------------
+#
+# The SDK saves a handoff as a function call named `transfer_to_<agent>` and a result naming the
+# agent. A response that asks for several handoffs gets the first; each other call is saved with
+# the result below, and nothing else happens. A tool of the agent's own may also be named
+# `transfer_to_...`. So what such a call was is read from its result, as the run's events tell
+# it (`events.EventMapper`): a handoff, an ignored handoff (shown and numbered as nothing), or a
+# tool call.
+
+HANDOFF, IGNORED, TOOL = "handoff", "ignored", "tool_call"
+# What the SDK saves as the result of a handoff it did not take (agents.run_internal).
+IGNORED_HANDOFF_RESULT = "Multiple handoffs detected, ignoring this one."
+
+# Item pk of a `transfer_to_*` call or of its result -> (what the call was, the agent it named).
+Transfers = dict[int, tuple[str, str | None]]
+
+
+def _transfer_kind(name: str) -> str:
+    return HANDOFF if name.startswith("transfer_to_") else TOOL
 
 
 def _handoff_result(data: dict[str, Any]) -> str | None:
@@ -186,26 +214,84 @@ def _handoff_result(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _entries(items: list[Item]) -> list[Entry]:
-    """The items as shown. A handoff is saved as a `transfer_to_<agent>` call and a result that
-    names the agent: one step, named from the result (the call's name is lower-cased)."""
-    calls: dict[Any, str] = {}
+def _result_kind(data: dict[str, Any]) -> tuple[str, str | None]:
+    """What a saved result says its `transfer_to_*` call was, and the agent it names."""
+    target = _handoff_result(data)
+    if target is not None:
+        return HANDOFF, target
+    if data.get("output") == IGNORED_HANDOFF_RESULT:
+        return IGNORED, None
+    return TOOL, None
+
+
+def transfer_kinds(items: list[Item]) -> Transfers:
+    """What each `transfer_to_*` call among `items` (in id order) was, and each result of one.
+    A result belongs to the latest call of its run with its call id that has none yet (providers
+    reuse call ids across responses). A call whose result is not among them is a handoff, as
+    its name says (its run may not have saved the result yet). A result whose call is not among
+    them (on an older page) is told by itself, since a tool of the agent's own rarely answers
+    like a handoff."""
+    found: Transfers = {}
+    open_calls: dict[tuple[Any, Any], tuple[int, bool]] = {}  # -> (call pk, a transfer)
     for item in items:
         data = item.data if isinstance(item.data, dict) else {}
-        if data.get("type") == "function_call":
-            calls[data.get("call_id")] = str(data.get("name", ""))
-    handoffs: dict[Any, str] = {}
-    results: set[int] = set()
+        kind, key = data.get("type"), (item.run_id, data.get("call_id"))
+        if kind == "function_call":
+            transfer = _transfer_kind(str(data.get("name", ""))) == HANDOFF
+            open_calls[key] = (item.pk, transfer)
+            if transfer:
+                found[item.pk] = (HANDOFF, None)
+        elif kind == "function_call_output":
+            call, transfer = open_calls.pop(key, (None, True))
+            was = _result_kind(data)
+            if call is not None and transfer:
+                found[call] = found[item.pk] = was
+            elif call is None and was[0] != TOOL:
+                found[item.pk] = was
+    return found
+
+
+def _entries(items: list[Item], later: list[Item] | None = None) -> list[Entry]:
+    """The items as shown. A handoff is one step, named from its result (the call's name is
+    lower-cased); an ignored handoff is not shown. `later`: results after `items` of their
+    `transfer_to_*` calls (`_later_results`)."""
+    told = transfer_kinds(items + (later or []))
+    shown = []
     for item in items:
-        data = item.data if isinstance(item.data, dict) else {}
-        target = _handoff_result(data)
-        call = calls.get(data.get("call_id"))
-        # A result whose call is on an older page is a handoff's too: that page shows the step.
-        if target is not None and (call is None or call.startswith("transfer_to_")):
-            results.add(item.pk)
-            handoffs[data.get("call_id")] = target
-    shown = (entry_for(i, handoffs=handoffs) for i in items if i.pk not in results)
-    return [e for e in shown if e is not None]
+        was, _agent = told.get(item.pk, (TOOL, None))
+        result = isinstance(item.data, dict) and item.data.get("type") == "function_call_output"
+        if was == IGNORED or (was == HANDOFF and result):
+            continue  # a handoff's result is its step; an ignored handoff is no step
+        entry = entry_for(item, transfers=told)
+        if entry is not None:
+            shown.append(entry)
+    return shown
+
+
+def _later_results(tenant: Tenant, thread: Thread, items: list[Item]) -> list[Item]:
+    """The results, saved after `items`, of the `transfer_to_*` calls among them whose result
+    they do not hold (a page can end between a call and its result). No query without one."""
+    told = transfer_kinds(items)
+    waiting = [
+        item
+        for item in items
+        if told.get(item.pk) == (HANDOFF, None)
+        and isinstance(item.data, dict)
+        and item.data.get("type") == "function_call"
+    ]
+    if not waiting:
+        return []
+    return list(
+        Item.objects.for_tenant(tenant)
+        .filter(
+            thread=thread,
+            id__gt=items[-1].pk,
+            run_id__in={item.run_id for item in waiting},
+            data__type="function_call_output",
+            data__call_id__in=[item.data.get("call_id") for item in waiting],
+        )
+        .order_by("id")
+    )
 
 
 NUMBERED = ("assistant", "handoff", "tool_call")
@@ -229,30 +315,48 @@ def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, int]]) -> list[
 
 def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[Any, dict[str, int]]:
     """How many assistant messages, handoffs and tool calls each run of `rows` has before
-    them."""
+    them, counted as `_entries` shows them."""
     run_ids = {row.run_id for row in rows if row.run_id is not None}
     if not run_ids:
         return {}
-    counted = (
-        Item.objects.for_tenant(tenant)
-        .filter(thread=thread, run_id__in=run_ids, id__lt=rows[0].pk)
-        .values("run_id")
-        .annotate(
+    earlier = Item.objects.for_tenant(tenant).filter(
+        thread=thread, run_id__in=run_ids, id__lt=rows[0].pk
+    )
+    transfer = Q(data__type="function_call", data__name__startswith="transfer_to_")
+    counted = {
+        row["run_id"]: row
+        for row in earlier.values("run_id").annotate(
             assistant=Count(
                 "id",
                 filter=Q(data__role="assistant")
                 & (Q(data__type="message") | ~Q(data__has_key="type")),
             ),
-            handoff=Count(
-                "id", filter=Q(data__type="function_call", data__name__startswith="transfer_to_")
-            ),
-            tool_call=Count(
-                "id",
-                filter=Q(data__type="function_call") & ~Q(data__name__startswith="transfer_to_"),
-            ),
+            tool_call=Count("id", filter=Q(data__type="function_call") & ~transfer),
+            handoff=Count("id", filter=transfer),
         )
-    )
-    return {row["run_id"]: row for row in counted}
+    }
+    if any(row["handoff"] for row in counted.values()):
+        # What each earlier `transfer_to_*` call was is told by its result, wherever it is: a
+        # second query, only for the runs that have such calls.
+        calls = list(earlier.filter(transfer).order_by("id"))
+        results = (
+            Item.objects.for_tenant(tenant)
+            .filter(
+                thread=thread,
+                run_id__in={call.run_id for call in calls},
+                id__gt=calls[0].pk,
+                data__type="function_call_output",
+                data__call_id__in=[call.data.get("call_id") for call in calls],
+            )
+            .order_by("id")
+        )
+        told = transfer_kinds(sorted([*calls, *results], key=lambda item: item.pk))
+        for call in calls:
+            was, _agent = told[call.pk]
+            if was != HANDOFF:
+                counted[call.run_id]["handoff"] -= 1
+                counted[call.run_id]["tool_call"] += int(was == TOOL)
+    return counted
 
 
 def item_page(
@@ -266,8 +370,13 @@ def item_page(
     rows = list(qs[: limit + 1])
     more = len(rows) > limit
     rows = list(reversed(rows[:limit]))
-    entries = _numbered(_entries(rows), _earlier_counts(tenant, thread, rows))
-    return entries, (rows[0].pk if more and rows else None)
+    return _shown(tenant, thread, rows), (rows[0].pk if more and rows else None)
+
+
+def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
+    """`rows` (a run of the thread's items, in id order) as shown, numbered."""
+    entries = _entries(rows, _later_results(tenant, thread, rows))
+    return _numbered(entries, _earlier_counts(tenant, thread, rows))
 
 
 def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
@@ -302,4 +411,4 @@ def item_after(*, tenant: Tenant, thread: Thread, after: int, limit: int = 200) 
     rows = list(
         Item.objects.for_tenant(tenant).filter(thread=thread, id__gt=after).order_by("id")[:limit]
     )
-    return _numbered(_entries(rows), _earlier_counts(tenant, thread, rows))
+    return _shown(tenant, thread, rows)

@@ -573,6 +573,46 @@ def test_a_reply_whose_stream_lost_its_start_draws_its_unsaved_steps(unstarted, 
     run_in_browser(flow)
 
 
+def test_a_replayed_hosted_tool_call_is_matched_by_its_id(unstarted, run_in_browser):
+    """Hosted tools' calls (web search and the like) have no place among the function calls: a
+    saved one is the one the page shows with its id, whatever came before it."""
+    world = make_world("Acme")
+
+    def searched(n: int) -> dict:
+        return {"id": f"ws_{n}", "type": "web_search_call", "status": "completed",
+                "action": {"type": "search", "query": f"q{n}"}}  # fmt: skip
+
+    saved = [searched(1), searched(2), *_turns(1)[1:]]  # two searches, then calculator call c0
+    thread, run = _thread_with_a_run(world, saved)
+    rid = str(run.pk)
+
+    def started(n: int, call_id: str, **seq) -> dict:
+        return _event(rid, n, type="tool.started", call_id=call_id, tool="web_search",
+                      arguments="", agent="Calc", **seq)  # fmt: skip
+
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+        started(2, "ws_1"),
+        started(3, "ws_2"),
+        _event(rid, 4, type="tool.started", call_id="c0", tool="calculator", arguments="{}",
+               agent="Calc", seq=0),
+        _event(rid, 5, type="tool.finished", call_id="c0", tool="calculator", output="1",
+               agent="Calc"),
+        started(6, "ws_3"),  # not saved yet
+        _event(rid, 7, type="message.delta", text="Found it", agent="Calc"),
+    ]  # fmt: skip
+
+    def flow(new_context) -> None:
+        page, _sockets = _open_chat(new_context, world, thread, frames)
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Found it"], timeout=LONG)
+        expect(page.locator("details[data-pending]")).to_have_count(1)
+        expect(page.locator("details[data-pending]")).to_have_attribute("data-call-id", "ws_3")
+        expect(page.locator('details[data-call-id="ws_2"]')).to_have_count(1)
+
+    run_in_browser(flow)
+
+
 def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_browser):
     import json
 

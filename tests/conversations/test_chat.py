@@ -12,6 +12,8 @@ import re
 from types import SimpleNamespace
 
 import pytest
+from agents import Agent, RunConfig, Runner, function_tool
+from agents.testing import ScriptedModel, assistant_message, function_call
 from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
@@ -22,8 +24,10 @@ from django.urls import reverse
 
 from ai_agents import services as agent_services
 from controlplane.asgi import application
-from conversations import consumers, executor, markdown, services, streams
+from conversations import consumers, executor, inspector, markdown, selectors, services, streams
+from conversations import events as sdk_events
 from conversations.models import Item, MultitaskStrategy, Run, RunSource, RunStatus, Thread
+from conversations.session import ThreadSession
 from tenants import realtime
 from tenants import services as tenant_services
 from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
@@ -267,6 +271,103 @@ def test_a_handoff_shows_as_one_step_named_after_the_agent(world_a, chat):
         assert text.count("Handed off to") == 1 and "Handed off to Billing Team" in text
         assert "Tool result" not in text and "&quot;assistant&quot;" not in text
         assert "Billing here." in text
+
+
+def test_a_tools_result_that_reads_like_a_handoffs_is_still_shown(world_a, chat):
+    for data in (
+        {"type": "function_call", "name": "who_is_on_call", "call_id": "w", "arguments": "{}"},
+        {"type": "function_call_output", "call_id": "w", "output": '{"assistant": "Bob"}'},
+    ):  # fmt: skip
+        Item.objects.create(tenant=world_a.tenant, thread=chat.mine, data=data)
+    entries, _more = selectors.item_page(tenant=world_a.tenant, thread=chat.mine)
+    assert [(e.kind, e.title) for e in entries] == [
+        ("tool_call", "who_is_on_call"),
+        ("tool_output", "Result"),
+    ]
+
+
+def _several_handoffs_in_one_reply(world, thread):
+    """A real run of the SDK, saved to the thread as the worker saves it: a tool of the agent's
+    own named like a handoff, a response asking for two handoffs (the SDK takes the first), and
+    a second handoff later. Returns the run and the events its stream carried."""
+    model = ScriptedModel(
+        [
+            [
+                assistant_message("Let me see."),
+                function_call("transfer_to_archive", {}, call_id="a"),
+            ],
+            [
+                function_call("transfer_to_billing", {}, call_id="h1"),
+                function_call("transfer_to_sales", {}, call_id="h2"),
+            ],
+            [function_call("transfer_to_sales", {}, call_id="h3")],
+            [assistant_message("Sales here.")],
+        ]
+    )
+
+    @function_tool(name_override="transfer_to_archive")
+    def archive() -> str:
+        """Archive the conversation."""
+        return "archived"
+
+    sales = Agent(name="Sales", model=model)
+    billing = Agent(name="Billing", model=model, handoffs=[sales])
+    triage = Agent(name="Triage", model=model, tools=[archive], handoffs=[billing, sales])
+    run = services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input="hi"
+    )
+    held = executor.claim(run.pk, owner="t")
+    session = ThreadSession(
+        tenant_id=world.tenant.pk, thread_id=thread.pk, run_id=run.pk, attempt=held.attempt
+    )
+
+    async def stream():
+        mapper = sdk_events.EventMapper("Triage")
+        result = Runner.run_streamed(
+            triage, "hi", session=session, run_config=RunConfig(tracing_disabled=True)
+        )
+        return [e async for sdk_event in result.stream_events() for e in mapper.map(sdk_event)]
+
+    return run, async_to_sync(stream)()
+
+
+STEP_OF = {"message.completed": "assistant", "tool.started": "tool_call", "handoff": "handoff"}
+
+
+def test_the_page_numbers_a_replys_steps_as_its_stream_does_whatever_its_handoffs(world_a, chat):
+    run, streamed = _several_handoffs_in_one_reply(world_a, chat.mine)
+    entries, _more = selectors.item_page(tenant=world_a.tenant, thread=chat.mine)
+    shown = [(e.kind, e.extra["seq"]) for e in entries if e.kind in STEP_OF.values()]
+    assert shown == [(STEP_OF[e["type"]], e["seq"]) for e in streamed if e["type"] in STEP_OF]
+    assert [e.title for e in entries if e.kind == "handoff"] == [
+        "Handed off to Billing",
+        "Handed off to Sales",
+    ]  # the second handoff asked for in one response was not taken: no step, live or saved
+    assert [e.title for e in entries if e.kind == "tool_call"] == ["transfer_to_archive"]
+    assert [e.detail for e in entries if e.kind == "tool_output"] == ["archived"]
+    assert not [e for e in streamed if e.get("call_id") == "h2"]
+
+    # Any page boundary, between a call and its result too, shows each item as the whole does.
+    whole = {e.id: (e.kind, e.extra.get("seq"), e.title) for e in entries}
+    ids = list(
+        Item.objects.for_tenant(world_a.tenant)
+        .filter(thread=chat.mine)
+        .values_list("id", flat=True)
+        .order_by("id")
+    )
+    for cut in ids[1:]:
+        older, _more = selectors.item_page(
+            tenant=world_a.tenant, thread=chat.mine, before=cut, limit=2
+        )
+        newer = selectors.item_after(tenant=world_a.tenant, thread=chat.mine, after=cut - 1)
+        for e in older + newer:
+            assert whole[e.id] == (e.kind, e.extra.get("seq"), e.title), cut
+        assert {e.id for e in newer} == {i for i in whole if i >= cut}
+
+    # The inspector shows every saved item, the ignored handoff as what it was.
+    inspected = [e.title for e in inspector.run_items(tenant=world_a.tenant, run=run)]
+    assert "Handoff to sales not taken" in inspected
+    assert inspected.count("Handed off to Billing") == inspected.count("Handed off to Sales") == 1
 
 
 def test_load_earlier_pages_back_by_item_id(world_a, chat):
