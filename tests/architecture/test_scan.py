@@ -90,3 +90,16 @@ def test_the_scan_catches_what_it_should(tmp_path):
     ]
     assert ESCAPES.search(lines[0]) and not _has_reason(lines, 0)
     assert _has_reason(lines, 2)
+
+
+def test_every_template_comment_closes_on_its_own_line():
+    """Django's `{# ... #}` comment is one line only: one that goes on is printed on the page.
+    A longer comment is a `{% comment %}` block."""
+    offenders = []
+    for name in [*APP_DIRS, "templates"]:
+        base = ROOT / name
+        for path in base.rglob("*.html") if base.is_dir() else ():
+            for i, line in enumerate(path.read_text().splitlines()):
+                if line.count("{#") != line.count("#}"):
+                    offenders.append(f"{path.relative_to(ROOT)}:{i + 1}: {line.strip()}")
+    assert not offenders, "Comments printed on the page:\n" + "\n".join(offenders)
