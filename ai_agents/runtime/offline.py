@@ -1074,21 +1074,30 @@ def _handoff_call(handoff: Handoff) -> _Call:
 
 
 def _match_handoff(target: str, handoffs: list[Handoff]) -> Handoff | None:
+    """The handoff the target names: all of an agent's name words (the most words wins, then
+    the earlier handoff), else the one agent that shares the most of them with the target
+    ("billing" for "Billing specialist"); None when none shares any, or two share as many."""
     target_words = _words(target)
     best: tuple[int, int] | None = None
     chosen: Handoff | None = None
+    partial: dict[int, list[Handoff]] = {}
     for index, handoff in enumerate(handoffs):
         keys = [w for w in _words(handoff.agent_name) if w not in _NAME_STOPWORDS]
         if not keys:
             keys = [w for w in _name_parts(handoff.tool_name) if w not in _NAME_STOPWORDS]
         if not keys and not _mentions_name(target, handoff.tool_name):
             continue
-        matched = all(any(_same_word(k, w) for w in target_words) for k in keys)
-        if not matched and not _mentions_name(target, handoff.tool_name):
+        hits = sum(any(_same_word(k, w) for w in target_words) for k in keys)
+        if hits < len(keys) and not _mentions_name(target, handoff.tool_name):
+            if hits:
+                partial.setdefault(hits, []).append(handoff)
             continue
         score = (len(keys), -index)
         if best is None or score > best:
             best, chosen = score, handoff
+    if chosen is None and partial:
+        most = partial[max(partial)]
+        chosen = most[0] if len(most) == 1 else None
     return chosen
 
 

@@ -388,6 +388,21 @@ async def test_handoff_picks_the_matching_agent_and_refuses_unknown_ones():
     assert "Billing agent, Customer support" in result.final_output
 
 
+async def test_handoff_takes_the_one_agent_a_part_of_whose_name_is_asked_for():
+    billing = offline_agent("Billing specialist")
+    refunds = offline_agent("Refunds desk")
+    triage = offline_agent("Triage", handoffs=[refunds, billing])
+    result = await run(triage, "I was charged twice, please transfer me to billing")
+    assert result.last_agent is billing
+
+    # Two agents share as much of the name: neither is guessed.
+    manager = offline_agent("Billing manager")
+    triage = offline_agent("Triage", handoffs=[billing, manager])
+    result = await run(triage, "transfer me to billing")
+    assert result.last_agent is triage
+    assert "Billing specialist, Billing manager" in result.final_output
+
+
 async def test_handoff_with_nested_history():
     billing = offline_agent("Billing agent")
     triage = offline_agent("Triage", handoffs=[billing])
