@@ -17,7 +17,8 @@ Client → server:
     {"type": "ping"}
 Server → client:
     {"type": "hello", "thread_id", "active_run": id | null}
-    {"type": "run.created", "run_id"}                      (to the sender; others get run.started)
+    {"type": "run.created", "run_id", "queued", "title"}   (to the sender; others get
+        run.started). `title`: the thread's, which an untitled thread took from this message
     {"type": "run.started", "run_id"}
     {"type": "event", "id": "<stream id>", "run_id", "event": {...}}
     {"type": "error", "code", "message", "run_id"?}  codes: thread_busy, invalid, not_found,
@@ -279,7 +280,16 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._error(exc.code, exc.message)
             return
         run_id = str(run.pk)
-        await self.send_json({"type": "run.created", "run_id": run_id, "queued": run.queued})
+        # An untitled thread has taken its title from this message (`run_create`).
+        self.thread.title = self.thread.title or services.default_title(text)
+        await self.send_json(
+            {
+                "type": "run.created",
+                "run_id": run_id,
+                "queued": run.queued,
+                "title": self.thread.title,
+            }
+        )
         self._follow(run_id, "0-0")
         # run_create announces the run to the thread's other sockets (another tab) on commit.
 

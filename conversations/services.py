@@ -124,6 +124,11 @@ def thread_create(
     )
 
 
+def default_title(text: str) -> str:
+    """The title an untitled thread takes from its first message."""
+    return text[:80]
+
+
 @transaction.atomic
 def thread_rename(*, tenant: Tenant, end_user: EndUser, thread_id: Any, title: str) -> Thread:
     _refuse_nul(title, "title")
@@ -274,7 +279,7 @@ def _run_create(
         created_at=now,
     )
     if not title and isinstance(items[-1]["content"], str):
-        title = items[-1]["content"][:80]
+        title = default_title(items[-1]["content"])
     # The usual case, one statement: no run is active, so the run goes in and the thread is busy.
     active_id = _insert_if_idle(run, title, now)
     if active_id is not None:

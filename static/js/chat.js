@@ -244,6 +244,14 @@
     htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(afterReload, afterReload);
   }
 
+  // A new conversation takes its title from its first message: the heading and the tab say so.
+  function retitle(title) {
+    var heading = document.querySelector("main h1, h1");
+    if (!heading || heading.textContent === title) return;
+    heading.textContent = title;
+    document.title = document.title.replace(/^.*? · Chat/, title + " · Chat");
+  }
+
   // The reply being written, as far as this page knows: set by `hello`, `run.created` and
   // `run.started`, cleared when that reply ends.
   function activeRun() { return root.getAttribute("data-active-run"); }
@@ -443,6 +451,7 @@
     ws.onmessage = function (raw) {
       var msg;
       try { msg = JSON.parse(raw.data); } catch (e) { return; }
+      if (msg.type === "run.created" && msg.title) retitle(msg.title);
       if (msg.type === "hello") {
         // The reply the page knew of (from its render, or this tab's state) ended, or another
         // one started, before this socket opened: the history has what changed meanwhile.

@@ -174,9 +174,13 @@ def test_member_chats_with_a_tool_reply_that_streams_survives_a_refresh_and_reac
         opened.value.wait_for_event("framereceived")
         expect(other.get_by_text("Say hello to Calc")).to_be_visible()
 
+        expect(page.get_by_role("heading", level=1)).to_have_text("New conversation")
         page.get_by_label("Message").fill(QUESTION)
         page.get_by_role("button", name="Send").click()
         expect(page.locator(".msg-user").last).to_have_text(QUESTION)
+        # The conversation is named after its first message at once, not at the next visit.
+        expect(page.get_by_role("heading", level=1)).to_have_text(QUESTION)
+        expect(page).to_have_title(re.compile("^" + re.escape(QUESTION) + " · Chat"))
         # Busy replying: a new message would go with the picked strategy.
         expect(page.get_by_label("While a reply is being written")).to_be_visible()
 

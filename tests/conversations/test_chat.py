@@ -598,6 +598,7 @@ async def test_sending_a_message_starts_a_run_and_streams_the_reply(kicked, _clo
         await socket.send_json_to({"type": "send", "text": CALC})
         created = await socket.receive_json_from(timeout=WAIT)
         assert created["type"] == "run.created"
+        assert created["title"] == CALC  # an untitled thread is named after its first message
         run_id = created["run_id"]
         assert kicked == [run_id]
         assert (await second_tab.receive_json_from(timeout=WAIT)) == {
