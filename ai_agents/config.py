@@ -14,6 +14,13 @@ import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GUARDRAIL_KINDS = ("blocked_words", "pattern", "max_length", "classifier")
+GUARDRAIL_LABELS = {
+    "blocked_words": "Blocked words",
+    "pattern": "Regular expression",
+    "max_length": "Maximum length",
+    "classifier": "Classifier (asks the model)",
+}
+assert set(GUARDRAIL_LABELS) == set(GUARDRAIL_KINDS)
 
 
 class _Strict(BaseModel):

@@ -16,7 +16,7 @@ from django.forms.formsets import BaseFormSet, formset_factory
 from pydantic import BaseModel, ValidationError
 
 from ai_agents import tools
-from ai_agents.config import GUARDRAIL_KINDS
+from ai_agents.config import GUARDRAIL_LABELS
 from ai_agents.models import Agent, McpServer, McpTransport, ModelProvider, ProviderApi
 from controlplane.errors import ValidationFailed
 
@@ -74,14 +74,6 @@ class PlaygroundForm(forms.Form):
 
 
 # --- Agent editor -----------------------------------------------------------------------------
-
-GUARDRAIL_LABELS = {
-    "blocked_words": "Blocked words",
-    "pattern": "Regular expression",
-    "max_length": "Maximum length",
-    "classifier": "Classifier (asks the model)",
-}
-assert set(GUARDRAIL_LABELS) == set(GUARDRAIL_KINDS)
 
 
 class GuardrailForm(forms.Form):

@@ -492,13 +492,14 @@ def mark_side_effects(held: Claim) -> None:
 
 def record_stopped_usage(held: Claim, spans: list[dict[str, Any]]) -> bool:
     """The attempt `held` was stopped from outside (its run cancelled or interrupted), so its
-    outcome is fenced out; the model calls it completed still count: their usage is stored and
-    the run's tokens and cost set, as `finish` would have. Nothing for a run taken over by a
-    newer attempt (which counts its own), or still running (a worker shutting down). Returns
-    whether anything was recorded. Call once per attempt."""
-    usage = Trace(spans=spans).usage()
-    if not usage.get("requests"):
+    outcome is fenced out; what it did until then is still the run's: its trace (the run
+    inspector's timeline) is saved, and the model calls it completed count: their usage is
+    stored and the run's tokens and cost set, as `finish` would have. Nothing for a run taken
+    over by a newer attempt (which counts its own), or still running (a worker shutting down).
+    Returns whether anything was recorded. Call once per attempt."""
+    if not spans:
         return False
+    usage = Trace(spans=spans).usage()
     with transaction.atomic():
         # tenant-scope: the claim carries the run id; the attempt and status select the case
         run = (
@@ -514,12 +515,22 @@ def record_stopped_usage(held: Claim, spans: list[dict[str, Any]]) -> bool:
         )
         if run is None:
             return False
-        records = usage_services.price_run(run, without_nul(spans))
+        # Ended as the run did, when the attempt last did something (an outcome the attempt
+        # reached too late to save had its own end).
+        done = [span for span in spans if span.get("kind") != "end"]
+        last_ms = max((float(span.get("at_ms") or 0) for span in spans), default=0.0)
+        end = {"kind": "end", "at_ms": last_ms, "status": run.status, "message": run.error}
+        run.trace = [*without_nul(done), end]
+        if not usage.get("requests"):
+            run.save(update_fields=["trace"])
+            return True
+        records = usage_services.price_run(run, run.trace)
         run.input_tokens = usage.get("input_tokens", 0)
         run.output_tokens = usage.get("output_tokens", 0)
         run.total_tokens = usage.get("total_tokens", 0)
         run.save(
             update_fields=[
+                "trace",
                 "input_tokens",
                 "output_tokens",
                 "total_tokens",

@@ -21,6 +21,7 @@ from django.db.models import F, Func, JSONField, Q, QuerySet
 from django.db.models import Value as SqlValue
 from django.utils.safestring import SafeString
 
+from ai_agents.config import GUARDRAIL_LABELS
 from ai_agents.models import PlaygroundRun
 from controlplane.errors import NotFound, ValidationFailed
 from conversations import markdown, selectors, streams
@@ -337,6 +338,16 @@ def _tokens(span: dict[str, Any]) -> list[tuple[str, str]]:
     ]
 
 
+def _guardrail_label(span: dict[str, Any]) -> str:
+    """What a guardrail check was, as the agent editor names it: "Blocked words (input check
+    1)" for the span of the first input check (named `input:0:blocked_words` by the runtime)."""
+    name, side = str(span.get("name", "")), str(span.get("side", ""))
+    parts = name.split(":")
+    if len(parts) == 3 and parts[1].isdigit() and parts[2] in GUARDRAIL_LABELS:
+        return f"{GUARDRAIL_LABELS[parts[2]]} ({parts[0]} check {int(parts[1]) + 1})"
+    return f"{name} ({side})" if side else name
+
+
 def _step(span: dict[str, Any]) -> Step:
     kind = str(span.get("kind", "span"))
     end = _num(span.get("at_ms"))
@@ -363,7 +374,7 @@ def _step(span: dict[str, Any]) -> Step:
         s.marker = True
     elif kind == "guardrail":
         tripped = bool(span.get("tripped"))
-        s.title = f"Guardrail · {span.get('name', '')} ({span.get('side', '')})"
+        s.title = f"Guardrail · {_guardrail_label(span)}"
         s.tone, s.badge = ("warn", "tripped") if tripped else ("ok", "passed")
         if span.get("reason"):
             s.facts = [("Reason", _short(span["reason"]))]

@@ -19,6 +19,7 @@ from ai_agents import selectors as agent_selectors
 from controlplane.errors import NotFound, ValidationFailed
 from conversations import inspector, selectors, services
 from conversations.forms import RunFilterForm, TimeFilterForm
+from conversations.models import RunStatus
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
 
@@ -118,6 +119,10 @@ def _run_context(request: TenantRequest, run_id: Any) -> dict[str, Any]:
         "items": inspector.run_items(tenant=tenant, run=run),
     }
     context["output_html"], context["output_json"] = inspector.output_of(run.output)
+    if not run.output and run.status in (RunStatus.CANCELLED, RunStatus.INTERRUPTED):
+        # A stopped run's reply is the text it kept in the conversation, not an output.
+        said = [e.html for e in context["items"] if e.kind == "assistant" and e.html]
+        context["stopped_reply"] = said[-1] if said else None
     context["input_messages"] = inspector.run_input(run)
     if run.metadata:
         context["metadata_json"] = json.dumps(run.metadata, indent=2, ensure_ascii=False)

@@ -409,9 +409,16 @@ def _apply_strategy(
     )
 
 
-def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) -> Run:
+# What a chat is told when an owner or admin stopped its reply.
+STOPPED_BY_ADMIN = "Stopped by an administrator."
+
+
+def run_cancel(
+    *, tenant: Tenant, run_id: Any, end_user: EndUser | None = None, by: Actor | None = None
+) -> Run:
     """Stop a run (the chat's stop button, the API's cancel). Idempotent: an ended run is
-    returned as it is. With `end_user`, only that end user's runs are found. The worker holding
+    returned as it is. With `end_user`, only that end user's runs are found, and the run says
+    its end user stopped it; `by`: who else did (the run inspector's admin). The worker holding
     the run loses its lease at its next heartbeat and stops; its writes are fenced out now."""
     try:
         run_uuid = UUID(str(run_id))
@@ -429,7 +436,17 @@ def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) 
         if run.status not in (RunStatus.PENDING, RunStatus.RUNNING):
             return run
         was_queued = run.queued
-        run.status, run.error, run.finished_at = RunStatus.CANCELLED, "Stopped.", timezone.now()
+        # The run's reason (the inspector's) names who stopped it; its readers (the chat) are
+        # told "Stopped." when it was them, and who did it otherwise.
+        if end_user is not None:
+            reason, told = "Stopped by the end user.", "Stopped."
+        elif by is not None and by.user is not None:
+            reason, told = f"Stopped by {by.label} from the run inspector.", STOPPED_BY_ADMIN
+        elif by is not None:
+            reason, told = f"Stopped by {by.label}.", "Stopped."
+        else:
+            reason, told = "Stopped.", "Stopped."
+        run.status, run.error, run.finished_at = RunStatus.CANCELLED, reason, timezone.now()
         run.queued, run.lease_owner, run.lease_expires_at = False, "", None
         run.save(
             update_fields=[
@@ -445,7 +462,7 @@ def run_cancel(*, tenant: Tenant, run_id: Any, end_user: EndUser | None = None) 
             executor.keep_what_was_said(run)  # the reply shown so far stays, as it was cut
             executor.end_thread(run, RunStatus.CANCELLED)
         transaction.on_commit(
-            partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, "Stopped.")
+            partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, told)
         )
     return run
 
@@ -459,7 +476,7 @@ def run_stop(*, tenant: Tenant, actor: Actor, run_id: Any) -> Run:
             was = before.first()
         except (ValueError, ValidationError):
             raise NotFound("No such run.")
-        run = run_cancel(tenant=tenant, run_id=run_id)
+        run = run_cancel(tenant=tenant, run_id=run_id, by=actor)
         if was != run.status:
             audit.audit_record(
                 tenant=tenant,

@@ -3,10 +3,12 @@ against real PostgreSQL and Redis (the agent is the built-in offline model)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
 from asgiref.sync import async_to_sync
+from django.urls import reverse
 from django.utils import timezone
 
 from ai_agents import services as agent_services
@@ -873,6 +875,14 @@ def test_a_stopped_run_counts_the_model_calls_it_completed(world_a, thread, monk
     assert run.status == RunStatus.CANCELLED
     records = UsageRecord.objects.for_tenant(world_a.tenant).filter(run_id=run.pk)
     assert records.count() == 1 and run.total_tokens == records.get().total_tokens > 0
+    # Its timeline keeps what it did, and ends as the run did.
+    kinds = [span["kind"] for span in run.trace]
+    assert kinds.count("model_call") == 1 and kinds[-1] == "end" and kinds.count("end") == 1
+    assert run.trace[-1]["status"] == "cancelled" and run.trace[-1]["message"] == "Stopped."
+    page = world_a.client_for(world_a.admin).get(
+        reverse("run-detail", args=[world_a.tenant.slug, run.pk])
+    )
+    assert re.search(r"<dt>Model calls</dt><dd>1</dd>", page.content.decode())
 
 
 def test_a_tool_changes_nothing_only_if_it_is_the_built_in_one():

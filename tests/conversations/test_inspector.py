@@ -150,6 +150,12 @@ def test_the_timeline_orders_spans_by_start_and_shows_every_kind():
     tool = tl.steps[4]
     assert (tool.offset_pct, tool.width_pct) == (60.0, 30.0)
     assert tl.steps[0].tone == "error" and tl.steps[1].badge == "tripped"
+    # A configured check is named as the agent editor names it, not by its runtime id.
+    checks = inspector.timeline(
+        [{"kind": "guardrail", "at_ms": 1.0, "side": "output", "name": "output:1:blocked_words"}]
+    )
+    assert checks.steps[0].title == "Guardrail · Blocked words (output check 2)"
+    assert tl.steps[1].title == "Guardrail · pii (input)"
     retry = tl.steps[3]  # a kind this page has no special case for: every field is shown
     assert ("Reason", "429 from the provider") in retry.facts and ("Attempt", "2") in retry.facts
     assert tl.first_output_ms == 400.0 and tl.first_token_ms is None
@@ -388,7 +394,9 @@ def test_the_api_key_is_named_never_revealed(world_a, admin):
 # --- An active run: progress and stop ---------------------------------------------------------
 
 
-def test_an_active_run_shows_its_progress_and_an_admin_can_stop_it(world_a, admin):
+def test_an_active_run_shows_its_progress_and_an_admin_can_stop_it(
+    world_a, admin, django_capture_on_commit_callbacks
+):
     agent = _agent(world_a)
     thread = _thread(world_a, agent)
     run = services.run_create(
@@ -411,11 +419,20 @@ def test_an_active_run_shows_its_progress_and_an_admin_can_stop_it(world_a, admi
     assert "Stop run" in page
 
     url = reverse("run-cancel", args=[world_a.tenant.slug, run.pk])
-    response = admin.post(url, HTTP_HX_REQUEST="true")
+    with django_capture_on_commit_callbacks(execute=True):
+        response = admin.post(url, HTTP_HX_REQUEST="true")
     assert response.status_code == 200
     body = response.content.decode()
     assert "The run is stopped." in body and "run-status-cancelled" in body
     assert "every 2s" not in body and "Stop run" not in body
+    # Who stopped it, said as a reason, not as a failure; the reply it had begun is its output.
+    assert (
+        f"Why it ended:</strong> Stopped by {world_a.admin.email} from the run inspector." in body
+    )
+    assert "What went wrong" not in body
+    assert "Stopped mid-reply" in body and "Hello the" in body
+    # The end user's chat is told an administrator stopped the reply.
+    assert streams.read_sync(run.pk)[-1][1]["message"] == "Stopped by an administrator."
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
     Thread.objects.for_tenant(world_a.tenant).get(pk=thread.pk)  # the thread is still there
