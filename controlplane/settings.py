@@ -302,6 +302,10 @@ STORAGES = {
     },
 }
 WHITENOISE_USE_FINDERS = not STATIC_MANIFEST
+# From a checkout the files are the source, which may change while the server runs: read each
+# one when it is asked for. Without this, whitenoise keeps the size it saw at start-up, and an
+# edited file goes out cut or padded to that length (the browser refuses it).
+WHITENOISE_AUTOREFRESH = not STATIC_MANIFEST
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
