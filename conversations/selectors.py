@@ -160,9 +160,10 @@ def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None
         name = str(data.get("name", ""))
         was, target = (transfers or {}).get(item.pk, (_transfer_kind(name), None))
         if was != TOOL:
-            target = target or name.removeprefix("transfer_to_").replace("_", " ")
+            target = target or _agent_of_transfer(name)
             if was == IGNORED:
                 return Entry(kind="other", title=f"Handoff to {target} not taken", **base)
+            base["extra"] = {**base["extra"], "agent": target}
             return Entry(kind="handoff", title=f"Handed off to {target}", **base)
         return Entry(
             kind="tool_call", title=name, detail=_pretty(data.get("arguments", "")), **base
@@ -297,7 +298,27 @@ def _later_results(tenant: Tenant, thread: Thread, items: list[Item]) -> list[It
 NUMBERED = ("assistant", "handoff", "tool_call")
 
 
-def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, int]]) -> list[Entry]:
+def _agent_of_transfer(name: str) -> str:
+    """The agent a `transfer_to_*` call's name says, when no result names it."""
+    return name.removeprefix("transfer_to_").replace("_", " ")
+
+
+def _speakers(entries: list[Entry], earlier: dict[Any, dict[str, Any]], agent: str) -> None:
+    """Each assistant message spoken by another agent than the thread's `agent` (after a
+    handoff in its run, here or before these entries) is labelled with it (`extra["agent"]`),
+    as the chat page labels a streamed one."""
+    speaking: dict[Any, str] = {}
+    for entry in entries:
+        run = entry.run_id
+        if entry.kind == "handoff":
+            speaking[run] = entry.extra.get("agent") or agent
+        elif entry.kind == "assistant":
+            speaker = speaking.get(run, earlier.get(run, {}).get("agent") or agent)
+            if speaker != agent:
+                entry.extra = {**entry.extra, "agent": speaker}
+
+
+def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, Any]]) -> list[Entry]:
     """Each assistant message, handoff and tool call gets its place among its run's own of its
     kind (`seq`, from 0), counting the run's items before these (`earlier`): the chat page
     matches a reply's replayed steps with what it shows by it, whatever page of the history it
@@ -313,7 +334,7 @@ def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, int]]) -> list[
     return entries
 
 
-def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[Any, dict[str, int]]:
+def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[Any, dict[str, Any]]:
     """How many assistant messages, handoffs and tool calls each run of `rows` has before
     them, counted as `_entries` shows them."""
     run_ids = {row.run_id for row in rows if row.run_id is not None}
@@ -352,10 +373,13 @@ def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[An
         )
         told = transfer_kinds(sorted([*calls, *results], key=lambda item: item.pk))
         for call in calls:
-            was, _agent = told[call.pk]
+            was, agent = told[call.pk]
             if was != HANDOFF:
                 counted[call.run_id]["handoff"] -= 1
                 counted[call.run_id]["tool_call"] += int(was == TOOL)
+            else:  # who speaks from there on
+                name = str(call.data.get("name", ""))
+                counted[call.run_id]["agent"] = agent or _agent_of_transfer(name)
     return counted
 
 
@@ -376,7 +400,9 @@ def item_page(
 def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
     """`rows` (a run of the thread's items, in id order) as shown, numbered."""
     entries = _entries(rows, _later_results(tenant, thread, rows))
-    return _numbered(entries, _earlier_counts(tenant, thread, rows))
+    earlier = _earlier_counts(tenant, thread, rows)
+    _speakers(entries, earlier, thread.agent.name)
+    return _numbered(entries, earlier)
 
 
 def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:

@@ -25,7 +25,9 @@
   var closedForGood = false;
   var run = null; // {id, after, text, steps: [...], attempt}
   var bubble = null; // the pending assistant bubble being written
-  var lastAgent = null;
+  // A message is labelled with its agent when another agent than the conversation's speaks
+  // (after a handoff), as the server labels the saved ones.
+  var threadAgent = root.getAttribute("data-agent") || "";
   // What this tab asked and the server has not answered yet, oldest first. The server answers a
   // socket's messages one at a time, in order: a send with `run.created` or an error (nothing
   // was stored), a cancel with an error or nothing, then the pong of the ping sent after it.
@@ -104,7 +106,7 @@
       var wrap = el("div", "msg msg-assistant msg-pending");
       wrap.setAttribute("data-pending", "");
       wrap.setAttribute("aria-busy", "true"); // still being written
-      if (agent) wrap.appendChild(el("div", "msg-agent muted small", agent));
+      if (agent && agent !== threadAgent) wrap.appendChild(el("div", "msg-agent muted small", agent));
       bubble = el("div", "bubble");
       wrap.appendChild(bubble);
       log.appendChild(wrap);
@@ -218,7 +220,6 @@
   function afterReload() {
     log.querySelectorAll("[data-pending]:not(.msg-user)").forEach(function (n) { n.remove(); });
     bubble = null;
-    lastAgent = null;
     startedRun = null; // a waiting message may have come back with its note
     if (run && (run.attempt !== null || run.steps.length)) started(run.id);
     redraw();
@@ -316,7 +317,6 @@
     if (!run || run.id !== msg.run_id) {
       run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
       bubble = null; // never write one reply into another's bubble
-      lastAgent = null;
     }
     run.after = msg.id;
     if (ev.type !== "run.status" || ev.status === "running") started(run.id);
@@ -366,8 +366,7 @@
           bubble = null;
         }
         last.text += ev.text || "";
-        if (!last.saved) pendingBubble(ev.agent !== lastAgent ? ev.agent : null).textContent = last.text;
-        lastAgent = ev.agent;
+        if (!last.saved) pendingBubble(ev.agent).textContent = last.text;
         status("");
         break;
       case "message.completed":
@@ -388,8 +387,7 @@
           cur = { kind: "text", text: ev.text || "", agent: ev.agent || "", seq: ev.seq };
           run.steps.push(cur);
           cur.saved = isSaved(cur);
-          if (!cur.saved) { drawText(cur, ev.agent !== lastAgent ? ev.agent : null); dropEmpty(); }
-          lastAgent = ev.agent;
+          if (!cur.saved) { drawText(cur, ev.agent); dropEmpty(); }
         }
         cur.done = true;
         if (bubble && bubble.parentNode) bubble.parentNode.removeAttribute("aria-busy");
@@ -427,7 +425,6 @@
           run.steps.pop();
           if (bubble && bubble.parentNode) bubble.parentNode.remove();
           bubble = null;
-          lastAgent = null;
         }
         status(ev.message || "Trying again\u2026", "warn");
         break;
@@ -488,7 +485,6 @@
         if (!run || run.id !== msg.run_id) {
           run = { id: msg.run_id, after: "0-0", steps: [], attempt: null };
           bubble = null;
-          lastAgent = null;
         }
         save();
         busy(true);

@@ -617,6 +617,29 @@ def test_a_replayed_hosted_tool_call_is_matched_by_its_id(unstarted, run_in_brow
     run_in_browser(flow)
 
 
+def test_a_reply_after_a_handoff_is_labelled_with_the_agent_that_speaks(unstarted, run_in_browser):
+    world = make_world("Acme")
+    thread, run = _thread_with_a_run(world, [])
+    rid = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+        _event(rid, 2, type="message.completed", text="Let me get billing.", agent="Calc", seq=0),
+        _event(rid, 3, type="handoff", from_agent="Calc", to_agent="Billing", seq=0),
+        _event(rid, 4, type="message.delta", text="Billing here", agent="Billing"),
+    ]
+
+    def flow(new_context) -> None:
+        page, _sockets = _open_chat(new_context, world, thread, frames)
+        expect(page.locator(".msg-pending .bubble")).to_have_text(
+            ["Let me get billing.", "Billing here"], timeout=LONG
+        )
+        # The conversation's own agent goes unlabelled; the one handed to is named.
+        expect(page.locator(".msg-pending .msg-agent")).to_have_text(["Billing"])
+
+    run_in_browser(flow)
+
+
 def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_browser):
     import json
 

@@ -343,12 +343,17 @@ def test_the_page_numbers_a_replys_steps_as_its_stream_does_whatever_its_handoff
         "Handed off to Billing",
         "Handed off to Sales",
     ]  # the second handoff asked for in one response was not taken: no step, live or saved
+    # A message spoken by another agent than the conversation's is labelled with it.
+    assert [e.extra.get("agent") for e in entries if e.kind == "assistant"] == [None, "Sales"]
     assert [e.title for e in entries if e.kind == "tool_call"] == ["transfer_to_archive"]
     assert [e.detail for e in entries if e.kind == "tool_output"] == ["archived"]
     assert not [e for e in streamed if e.get("call_id") == "h2"]
 
     # Any page boundary, between a call and its result too, shows each item as the whole does.
-    whole = {e.id: (e.kind, e.extra.get("seq"), e.title) for e in entries}
+    def shown_as(e):
+        return (e.kind, e.extra.get("seq"), e.title, e.extra.get("agent"))
+
+    whole = {e.id: shown_as(e) for e in entries}
     ids = list(
         Item.objects.for_tenant(world_a.tenant)
         .filter(thread=chat.mine)
@@ -361,7 +366,7 @@ def test_the_page_numbers_a_replys_steps_as_its_stream_does_whatever_its_handoff
         )
         newer = selectors.item_after(tenant=world_a.tenant, thread=chat.mine, after=cut - 1)
         for e in older + newer:
-            assert whole[e.id] == (e.kind, e.extra.get("seq"), e.title), cut
+            assert whole[e.id] == shown_as(e), cut
         assert {e.id for e in newer} == {i for i in whole if i >= cut}
 
     # The inspector shows every saved item, the ignored handoff as what it was.
