@@ -9,6 +9,7 @@ urlpatterns = [
     path("chat/start/", views.chat_start, name="chat-start"),
     path("chat/<uuid:thread_id>/", views.chat_thread, name="chat-thread"),
     path("chat/<uuid:thread_id>/items/", views.chat_items, name="chat-items"),
+    path("chat/<uuid:thread_id>/send/", views.chat_send, name="chat-send"),
     path("chat/<uuid:thread_id>/rename/", views.chat_rename, name="chat-rename"),
     path("chat/<uuid:thread_id>/delete/", views.chat_delete, name="chat-delete"),
     # The run inspector (owners and admins).

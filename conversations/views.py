@@ -17,9 +17,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
 from ai_agents import selectors as agent_selectors
-from controlplane.errors import Conflict, NotFound
+from controlplane.errors import Conflict, DomainError, NotFound
 from conversations import selectors, services
-from conversations.models import EndUser
+from conversations.models import EndUser, RunSource, Thread
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
 
@@ -77,6 +77,12 @@ def chat_start(request: TenantRequest, end_user: EndUser) -> HttpResponse:
 @chat_view
 def chat_thread(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
+    return _thread_page(request, thread)
+
+
+def _thread_page(
+    request: TenantRequest, thread: Thread, *, draft: str = "", error: str = "", status: int = 200
+) -> HttpResponse:
     entries, earlier = selectors.item_page(tenant=request.tenant, thread=thread)
     active = selectors.run_active(tenant=request.tenant, thread=thread)
     context = {
@@ -85,8 +91,36 @@ def chat_thread(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Ht
         "earlier": earlier,
         "active_run": active,
         "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
+        "draft": draft,
+        "send_error": error,
     }
-    return render(request, "conversations/thread.html", context)
+    return render(request, "conversations/thread.html", context, status=status)
+
+
+@chat_view
+@require_POST
+def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
+    """The composer when the page's script did not run (blocked or not loaded yet): the message
+    is sent as over the socket, and the page shows it waiting for its reply, which a reload
+    shows once written. A refused message stays in the box, with why."""
+    thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
+    text = request.POST.get("text", "")
+    try:
+        services.run_create(
+            tenant=request.tenant,
+            end_user=end_user,
+            thread_id=thread.pk,
+            input=text,
+            source=RunSource.CHAT,
+        )
+    except NotFound:
+        raise
+    except DomainError as exc:  # busy with a reply, over a limit, no longer published, ...
+        response = _thread_page(request, thread, draft=text, error=exc.message, status=exc.status)
+        if exc.metadata.get("retry_after"):
+            response["Retry-After"] = str(exc.metadata["retry_after"])
+        return response
+    return redirect("chat-thread", tenant_slug=request.tenant.slug, thread_id=thread.pk)
 
 
 @chat_view

@@ -109,6 +109,7 @@ TENANT_ROUTES: dict[str, Case] = {
     ),
     "chat-thread": Case(lambda w: {"thread_id": _thread_of(w).pk}),
     "chat-items": Case(lambda w: {"thread_id": _thread_of(w).pk}),
+    "chat-send": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",), {"text": "pwned"}),
     "chat-rename": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",), {"title": "pwned"}),
     "chat-delete": Case(lambda w: {"thread_id": _thread_of(w).pk}, ("post",)),
     # Usage, prices and budget: A's price (made in `agents_of`).

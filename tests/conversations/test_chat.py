@@ -375,6 +375,33 @@ def test_the_page_numbers_a_replys_steps_as_its_stream_does_whatever_its_handoff
     assert inspected.count("Handed off to Billing") == inspected.count("Handed off to Sales") == 1
 
 
+def test_a_message_sent_without_the_pages_script_is_sent_and_a_refused_one_kept(
+    world_a, chat, kicked, django_capture_on_commit_callbacks
+):
+    client = world_a.client_for(world_a.member)
+    url = _url("chat-send", world_a, thread_id=chat.mine.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(url, {"text": CALC})
+    assert response.status_code == 302 and response["Location"].endswith(f"/{chat.mine.pk}/")
+    run = Run.objects.for_tenant(world_a.tenant).get(thread=chat.mine)
+    assert run.input == [{"role": "user", "content": CALC}] and kicked == [str(run.pk)]
+    page = client.get(response["Location"]).content.decode()
+    assert CALC in page and "Waiting for the agent" in page
+
+    # A second message while the reply is written: refused, kept in the box, nothing stored.
+    response = client.post(url, {"text": "and 7 * 8?"})
+    assert response.status_code == 409
+    text = response.content.decode()
+    assert "busy with another reply" in text and ">and 7 * 8?</textarea>" in text
+    assert Run.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).count() == 1
+
+    # Another member's or tenant's thread: 404, nothing written.
+    for thread in (chat.theirs, chat.other_tenant):
+        url = _url("chat-send", world_a, thread_id=thread.pk)
+        assert client.post(url, {"text": "hi"}).status_code == 404
+        assert not Run.objects.for_tenant(thread.tenant).filter(thread=thread).exists()
+
+
 def test_load_earlier_pages_back_by_item_id(world_a, chat):
     Item.objects.bulk_create(
         Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:02}"})
