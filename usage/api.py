@@ -178,8 +178,9 @@ def get_usage(request: ApiRequest, filters: Query[UsageFilter]):
 )
 def export_usage_records(request: ApiRequest, filters: Query[UsageFilter]):
     """Every usage record of the period as CSV, streamed: time, source, agent, version, model,
-    provider, end user, API key prefix, user, run, thread, tokens and `cost_usd` (empty when the
-    model had no price). `group_by` is ignored."""
+    provider, end user, API key prefix, user, run, thread, tokens and `cost_usd` (US dollars with
+    8 decimal places, e.g. 0.00000000; empty when the model had no price). The id cells of a run,
+    thread, agent, end user, key or user deleted since are empty. `group_by` is ignored."""
     require_scope(request, "read")
     period = selectors.period_for(preset=filters.period, since=filters.since, until=filters.until)
     return export.csv_response(tenant=request.tenant, period=period)

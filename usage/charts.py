@@ -46,6 +46,15 @@ def amount(value: Any, metric: str) -> str:
     return f"{int(n)}"
 
 
+def price_digits(value: Decimal, *, grouped: bool = False) -> str:
+    """A price per million tokens as digits: the cents always, more places only when the price
+    has them (0.15, 1.00, 0.075), so a column of prices reads alike. `grouped` adds thousands
+    separators (1,250.00) for reading; without them the digits fit a number input."""
+    v = Decimal(value).normalize()
+    places = max(2, -v.as_tuple().exponent)  # type: ignore[operator]
+    return f"{v:{',' if grouped else ''}.{places}f}"
+
+
 def _nice_ceiling(value: float) -> float:
     """The top of the axis: four gridline steps of a round size (1, 1.5, 2, 2.5, 3, 4, 5, ...)."""
     if value <= 0:

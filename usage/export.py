@@ -1,10 +1,13 @@
 """CSV export of usage records: one model call per row, streamed (a month can hold many rows).
-A cost cell is empty when the model had no price."""
+A cost cell is empty when the model had no price; otherwise US dollars with 8 decimal places.
+The id columns of a run, thread, agent, end user, key or user deleted since are empty (the
+record, and the names it keeps, stay)."""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Iterator
+from decimal import Decimal
 from typing import Any
 
 from django.http import StreamingHttpResponse
@@ -46,8 +49,17 @@ CSV_COLUMNS = [
     ("cached_input_tokens", "cached_input_tokens"),
     ("output_tokens", "output_tokens"),
     ("total_tokens", "total_tokens"),
-    ("cost_usd", "cost"),
+    ("cost_usd", "cost"),  # last: written by `_cost`
 ]
+
+
+COST_PLACES = Decimal("1e-8")  # what a record keeps: exact for a call of a fraction of a cent
+
+
+def _cost(value: Decimal | None) -> str:
+    # Plain digits with all 8 places on every row (0.00000000, 0.00000040, 12.50000000):
+    # str() of a Decimal writes 0E-8 and 4.0E-7, which spreadsheets read as text or floats.
+    return "" if value is None else f"{value.quantize(COST_PLACES):f}"
 
 
 def rows(*, tenant: Tenant, period: selectors.Period) -> Iterator[str]:
@@ -59,8 +71,8 @@ def rows(*, tenant: Tenant, period: selectors.Period) -> Iterator[str]:
         .values_list(*[f for _, f in CSV_COLUMNS])
     )
     for row in rows.iterator(chunk_size=2000):
-        cells = [_safe(v.isoformat() if i == 0 else v) for i, v in enumerate(row)]
-        yield writer.writerow(cells)
+        *cells, cost = row
+        yield writer.writerow([cells[0].isoformat(), *map(_safe, cells[1:]), _cost(cost)])
 
 
 def csv_response(*, tenant: Tenant, period: selectors.Period) -> StreamingHttpResponse:

@@ -134,9 +134,11 @@ class UsageRecord(TenantOwned):
         ]
 
 
-# The largest limits the budget's columns hold: a bigint, and 14 digits with 2 for the cents.
-TOKEN_LIMIT_MAX = 2**63 - 1
-COST_LIMIT_MAX = Decimal("999999999999.99")
+# The largest limits a budget may set: far beyond any tenant's month, and well inside what the
+# columns hold (a bigint; 14 digits with 2 for the cents), so a typo of a few extra zeros gets a
+# plain answer naming the field instead of a database limit.
+TOKEN_LIMIT_MAX = 1_000_000_000_000
+COST_LIMIT_MAX = Decimal("1000000000")
 
 
 class Budget(TenantOwned):

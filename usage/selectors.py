@@ -224,6 +224,11 @@ class Period:
             return PRESETS[self.preset]
         return f"{self.first:%-d %b %Y} – {self.last:%-d %b %Y}"
 
+    @property
+    def phrase(self) -> str:
+        """The label inside a sentence: "in this month", "in 1 Nov 2026 – 3 Nov 2026"."""
+        return self.label if self.preset == "custom" else self.label.lower()
+
 
 def period_for(
     *,
@@ -394,6 +399,14 @@ def usage_by(
         _named(row)
         row["key"], row["label"] = _label(group, row)
     return rows
+
+
+def usage_presence(*, tenant: Tenant, period: Period) -> dict[str, int]:
+    """The number of calls in the period and of those that had a price (one query): what an
+    empty cost chart says, since a day of free calls and a day of none both sum to $0."""
+    return records_in(tenant=tenant, period=period).aggregate(
+        calls=Count("id"), priced_calls=Count("id", filter=Q(cost__isnull=False))
+    )
 
 
 def unpriced_models(*, tenant: Tenant, period: Period) -> list[dict[str, Any]]:

@@ -315,6 +315,33 @@ def _budget_state(budget: Budget) -> dict[str, Any]:
     }
 
 
+CENT = Decimal("0.01")
+
+
+def budget_errors(
+    *, token_limit: int | None, cost_limit: Decimal | None, warn_percent: int | None
+) -> dict[str, str]:
+    """What is wrong with a budget, one plain sentence per field that names it (empty: nothing).
+    None is no limit of that kind, and no threshold given. The dashboard form shows these next
+    to its fields; `budget_set` refuses the same."""
+    fields: dict[str, str] = {}
+    if token_limit is not None and token_limit < 1:
+        fields["token_limit"] = "The token limit must be at least 1 token, or empty for no limit."  # noqa: S105
+    elif token_limit is not None and token_limit > TOKEN_LIMIT_MAX:
+        fields["token_limit"] = f"The token limit can be at most {TOKEN_LIMIT_MAX:,} tokens."
+    if cost_limit is not None and not cost_limit.is_finite():
+        fields["cost_limit"] = "The cost limit is an amount in dollars, or empty for no limit."
+    elif cost_limit is not None and cost_limit <= 0:
+        fields["cost_limit"] = "The cost limit must be more than $0, or empty for no limit."
+    elif cost_limit is not None and cost_limit > COST_LIMIT_MAX:
+        fields["cost_limit"] = f"The cost limit can be at most ${COST_LIMIT_MAX:,}."
+    elif cost_limit is not None and cost_limit != cost_limit.quantize(CENT):  # 12.340 is fine
+        fields["cost_limit"] = "The cost limit is in dollars and cents: at most two decimal places."
+    if warn_percent is not None and not 1 <= warn_percent <= 100:
+        fields["warn_percent"] = "The warning threshold is a percentage from 1 to 100."
+    return fields
+
+
 def budget_set(
     *,
     tenant: Tenant,
@@ -328,21 +355,9 @@ def budget_set(
     threshold again in the same month does not warn twice."""
     if not (actor.is_owner or (actor.membership is None and actor.can_manage())):
         raise PermissionDenied("Only owners can change the budget.")
-    fields: dict[str, str] = {}
-    if token_limit is not None and token_limit < 1:
-        fields["token_limit"] = "At least 1 token, or empty for no token limit."  # noqa: S105
-    if token_limit is not None and token_limit > TOKEN_LIMIT_MAX:
-        fields["token_limit"] = f"At most {TOKEN_LIMIT_MAX:,} tokens, or empty for no token limit."
-    if cost_limit is not None and not cost_limit.is_finite():
-        fields["cost_limit"] = "An amount in dollars, or empty for no cost limit."
-    elif cost_limit is not None and cost_limit <= 0:
-        fields["cost_limit"] = "More than $0, or empty for no cost limit."
-    elif cost_limit is not None and cost_limit > COST_LIMIT_MAX:
-        fields["cost_limit"] = f"At most ${COST_LIMIT_MAX:,}, or empty for no cost limit."
-    elif cost_limit is not None and cost_limit.as_tuple().exponent < -2:  # type: ignore[operator]
-        fields["cost_limit"] = "Dollars and cents: at most two decimal places."
-    if not 1 <= warn_percent <= 100:
-        fields["warn_percent"] = "A percentage from 1 to 100."
+    fields = budget_errors(
+        token_limit=token_limit, cost_limit=cost_limit, warn_percent=warn_percent
+    )
     if fields:
         raise ValidationFailed("The budget is not valid.", fields=fields)
     with transaction.atomic():

@@ -5,6 +5,7 @@ owners."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
@@ -37,17 +38,38 @@ def not_found_is_404(view: Callable[..., HttpResponse]) -> Callable[..., HttpRes
     return wrapper
 
 
-def _period(request: TenantRequest) -> tuple[forms.PeriodForm, selectors.Period, str, str]:
+@dataclass(frozen=True)
+class PeriodChoice:
+    """What the period form asked for. `period` is None when the form has errors: then no
+    figures are shown, and `preset`, `since` and `until` are what the user entered, shown back
+    next to the errors (never the days of a default period put in their place)."""
+
+    form: forms.PeriodForm
+    period: selectors.Period | None
+    preset: str  # the option the Period select shows
+    since: str  # what the From and To fields show
+    until: str
+    by: str
+    metric: str
+
+
+def _period(request: TenantRequest) -> PeriodChoice:
     form = forms.PeriodForm(request.GET or None)
-    period = selectors.period_for()
-    by, metric = "agent", "total_tokens"
-    if form.is_valid():
+    data: dict[str, Any] = {}
+    if form.is_bound:  # unbound (no query): the default period
+        form.is_valid()
         data = form.cleaned_data
-        preset, since, until = data["period"], data["since"], data["until"]
+    by, metric = data.get("by") or "agent", data.get("metric") or "total_tokens"
+    # `by`, `metric` and `shown` come from links and hidden fields, never typed: an edited or
+    # stale value falls back to the default instead of an error with no field to show it at.
+    for hidden in ("by", "metric", "shown"):
+        form.errors.pop(hidden, None)
+    preset, since, until = data.get("period") or "", data.get("since"), data.get("until")
+    if not form.errors:
         # The form always sends the From/To dates along with the Period select. They are the
         # choice only if they were changed from the days on screen (those of `shown`, else of
         # the preset); otherwise the select is, so that picking a preset shows that preset.
-        on_screen = data["shown"] or preset
+        on_screen = data.get("shown") or preset
         if preset and preset != "custom" and (since or until) and on_screen != "custom":
             shown = selectors.period_for(preset=on_screen)
             if (since or shown.first, until or shown.last) != (shown.first, shown.last):
@@ -56,8 +78,22 @@ def _period(request: TenantRequest) -> tuple[forms.PeriodForm, selectors.Period,
             period = selectors.period_for(preset=preset, since=since, until=until)
         except ValidationFailed as exc:
             apply_domain_errors(form, exc)
-        by, metric = data["by"] or by, data["metric"] or metric
-    return form, period, by, metric
+        else:
+            first, last = period.first.isoformat(), period.last.isoformat()
+            return PeriodChoice(form, period, period.preset, first, last, by, metric)
+    typed_since, typed_until = form.data.get("since", ""), form.data.get("until", "")
+    if preset not in selectors.PRESETS:
+        preset = "custom" if typed_since or typed_until else form.data.get("period", "")
+    return PeriodChoice(form, None, preset, typed_since, typed_until, by, metric)
+
+
+def _bad_period(form: forms.PeriodForm) -> HttpResponse:
+    """A 400 naming the fields of a period that is not valid (the export, the chart alone)."""
+    return HttpResponse(
+        "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()),
+        status=400,
+        content_type="text/plain",
+    )
 
 
 def _chart(request: TenantRequest, period: selectors.Period, by: str, metric: str) -> Any:
@@ -77,28 +113,43 @@ def _period_query(period: selectors.Period) -> QueryDict:
 
 @tenant_view(manage=True)
 def usage_page(request: TenantRequest) -> HttpResponse:
-    form, period, by, metric = _period(request)
+    choice = _period(request)
+    period, by, metric = choice.period, choice.by, choice.metric
+    fragment = bool(request.htmx) and request.GET.get("fragment") == "chart"
+    context: dict[str, Any] = {"form": choice.form, "choice": choice, "period": period}
+    if period is None:
+        if fragment:
+            return _bad_period(choice.form)
+        # The form with what was entered and its errors, the budget (always this month's),
+        # and no figures: none of them would be for the period on screen.
+        context["budget"] = selectors.budget_state(tenant=request.tenant)
+        return render(request, "usage/usage.html", context, status=400)
     # Links (the export, the chart's options) ask for the period shown, not the raw form.
     base = _period_query(period)
     query = base.copy()
     query["by"], query["metric"] = by, metric
-    context: dict[str, Any] = {
-        "form": form,
-        "period": period,
-        "by": by,
-        "metric": metric,
-        "groups": [
+    chart = _chart(request, period, by, metric)
+    context.update(
+        by=by,
+        metric=metric,
+        groups=[
             ("agent", "agent"),
             ("model", "model"),
             ("end_user", "end user"),
             ("api_key", "API key"),
         ],
-        "chart": _chart(request, period, by, metric),
-        "metrics": [("total_tokens", "Tokens"), ("cost", "Cost")],
-        "query": query.urlencode(),
-        "base_query": base.urlencode(),
-    }
-    if request.htmx and request.GET.get("fragment") == "chart":
+        chart=chart,
+        # An empty cost chart says why: no calls, no priced calls, or priced calls of $0.
+        presence=(
+            selectors.usage_presence(tenant=request.tenant, period=period)
+            if chart.empty and metric == "cost"
+            else None
+        ),
+        metrics=[("total_tokens", "Tokens"), ("cost", "Cost")],
+        query=query.urlencode(),
+        base_query=base.urlencode(),
+    )
+    if fragment:
         return render(request, "usage/usage.html#usage-chart", context)
     tenant = request.tenant
     context.update(
@@ -122,14 +173,10 @@ def usage_page(request: TenantRequest) -> HttpResponse:
 def usage_export(request: TenantRequest) -> HttpResponse:
     """Every usage record of the period, as CSV, streamed. A cost cell is empty when the model
     had no price."""
-    form, period, _, _ = _period(request)
-    if form.errors:
-        return HttpResponse(
-            "; ".join(f"{k}: {' '.join(str(e) for e in v)}" for k, v in form.errors.items()),
-            status=400,
-            content_type="text/plain",
-        )
-    return export.csv_response(tenant=request.tenant, period=period)  # type: ignore[return-value]
+    choice = _period(request)
+    if choice.period is None:
+        return _bad_period(choice.form)
+    return export.csv_response(tenant=request.tenant, period=choice.period)  # type: ignore[return-value]
 
 
 # --- Prices -------------------------------------------------------------------------------------
@@ -177,9 +224,14 @@ def price_detail(request: TenantRequest, price_id: str) -> HttpResponse:
     initial = {
         "model": price.model,
         "provider": str(price.provider_id or ""),
-        "input_per_million": price.input_per_million,
-        "cached_input_per_million": price.cached_input_per_million,
-        "output_per_million": price.output_per_million,
+        # The digits the price table shows (0.15, not 0.150000 as the column stores them).
+        "input_per_million": charts.price_digits(price.input_per_million),
+        "cached_input_per_million": (
+            None
+            if price.cached_input_per_million is None
+            else charts.price_digits(price.cached_input_per_million)
+        ),
+        "output_per_million": charts.price_digits(price.output_per_million),
         "note": price.note,
     }
     form = forms.PriceForm(request.POST or None, initial=initial, providers=_providers(request))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -21,7 +22,7 @@ from tenants.actors import Actor
 from tenants.models import AuditEvent
 from usage import services as usage_services
 from usage.errors import BudgetExhausted
-from usage.models import MonthlyUsage, UsageRecord
+from usage.models import Budget, MonthlyUsage, UsageRecord
 
 
 def _call(model="gpt-4o", provider=None, inp=1000, cached=0, out=500, agent="Helper"):
@@ -170,7 +171,8 @@ def test_the_run_inspector_says_no_price_instead_of_a_cost_of_zero(setup):
 
     def cost_in_list(run):
         row = rows.split(f'data-run-id="{run.pk}"', 1)[1].split("</tr>", 1)[0]
-        return row.split('<td class="num small nowrap">')[-1].split("</td>", 1)[0]
+        # The last cell of its kind, whatever other attributes the cells carry.
+        return re.split(r'<td[^>]*class="num small nowrap"[^>]*>', row)[-1].split("</td>", 1)[0]
 
     assert cost_in_list(unpriced) == "no price"
     assert cost_in_list(mixed) == "$0.01 + 10 tokens with no price"
@@ -360,9 +362,10 @@ def test_budget_is_validated_and_changed_only_by_owners(setup, api_client):
     assert world.client_for(world.member).get(url).status_code == 403
     owner = world.client_for(world.owner)
     bad = owner.post(url, {"token_limit": "0", "warn_percent": "120"})
-    assert (
-        b"greater than or equal to 1" in bad.content and b"less than or equal to 100" in bad.content
-    )
+    assert bad.context["form"].errors == {
+        "token_limit": ["The token limit must be at least 1 token, or empty for no limit."],
+        "warn_percent": ["The warning threshold is a percentage from 1 to 100."],
+    }
     assert owner.post(url, {"token_limit": "5000", "warn_percent": "75"}).status_code == 302
     event = AuditEvent.objects.for_tenant(world.tenant).get(action="budget.updated")
     assert event.changes["token_limit"] == [None, 5000] and event.actor_label == world.owner.email
@@ -385,33 +388,47 @@ def test_budget_is_validated_and_changed_only_by_owners(setup, api_client):
     assert ok.json()["cost_limit"] == "25.00" and ok.json()["token_limit"] is None
 
 
-def test_budget_limits_beyond_what_is_stored_are_field_errors(setup, api_client):
+def test_budget_limits_beyond_the_maximum_get_one_plain_message_per_field(setup, api_client):
     world, *_ = setup
     url = f"/t/{world.tenant.slug}/settings/budget/"
     owner = world.client_for(world.owner)
     huge = owner.post(url, {"token_limit": str(10**19), "cost_limit": "1e13", "warn_percent": "80"})
     assert huge.status_code == 200
-    assert set(huge.context["form"].errors) == {"token_limit", "cost_limit"}
-    assert (
-        "less than or equal to 9223372036854775807" in huge.context["form"].errors["token_limit"][0]
+    assert huge.context["form"].errors == {
+        "token_limit": ["The token limit can be at most 1,000,000,000,000 tokens."],
+        "cost_limit": ["The cost limit can be at most $1,000,000,000."],
+    }
+    html = huge.content.decode()
+    assert "9223372036854775807" not in html and "digits in total" not in html
+    assert html.count('class="error"') == 2  # one message per field, nothing else
+    just_over = owner.post(
+        url, {"token_limit": "1000000000001", "cost_limit": "1000000000.01", "warn_percent": "80"}
     )
-    most = {"token_limit": str(2**63 - 1), "cost_limit": "999999999999.99", "warn_percent": "80"}
+    assert set(just_over.context["form"].errors) == {"token_limit", "cost_limit"}
+    assert Budget.objects.for_tenant(world.tenant).count() == 0  # nothing saved
+    most = {"token_limit": "1000000000000", "cost_limit": "1000000000.00", "warn_percent": "80"}
     assert owner.post(url, most).status_code == 302
+    budget = Budget.objects.for_tenant(world.tenant).get()
+    assert (budget.token_limit, budget.cost_limit) == (10**12, Decimal("1000000000"))
+    shown = owner.get(url).content.decode()
+    assert 'value="1000000000000"' in shown and 'value="1000000000.00"' in shown
 
     write = api_client(world.admin_key_raw)
-    body = json.dumps({"token_limit": 10**19, "cost_limit": "10000000000000", "warn_percent": 80})
+    body = json.dumps(
+        {"token_limit": 10**12 + 1, "cost_limit": "1000000000.01", "warn_percent": 80}
+    )
     refused = write.put("/api/v1/budget", body, content_type="application/json")
     assert refused.status_code == 422
     assert set(refused.json()["metadata"]["fields"]) == {"token_limit", "cost_limit"}
-    body = json.dumps({"token_limit": 2**63 - 1, "cost_limit": "999999999999.99"})
+    body = json.dumps({"token_limit": 10**12, "cost_limit": "1000000000"})
     ok = write.put("/api/v1/budget", body, content_type="application/json")
-    assert ok.status_code == 200 and ok.json()["token_limit"] == 2**63 - 1
+    assert ok.status_code == 200 and ok.json()["token_limit"] == 10**12
 
     with pytest.raises(ValidationFailed) as invalid:
         _budget(world, token_limit=2**63, cost_limit=Decimal("1e12"))
     assert invalid.value.fields == {
-        "token_limit": "At most 9,223,372,036,854,775,807 tokens, or empty for no token limit.",
-        "cost_limit": "At most $999,999,999,999.99, or empty for no cost limit.",
+        "token_limit": "The token limit can be at most 1,000,000,000,000 tokens.",
+        "cost_limit": "The cost limit can be at most $1,000,000,000.",
     }
 
 
@@ -602,7 +619,7 @@ def test_a_period_at_the_end_of_the_calendar_is_a_clear_error(used, api_client):
         assert response.json()["metadata"]["fields"] == {"until": "Pick a day before 9999-12-31."}
     owner = world.client_for(world.owner)
     page = owner.get(f"/t/{world.tenant.slug}/usage/?period=custom&{far}")
-    assert page.status_code == 200 and "Pick a day before 9999-12-31." in page.content.decode()
+    assert page.status_code == 400 and "Pick a day before 9999-12-31." in page.content.decode()
     export = owner.get(f"/t/{world.tenant.slug}/usage/export.csv?period=custom&{far}")
     assert export.status_code == 400 and b"until: Pick a day before 9999-12-31." in export.content
 
@@ -835,3 +852,115 @@ def test_the_api_streams_the_same_csv_for_a_read_key(used, api_client, world_b):
     assert b"".join(theirs.streaming_content).decode().count("\n") == 1  # the header only
     bad = api_client(world.read_key_raw).get("/api/v1/usage/records?since=2026-13-01")
     assert bad.status_code == 422 and "since" in bad.json()["metadata"]["fields"]
+
+
+# --- Number formats, periods and layout of the usage pages ----------------------------------------
+
+
+def test_the_csv_export_writes_costs_as_plain_decimals_and_keeps_rows_of_deleted_threads(setup):
+    world, provider, agent, member, _ = setup
+    _price(world, "tiny", inp="0.4", out="0")
+    _price(world, "gpt-4o", inp="2.5", out="0")
+    free = {**_call("offline", inp=5, out=5), "provider": "builtin"}
+    gone = _finished_run(world, agent, member, [free, _call("tiny", provider, inp=1, out=0)])
+    _finished_run(world, agent, member, [_call("gpt-4o", provider, inp=1_000_000, out=0)])
+    services.thread_delete(tenant=world.tenant, end_user=member, thread_id=gone.thread_id)
+    response = world.client_for(world.admin).get(f"/t/{world.tenant.slug}/usage/export.csv")
+    rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
+    # Never 0E-8 or 4.0E-7: plain digits, 8 places on every row, exact below a cent.
+    assert [(r["model"], r["cost_usd"]) for r in rows] == [
+        ("offline", "0.00000000"),
+        ("tiny", "0.00000040"),
+        ("gpt-4o", "2.50000000"),
+    ]
+    # The calls of a deleted thread stay, with their tokens, cost and agent, without its ids.
+    assert [(r["run_id"], r["thread_id"], r["agent"]) for r in rows[:2]] == [("", "", "Helper")] * 2
+    assert rows[2]["run_id"] and rows[2]["thread_id"]
+
+
+def test_an_invalid_custom_period_is_shown_back_as_entered_with_no_figures(used):
+    world, *_ = used
+    owner = world.client_for(world.owner)
+    url = f"/t/{world.tenant.slug}/usage/"
+    page = owner.get(f"{url}?period=custom&since=2026-12-01&until=2026-11-01&by=model&metric=cost")
+    html = page.content.decode()
+    assert page.status_code == 400
+    assert "Pick a day on or after the start." in html
+    # The form holds what was entered, not this month's dates...
+    assert '<option value="custom" selected>' in html and html.count(" selected>") == 1
+    assert 'name="since" id="id_since" value="2026-12-01"' in html
+    assert 'name="until" id="id_until" value="2026-11-01"' in html
+    assert 'name="shown" value="custom"' in html and 'name="metric" value="cost"' in html
+    # ...and no figures stand beside it as if they were for that period.
+    assert "No figures are shown: the period above is not valid." in html
+    assert "Tokens · " not in html and "2.2k" not in html and "<svg" not in html
+    assert "export.csv" not in html and "Monthly budget" in html
+    # Dates changed (badly) while "This month" was on screen are a custom period too.
+    changed = owner.get(
+        f"{url}?period=this_month&shown=this_month&since=2026-12-01&until=2026-11-01"
+    ).content.decode()
+    assert '<option value="custom" selected>' in changed and 'value="2026-12-01"' in changed
+    chart = owner.get(
+        f"{url}?period=custom&since=2026-12-01&until=2026-11-01&fragment=chart",
+        HTTP_HX_REQUEST="true",
+    )
+    assert chart.status_code == 400 and b"until: Pick a day on or after the start." in chart.content
+    today = datetime.now(UTC).date()
+    fixed = owner.get(f"{url}?period=custom&since={today}&until={today}")
+    assert fixed.status_code == 200 and fixed.context["totals"]["total_tokens"] == 2210
+
+
+def test_a_cost_chart_of_free_calls_says_they_cost_nothing(setup):
+    world, provider, agent, member, _ = setup
+    owner = world.client_for(world.owner)
+    url = f"/t/{world.tenant.slug}/usage/?metric=cost"
+    _finished_run(world, agent, member, [_call("mystery-model", provider, inp=7, out=3)])
+    unpriced = owner.get(url).content.decode()
+    assert "No priced usage in this month: none of the models called has a price." in unpriced
+    free = {**_call("offline", inp=50, out=50), "provider": "builtin"}
+    _finished_run(world, agent, member, [free])
+    html = owner.get(url).content.decode()
+    assert "No priced usage" not in html
+    assert "Every priced call in this month cost $0 (1 call; the others have no price)" in html
+    fragment = owner.get(url + "&fragment=chart", HTTP_HX_REQUEST="true").content.decode()
+    assert "Every priced call in this month cost $0" in fragment
+    tokens = owner.get(url.replace("cost", "total_tokens")).content.decode()
+    assert "<svg" in tokens and "Every priced call" not in tokens  # the same calls, in tokens
+
+
+def test_prices_show_dollars_per_million_with_the_cents_everywhere(setup):
+    world, *_ = setup
+    _price(world, "big", inp="1", out="1250")
+    mini = _price(world, "gpt-4o-mini", inp="0.15", cached="0.075", out="0.60")
+    admin = world.client_for(world.admin)
+    url = f"/t/{world.tenant.slug}/usage/prices/"
+    cells = re.findall(r'<td class="num">(.*?)</td>', admin.get(url).content.decode())
+    assert cells == [
+        "$1.00",
+        '<span class="muted">as input</span>',
+        "$1,250.00",
+        "$0.15",
+        "$0.075",
+        "$0.60",
+    ]
+    detail = admin.get(f"{url}{mini.pk}/").content.decode()
+    for name, value in (
+        ("input_per_million", "0.15"),
+        ("cached_input_per_million", "0.075"),
+        ("output_per_million", "0.60"),
+    ):
+        assert f'name="{name}" value="{value}"' in detail
+    # Saving the form as shown keeps the price.
+    saved = admin.post(
+        f"{url}{mini.pk}/",
+        {
+            "model": "gpt-4o-mini",
+            "provider": "",
+            "input_per_million": "0.15",
+            "cached_input_per_million": "0.075",
+            "output_per_million": "0.60",
+        },
+    )
+    assert saved.status_code == 302
+    mini.refresh_from_db()
+    assert (mini.input_per_million, mini.output_per_million) == (Decimal("0.15"), Decimal("0.6"))

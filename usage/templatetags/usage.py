@@ -38,3 +38,11 @@ def exact(value: Any) -> str:
     if isinstance(value, Decimal):
         return f"${value:,.2f}"
     return f"{int(value or 0):,}"
+
+
+@register.filter
+def price(value: Any) -> str:
+    """A price per million tokens: $0.15, $1.00, $0.075, $1,250.00."""
+    from usage.charts import price_digits
+
+    return f"${price_digits(value, grouped=True)}"

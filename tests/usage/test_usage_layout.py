@@ -1,0 +1,109 @@
+"""The usage page's vertical rhythm in headless Chromium, at a laptop's and a phone's width.
+
+The page is rendered by Django's test client and handed to the browser through request routing
+(its static files read from the static folders), so no server is started; the browser runs on a
+thread of its own because Django refuses ORM calls from a thread with a running event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.conf import settings
+from django.contrib.staticfiles import finders
+from playwright.sync_api import Route, sync_playwright
+
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.usage.test_usage import setup, used  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.browser
+
+ORIGIN = "http://testserver"
+WIDTHS = {"laptop": 1280, "phone": 390}
+
+# The page's top-level blocks, grouped into rows (the cells of one grid row share their top),
+# top to bottom, with the space between each row and the next.
+ROW_GAPS = """() => {
+  const picked = [...document.querySelectorAll("main .card, main .stats, main .alert")];
+  const blocks = picked.filter((el) => !picked.some((o) => o !== el && o.contains(el)));
+  const rows = new Map();
+  for (const el of blocks) {
+    const r = el.getBoundingClientRect();
+    const top = Math.round(r.top + window.scrollY);
+    const label = (el.querySelector("h2") || el).textContent.trim().split("\\n")[0].slice(0, 30);
+    const row = rows.get(top) || { top, bottom: 0, labels: [] };
+    row.bottom = Math.max(row.bottom, r.bottom + window.scrollY);
+    row.labels.push(label);
+    rows.set(top, row);
+  }
+  const sorted = [...rows.values()].sort((a, b) => a.top - b.top);
+  return sorted.slice(1).map((row, i) => ({
+    above: sorted[i].labels.join(" | "),
+    below: row.labels.join(" | "),
+    gap: row.top - sorted[i].bottom,
+  }));
+}"""
+
+
+def _serve(html: str):
+    def handle(route: Route) -> None:
+        path = route.request.url.removeprefix(ORIGIN).split("?", 1)[0]
+        if path.startswith(settings.STATIC_URL):
+            found = finders.find(path.removeprefix(settings.STATIC_URL))
+            if found:
+                kind = "text/css" if path.endswith(".css") else "application/javascript"
+                route.fulfill(body=Path(str(found)).read_bytes(), content_type=kind)
+                return
+            route.fulfill(status=404, body="")
+            return
+        route.fulfill(body=html, content_type="text/html; charset=utf-8")
+
+    return handle
+
+
+def _row_gaps(html: str) -> dict[str, list[dict[str, Any]]]:
+    """Each width's row gaps, measured in Chromium on a thread of its own."""
+    if not CHROMIUM.exists():  # fail, never skip: a missing browser must not pass unseen
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium.", pytrace=False)
+    out: dict[str, Any] = {}
+
+    def measure() -> None:
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(
+                    executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+                )
+                try:
+                    for name, width in WIDTHS.items():
+                        page = browser.new_page(viewport={"width": width, "height": 900})
+                        page.route("**/*", _serve(html))
+                        page.goto(f"{ORIGIN}/usage/", wait_until="load")
+                        out[name] = page.evaluate(ROW_GAPS)
+                        page.close()
+                finally:
+                    browser.close()
+        except BaseException as exc:
+            out["error"] = exc
+
+    thread = threading.Thread(target=measure, name="usage-layout", daemon=True)
+    thread.start()
+    thread.join(120)
+    if thread.is_alive():
+        pytest.fail("Chromium did not finish within 120 s.")
+    if "error" in out:
+        raise out["error"]
+    return out
+
+
+def test_every_block_of_the_usage_page_is_as_far_from_the_next(used):  # noqa: F811
+    world, *_ = used
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+    cards_margin = 1.2 * 16  # app.css: .card { margin-bottom: 1.2rem }
+    for width, gaps in _row_gaps(html).items():
+        labels = [g["below"] for g in gaps]
+        assert any(label.startswith("Monthly budget") for label in labels), (width, labels)
+        wrong = [g for g in gaps if abs(g["gap"] - cards_margin) > 0.5]
+        assert wrong == [], (width, wrong)
