@@ -79,6 +79,41 @@ def _screenshot_all(browser: Browser, name: str) -> None:
                 pass
 
 
+def in_chromium(use: Callable[[Browser], T], name: str) -> T:
+    """`use(browser)` with headless Chromium, on a thread of its own; what it returns, or what
+    it raised, here. A missing browser fails the test, and so does one hung beyond
+    `FLOW_TIMEOUT`."""
+    if not CHROMIUM.exists():  # fail, never skip: a missing browser must not pass unseen
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests need Debian's Chromium "
+            "(apt-get install chromium chromium-driver).",
+            pytrace=False,
+        )
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            with sync_playwright() as pw:
+                browser = pw.chromium.launch(
+                    executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
+                )
+                try:
+                    outcome["value"] = use(browser)
+                finally:
+                    browser.close()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name=f"browser-{name}", daemon=True)
+    thread.start()
+    thread.join(FLOW_TIMEOUT)
+    if thread.is_alive():
+        pytest.fail(f"The browser flow did not finish within {FLOW_TIMEOUT} s.")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 @pytest.fixture
 def run_in_browser(request, site: str) -> Callable[[Callable[[NewContext], T]], T]:
     """Run `flow(new_context)` in headless Chromium on its own thread; return what it returns.
@@ -89,48 +124,23 @@ def run_in_browser(request, site: str) -> Callable[[Callable[[NewContext], T]], 
     name = re.sub(r"[^\w.-]+", "_", request.node.name)
 
     def run(flow: Callable[[NewContext], T]) -> T:
-        if not CHROMIUM.exists():  # fail, never skip: a missing browser must not pass unseen
-            pytest.fail(
-                f"{CHROMIUM} is missing: the browser tests need Debian's Chromium "
-                "(apt-get install chromium chromium-driver).",
-                pytrace=False,
-            )
-        outcome: dict[str, Any] = {}
+        def use(browser: Browser) -> T:
+            def new_context() -> BrowserContext:
+                context = browser.new_context(
+                    base_url=site, viewport={"width": 1280, "height": 900}
+                )
+                context.set_default_timeout(5_000)
+                return context
 
-        def target() -> None:
             try:
-                with sync_playwright() as pw:
-                    browser = pw.chromium.launch(
-                        executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-                    )
+                value = flow(new_context)
+            except BaseException:
+                _screenshot_all(browser, name)
+                raise
+            if os.environ.get("BROWSER_SCREENSHOTS") == "all":
+                _screenshot_all(browser, name)
+            return value
 
-                    def new_context() -> BrowserContext:
-                        context = browser.new_context(
-                            base_url=site, viewport={"width": 1280, "height": 900}
-                        )
-                        context.set_default_timeout(5_000)
-                        return context
-
-                    try:
-                        outcome["value"] = flow(new_context)
-                    except BaseException:
-                        _screenshot_all(browser, name)
-                        raise
-                    else:
-                        if os.environ.get("BROWSER_SCREENSHOTS") == "all":
-                            _screenshot_all(browser, name)
-                    finally:
-                        browser.close()
-            except BaseException as exc:
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=target, name=f"browser-{name}", daemon=True)
-        thread.start()
-        thread.join(FLOW_TIMEOUT)
-        if thread.is_alive():
-            pytest.fail(f"The browser flow did not finish within {FLOW_TIMEOUT} s.")
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
+        return in_chromium(use, name)
 
     return run

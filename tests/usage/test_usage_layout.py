@@ -1,22 +1,20 @@
 """The usage page's vertical rhythm in headless Chromium, at a laptop's and a phone's width.
 
 The page is rendered by Django's test client and handed to the browser through request routing
-(its static files read from the static folders), so no server is started; the browser runs on a
-thread of its own because Django refuses ORM calls from a thread with a running event loop.
+(its static files read from the static folders), so no server is started.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.contrib.staticfiles import finders
-from playwright.sync_api import Route, sync_playwright
+from playwright.sync_api import Browser, Route
 
-from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS
+from tests.browser.conftest import in_chromium
 from tests.usage.test_usage import setup, used  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.browser
@@ -65,37 +63,19 @@ def _serve(html: str):
 
 
 def _row_gaps(html: str) -> dict[str, list[dict[str, Any]]]:
-    """Each width's row gaps, measured in Chromium on a thread of its own."""
-    if not CHROMIUM.exists():  # fail, never skip: a missing browser must not pass unseen
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium.", pytrace=False)
-    out: dict[str, Any] = {}
+    """Each width's row gaps, measured in Chromium."""
 
-    def measure() -> None:
-        try:
-            with sync_playwright() as pw:
-                browser = pw.chromium.launch(
-                    executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS
-                )
-                try:
-                    for name, width in WIDTHS.items():
-                        page = browser.new_page(viewport={"width": width, "height": 900})
-                        page.route("**/*", _serve(html))
-                        page.goto(f"{ORIGIN}/usage/", wait_until="load")
-                        out[name] = page.evaluate(ROW_GAPS)
-                        page.close()
-                finally:
-                    browser.close()
-        except BaseException as exc:
-            out["error"] = exc
+    def measure(browser: Browser) -> dict[str, list[dict[str, Any]]]:
+        out = {}
+        for name, width in WIDTHS.items():
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.route("**/*", _serve(html))
+            page.goto(f"{ORIGIN}/usage/", wait_until="load")
+            out[name] = page.evaluate(ROW_GAPS)
+            page.close()
+        return out
 
-    thread = threading.Thread(target=measure, name="usage-layout", daemon=True)
-    thread.start()
-    thread.join(120)
-    if thread.is_alive():
-        pytest.fail("Chromium did not finish within 120 s.")
-    if "error" in out:
-        raise out["error"]
-    return out
+    return in_chromium(measure, "usage-layout")
 
 
 def test_every_block_of_the_usage_page_is_as_far_from_the_next(used):  # noqa: F811
