@@ -466,6 +466,7 @@ def test_the_transcript_shows_any_end_users_thread_and_pages_back(world_a, admin
     url = reverse("thread-transcript", args=[world_a.tenant.slug, thread.pk])
     page = admin.get(url).content.decode()
     assert "message 59" in page and "message 05" not in page and "crm-1" in page
+    assert re.search(r'class="muted small">Calc\s', page)  # who wrote the replies
     earlier = re.search(r'href="\?before=(\d+)"', page)
     assert earlier
     older = admin.get(
