@@ -426,7 +426,15 @@
           if (bubble && bubble.parentNode) bubble.parentNode.remove();
           bubble = null;
         }
-        status(ev.message || "Trying again\u2026", "warn");
+        var said = ev.message || "Trying again\u2026";
+        status(said, "warn");
+        // Once the wait is over the call is being made again: the countdown no longer holds.
+        var reason = said.replace(/\s*Trying again in [\d.]+ s\.$/, "");
+        if (reason !== said) {
+          setTimeout(function () {
+            if (statusEl.textContent === said) status(reason + " Trying again\u2026", "warn");
+          }, Math.max(ev.wait_ms || 0, 0));
+        }
         break;
       case "error":
         status(ev.message || "Something went wrong.", "error");

@@ -640,6 +640,29 @@ def test_a_reply_after_a_handoff_is_labelled_with_the_agent_that_speaks(unstarte
     run_in_browser(flow)
 
 
+def test_a_retry_notice_stops_counting_down_once_the_call_is_made_again(unstarted, run_in_browser):
+    world = make_world("Acme")
+    thread, run = _thread_with_a_run(world, [])
+    rid = str(run.pk)
+    stalled = "The model provider stopped answering (nothing for 20 s)."
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+        _event(rid, 2, type="model.retry", reason="timeout", retry=1, max_retries=3,
+               message=f"{stalled} Trying again in 0.3 s.", wait_ms=300, discard=False,
+               agent="Calc"),
+    ]  # fmt: skip
+
+    def flow(new_context) -> None:
+        page, _sockets = _open_chat(new_context, world, thread, frames)
+        notice = page.locator("#chat-status")
+        expect(notice).to_have_text(f"{stalled} Trying again in 0.3 s.", timeout=LONG)
+        # The wait is over: the call is being made again, however long it takes to answer.
+        expect(notice).to_have_text(f"{stalled} Trying again\u2026", timeout=LONG)
+
+    run_in_browser(flow)
+
+
 def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_browser):
     import json
 
