@@ -12,14 +12,16 @@ from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.db import connection
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, Max, Q, QuerySet
 from django.utils.safestring import SafeString
 
 from conversations import markdown
-from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, Thread
+from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, RunStatus, Thread
 from tenants.models import Membership, Tenant
 
 PAGE_SIZE = 50
+# Runs that ended without their reply; the history says why (`_with_failures`).
+FAILED_STATUSES = (RunStatus.ERROR, RunStatus.TIMEOUT)
 
 
 def thread_list(*, tenant: Tenant, end_user: EndUser, q: str = "") -> QuerySet[Thread]:
@@ -402,7 +404,37 @@ def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
     entries = _entries(rows, _later_results(tenant, thread, rows))
     earlier = _earlier_counts(tenant, thread, rows)
     _speakers(entries, earlier, thread.agent.name)
-    return _numbered(entries, earlier)
+    return _with_failures(tenant, thread, _numbered(entries, earlier), rows)
+
+
+def _with_failures(
+    tenant: Tenant, thread: Thread, entries: list[Entry], rows: list[Item]
+) -> list[Entry]:
+    """After the last item of each run that failed, why (`kind="run_error"`, the reason in
+    `title`): the chat's status line says it as it happens, the history keeps it. On the page
+    that holds the run's last item only."""
+    run_ids = {entry.run_id for entry in entries if entry.run_id is not None}
+    if not run_ids:
+        return entries
+    failed = {
+        run_id: (error, last_item)
+        for run_id, error, last_item in Run.objects.for_tenant(tenant)
+        .filter(thread=thread, pk__in=run_ids, status__in=FAILED_STATUSES)
+        .annotate(last_item=Max("items__id"))
+        .values_list("pk", "error", "last_item")
+    }
+    held = {row.pk for row in rows}
+    ending = {run_id for run_id, (_error, last_item) in failed.items() if last_item in held}
+    if not ending:
+        return entries
+    last = {entry.run_id: i for i, entry in enumerate(entries) if entry.run_id in ending}
+    shown: list[Entry] = []
+    for i, entry in enumerate(entries):
+        shown.append(entry)
+        if last.get(entry.run_id) == i:
+            reason = failed[entry.run_id][0] or "The agent could not answer."
+            shown.append(Entry(id=0, kind="run_error", title=reason, run_id=entry.run_id))
+    return shown
 
 
 def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:

@@ -402,6 +402,39 @@ def test_a_message_sent_without_the_pages_script_is_sent_and_a_refused_one_kept(
         assert not Run.objects.for_tenant(thread.tenant).filter(thread=thread).exists()
 
 
+def test_a_message_that_got_no_reply_says_why_in_the_history_on_the_page_of_its_end(world_a, chat):
+    failed = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
+    )
+    Item.objects.create(
+        tenant=world_a.tenant, thread=chat.mine, run=failed, data={"role": "user", "content": "go"}
+    )
+    Run.objects.for_tenant(world_a.tenant).filter(pk=failed.pk).update(
+        status=RunStatus.ERROR, error="The model provider failed (HTTP 500)."
+    )
+    Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).update(status="idle")
+    answered = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="hi"
+    )
+    for data in ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}):
+        Item.objects.create(tenant=world_a.tenant, thread=chat.mine, run=answered, data=data)
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+    note = "<strong>No reply:</strong> The model provider failed (HTTP 500)."
+    assert page.count(note) == 1
+    assert page.index(">go<") < page.index(note) < page.index(">hi<")
+
+    # Paged so that the failed run ends one page: the note is on that page, not the next.
+    first_of_answered = Item.objects.for_tenant(world_a.tenant).filter(run=answered).earliest("id")
+    older = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"before": first_of_answered.pk}
+    ).content.decode()
+    newer = client.get(
+        _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": first_of_answered.pk - 1}
+    ).content.decode()
+    assert note in older and note not in newer
+
+
 def test_load_earlier_pages_back_by_item_id(world_a, chat):
     Item.objects.bulk_create(
         Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:02}"})
