@@ -63,12 +63,46 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
-def explain_provider_error(exc: BaseException, *, timeout: float | None = None) -> str | None:
-    """Plain words for a failure of a model provider, or None if `exc` is not one."""
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first."""
+    chain, seen = [], set()
+    each: BaseException | None = exc
+    while each is not None and id(each) not in seen:
+        seen.add(id(each))
+        chain.append(each)
+        each = each.__cause__ or each.__context__
+    return chain
+
+
+def explain_provider_error(
+    exc: BaseException, *, timeout: float | None = None, detail: bool = False
+) -> str | None:
+    """Plain words for a failure of a model provider, or None if `exc` is not one. A run's
+    reason is read by its end user too: the library's own words (e.g. "peer closed connection
+    without sending complete message body") stay in its trace. `detail` adds them, for an admin
+    setting a provider up ("test connection")."""
     from controlplane import egress
 
-    if isinstance(exc, egress.EgressDenied):
-        return str(exc)
+    plain = _explain(exc, timeout=timeout)
+    causes = _causes(exc)
+    if (
+        plain is None
+        or not detail
+        or isinstance(exc, openai.APIStatusError)  # the provider's own message is in it
+        or any(isinstance(each, egress.EgressError | egress.EgressDenied) for each in causes)
+    ):
+        return plain
+    cause = exc.__cause__ if isinstance(exc, openai.APIConnectionError) and exc.__cause__ else exc
+    technical = f"{type(cause).__name__}: {str(cause)[:200]}"
+    return plain if technical in plain else f"{plain.rstrip('.')} ({technical})."
+
+
+def _explain(exc: BaseException, *, timeout: float | None) -> str | None:
+    from controlplane import egress
+
+    for each in _causes(exc):  # the egress guard's refusal says why, whatever wraps it
+        if isinstance(each, (egress.EgressDenied, egress.EgressError)):
+            return str(each)
     if isinstance(exc, openai.AuthenticationError):
         return "The model provider refused the API key (HTTP 401). Check the key in the provider."
     if isinstance(exc, openai.PermissionDeniedError):
@@ -80,25 +114,27 @@ def explain_provider_error(exc: BaseException, *, timeout: float | None = None) 
     if isinstance(exc, openai.APITimeoutError):
         within = f" within {timeout:g} s" if timeout else ""
         return f"The model provider did not answer{within}."
+    names = {cls.__name__ for each in _causes(exc) for cls in type(each).__mro__}
     if isinstance(exc, openai.APIConnectionError):
-        cause = exc.__cause__ or exc
-        return f"Could not connect to the model provider: {cause}."
+        # The library's own words ("peer closed connection without sending complete message
+        # body") are for the trace; the run says what happened.
+        if names & {"RemoteProtocolError", "ReadError"}:
+            return "The connection to the model provider broke while it answered."
+        return "Could not connect to the model provider."
     if isinstance(exc, openai.APIStatusError):
         detail = re.sub(r"^Error code: \d+ - ", "", exc.message)  # the status is said already
         return f"The model provider answered with an error (HTTP {exc.status_code}): {detail}"
-    names = {cls.__name__ for cls in type(exc).__mro__}
     if "TimeoutException" in names:  # httpx's, raised as is while a stream is read
         within = f" for {timeout:g} s" if timeout else ""
         return f"The model provider stopped answering (nothing{within})."
+    if "ConnectError" in names:
+        return "Could not connect to the model provider."
     if "TransportError" in names:
-        return f"The connection to the model provider broke ({type(exc).__name__}: {exc})."
-    if isinstance(exc, (openai.APIResponseValidationError, ModelBehaviorError, ValueError)):
-        return (
-            "The model provider answered, but not with a valid completion "
-            f"({type(exc).__name__}: {str(exc)[:200]})."
-        )
-    if isinstance(exc, egress.EgressError):
-        return str(exc)
+        return "The connection to the model provider broke while it answered."
+    if isinstance(exc, ModelBehaviorError):  # the SDK's own words say what the model did
+        return f"The model answered with something the agent cannot use: {str(exc)[:200]}"
+    if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
+        return "The model provider answered, but not with a valid completion."
     return None
 
 
@@ -269,9 +305,8 @@ async def check_provider(provider: ModelProvider) -> tuple[bool, str]:
             if not getattr(reply, "choices", None):
                 raise ValueError("the answer has no choices")
     except Exception as exc:
-        return False, explain_provider_error(exc, timeout=provider.timeout_seconds) or (
-            f"Unexpected error: {type(exc).__name__}: {exc}"
-        )
+        explained = explain_provider_error(exc, timeout=provider.timeout_seconds, detail=True)
+        return False, explained or (f"Unexpected error: {type(exc).__name__}: {exc}")
     finally:
         await client.close()
     return True, f"Connected: {provider.default_model} answered."

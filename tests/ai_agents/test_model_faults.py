@@ -183,6 +183,29 @@ def test_when_the_retries_run_out_the_run_fails_saying_what_happened(
     assert fake_llm.pending() == [{"text": "too late"}]
 
 
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        (
+            {"text": LONG, "reset_after": 3},
+            "The connection to the model provider broke while it answered.",
+        ),
+        ({"garbage": True}, "The model provider answered, but not with a valid completion."),
+    ],
+)
+def test_a_run_out_of_retries_says_what_happened_in_plain_words(
+    world_a, provider, fake_llm, settings, fault, said
+):
+    """Its reason is read by the end user too: the library's own words stay in the trace."""
+    settings.RUN_MODEL_RETRIES = 1
+    agent = _agent(world_a, provider)
+    fake_llm.script([fault, fault])
+    outcome, _seen = _run(world_a, agent)
+    assert outcome.status == "error"
+    assert outcome.message == f"{said} It was tried once more, without success."
+    assert _retries(outcome)[0]["message"]  # the inspector's retry step keeps the cause
+
+
 def test_an_error_that_would_repeat_is_not_retried(world_a, provider, fake_llm):
     agent = _agent(world_a, provider)
     fake_llm.script([{"error": {"status": 401, "message": "bad key"}}, {"text": "unused"}])

@@ -258,7 +258,8 @@ def test_garbage_from_the_provider_is_reported_not_crashed_on(
     assert outcome.status == "error" and "not with a valid completion" in outcome.message
     fake_llm.script([{"garbage": True}])
     ok, message = async_to_sync(execute.check_provider)(provider)
-    assert not ok and "valid completion" in message
+    # An admin setting the provider up is told the technical cause too.
+    assert not ok and "valid completion (" in message and "Error" in message
     assert async_to_sync(execute.check_provider)(provider) == (
         True,
         "Connected: fake-model answered.",
