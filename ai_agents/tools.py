@@ -16,12 +16,30 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agents import FunctionTool, RunContextWrapper, function_tool
+from agents import FunctionTool, ModelBehaviorError, RunContextWrapper, function_tool
+from agents.tool import default_tool_error_function
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ai_agents.runtime.context import RunContext
 
 # --- Settings schemas -------------------------------------------------------------------------
+
+
+# What the SDK says to a model whose call of a tool is not a JSON object; it raises
+# `ModelBehaviorError` with this start.
+_INVALID_JSON = "Invalid JSON input for tool"
+
+
+def tool_error(ctx: RunContextWrapper[Any], error: Exception) -> str:
+    """What the model is told when a call of a built-in tool fails. Arguments that are not a
+    JSON object: that, so its next call can be right (the run counts it as a retry). Anything
+    else: the SDK's generic answer, since the error may hold what the model must not see."""
+    if isinstance(error, ModelBehaviorError) and str(error).startswith(_INVALID_JSON):
+        return (
+            "The tool did not run: its arguments were not a valid JSON object. Call it again "
+            "with the arguments as one JSON object, as its parameters describe."
+        )
+    return default_tool_error_function(ctx, error)
 
 
 class _Settings(BaseModel):
@@ -69,7 +87,7 @@ class ToolSettingsInvalid(ValueError):
 
 
 def _build_datetime(settings: DatetimeSettings) -> FunctionTool:
-    @function_tool(name_override="current_datetime")
+    @function_tool(name_override="current_datetime", failure_error_function=tool_error)
     def current_datetime(timezone: str = "") -> str:
         """Get the current date and time.
 
@@ -166,7 +184,7 @@ def calculate(expression: str) -> float | int:
 
 
 def _build_calculator(settings: CalculatorSettings) -> FunctionTool:
-    @function_tool(name_override="calculator")
+    @function_tool(name_override="calculator", failure_error_function=tool_error)
     def calculator(expression: str) -> str:
         """Evaluate an arithmetic expression exactly, e.g. (12.5 * 4) / 3 or sqrt(2) ^ 2.
 
@@ -190,7 +208,7 @@ def _build_http_get(settings: HttpGetSettings) -> FunctionTool:
 
     from controlplane import egress
 
-    @function_tool(name_override="http_get")
+    @function_tool(name_override="http_get", failure_error_function=tool_error)
     async def http_get(url: str) -> str:
         """Fetch a public web page or API over HTTP(S) GET and return its text.
 
@@ -218,7 +236,7 @@ MAX_AGENT_DEPTH = 3
 
 
 def _build_run_agent(settings: RunAgentSettings) -> FunctionTool:
-    @function_tool(name_override="run_agent")
+    @function_tool(name_override="run_agent", failure_error_function=tool_error)
     async def run_agent(ctx: RunContextWrapper[RunContext], agent: str, input: str) -> str:
         """Ask another agent of this workspace and return its answer.
 

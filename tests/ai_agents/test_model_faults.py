@@ -233,7 +233,7 @@ def test_malformed_tool_arguments_never_reach_the_tool_and_the_model_tries_again
     # The model was told what was wrong, and the tool ran only with the good arguments.
     second = fake_llm.requests("/v1/chat/completions")[1]["body"]["messages"]
     [told] = [m for m in second if m.get("role") == "tool"]
-    assert "try again" in told["content"]
+    assert "arguments were not a valid JSON object" in told["content"]
     assert [c["output"] for c in outcome.tool_calls if c["output"] == "42"] == ["42"]
 
 
