@@ -289,6 +289,7 @@ class Timeline:
     total_ms: float
     model_calls: int = 0
     tool_calls: int = 0
+    retries: int = 0  # model calls that failed and were made again, bad tool arguments too
     first_token_ms: float | None = None
     first_output_ms: float | None = None  # the end of the first model call
     raw: str = ""  # the trace as pretty JSON, for the "raw" view
@@ -437,6 +438,7 @@ def timeline(trace: Any) -> Timeline:
         total_ms=total,
         model_calls=len(model_ends),
         tool_calls=sum(1 for s in spans if s.get("kind") == "tool_call"),
+        retries=sum(1 for s in spans if s.get("kind") == "retry"),
         first_token_ms=first_token,
         first_output_ms=min(model_ends) if model_ends else None,
         raw=json.dumps(spans, indent=2, ensure_ascii=False, default=str) if spans else "",

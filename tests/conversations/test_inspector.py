@@ -144,7 +144,7 @@ def test_the_timeline_orders_spans_by_start_and_shows_every_kind():
         "handoff",
         "end",
     ]
-    assert tl.total_ms == 1000.0 and (tl.model_calls, tl.tool_calls) == (1, 1)
+    assert tl.total_ms == 1000.0 and (tl.model_calls, tl.tool_calls, tl.retries) == (1, 1, 1)
     model = tl.steps[2]
     assert (model.start_ms, model.offset_pct, model.width_pct) == (10.0, 1.0, 39.0)
     tool = tl.steps[4]
