@@ -772,10 +772,17 @@ async def execute(
 
     async def on_event(event: Any) -> None:
         mapped = mapper.map(event)
-        if not ctx.extra.get("first_token") and any(
-            e["type"] == run_events.MESSAGE_DELTA for e in mapped
-        ):
-            ctx.extra["first_token"] = ctx.trace.add("first_token")  # for the run inspector
+        for e in mapped:  # the first text the user keeps, for the run inspector
+            kind = e["type"]
+            if kind == run_events.MESSAGE_DELTA and not ctx.extra.get("first_token"):
+                ctx.extra["first_token"] = ctx.trace.add("first_token")
+            elif kind == run_events.MESSAGE_COMPLETED:
+                ctx.extra["text_kept"] = True
+            elif kind == run_events.MODEL_RETRY and e["discard"] and not ctx.extra.get("text_kept"):
+                # The text streamed so far is written again: it was not the first text.
+                mark = ctx.extra.pop("first_token", None)
+                if mark is not None:
+                    ctx.trace.spans.remove(mark)
         # Queued, not awaited: the run reads its next token while this one is written. Events
         # that cannot be written are lost; readers fall back to PostgreSQL for the reply.
         events.put(mapped)

@@ -147,6 +147,30 @@ def test_a_reset_mid_stream_discards_the_partial_text_and_writes_it_again(world_
     assert _retries(outcome)[0]["discarded"] is True
 
 
+def test_the_first_token_of_a_run_is_the_first_it_kept(world_a, provider, fake_llm):
+    """A reset mid-answer discards what was streamed: the run inspector's first token is the
+    retry's, not the discarded text's."""
+    from conversations import executor
+    from conversations import services as chat_services
+
+    agent = _agent(world_a, provider)
+    end_user = chat_services.end_user_for_member(tenant=world_a.tenant, user=world_a.member)
+    thread = chat_services.thread_create(
+        tenant=world_a.tenant, end_user=end_user, agent_id=agent.pk
+    )
+    run = chat_services.run_create(
+        tenant=world_a.tenant, end_user=end_user, thread_id=thread.pk, input="hello"
+    )
+    fake_llm.script([{"text": LONG, "reset_after": 3}, {"text": LONG, "ttft_ms": 300}])
+    assert async_to_sync(executor.execute)(executor.claim(run.pk, owner="t")) == "success"
+    run.refresh_from_db()
+    kinds = [span["kind"] for span in run.trace]
+    assert kinds.count("first_token") == 1 and kinds.index("retry") < kinds.index("first_token")
+    [retry] = [span for span in run.trace if span["kind"] == "retry"]
+    [first] = [span for span in run.trace if span["kind"] == "first_token"]
+    assert first["at_ms"] >= retry["at_ms"] + 250  # the retry's answer waited 300 ms
+
+
 def test_a_stalled_provider_times_out_and_is_retried(world_a, impatient_provider, fake_llm):
     agent = _agent(world_a, impatient_provider)
     fake_llm.script([{"text": LONG, "stall_after": 2}, {"text": "Back again."}])
