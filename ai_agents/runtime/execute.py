@@ -63,17 +63,6 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    """`exc` and what caused it, outermost first."""
-    chain, seen = [], set()
-    each: BaseException | None = exc
-    while each is not None and id(each) not in seen:
-        seen.add(id(each))
-        chain.append(each)
-        each = each.__cause__ or each.__context__
-    return chain
-
-
 def explain_provider_error(
     exc: BaseException, *, timeout: float | None = None, detail: bool = False
 ) -> str | None:
@@ -84,7 +73,7 @@ def explain_provider_error(
     from controlplane import egress
 
     plain = _explain(exc, timeout=timeout)
-    causes = _causes(exc)
+    causes = retry.exception_chain(exc)
     if (
         plain is None
         or not detail
@@ -100,7 +89,9 @@ def explain_provider_error(
 def _explain(exc: BaseException, *, timeout: float | None) -> str | None:
     from controlplane import egress
 
-    for each in _causes(exc):  # the egress guard's refusal says why, whatever wraps it
+    for each in retry.exception_chain(
+        exc
+    ):  # the egress guard's refusal says why, whatever wraps it
         if isinstance(each, (egress.EgressDenied, egress.EgressError)):
             return str(each)
     if isinstance(exc, openai.AuthenticationError):
@@ -114,7 +105,7 @@ def _explain(exc: BaseException, *, timeout: float | None) -> str | None:
     if isinstance(exc, openai.APITimeoutError):
         within = f" within {timeout:g} s" if timeout else ""
         return f"The model provider did not answer{within}."
-    names = {cls.__name__ for each in _causes(exc) for cls in type(each).__mro__}
+    names = {cls.__name__ for each in retry.exception_chain(exc) for cls in type(each).__mro__}
     if isinstance(exc, openai.APIConnectionError):
         # The library's own words ("peer closed connection without sending complete message
         # body") are for the trace; the run says what happened.
@@ -222,12 +213,8 @@ async def run_version(
 
 def _retries_exhausted(exc: BaseException) -> retry.RetriesExhausted | None:
     # The SDK wraps what a hook raises (e.g. in a UserError): look along the chain.
-    current: BaseException | None = exc
-    for _ in range(10):
-        if current is None or isinstance(current, retry.RetriesExhausted):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
+    chain = retry.exception_chain(exc)
+    return next((each for each in chain if isinstance(each, retry.RetriesExhausted)), None)
 
 
 def _gave_up(exc: retry.RetriesExhausted, timeout: float | None) -> str:

@@ -84,7 +84,8 @@ def _names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
 
-def _chain(exc: BaseException) -> list[BaseException]:
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it (`__cause__`, else `__context__`), outermost first."""
     seen: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in seen:
@@ -123,7 +124,7 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Failure | N
     """The retryable failure `exc` is, or None when retrying would get the same answer."""
     from controlplane import egress
 
-    for candidate in _chain(exc):
+    for candidate in exception_chain(exc):
         if isinstance(candidate, (egress.EgressDenied, egress.EgressError)):
             return None
     if isinstance(exc, openai.APIStatusError):
@@ -141,7 +142,7 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Failure | N
                 retry_after(exc.response),
             )
         return None
-    for candidate in _chain(exc):
+    for candidate in exception_chain(exc):
         names = _names(candidate)
         if isinstance(candidate, (openai.APITimeoutError, TimeoutError)) or (
             "TimeoutException" in names
