@@ -160,7 +160,9 @@ def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None
         )
     if kind == "function_call":
         name = str(data.get("name", ""))
-        was, target = (transfers or {}).get(item.pk, (_transfer_kind(name), None))
+        was, target = (transfers or {}).get(
+            item.pk, (HANDOFF if _is_transfer(name) else TOOL, None)
+        )
         if was != TOOL:
             target = target or _agent_of_transfer(name)
             if was == IGNORED:
@@ -198,8 +200,8 @@ IGNORED_HANDOFF_RESULT = "Multiple handoffs detected, ignoring this one."
 Transfers = dict[int, tuple[str, str | None]]
 
 
-def _transfer_kind(name: str) -> str:
-    return HANDOFF if name.startswith("transfer_to_") else TOOL
+def _is_transfer(name: str) -> bool:
+    return name.startswith("transfer_to_")
 
 
 def _handoff_result(data: dict[str, Any]) -> str | None:
@@ -240,7 +242,7 @@ def transfer_kinds(items: list[Item]) -> Transfers:
         data = item.data if isinstance(item.data, dict) else {}
         kind, key = data.get("type"), (item.run_id, data.get("call_id"))
         if kind == "function_call":
-            transfer = _transfer_kind(str(data.get("name", ""))) == HANDOFF
+            transfer = _is_transfer(str(data.get("name", "")))
             open_calls[key] = (item.pk, transfer)
             if transfer:
                 found[item.pk] = (HANDOFF, None)
@@ -282,16 +284,20 @@ def _later_results(tenant: Tenant, thread: Thread, items: list[Item]) -> list[It
         and isinstance(item.data, dict)
         and item.data.get("type") == "function_call"
     ]
-    if not waiting:
-        return []
+    return _results_of(tenant, thread, waiting, after=items[-1].pk) if waiting else []
+
+
+def _results_of(tenant: Tenant, thread: Thread, calls: list[Item], *, after: int) -> list[Item]:
+    """The saved results, after item id `after`, of these function calls (by their runs and call
+    ids), in id order."""
     return list(
         Item.objects.for_tenant(tenant)
         .filter(
             thread=thread,
-            id__gt=items[-1].pk,
-            run_id__in={item.run_id for item in waiting},
+            id__gt=after,
+            run_id__in={call.run_id for call in calls},
             data__type="function_call_output",
-            data__call_id__in=[item.data.get("call_id") for item in waiting],
+            data__call_id__in=[call.data.get("call_id") for call in calls],
         )
         .order_by("id")
     )
@@ -362,17 +368,7 @@ def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[An
         # What each earlier `transfer_to_*` call was is told by its result, wherever it is: a
         # second query, only for the runs that have such calls.
         calls = list(earlier.filter(transfer).order_by("id"))
-        results = (
-            Item.objects.for_tenant(tenant)
-            .filter(
-                thread=thread,
-                run_id__in={call.run_id for call in calls},
-                id__gt=calls[0].pk,
-                data__type="function_call_output",
-                data__call_id__in=[call.data.get("call_id") for call in calls],
-            )
-            .order_by("id")
-        )
+        results = _results_of(tenant, thread, calls, after=calls[0].pk)
         told = transfer_kinds(sorted([*calls, *results], key=lambda item: item.pk))
         for call in calls:
             was, agent = told[call.pk]
