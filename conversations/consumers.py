@@ -20,7 +20,8 @@ Server → client:
     {"type": "run.created", "run_id", "queued", "title"}   (to the sender; others get
         run.started). `title`: the thread's, which an untitled thread took from this message
     {"type": "run.started", "run_id"}
-    {"type": "event", "id": "<stream id>", "run_id", "event": {...}}
+    {"type": "event", "id": "<stream id>", "run_id", "event": {...}}   a failed run's last
+        event carries `detail` (its reason for those who run the agent) to owners and admins
     {"type": "error", "code", "message", "run_id"?}  codes: thread_busy, invalid, not_found,
         conflict, unavailable (the run's stream cannot be read: said once per outage; the
         socket keeps trying, then sends `live` or `run.ended`), bad_request,
@@ -35,6 +36,7 @@ Server → client:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from functools import wraps
@@ -47,6 +49,7 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.db import connections
 
 from controlplane.errors import Conflict, DomainError, NotFound, RateLimited, ValidationFailed
+from conversations import events as run_events
 from conversations import selectors, services, streams
 from conversations.models import FINAL_STATUSES, MultitaskStrategy, RunSource
 from tenants import realtime
@@ -99,6 +102,15 @@ def _db(func: Any) -> Any:
 def _stream_id(value: Any) -> str:
     """The client's last event id, or the stream's start if it sent no valid one."""
     return value if streams.is_stream_id(value) and STREAM_ID.match(value) else "0-0"
+
+
+def _for_end_user(raw: str) -> str:
+    """A run's terminal event (its stored JSON) without what only owners and admins read."""
+    if f'"{run_events.DETAIL}"' not in raw:
+        return raw
+    event = json.loads(raw)
+    event.pop(run_events.DETAIL, None)
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 class _Gone(Exception):
@@ -356,6 +368,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                             await self.send_json({"type": "live", "run_id": run_id})
                         if terminal:
                             self.finished.add(run_id)
+                            if raw is not None and not self.membership.can_manage:
+                                raw = _for_end_user(raw)
                         if raw is None:
                             # Quiet for a while: if PostgreSQL says the run ended (its stream
                             # expired or was never written), stop and let the client reload the
@@ -416,6 +430,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if run_id and run_id not in self.followers and run_id not in self.finished:
             await self.send_json({"type": "run.started", "run_id": run_id})
             self._follow(run_id, "0-0")
+
+    async def membership_role(self, message: dict[str, Any]) -> None:
+        """The member's role changed: what the socket shows from now on follows it (a failed
+        run's `detail` goes to owners and admins only)."""
+        self.membership.role = str(message.get("role", self.membership.role))
 
     async def connection_revoke(self, message: dict[str, Any]) -> None:
         if self.revoked:

@@ -39,6 +39,8 @@ HANDOFF: Final = "handoff"
 GUARDRAIL_TRIPPED: Final = "guardrail.tripped"
 USAGE: Final = "usage"
 ERROR: Final = "error"
+# The field of a terminal `run.status` that only owners and admins may read (`status`).
+DETAIL: Final = "detail"
 MODEL_RETRY: Final = "model.retry"
 # Never stored: `streams.follow` yields it when nothing happened for a while, so a websocket or
 # SSE reader can send a keep-alive and re-check the reader's permissions.
@@ -88,13 +90,19 @@ def _text(value: Any) -> str:
 # --- constructors: the vocabulary ---------------------------------------------------------------
 
 
-def status(status: str, *, message: str = "", attempt: int | None = None) -> Event:
-    """`run.status`: the run changed state. `message` explains a failure in plain words.
-    `attempt` is filled in by `streams.append`/`finish` when absent."""
+def status(
+    status: str, *, message: str = "", detail: str = "", attempt: int | None = None
+) -> Event:
+    """`run.status`: the run changed state. `message` explains a failure in plain words, to the
+    run's end user; `detail`, the run's own reason for owners and admins, is there only when it
+    says more (a refused key: "Check the key in the provider."). `attempt` is filled in by
+    `streams.append`/`finish` when absent."""
     value = str(status)
     if value not in STATUSES:
         raise ValueError(f"unknown run status {value!r}")
     event: Event = {"type": RUN_STATUS, "status": value, "message": message or ""}
+    if detail and detail != message:
+        event[DETAIL] = detail
     if attempt is not None:
         event["attempt"] = int(attempt)
     return event

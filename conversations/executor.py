@@ -570,6 +570,7 @@ def finish(
     # What models and tools produced may hold NULs, which PostgreSQL cannot store.
     run.output = without_nul(outcome.output) if final == RunStatus.SUCCESS else None
     run.error = "" if final == RunStatus.SUCCESS else without_nul(outcome.message)
+    run.end_user_error = "" if final == RunStatus.SUCCESS else without_nul(outcome.told)
     run.trace = without_nul(outcome.trace)
     run.input_tokens = usage.get("input_tokens", 0)
     run.output_tokens = usage.get("output_tokens", 0)
@@ -592,6 +593,7 @@ _OUTCOME_FIELDS = (
     "status",
     "output",
     "error",
+    "end_user_error",
     "trace",
     "input_tokens",
     "output_tokens",
@@ -885,7 +887,9 @@ async def _conclude(held: Claim, outcome: agent_execute.RunOutcome, final: str, 
         await streams.finish(
             held.run_id,
             held.attempt,
-            run_events.status(final, message=outcome.message if final != RunStatus.SUCCESS else ""),
+            run_events.status(final, message=outcome.for_end_user, detail=outcome.message)
+            if final != RunStatus.SUCCESS
+            else run_events.status(final),
         )
     except streams.StreamUnavailable:
         pass

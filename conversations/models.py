@@ -150,7 +150,10 @@ class Run(TenantOwned):
     side_effects = models.BooleanField(default=False)
     # Outcome.
     output = models.JSONField(null=True, blank=True)
+    # Why it did not succeed, for whoever runs the agent (the run inspector); what its end user
+    # is told instead when that reason is theirs to act on (a refused key); empty: `error`.
     error = models.TextField(blank=True)
+    end_user_error = models.TextField(blank=True)
     trace = models.JSONField(default=list, blank=True)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)

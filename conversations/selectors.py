@@ -406,21 +406,22 @@ def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
 def _with_failures(
     tenant: Tenant, thread: Thread, entries: list[Entry], rows: list[Item]
 ) -> list[Entry]:
-    """After the last item of each run that failed, why (`kind="run_error"`, the reason in
-    `title`): the chat's status line says it as it happens, the history keeps it. On the page
-    that holds the run's last item only."""
+    """After the last item of each run that failed, why (`kind="run_error"`): in `title` as its
+    end user is told, in `detail` as the run inspector says it when that says more (for owners
+    and admins). The chat's status line says it as it happens, the history keeps it. On the
+    page that holds the run's last item only."""
     run_ids = {entry.run_id for entry in entries if entry.run_id is not None}
     if not run_ids:
         return entries
     failed = {
-        run_id: (error, last_item)
-        for run_id, error, last_item in Run.objects.for_tenant(tenant)
+        run_id: (error, told, last_item)
+        for run_id, error, told, last_item in Run.objects.for_tenant(tenant)
         .filter(thread=thread, pk__in=run_ids, status__in=FAILED_STATUSES)
         .annotate(last_item=Max("items__id"))
-        .values_list("pk", "error", "last_item")
+        .values_list("pk", "error", "end_user_error", "last_item")
     }
     held = {row.pk for row in rows}
-    ending = {run_id for run_id, (_error, last_item) in failed.items() if last_item in held}
+    ending = {run_id for run_id, (*_reasons, last_item) in failed.items() if last_item in held}
     if not ending:
         return entries
     last = {entry.run_id: i for i, entry in enumerate(entries) if entry.run_id in ending}
@@ -428,8 +429,12 @@ def _with_failures(
     for i, entry in enumerate(entries):
         shown.append(entry)
         if last.get(entry.run_id) == i:
-            reason = failed[entry.run_id][0] or "The agent could not answer."
-            shown.append(Entry(id=0, kind="run_error", title=reason, run_id=entry.run_id))
+            error, told, _last_item = failed[entry.run_id]
+            title = told or error or "The agent could not answer."
+            detail = error if told and error != told else ""
+            shown.append(
+                Entry(id=0, kind="run_error", title=title, detail=detail, run_id=entry.run_id)
+            )
     return shown
 
 

@@ -73,6 +73,9 @@ class TenantEventsConsumer(AsyncJsonWebsocketConsumer):
             return
         await self.send_json({"type": "event", "event": message.get("event", {})})
 
+    async def membership_role(self, message: dict) -> None:
+        self.membership.role = str(message.get("role", self.membership.role))
+
     async def connection_revoke(self, message: dict) -> None:
         if self.revoked:
             return

@@ -41,6 +41,11 @@ def _send(group: str, message: dict[str, Any]) -> None:
         log.warning("could not notify %s", group, exc_info=True)
 
 
+def role_changed(membership_id: Any, role: str) -> None:
+    """Tell the member's open connections their new role."""
+    _send(membership_group(membership_id), {"type": "membership.role", "role": role})
+
+
 def close_connections(group: str, *, reason: str) -> None:
     """Ask every consumer in `group` to close (revocation reaches open connections)."""
     _send(group, {"type": "connection.revoke", "reason": reason})

@@ -231,6 +231,7 @@ def membership_change_role(*, tenant: Tenant, actor: Actor, membership_id, role:
         change_set=changes({"role": before}, {"role": role}),
     )
     transaction.on_commit(partial(realtime.publish, tenant.pk, {"kind": "members"}))
+    transaction.on_commit(partial(realtime.role_changed, membership.pk, role))
     return membership
 
 

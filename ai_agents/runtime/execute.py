@@ -37,6 +37,15 @@ class AgentUnavailable(RuntimeError):
     pass
 
 
+# What a run's end user is told when it failed for a reason only an owner or admin can act on
+# (a key the provider refused, an address the egress policy blocks, a tool that no longer
+# exists): the run's own reason, in the run inspector, says what to fix.
+SETUP_PROBLEM = (
+    "This agent cannot answer right now: something in its setup needs fixing. An owner or "
+    "admin of this tenant can see what in the run inspector."
+)
+
+
 @dataclass
 class RunOutcome:
     status: str  # success | guardrail | error
@@ -45,6 +54,13 @@ class RunOutcome:
     last_agent: str = ""
     trace: list[dict[str, Any]] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
+    # What the run's end user is told instead of `message`, when `message` is for whoever runs
+    # the agent ("Check the key in the provider."); empty: `message` is for everyone.
+    told: str = ""
+
+    @property
+    def for_end_user(self) -> str:
+        return self.told or self.message
 
     @property
     def text(self) -> str:
@@ -72,7 +88,8 @@ def explain_provider_error(
     setting a provider up ("test connection")."""
     from controlplane import egress
 
-    plain = _explain(exc, timeout=timeout)
+    explained = _explain(exc, timeout=timeout)
+    plain = None if explained is None else explained[0]
     causes = retry.exception_chain(exc)
     if (
         plain is None
@@ -86,46 +103,67 @@ def explain_provider_error(
     return plain if technical in plain else f"{plain.rstrip('.')} ({technical})."
 
 
-def _explain(exc: BaseException, *, timeout: float | None) -> str | None:
+def _explain(exc: BaseException, *, timeout: float | None) -> tuple[str, str] | None:
+    """The plain words for provider failure `exc` (None if it is not one), and what its end
+    user is told instead when those words are for an owner or admin ("" otherwise)."""
     from controlplane import egress
 
     for each in retry.exception_chain(
         exc
     ):  # the egress guard's refusal says why, whatever wraps it
         if isinstance(each, (egress.EgressDenied, egress.EgressError)):
-            return str(each)
+            return str(each), SETUP_PROBLEM
     if isinstance(exc, openai.AuthenticationError):
-        return "The model provider refused the API key (HTTP 401). Check the key in the provider."
+        return (
+            "The model provider refused the API key (HTTP 401). Check the key in the provider.",
+            SETUP_PROBLEM,
+        )
     if isinstance(exc, openai.PermissionDeniedError):
-        return "The model provider refused access (HTTP 403): the key may lack this model."
+        return (
+            "The model provider refused access (HTTP 403): the key may lack this model.",
+            SETUP_PROBLEM,
+        )
     if isinstance(exc, openai.NotFoundError):
-        return "The model provider does not know this model or URL (HTTP 404)."
+        return "The model provider does not know this model or URL (HTTP 404).", SETUP_PROBLEM
     if isinstance(exc, openai.RateLimitError):
-        return "The model provider is rate-limiting us (HTTP 429). Try again shortly."
+        return "The model provider is rate-limiting us (HTTP 429). Try again shortly.", ""
     if isinstance(exc, openai.APITimeoutError):
         within = f" within {timeout:g} s" if timeout else ""
-        return f"The model provider did not answer{within}."
+        return f"The model provider did not answer{within}.", ""
     names = {cls.__name__ for each in retry.exception_chain(exc) for cls in type(each).__mro__}
     if isinstance(exc, openai.APIConnectionError):
         # The library's own words ("peer closed connection without sending complete message
         # body") are for the trace; the run says what happened.
         if names & {"RemoteProtocolError", "ReadError"}:
-            return "The connection to the model provider broke while it answered."
-        return "Could not connect to the model provider."
+            return "The connection to the model provider broke while it answered.", ""
+        return "Could not connect to the model provider.", ""
     if isinstance(exc, openai.APIStatusError):
         detail = re.sub(r"^Error code: \d+ - ", "", exc.message)  # the status is said already
-        return f"The model provider answered with an error (HTTP {exc.status_code}): {detail}"
+        # The provider's own words may name its account, limits or the request's contents.
+        told = (
+            f"The agent's model is failing right now (HTTP {exc.status_code}). Try again later."
+            if exc.status_code >= 500
+            else f"The agent's model refused this request (HTTP {exc.status_code}). An owner "
+            "or admin of this tenant can see why in the run inspector."
+        )
+        return (
+            f"The model provider answered with an error (HTTP {exc.status_code}): {detail}",
+            told,
+        )
     if "TimeoutException" in names:  # httpx's, raised as is while a stream is read
         within = f" for {timeout:g} s" if timeout else ""
-        return f"The model provider stopped answering (nothing{within})."
+        return f"The model provider stopped answering (nothing{within}).", ""
     if "ConnectError" in names:
-        return "Could not connect to the model provider."
+        return "Could not connect to the model provider.", ""
     if "TransportError" in names:
-        return "The connection to the model provider broke while it answered."
+        return "The connection to the model provider broke while it answered.", ""
     if isinstance(exc, ModelBehaviorError):  # the SDK's own words say what the model did
-        return f"The model answered with something the agent cannot use: {str(exc)[:200]}"
+        return (
+            f"The model answered with something the agent cannot use: {str(exc)[:200]}",
+            "The agent's model answered with something the agent cannot use. Try again.",
+        )
     if isinstance(exc, (openai.APIResponseValidationError, ValueError)):
-        return "The model provider answered, but not with a valid completion."
+        return "The model provider answered, but not with a valid completion.", ""
     return None
 
 
@@ -159,6 +197,7 @@ async def run_version(
             message=f"The agent's configuration refers to something that "
             f"no longer exists: {exc.message}",
             trace=ctx.trace.spans,
+            told=SETUP_PROBLEM,
         )
     timeout = None
     last_agent = built.agent.name
@@ -198,15 +237,17 @@ async def run_version(
             last_agent,
         )
     except McpRequiredUnavailable as exc:
-        return _ended("error", str(exc), ctx, last_agent)
+        told = "A service this agent needs cannot be reached right now. Try again later."
+        return _ended("error", str(exc), ctx, last_agent, told)
     except Exception as exc:
         exhausted = _retries_exhausted(exc)
         if exhausted is not None:
-            return _ended("error", _gave_up(exhausted, timeout), ctx, last_agent)
-        message = explain_provider_error(exc, timeout=timeout)
-        if message is None:
+            reason, told = _gave_up(exhausted, timeout)
+            return _ended("error", reason, ctx, last_agent, told)
+        explained = _explain(exc, timeout=timeout)
+        if explained is None:
             raise
-        return _ended("error", message, ctx, last_agent)
+        return _ended("error", explained[0], ctx, last_agent, explained[1])
     finally:
         await built.close()
 
@@ -217,16 +258,19 @@ def _retries_exhausted(exc: BaseException) -> retry.RetriesExhausted | None:
     return next((each for each in chain if isinstance(each, retry.RetriesExhausted)), None)
 
 
-def _gave_up(exc: retry.RetriesExhausted, timeout: float | None) -> str:
+def _gave_up(exc: retry.RetriesExhausted, timeout: float | None) -> tuple[str, str]:
+    """The run's reason when its model retries ran out, and what its end user is told."""
     if exc.message:
-        return exc.message
+        return exc.message, ""
     cause = exc.__cause__ or exc
     times = "once more" if exc.retries == 1 else f"{exc.retries} more times"
-    explained = explain_provider_error(cause, timeout=timeout) or str(cause)
-    return f"{explained} It was tried {times}, without success."
+    plain, told = _explain(cause, timeout=timeout) or (str(cause), "")
+    return f"{plain} It was tried {times}, without success.", told
 
 
-def _ended(status: str, message: str, ctx: RunContext, last_agent: str) -> RunOutcome:
+def _ended(
+    status: str, message: str, ctx: RunContext, last_agent: str, told: str = ""
+) -> RunOutcome:
     ctx.trace.add("end", status=status, message=message)
     return RunOutcome(
         status,
@@ -234,6 +278,7 @@ def _ended(status: str, message: str, ctx: RunContext, last_agent: str) -> RunOu
         last_agent=last_agent,
         trace=ctx.trace.spans,
         usage=ctx.trace.usage(),
+        told=told,
     )
 
 

@@ -276,7 +276,9 @@
     if (id && activeRun() === id) root.removeAttribute("data-active-run");
     busy(false);
     if (ev && ev.status && ev.status !== "success") {
-      status(ev.message || ("The reply ended: " + ev.status + "."), replaced ? "warn" : "error");
+      // `detail` (the run's reason for those who run the agent) reaches owners and admins only.
+      var said = ev.detail || ev.message || ("The reply ended: " + ev.status + ".");
+      status(said, replaced ? "warn" : "error");
     } else {
       status("");
     }

@@ -3,6 +3,9 @@ project's fake OpenAI-compatible server, with a real MCP server on loopback."""
 
 from __future__ import annotations
 
+import httpx
+import openai
+import pytest
 from asgiref.sync import async_to_sync
 
 from ai_agents import selectors, services
@@ -228,6 +231,7 @@ def test_a_refused_key_fails_the_run_and_the_connection_test_says_so(world_a, fa
     agent = _make(world_a, provider_id=str(provider.pk))
     outcome = _run(world_a, agent, "hello")
     assert outcome.status == "error" and "refused the API key" in outcome.message
+    assert outcome.for_end_user == execute.SETUP_PROBLEM  # the end user cannot fix a key
     ok, message = async_to_sync(execute.check_provider)(provider)
     assert not ok and "refused the API key" in message
     assert "sk-wrong-key" not in outcome.message + message
@@ -349,3 +353,58 @@ async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_ru
         assert {id(c) for c in pool.connections} == first  # none opened anew
     finally:
         await client.close()
+
+
+def _status_error(cls, status, message):
+    request = httpx.Request("POST", "http://provider.test/v1/chat/completions")
+    return cls(message, response=httpx.Response(status, request=request), body=None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "told"),
+    [
+        (
+            _status_error(openai.PermissionDeniedError, 403, "Error code: 403 - no access"),
+            execute.SETUP_PROBLEM,
+        ),
+        (
+            _status_error(openai.NotFoundError, 404, "Error code: 404 - model gpt-x"),
+            execute.SETUP_PROBLEM,
+        ),
+        (
+            _status_error(openai.BadRequestError, 400, "Error code: 400 - org-123 quota"),
+            "The agent's model refused this request (HTTP 400). An owner or admin of this "
+            "tenant can see why in the run inspector.",
+        ),
+        (
+            _status_error(openai.InternalServerError, 503, "Error code: 503 - org-123 down"),
+            "The agent's model is failing right now (HTTP 503). Try again later.",
+        ),
+    ],
+)
+def test_a_providers_own_words_are_for_the_admin_and_the_end_user_is_told_plainly(exc, told):
+    plain, end_user = execute._explain(exc, timeout=None)
+    assert end_user == told and "org-123" not in end_user
+    assert f"(HTTP {exc.status_code})" in plain
+    assert execute.explain_provider_error(exc) == plain  # "test connection" says it as it is
+
+
+def test_transient_provider_failures_are_told_to_everyone_alike():
+    request = httpx.Request("POST", "http://provider.test/v1/chat/completions")
+    for exc in (
+        openai.APITimeoutError(request=request),
+        openai.APIConnectionError(request=request),
+        _status_error(openai.RateLimitError, 429, "Error code: 429 - slow down"),
+    ):
+        plain, end_user = execute._explain(exc, timeout=5)
+        assert plain and end_user == ""
+
+
+def test_an_address_the_egress_policy_blocks_is_a_setup_problem_for_the_end_user(
+    world_a, provider, settings
+):
+    settings.EGRESS_ALLOWED_NETWORKS = []  # the fake provider listens on 127.0.0.1
+    agent = _make(world_a, provider_id=str(provider.pk))
+    outcome = _run(world_a, agent, "hello")
+    assert outcome.status == "error" and "127.0.0.1" in outcome.message
+    assert outcome.for_end_user == execute.SETUP_PROBLEM

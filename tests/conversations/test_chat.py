@@ -23,6 +23,7 @@ from django.test import Client
 from django.urls import reverse
 
 from ai_agents import services as agent_services
+from ai_agents.fakeserver import FakeOpenAIServer
 from controlplane.asgi import application
 from conversations import consumers, executor, inspector, markdown, selectors, services, streams
 from conversations import events as sdk_events
@@ -1051,3 +1052,83 @@ async def test_a_cancelled_socket_ends_even_while_a_follower_is_still_stopping()
     finally:
         release.set()
         await asyncio.wait_for(asyncio.wait([follower, stopping]), 2)
+
+
+# --- Failures only an owner or admin can act on ------------------------------------------------
+
+
+def _refused_key_setup(settings):
+    settings.EGRESS_ALLOWED_NETWORKS = ["127.0.0.0/8", "::1/128"]
+    settings.RUN_MODEL_RETRIES = 0
+    w = _setup()
+    fake = FakeOpenAIServer(api_key="sk-the-right-key").start()
+    provider = agent_services.provider_create(
+        tenant=w.a.tenant, actor=w.a.actor(), name="Wrong key", base_url=fake.base_url,
+        default_model="fake-model", api_key="sk-a-wrong-key-123",
+    )  # fmt: skip
+    agent_services.draft_save(
+        tenant=w.a.tenant, actor=w.a.actor(), agent_id=w.agent.pk,
+        config={"provider_id": str(provider.pk), "tools": [{"name": "calculator"}]},
+    )  # fmt: skip
+    agent_services.agent_publish(tenant=w.a.tenant, actor=w.a.actor(), agent_id=w.agent.pk)
+    return w, fake
+
+
+async def _failed_run(socket, text="hello"):
+    await socket.send_json_to({"type": "send", "text": text})
+    created = await socket.receive_json_from(timeout=WAIT)
+    assert created["type"] == "run.created"
+    assert await _execute(created["run_id"]) == RunStatus.ERROR
+    return (await _until_terminal(socket))[-1]["event"]
+
+
+@pytestmark_ws
+async def test_a_refused_key_is_told_to_members_as_a_setup_problem_and_to_admins_as_it_is(
+    settings, _close_async_clients
+):
+    w, fake = await database_sync_to_async(_refused_key_setup)(settings)
+    admin_thread = await database_sync_to_async(_thread)(w.a, w.a.admin, w.agent)
+    member, _ = await _open(w, w.mine, w.a.member)
+    admin, _ = await _open(w, admin_thread, w.a.admin)
+    refused = "The model provider refused the API key (HTTP 401). Check the key in the provider."
+    setup = "This agent cannot answer right now: something in its setup needs fixing."
+    try:
+        told = await _failed_run(member)
+        assert told["status"] == "error" and told["message"].startswith(setup)
+        assert "detail" not in told and "key" not in told["message"]
+        seen = await _failed_run(admin)
+        assert seen["message"].startswith(setup) and seen["detail"] == refused
+
+        # The inspector keeps the admin's reason and what the end user read.
+        run = await Run.objects.for_tenant(w.a.tenant).filter(thread=w.mine).aget()
+        assert run.error == refused and run.end_user_error.startswith(setup)
+
+        # After a reload: the member's history says what the member was told, the admin's
+        # what to fix; the run's page both.
+        def pages():
+            mine = w.a.client_for(w.a.member).get(_url("chat-thread", w.a, thread_id=w.mine.pk))
+            theirs = w.a.client_for(w.a.admin).get(
+                _url("chat-thread", w.a, thread_id=admin_thread.pk)
+            )
+            inspected = w.a.client_for(w.a.admin).get(_url("run-detail", w.a, run_id=run.pk))
+            return mine.content.decode(), theirs.content.decode(), inspected.content.decode()
+
+        mine, theirs, inspected = await database_sync_to_async(pages)()
+        assert f"<strong>No reply:</strong> {setup}" in mine and "Check the key" not in mine
+        assert f"<strong>No reply:</strong> {refused}" in theirs
+        assert refused in inspected and f"The end user was told: {setup}" in inspected
+
+        # Made an admin while the chat is open: the next failure says what to fix.
+        def promote():
+            tenant_services.membership_change_role(
+                tenant=w.a.tenant, actor=w.a.actor(), membership_id=w.a.member_membership.pk,
+                role="admin",
+            )  # fmt: skip
+
+        await database_sync_to_async(promote)()
+        promoted = await _failed_run(member, "again")
+        assert promoted["detail"] == refused
+    finally:
+        await member.disconnect()
+        await admin.disconnect()
+        fake.stop()
