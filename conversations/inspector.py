@@ -17,7 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from django.core.exceptions import ValidationError
-from django.db.models import F, Func, JSONField, Q, QuerySet
+from django.db.models import F, Func, IntegerField, JSONField, Q, QuerySet
 from django.db.models import Value as SqlValue
 from django.utils.safestring import SafeString
 
@@ -123,6 +123,17 @@ def _first_token_ms() -> Func:
     )
 
 
+def _model_retries() -> Func:
+    # The `retry` spans of the trace (a model call tried again), counted in PostgreSQL.
+    matches = Func(
+        F("trace"),
+        SqlValue('$[*] ? (@.kind == "retry")'),
+        function="jsonb_path_query_array",
+        output_field=JSONField(),
+    )
+    return Func(matches, function="jsonb_array_length", output_field=IntegerField())
+
+
 def run_search(
     *, tenant: Tenant, filters: RunFilters, before: str = "", limit: int = PAGE_SIZE
 ) -> RunPage:
@@ -137,7 +148,7 @@ def run_search(
     rows = list(
         qs.select_related("agent", "version", "end_user", "end_user__user")
         .defer("input", "output", "trace", "metadata")
-        .annotate(first_token_ms=_first_token_ms())
+        .annotate(first_token_ms=_first_token_ms(), model_retries=_model_retries())
         .order_by("-created_at", "-id")[: limit + 1]
     )
     more = len(rows) > limit

@@ -515,3 +515,18 @@ def test_a_cursor_keeps_the_exact_microsecond():
     for bad in ("", "12", "x_y", "99999999999999999999999_" + str(run.pk)):
         with pytest.raises(inspector.ValidationFailed):
             inspector.parse_cursor(bad)
+
+
+def test_the_list_says_how_often_a_runs_model_calls_were_tried_again(world_a, admin):
+    agent = _agent(world_a)
+    retry = {"kind": "retry", "reason": "rate_limited", "at_ms": 10, "retry": 1}
+    twice = _run(world_a, agent, trace=[retry, {**retry, "retry": 2}, {"kind": "end"}])
+    once = _run(world_a, agent, trace=[retry])
+    never = _run(world_a, agent, trace=[{"kind": "end"}])
+    page = _list(admin, world_a).content.decode()
+
+    def row(run):
+        return page.split(f'data-run-id="{run.pk}"', 1)[1].split("</tr>", 1)[0]
+
+    assert "2 model retries" in row(twice) and "1 model retry<" in row(once)
+    assert "model retr" not in row(never)
