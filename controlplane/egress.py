@@ -22,8 +22,11 @@ What it guarantees, and why each part is there:
 
 The transports are the single enforcement point, and they share every check: `fetch`/`afetch`
 and `guarded_client`/`guarded_async_client` send through `EgressTransport`/`AsyncEgressTransport`
-(httpx); `guarded_openai_http_client` and `mcp_httpx_client_factory` through
-`AsyncEgressTransport2`, the same transport for httpx2, which the openai and mcp packages use.
+(httpx); `mcp_httpx_client_factory` through `AsyncEgressTransport2`, the same transport for
+httpx2, which the mcp package uses; `guarded_openai_http_client` (model calls, a chunk per
+token) through `AiohttpEgressTransport`, an httpx2 transport that sends with aiohttp, whose C
+HTTP parser costs about a third less CPU per streamed completion than httpcore and h11
+(docs/benchmark.md).
 
 Settings (read on every request, so pytest-django's ``settings`` fixture works):
 
@@ -49,6 +52,8 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Any, Protocol, TypeVar
 
+import aiohttp
+import aiohttp.abc
 import anyio
 import anyio.to_thread
 import httpcore
@@ -60,6 +65,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 __all__ = [
     "LOOPBACK_NETWORKS",
+    "AiohttpEgressTransport",
     "AsyncEgressTransport",
     "AsyncEgressTransport2",
     "EgressDenied",
@@ -828,11 +834,179 @@ def guarded_async_client(**kwargs: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, trust_env=False, **kwargs)
 
 
+# --- aiohttp, for model calls ------------------------------------------------------------------
+
+
+class _PinnedResolver(aiohttp.abc.AbstractResolver):
+    """aiohttp's lookups, answered with the addresses `_apin` checked for the request being sent
+    (a host it did not check fails closed). aiohttp looks up in the request's own task, and only
+    host names: an address literal in the URL is the address `_apin` judged."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[aiohttp.abc.ResolveResult]:
+        return [
+            {
+                "hostname": host,
+                "host": address,
+                "port": port,
+                "family": socket.AF_INET6 if ":" in address else socket.AF_INET,
+                "proto": 0,
+                "flags": socket.AI_NUMERICHOST,
+            }
+            for address in _pinned_addresses(host, port)
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+def _httpx2_error(exc: Exception, request: httpx2.Request) -> Exception | None:
+    """The httpx2 exception an httpcore2 transport raises where aiohttp raised `exc` (None: not
+    aiohttp's), so callers, the openai client and our retry rules read failures alike."""
+    message = str(exc) or type(exc).__name__
+    kind: type[httpx2.TransportError]
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        kind = httpx2.ConnectTimeout
+    elif isinstance(exc, aiohttp.ServerTimeoutError):  # sock_read: nothing came for that long
+        kind = httpx2.ReadTimeout
+    elif isinstance(exc, aiohttp.ClientConnectorError):
+        kind = httpx2.ConnectError
+    elif isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
+        # The body ended before its end (h11: "peer closed connection without sending complete
+        # message body"), or the server closed the connection instead of answering.
+        kind = httpx2.RemoteProtocolError
+    elif isinstance(exc, aiohttp.ClientResponseError):  # not HTTP
+        kind = httpx2.RemoteProtocolError
+    elif isinstance(exc, aiohttp.ClientOSError):  # reset
+        kind = httpx2.ReadError
+    elif isinstance(exc, aiohttp.ClientError):
+        kind = httpx2.NetworkError
+    elif isinstance(exc, TimeoutError):  # waiting for a connection of the pool
+        kind = httpx2.PoolTimeout
+    else:
+        return None
+    return kind(message, request=request)
+
+
+class _AiohttpBody(httpx2.AsyncByteStream):
+    """A response body as aiohttp reads it: each piece as it arrives (a streamed completion's
+    chunks are not held back), aiohttp's failures as httpx2's."""
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request) -> None:
+        self._response, self._request = response, request
+
+    async def __aiter__(self) -> Any:
+        try:
+            async for piece in self._response.content.iter_any():
+                yield piece
+        except Exception as exc:
+            mapped = _httpx2_error(exc, self._request)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    async def aclose(self) -> None:
+        # Back to the pool if the body was read to its end, closed otherwise.
+        self._response.release()
+
+
+class AiohttpEgressTransport(httpx2.AsyncBaseTransport):
+    """`AsyncEgressTransport2`'s checks, sending with aiohttp: each request is checked and its
+    host resolved once (`_apin`), and the pool's connector connects only to those addresses
+    (`_PinnedResolver`, with aiohttp's own lookup cache off). No proxy, no environment
+    settings, no redirects of its own (httpx2's client follows them, each through here)."""
+
+    def __init__(
+        self, *, verify: ssl.SSLContext | bool = True, limits: httpx2.Limits | None = None
+    ) -> None:
+        self._ssl = _ssl_context(verify, "httpx2")
+        self._limits = limits or httpx2.Limits(max_connections=100, max_keepalive_connections=20)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _session_now(self) -> aiohttp.ClientSession:
+        # Made on the first request, on the event loop that sends it (an aiohttp session
+        # belongs to one loop, as an httpx client does).
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                ssl=self._ssl,
+                resolver=_PinnedResolver(),
+                use_dns_cache=False,
+                limit=self._limits.max_connections or 0,
+                limit_per_host=0,
+                keepalive_timeout=self._limits.keepalive_expiry or 5.0,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, trust_env=False, auto_decompress=False
+            )
+        return self._session
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        pin = _PINNED.set(await _apin(request, httpx2.ConnectError, httpx2.ConnectTimeout))
+        # What opens a socket during this request connects to the checked addresses only.
+        connecting = _CONNECTING.set(True)
+        try:
+            try:
+                body = request.content
+            except httpx2.RequestNotRead:  # a streamed body: aiohttp sends bytes
+                body = await request.aread()
+            timeouts = request.extensions.get("timeout") or {}
+            try:
+                response = await self._session_now().request(
+                    request.method,
+                    str(request.url),
+                    headers=[
+                        (name.decode("latin-1"), value.decode("latin-1"))
+                        for name, value in request.headers.raw
+                    ],
+                    data=body or None,
+                    allow_redirects=False,
+                    compress=None,
+                    timeout=aiohttp.ClientTimeout(
+                        total=None,
+                        connect=timeouts.get("pool"),
+                        sock_connect=timeouts.get("connect"),
+                        sock_read=timeouts.get("read"),
+                    ),
+                )
+            except Exception as exc:
+                mapped = _httpx2_error(exc, request)
+                if mapped is None:
+                    raise
+                raise mapped from exc
+        finally:
+            _CONNECTING.reset(connecting)
+            _PINNED.reset(pin)
+        extensions: dict[str, Any] = {"http_version": b"HTTP/1.1"}
+        if response.reason:
+            extensions["reason_phrase"] = response.reason.encode("latin-1", "replace")
+        return httpx2.Response(
+            status_code=response.status,
+            headers=list(response.raw_headers),
+            stream=_AiohttpBody(response, request),
+            request=request,
+            extensions=extensions,
+        )
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+# --- httpx2 clients for libraries ---------------------------------------------------------------
+
+
 def guarded_openai_http_client(**kwargs: Any) -> httpx2.AsyncClient:
     """An httpx2.AsyncClient for ``AsyncOpenAI(http_client=...)`` (the openai package is built on
-    httpx2), sending through `AsyncEgressTransport2`. Takes httpx2.AsyncClient's arguments except
-    those that would bypass the transport; `limits` sizes its connection pool (e.g. a run host's
-    client, shared by hundreds of runs, keeps as many connections alive)."""
+    httpx2), sending through `AiohttpEgressTransport`. Takes httpx2.AsyncClient's arguments
+    except those that would bypass the transport; `limits` sizes its connection pool (e.g. a run
+    host's client, shared by hundreds of runs, keeps as many connections alive)."""
+    transport = AiohttpEgressTransport(**_transport_arguments(kwargs, ("verify", "limits")))
+    return httpx2.AsyncClient(transport=transport, trust_env=False, **kwargs)
+
+
+def _guarded_httpx2_client(**kwargs: Any) -> httpx2.AsyncClient:
     transport = AsyncEgressTransport2(**_transport_arguments(kwargs, ("verify", "limits")))
     return httpx2.AsyncClient(transport=transport, trust_env=False, **kwargs)
 
@@ -847,7 +1021,7 @@ def mcp_httpx_client_factory(
     the origin), sending through `AsyncEgressTransport2`."""
     if timeout is None:
         timeout = httpx2.Timeout(30.0, read=300.0)
-    return guarded_openai_http_client(headers=headers, timeout=timeout, auth=auth)
+    return _guarded_httpx2_client(headers=headers, timeout=timeout, auth=auth)
 
 
 # --- fetch / afetch -----------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import uvloop
 from django.conf import settings
 from django.db import close_old_connections
 
+from ai_agents.runtime import models as agent_models
 from conversations import executor
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,10 @@ class RunHost:
             finally:
                 close_old_connections()
             log.info("shutting down: released %s runs to other workers", len(released))
+        try:  # the model providers' connections, kept alive for later runs
+            asyncio.run_coroutine_threadsafe(agent_models.close_clients(), self._loop).result(5)
+        except Exception:
+            log.warning("could not close the model clients", exc_info=True)
         return released
 
     def _heartbeat(self) -> None:

@@ -683,6 +683,42 @@ async def test_mcp_client_factory_enforces_the_same_rules(
     assert {address for address, _ in guard.connected} == {"127.0.0.1"}
 
 
+async def test_the_model_client_on_aiohttp_enforces_the_same_rules(
+    server: _Server, dns: FakeDNS, names, settings, guard
+):
+    client = egress.guarded_openai_http_client(timeout=5)
+    assert isinstance(client._transport, egress.AiohttpEgressTransport)
+    async with client:
+        with pytest.raises(EgressDenied, match=r"loopback address \(127\.0\.0\.1\)"):
+            await client.get(server.url())
+        settings.EGRESS_ALLOWED_NETWORKS = list(egress.LOOPBACK_NETWORKS)
+        assert (await client.get(server.url())).status_code == 200
+        with pytest.raises(EgressDenied, match=r"link-local address \(169\.254\.169\.254\)"):
+            await client.get(
+                _redirect(server, "http://metadata.google.internal/"), follow_redirects=True
+            )
+        # DNS rebinding: the second answer is private; the connection goes to the first,
+        # looked up once (aiohttp does not look up again).
+        dns.add("rebind.test", ["127.0.0.1"], ["10.0.0.5"])
+        response = await client.get(server.url(host="rebind.test"))
+        assert response.headers["x-seen-host"] == f"rebind.test:{server.port}"
+        assert dns.calls["rebind.test"] == 1
+        echoed = (await client.post(server.url("/echo"), json={"a": 1})).json()
+        assert echoed["method"] == "POST" and json.loads(echoed["body"]) == {"a": 1}
+    assert {address for address, _ in guard.connected} == {"127.0.0.1"}
+
+
+async def test_the_model_clients_failures_read_as_httpx2s(allow_loopback, server: _Server):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    async with egress.guarded_openai_http_client(timeout=5) as client:
+        with pytest.raises(httpx2.ConnectError):
+            await client.get(f"http://127.0.0.1:{closed}/")
+        with pytest.raises(httpx2.ReadTimeout):
+            await client.get(server.url("/slow"), timeout=httpx2.Timeout(5, read=0.2))
+
+
 @pytest.mark.parametrize("server_class", ["MCPServerStreamableHttp", "MCPServerSse"])
 async def test_agents_sdk_mcp_server_at_a_private_address_is_refused(server_class: str, guard):
     mcp = pytest.importorskip("agents.mcp")
@@ -760,3 +796,11 @@ async def test_tls_uses_the_host_name_for_sni_and_certificate(
             # Same address, other name: the certificate is checked against the name.
             with pytest.raises(httpx.ConnectError, match="certificate verify failed"):
                 await client.get(f"https://impostor.test:{tls.port}/page")
+        # The model client's transport (aiohttp) alike.
+        server_names.clear()
+        async with egress.guarded_openai_http_client(verify=trust) as model_client:
+            response = await model_client.get(f"https://tls.test:{tls.port}/page")
+            assert response.headers["x-seen-host"] == f"tls.test:{tls.port}"
+            assert server_names == ["tls.test"]
+            with pytest.raises(httpx2.ConnectError, match="certificate verify failed"):
+                await model_client.get(f"https://impostor.test:{tls.port}/page")

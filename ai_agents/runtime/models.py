@@ -75,6 +75,16 @@ def _new_client(provider: ModelProvider) -> AsyncOpenAI:
     )
 
 
+async def close_clients() -> None:
+    """Close the provider clients of the running loop, and their kept connections (a worker
+    shutting down)."""
+    loop = asyncio.get_running_loop()
+    with _CLIENTS_LOCK:
+        clients = list(_CLIENTS.pop(loop, {}).values())
+    for client in clients:
+        await client.close()
+
+
 def openai_client(provider: ModelProvider) -> AsyncOpenAI:
     """The provider's client: shared by the runs of one event loop (see `run_loop`) until the
     provider changes, a new one otherwise."""

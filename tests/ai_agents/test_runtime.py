@@ -321,15 +321,26 @@ def test_without_a_provider_the_builtin_offline_model_answers(world_a):
     assert "391" in outcome.output
 
 
-async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_run(fake_llm):
+async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_run(
+    fake_llm, monkeypatch
+):
     # One client serves every run of a worker's loop: 60 streams at once, then 60 more, must
     # reuse the first 60 connections (httpx's default keeps 20 and opens the rest anew).
     import asyncio
+    import socket
 
     from ai_agents.models import ModelProvider
     from ai_agents.runtime import models
     from controlplane import crypto
 
+    opened = []
+    connect = socket.socket.connect
+
+    def counted(sock, address):
+        opened.append(address)
+        return connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", counted)
     provider = ModelProvider(
         base_url=fake_llm.base_url,
         api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
@@ -346,11 +357,9 @@ async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_ru
 
     try:
         assert all(await asyncio.gather(*(one() for _ in range(60))))
-        pool = client._client._transport._pool
-        first = {id(c) for c in pool.connections}
-        assert len(first) == 60
-        await asyncio.gather(*(one() for _ in range(60)))
-        assert {id(c) for c in pool.connections} == first  # none opened anew
+        assert len(opened) == 60
+        assert all(await asyncio.gather(*(one() for _ in range(60))))
+        assert len(opened) == 60  # none opened anew
     finally:
         await client.close()
 
@@ -408,3 +417,31 @@ def test_an_address_the_egress_policy_blocks_is_a_setup_problem_for_the_end_user
     outcome = _run(world_a, agent, "hello")
     assert outcome.status == "error" and "127.0.0.1" in outcome.message
     assert outcome.for_end_user == execute.SETUP_PROBLEM
+
+
+async def test_a_loops_provider_clients_and_their_connections_close_on_shutdown(fake_llm):
+    import asyncio
+
+    from ai_agents.models import ModelProvider
+    from ai_agents.runtime import models
+    from controlplane import crypto
+
+    provider = ModelProvider(
+        pk=1,
+        base_url=fake_llm.base_url,
+        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
+        timeout_seconds=5,
+    )
+    token = models.run_loop.set(asyncio.get_running_loop())
+    try:
+        client = models.openai_client(provider)
+        assert models.openai_client(provider) is client  # shared by the loop's runs
+        await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+        await models.close_clients()  # what a worker's shutdown does (RunHost.drain)
+        assert client.is_closed()
+        assert models.openai_client(provider) is not client
+        await models.close_clients()
+    finally:
+        models.run_loop.reset(token)
