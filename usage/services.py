@@ -301,8 +301,8 @@ def budget_check(*, tenant: Tenant) -> None:
     if state is not None and state.exhausted:
         resets = state.resets_on
         raise BudgetExhausted(
-            f"This workspace has used its monthly budget ({state.summary}); it resets on "
-            f"{resets.day} {resets:%B}. An owner can raise it in Settings.",
+            f"This tenant has used its monthly budget ({state.summary}); it resets on "
+            f"{resets.day} {resets:%B}. An owner can raise it in Settings → Budget.",
             resets_on=resets.isoformat(),
         )
 

@@ -593,8 +593,8 @@ def test_the_playground_says_the_monthly_budget_is_used_up(world_a, owner):
     response = _play(owner, agent, "Hello again")
     assert response.status_code == 200 and response.context["run"] is None
     page = response.content.decode()
-    assert "This workspace has used its monthly budget" in page
-    assert "An owner can raise it in Settings." in page
+    assert "This tenant has used its monthly budget" in page
+    assert "An owner can raise it in Settings → Budget." in page
     whole = _play(owner, agent, "Hello again", htmx=False)
     assert whole.status_code == 402 and "<html" in whole.content.decode()
     assert len(selectors.playground_run_list(tenant=world_a.tenant, agent=agent)) == 1

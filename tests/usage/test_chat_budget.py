@@ -1,4 +1,4 @@
-"""The chat tells its user, in plain words, that the workspace's monthly budget is used up."""
+"""The chat tells its user, in plain words, that the tenant's monthly budget is used up."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ async def test_the_chat_refuses_a_message_once_the_budget_is_used_up():
         answer = await socket.receive_json_from(timeout=WAIT)
         assert answer["type"] == "error" and answer["code"] == "budget_exhausted"
         assert answer["message"].startswith(
-            "This workspace has used its monthly budget (10 tokens of 10); it resets on 1 "
+            "This tenant has used its monthly budget (10 tokens of 10); it resets on 1 "
         )
-        assert answer["message"].endswith("An owner can raise it in Settings.")
+        assert answer["message"].endswith("An owner can raise it in Settings → Budget.")
         assert await Run.objects.for_tenant(w.a.tenant).filter(thread=w.mine).acount() == 0
     finally:
         await socket.disconnect()

@@ -279,8 +279,8 @@ def test_budget_warns_once_then_stops_new_runs_with_a_clear_message(setup, world
     resets = (now.replace(day=28) + timedelta(days=4)).replace(day=1)
     assert refused.value.status == 402
     assert refused.value.message == (
-        "This workspace has used its monthly budget (1,020 tokens of 1,000); it resets on "
-        f"{resets.day} {resets:%B}. An owner can raise it in Settings."
+        "This tenant has used its monthly budget (1,020 tokens of 1,000); it resets on "
+        f"{resets.day} {resets:%B}. An owner can raise it in Settings → Budget."
     )
     assert Run.objects.for_tenant(world.tenant).filter(thread=thread).count() == 0
 
