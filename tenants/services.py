@@ -136,6 +136,23 @@ def tenant_limits_update(*, tenant: Tenant, actor: Actor, **values: int | None) 
     if unknown:
         raise ValidationFailed("Unknown limits.", fields={f: "Not a limit." for f in unknown})
     clean = limits.validate(values)
+
+    def effective(field: str) -> int:
+        value = clean[field] if field in clean else getattr(tenant, field)
+        return limits.default(field) if value is None else value
+
+    per_minute, per_hour = (
+        effective("end_user_runs_per_minute"),
+        effective("end_user_runs_per_hour"),
+    )
+    if per_minute and per_hour and per_hour < per_minute:
+        raise ValidationFailed(
+            "The hourly limit is below the per-minute one.",
+            fields={
+                "end_user_runs_per_hour": f"Lower than the {per_minute:,} per minute, which it "
+                f"would override. Make it at least {per_minute:,}, or 0 for no hourly limit."
+            },
+        )
     before = {field: getattr(tenant, field) for field in clean}
     for field, value in clean.items():
         setattr(tenant, field, value)

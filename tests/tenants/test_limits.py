@@ -487,3 +487,21 @@ def test_limits_validation_names_every_bad_field():
     with pytest.raises(ValidationFailed) as refused:
         limits.validate({"requests_per_minute": "x", "runs_per_minute": 10_001})
     assert set(refused.value.fields) == {"requests_per_minute", "runs_per_minute"}
+
+
+def test_an_hourly_limit_below_the_per_minute_one_is_refused_next_to_it(world_a, settings):
+    settings.RATE_LIMIT_END_USER_RUNS_PER_MINUTE = 20
+    client = world_a.client_for(world_a.owner)
+    url = reverse("tenant-limits", args=[world_a.tenant.slug])
+    # Below the per-minute limit given with it, or below the default when it is left empty.
+    for minute in ("3", ""):
+        limit = minute or "20"
+        response = client.post(
+            url, {"end_user_runs_per_minute": minute, "end_user_runs_per_hour": "2"}
+        )
+        assert response.status_code == 422
+        assert f"Make it at least {limit}, or 0 for no hourly limit." in response.content.decode()
+    world_a.tenant.refresh_from_db()
+    assert world_a.tenant.end_user_runs_per_hour is None  # nothing was saved
+    response = client.post(url, {"end_user_runs_per_minute": "3", "end_user_runs_per_hour": "3"})
+    assert response.status_code == 302
