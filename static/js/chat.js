@@ -42,7 +42,10 @@
     try { return JSON.parse(sessionStorage.getItem(KEY) || "null"); } catch (e) { return null; }
   }
 
-  function status(text, kind) {
+  // `quiet`: shown, not announced again (a countdown would be read out every second).
+  function status(text, kind, quiet) {
+    if (quiet) statusEl.setAttribute("aria-live", "off");
+    else statusEl.removeAttribute("aria-live");
     if (!text) { statusEl.hidden = true; statusEl.textContent = ""; return; }
     statusEl.hidden = false;
     statusEl.className = "chat-status" + (kind ? " chat-status-" + kind : "");
@@ -53,6 +56,8 @@
   // (after the reply, stopping it, or replacing the last message); otherwise it simply starts.
   function busy(on) {
     running = on;
+    // Stop leaves with the reply it stopped: the keyboard goes back to the message box.
+    if (!on && document.activeElement === stopBtn) input.focus();
     stopBtn.hidden = !on;
     if (strategyEl) strategyEl.hidden = !on;
     sendBtn.disabled = limited();
@@ -69,6 +74,7 @@
     limitedUntil = Date.now() + seconds * 1000;
     sendBtn.disabled = true;
     clearInterval(limitTimer);
+    var ticks = 0;
     var tick = function () {
       var left = Math.ceil((limitedUntil - Date.now()) / 1000);
       if (left <= 0) {
@@ -80,7 +86,7 @@
       }
       var when = left < 60 ? left + (left === 1 ? " second" : " seconds")
         : Math.ceil(left / 60) + (Math.ceil(left / 60) === 1 ? " minute" : " minutes");
-      status(base + " You can send it again in " + when + ".", "warn");
+      status(base + " You can send it again in " + when + ".", "warn", ticks++ > 0);
     };
     tick();
     limitTimer = setInterval(tick, 1000);
@@ -226,16 +232,33 @@
     scrollDown();
   }
 
-  // The server's sanitised rendering replaces what was streamed.
-  function reloadNewItems() {
+  // The server's sanitised rendering replaces what was streamed. `then` runs once it is in.
+  function reloadNewItems(then) {
     var url = itemsUrl + "?after=" + lastItemId();
+    var done = function () { afterReload(); if (then) then(); };
     if (window.htmx) {
       log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
       bubble = null;
-      htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(afterReload, afterReload);
+      htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(done, done);
     } else {
       location.reload();
     }
+  }
+
+  // A reply that failed is followed in the history by why, as a reload renders it: its question
+  // was often on the page already, so the new items do not bring the server's note.
+  function noteFailure(id, said) {
+    if (!id || log.querySelector('.chat-run-error[data-run-id="' + id + '"]')) return;
+    var note = el("div", "chat-run-error");
+    note.setAttribute("data-run-id", id);
+    note.setAttribute("role", "note");
+    note.appendChild(el("strong", null, "No reply:"));
+    note.appendChild(document.createTextNode(" " + said));
+    var mine = log.querySelectorAll('[data-run-id="' + id + '"]');
+    var last = mine.length ? mine[mine.length - 1] : null;
+    if (last && last.parentNode === log) log.insertBefore(note, last.nextSibling);
+    else log.appendChild(note);
+    scrollDown();
   }
 
   // The latest page of the history, from the server (a replaced message has left it).
@@ -268,24 +291,26 @@
   function endRun(ev, id) {
     if (id) { ended[id] = true; delete queued[id]; }
     var replaced = ev && (ev.status === "cancelled" || ev.status === "interrupted");
+    var failed = ev && (ev.status === "error" || ev.status === "timeout");
+    // `detail` (the run's reason for those who run the agent) reaches owners and admins only.
+    var why = ev && (ev.detail || ev.message);
+    var noted = failed ? function () { noteFailure(id, why || "The agent could not answer."); } : null;
     if (isEarlier(id)) {
       if (replaced) reloadAll();
-      else reloadNewItems();
+      else reloadNewItems(noted);
       return;
     }
     if (id && activeRun() === id) root.removeAttribute("data-active-run");
     busy(false);
     if (ev && ev.status && ev.status !== "success") {
-      // `detail` (the run's reason for those who run the agent) reaches owners and admins only.
-      var said = ev.detail || ev.message || ("The reply ended: " + ev.status + ".");
-      status(said, replaced ? "warn" : "error");
+      status(why || ("The reply ended: " + ev.status + "."), replaced ? "warn" : "error");
     } else {
       status("");
     }
     run = null;
     save();
     if (replaced) reloadAll();
-    else reloadNewItems();
+    else reloadNewItems(noted);
   }
 
   // A message's "Waiting for the agent" (or "Queued") note goes once its run is running.
@@ -574,7 +599,11 @@
     input.value = "";
   });
   input.addEventListener("keydown", function (e) {
-    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); form.requestSubmit(); }
+    // Not while an input method is composing (Enter there picks the characters).
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) {
+      e.preventDefault();
+      form.requestSubmit();
+    }
   });
   stopBtn.addEventListener("click", function () {
     if (!ws || ws.readyState !== WebSocket.OPEN) return;

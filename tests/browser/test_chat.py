@@ -760,3 +760,43 @@ def test_a_retry_read_after_a_stream_that_lost_its_start_starts_the_reply_over(
         expect(page.locator(".msg-user", has_text="go")).to_have_count(1)
 
     run_in_browser(flow)
+
+
+def test_a_reply_that_fails_after_its_question_was_shown_says_why_in_the_history(
+    unstarted, run_in_browser
+):
+    import json
+
+    world = make_world("Acme")
+    thread, run = _thread_with_a_run(world, [])
+    rid = str(run.pk)
+    reason = "Could not connect to the model provider. It was tried 3 more times, without success."
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": rid},
+        _event(rid, 1, type="run.status", status="running", message="", attempt=1),
+    ]
+
+    def failed() -> None:
+        Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+            status=RunStatus.ERROR, error=reason
+        )
+
+    def flow(new_context) -> None:
+        page, sockets = _open_chat(new_context, world, thread, frames)
+        expect(page.locator(".msg-user", has_text="go")).to_have_count(1, timeout=LONG)
+        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
+            pool.submit(failed).result()
+        sockets[-1].send(json.dumps(_event(
+            rid, 2, type="run.status", status="error", message=reason, attempt=1
+        )))  # fmt: skip
+        note = page.locator(".chat-run-error")
+        # The question was on the page already: the history says why there was no reply.
+        expect(note).to_have_text([f"No reply: {reason}"], timeout=LONG)
+        assert page.evaluate(
+            "() => document.querySelector('.chat-run-error')"
+            ".previousElementSibling.textContent.includes('go')"
+        )
+        page.reload()
+        expect(page.locator(".chat-run-error")).to_have_text([f"No reply: {reason}"])
+
+    run_in_browser(flow)
