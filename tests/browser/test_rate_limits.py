@@ -57,6 +57,8 @@ def test_a_refused_message_stays_in_the_composer_with_when_to_send_it(settings, 
         expect(status).to_have_text(
             re.compile(r"You can send it again in \d+ seconds\.$"), timeout=LONG
         )
+        # Said once to a screen reader: the countdown's later seconds are not announced.
+        expect(status).to_have_attribute("aria-live", "off", timeout=LONG)
         expect(page.get_by_label("Message")).to_have_value(second)
         expect(page.get_by_role("button", name="Send")).to_be_disabled()
         expect(page.locator(".msg-user")).to_have_count(1)  # the refused bubble is taken back
