@@ -46,21 +46,27 @@
   function status(text, kind, quiet) {
     if (quiet) statusEl.setAttribute("aria-live", "off");
     else statusEl.removeAttribute("aria-live");
-    if (!text) { statusEl.hidden = true; statusEl.textContent = ""; return; }
-    statusEl.hidden = false;
-    statusEl.className = "chat-status" + (kind ? " chat-status-" + kind : "");
-    statusEl.textContent = text;
+    var bottom = atBottom();
+    if (!text) { statusEl.hidden = true; statusEl.textContent = ""; }
+    else {
+      statusEl.hidden = false;
+      statusEl.className = "chat-status" + (kind ? " chat-status-" + kind : "");
+      statusEl.textContent = text;
+    }
+    if (bottom) scrollDown(); // the list got shorter: the newest message stays in view
   }
 
-  // While a reply is being written, a new message goes with the strategy picked next to Send
+  // While a reply is being written, a new message goes with the strategy picked next to Stop
   // (after the reply, stopping it, or replacing the last message); otherwise it simply starts.
   function busy(on) {
     running = on;
     // Stop leaves with the reply it stopped: the keyboard goes back to the message box.
     if (!on && document.activeElement === stopBtn) input.focus();
+    var bottom = atBottom();
     stopBtn.hidden = !on;
     if (strategyEl) strategyEl.hidden = !on;
     sendBtn.disabled = limited();
+    if (bottom) scrollDown();
   }
 
   // --- rate limits: the refused message stays in the composer; Send waits for the window ---
@@ -100,6 +106,8 @@
   }
 
   function scrollDown() { log.scrollTop = log.scrollHeight; }
+  // Whether the list shows its newest message (the reader has not scrolled back).
+  function atBottom() { return log.scrollHeight - log.scrollTop - log.clientHeight < 40; }
 
   function dropEmpty() {
     var empty = document.getElementById("chat-empty");

@@ -1,6 +1,8 @@
 """The pages on a phone (390 px) and a laptop (1280 px): long words wrap instead of widening the
 page, the runs table labels its cells once its headers are hidden, words break only between each
-other, and the conversation list keeps its row actions in one column."""
+other, the conversation list keeps its row actions in one column, and a long conversation fills
+the window: only its messages scroll, the composer and the status stay in view under a compact
+navigation, and the message box keeps most of the composer's width while a reply runs."""
 
 from __future__ import annotations
 
@@ -34,6 +36,19 @@ PHONE = {"width": 390, "height": 844}
 LAPTOP = {"width": 1280, "height": 900}
 LONG_WORD = "Pneumonoultramicroscopicsilicovolcanoconiosis" * 2
 LONG_URL = "https://docs.example.test/" + "/".join(["a-rather-long-path-segment"] * 4)
+NAV_LINKS = [
+    "Overview",
+    "Chat",
+    "Agents",
+    "Runs",
+    "Model providers",
+    "MCP servers",
+    "Members",
+    "API keys",
+    "Usage",
+    "Audit log",
+    "Settings",
+]
 RUN_COLUMNS = [
     "Started",
     "Agent",
@@ -270,5 +285,205 @@ def test_the_conversation_list_keeps_rename_and_delete_in_one_column(run_in_brow
             box = field.bounding_box()
             assert box["x"] >= 0 and box["x"] + box["width"] <= viewport["width"], box
             assert not _scrolls_sideways(page), viewport
+
+    run_in_browser(flow)
+
+
+def _long_conversation(world, pairs: int = 30):
+    """The owner's conversation with more messages than any screen holds."""
+    agent = _published_agent(world)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.owner)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+    thread = services.thread_rename(
+        tenant=world.tenant, end_user=end_user, thread_id=thread.pk, title="Quarterly numbers"
+    )
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, data=d)
+        for n in range(pairs)
+        for d in [
+            {"role": "user", "content": f"Question {n}: what was the revenue of month {n}?"},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [
+                    {
+                        "type": "output_text",
+                        "text": f"Answer {n}: the revenue of month {n} was {n * 1000} euros, "
+                        "a little more than the month before.",
+                    }
+                ],
+            },
+        ]
+    )
+    return thread
+
+
+def _box(locator) -> dict:
+    """Where `locator` is in the window (not in the page): what a user sees without scrolling."""
+    return locator.evaluate(
+        "e => { const r = e.getBoundingClientRect();"
+        " return {top: r.top, bottom: r.bottom, left: r.left, right: r.right,"
+        " width: r.width, height: r.height}; }"
+    )
+
+
+def _on_screen(page: Page, locator) -> bool:
+    box, view = _box(locator), page.viewport_size
+    return (
+        box["height"] > 0
+        and box["top"] >= 0
+        and box["left"] >= 0
+        and box["bottom"] <= view["height"]
+        and box["right"] <= view["width"]
+    )
+
+
+def _page_scrolls(page: Page) -> bool:
+    """Whether the page itself scrolls (a second scrolling area besides the message list)."""
+    return page.evaluate(
+        "() => document.scrollingElement.scrollHeight > window.innerHeight"
+        " || document.scrollingElement.scrollWidth > window.innerWidth"
+    )
+
+
+def _tab_through_sidebar(page: Page) -> list[tuple[str, dict]]:
+    """Each control of the navigation as Tab reaches it from the brand: its text, and where it
+    is in the window while it has the focus."""
+    page.get_by_role("link", name="Control Plane").focus()
+    reached = []
+    for _ in range(40):
+        focused = page.evaluate(
+            """() => { const e = document.activeElement;
+                 if (!e.closest('#sidebar')) return null;
+                 const r = e.getBoundingClientRect();
+                 return [e.textContent.replace(/[\\s▾]+/g, ' ').trim(),
+                   {top: r.top, bottom: r.bottom, left: r.left, right: r.right}]; }"""
+        )
+        if focused is None:
+            return reached
+        reached.append((focused[0], focused[1]))
+        page.keyboard.press("Tab")
+    raise AssertionError(f"Tab never left the navigation: {reached}")
+
+
+def _reply_running(page: Page) -> None:
+    """What the page shows while a reply is being written: the strategy and Stop."""
+    page.evaluate(
+        "() => { document.getElementById('chat-strategy').hidden = false;"
+        " document.getElementById('chat-stop').hidden = false; }"
+    )
+
+
+def _composer_fits(page: Page) -> None:
+    """The message box keeps most of the composer's row, every control on screen."""
+    composer = page.locator("#chat-composer")
+    field, send = page.get_by_label("Message"), page.get_by_role("button", name="Send")
+    stop, strategy = page.get_by_role("button", name="Stop"), page.locator("#chat-strategy")
+    controls = [field, send] + ([stop, strategy] if stop.is_visible() else [])
+    for control in controls:
+        assert _on_screen(page, control), (control, _box(control))
+    width = _box(field)["width"]
+    assert width >= 0.6 * _box(composer)["width"], (width, _box(composer))
+    for button in controls[1:3]:
+        assert _box(button)["height"] >= 44, (button, _box(button))  # a finger's touch target
+    if stop.is_visible():
+        # The strategy has a line of its own: it never squeezes the message box.
+        assert _box(strategy)["bottom"] <= _box(field)["top"], (_box(strategy), _box(field))
+
+
+def test_a_long_conversation_on_a_phone_keeps_the_composer_and_status_on_screen(run_in_browser):
+    world = make_world("Acme")
+    thread = _long_conversation(world)
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        page.set_viewport_size(PHONE)
+        log_in(page, world.owner.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        log = page.locator("#chat-log")
+        expect(log.locator(".msg-assistant").last).to_contain_text("Answer 29")
+        _shot(page, "chat-long-390")
+
+        # One scrolling area, the message list: the page itself fits the window.
+        assert not _page_scrolls(page), "the conversation page scrolls"
+        assert log.evaluate("e => e.scrollHeight > e.clientHeight"), "the list does not scroll"
+        # The navigation is compact: the conversation starts in the top quarter of the screen.
+        heading = _box(page.get_by_role("heading", level=1))
+        assert heading["top"] < PHONE["height"] / 4, heading
+        # The newest message is in view, above the composer, which is on screen.
+        composer = _box(page.locator("#chat-composer"))
+        newest = _box(log.locator(".msg-assistant").last)
+        assert newest["bottom"] <= composer["top"] and newest["top"] >= heading["bottom"], newest
+        _composer_fits(page)
+
+        # A status ("Trying again…") shows between the list and the composer, on screen.
+        page.evaluate(
+            "() => { const s = document.getElementById('chat-status');"
+            " s.className = 'chat-status chat-status-warn';"
+            " s.textContent = 'The model provider is busy. Trying again\\u2026';"
+            " s.hidden = false; }"
+        )
+        status = page.get_by_role("status")
+        assert _on_screen(page, status), _box(status)
+        assert _box(status)["bottom"] <= _box(page.locator("#chat-composer"))["top"]
+        assert not _page_scrolls(page), "the page scrolls with a status"
+
+        # While a reply runs, the strategy and Stop take a line of their own above the box.
+        _reply_running(page)
+        _shot(page, "chat-long-running-390")
+        _composer_fits(page)
+        assert _on_screen(page, status), _box(status)
+        assert not _page_scrolls(page), "the page scrolls while a reply runs"
+
+        # Every link of the top bar is reached with Tab, and is in view once it has the focus
+        # (Chromium scrolls the row only to a link out of view: one cut by its edge stays so).
+        reached = _tab_through_sidebar(page)
+        assert [name for name, _box in reached] == [
+            "Control Plane",
+            "Tenant Acme",
+            *NAV_LINKS,
+            "Password",
+            "API docs",
+            "Log out",
+        ]
+        for name, box in reached:
+            in_view = min(box["right"], PHONE["width"]) - max(box["left"], 0)
+            assert in_view >= min(box["right"] - box["left"], 20), (name, box)
+            assert box["top"] >= 0 and box["bottom"] <= PHONE["height"], (name, box)
+
+    run_in_browser(flow)
+
+
+def test_a_long_conversation_fills_a_laptop_screen(run_in_browser):
+    world = make_world("Acme")
+    thread = _long_conversation(world)
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        page.set_viewport_size(LAPTOP)
+        log_in(page, world.owner.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        log = page.locator("#chat-log")
+        expect(log.locator(".msg-assistant").last).to_contain_text("Answer 29")
+        _shot(page, "chat-long-1280")
+
+        assert not _page_scrolls(page), "the conversation page scrolls"
+        # The list takes the height the window has: the composer sits at its bottom.
+        composer = _box(page.locator("#chat-composer"))
+        assert LAPTOP["height"] - 48 <= composer["bottom"] <= LAPTOP["height"], composer
+        # Every link of the sidebar is on screen.
+        sidebar = page.locator("#sidebar")
+        links = [*sidebar.get_by_role("link").all(), sidebar.get_by_role("button", name="Log out")]
+        assert len(links) == len(NAV_LINKS) + 4  # the brand, Password, API docs, Log out
+        for link in links:
+            assert _on_screen(page, link), (link, _box(link))
+        _composer_fits(page)
+
+        _reply_running(page)
+        _shot(page, "chat-long-running-1280")
+        _composer_fits(page)
+        assert not _page_scrolls(page), "the page scrolls while a reply runs"
 
     run_in_browser(flow)
