@@ -73,13 +73,6 @@ RETRY_MAX_S = 5.0
 thread_group = realtime.thread_group
 
 
-def _duration(seconds: int) -> str:
-    if seconds < 60:
-        return f"{seconds} second{'s' if seconds != 1 else ''}"
-    minutes = -(-seconds // 60)
-    return f"{minutes} minute{'s' if minutes != 1 else ''}"
-
-
 def _db(func: Any) -> Any:
     """`func` (ORM work) off the event loop, on the loop's pool of threads. asgiref's default
     (`thread_sensitive=True`) runs every socket's queries on one shared thread: with many chats
@@ -314,19 +307,13 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         await _db(services.run_cancel)(tenant=self.tenant, run_id=active, end_user=self.end_user)
 
     async def _rate_limited(self, exc: RateLimited) -> None:
-        """In the chat's words: the message was not sent, how many are allowed, and when the
-        next one may go (the page keeps the typed text and counts down)."""
-        limit, window = exc.metadata.get("limit"), exc.metadata.get("window")
-        wait = int(exc.metadata.get("retry_after") or 1)
-        unit = "hour" if window == 3600 else "minute"
+        """In the chat's words (the page keeps the typed text and counts down)."""
         await self._error(
             "rate_limited",
-            f"Your message was not sent: you can send {limit} "
-            f"message{'' if limit == 1 else 's'} per {unit}. "
-            f"You can send it again in {_duration(wait)}.",
-            retry_after=wait,
-            limit=limit,
-            window=window,
+            services.rate_limited_message(exc),
+            retry_after=int(exc.metadata.get("retry_after") or 1),
+            limit=exc.metadata.get("limit"),
+            window=exc.metadata.get("window"),
         )
 
     async def _error(self, code: str, message: str, **extra: Any) -> None:

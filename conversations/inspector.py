@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -23,7 +23,7 @@ from django.utils.safestring import SafeString
 
 from ai_agents.config import GUARDRAIL_LABELS
 from ai_agents.models import PlaygroundRun
-from controlplane.errors import NotFound, ValidationFailed
+from controlplane.errors import NotFound
 from conversations import markdown, selectors, streams
 from conversations.events import MESSAGE_DELTA, RUN_STATUS, TOOL_FINISHED, TOOL_STARTED
 from conversations.models import ACTIVE_STATUSES, Item, Run, Thread
@@ -64,26 +64,14 @@ class RunPage:
         return any(r.is_active or r.status in ACTIVE_STATUSES for r in self.runs)
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND = timedelta(microseconds=1)
-
-
 def cursor_for(run: Run | PlaygroundRun) -> str:
-    """The keyset position just after `run` (newest first): its time, to the exact microsecond
-    (integer arithmetic: a float timestamp can be off by one), and its id."""
-    return f"{(run.created_at - _EPOCH) // _MICROSECOND}_{run.pk}"
+    """The keyset position just after `run` (newest first)."""
+    return selectors.keyset_cursor(run.created_at, run.pk)
 
 
 def parse_cursor(value: str) -> tuple[datetime, UUID]:
     """`cursor_for`'s inverse; ValidationFailed for anything else (a hand-edited link)."""
-    try:
-        micros, _, run_id = value.partition("_")
-        return _EPOCH + int(micros) * _MICROSECOND, UUID(run_id)
-    except (ValueError, OverflowError):
-        raise ValidationFailed(
-            "This page link is not valid.",
-            fields={"before": "Start again from the newest runs."},
-        )
+    return selectors.parse_keyset_cursor(value, restart="Start again from the newest runs.")
 
 
 def _filtered(tenant: Tenant, filters: RunFilters) -> QuerySet[Run]:

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
+from uuid import UUID
 
 from django.core.exceptions import ValidationError
 from django.db import connection
-from django.db.models import Count, Max, Q, QuerySet
+from django.db.models import Count, Exists, Max, OuterRef, Q
 from django.utils.safestring import SafeString
 
+from controlplane.errors import ValidationFailed
 from conversations import markdown
 from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, RunStatus, Thread
 from tenants.models import Membership, Tenant
@@ -22,18 +25,94 @@ from tenants.models import Membership, Tenant
 PAGE_SIZE = 50
 # Runs that ended without their reply; the history says why (`_with_failures`).
 FAILED_STATUSES = (RunStatus.ERROR, RunStatus.TIMEOUT)
+# Runs whose reply was cut short (what was said stays): the history says so.
+STOPPED_STATUSES = (RunStatus.CANCELLED, RunStatus.INTERRUPTED)
 
 
-def thread_list(*, tenant: Tenant, end_user: EndUser, q: str = "") -> QuerySet[Thread]:
-    """The end user's threads in this tenant, most recently active first; `q` filters titles."""
-    qs = (
-        Thread.objects.for_tenant(tenant)
-        .filter(end_user=end_user)
-        .select_related("agent")
-        .order_by("-updated_at", "-created_at")
-    )
+THREAD_PAGE_SIZE = 30  # conversations a page of the chat home lists
+
+
+@dataclass
+class ThreadPage:
+    threads: list[Thread]
+    next_cursor: str | None  # pass as `before` for the next (older) page
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def keyset_cursor(when: datetime, pk: Any) -> str:
+    """A keyset position in a list ordered newest first, just after the row at `when` with key
+    `pk`: the time to the exact microsecond (integer arithmetic: a float timestamp can be off by
+    one) and the key, which breaks ties."""
+    return f"{(when - _EPOCH) // _MICROSECOND}_{pk}"
+
+
+def parse_keyset_cursor(value: str, *, restart: str) -> tuple[datetime, UUID]:
+    """`keyset_cursor`'s inverse; ValidationFailed for anything else (a hand-edited link), with
+    `restart` (where to start again) for the `before` field."""
+    try:
+        micros, _, pk = value.partition("_")
+        return _EPOCH + int(micros) * _MICROSECOND, UUID(pk)
+    except (ValueError, OverflowError):
+        raise ValidationFailed("This page link is not valid.", fields={"before": restart})
+
+
+def thread_cursor(thread: Thread) -> str:
+    """The position just after `thread` in the list (latest activity first)."""
+    return keyset_cursor(thread.updated_at, thread.pk)
+
+
+def _started(tenant: Tenant) -> Q:
+    """A thread something happened in: a message was sent (a run, even one not started yet),
+    items were saved, or it was given a title. "Start a chat" makes a thread before its first
+    message; until then it is not listed, and is opened again rather than made twice."""
+    runs = Run.objects.for_tenant(tenant).filter(thread=OuterRef("pk"))
+    items = Item.objects.for_tenant(tenant).filter(thread=OuterRef("pk"))
+    return ~Q(title="") | Exists(runs) | Exists(items)
+
+
+def thread_list(
+    *,
+    tenant: Tenant,
+    end_user: EndUser,
+    q: str = "",
+    before: str = "",
+    limit: int = THREAD_PAGE_SIZE,
+) -> ThreadPage:
+    """The end user's started threads in this tenant (`_started`), latest activity first,
+    `limit` at a time after the keyset cursor `before` (`thread_cursor`); `q` filters titles.
+    One query. ValidationFailed for a malformed cursor."""
+    qs = Thread.objects.for_tenant(tenant).filter(_started(tenant), end_user=end_user)
     q = q.strip()
-    return qs.filter(title__icontains=q) if q else qs
+    if q:
+        qs = qs.filter(title__icontains=q)
+    if before:
+        when, thread_id = parse_keyset_cursor(
+            before, restart="Start again from the newest conversations."
+        )
+        qs = qs.filter(Q(updated_at__lt=when) | Q(updated_at=when, id__lt=thread_id))
+    rows = list(qs.select_related("agent").order_by("-updated_at", "-id")[: limit + 1])
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return ThreadPage(threads=rows, next_cursor=thread_cursor(rows[-1]) if more and rows else None)
+
+
+def thread_unstarted(*, tenant: Tenant, end_user: EndUser, agent_id: Any) -> Thread | None:
+    """The end user's newest thread with this published agent that nothing happened in yet
+    (not `_started`, so not listed), for "Start a chat" to open again instead of leaving one
+    more empty conversation behind. None if there is none (or for a malformed id)."""
+    try:
+        return (
+            Thread.objects.for_tenant(tenant)
+            .filter(end_user=end_user, agent_id=agent_id, agent__published_version__isnull=False)
+            .exclude(_started(tenant))
+            .order_by("-created_at")
+            .first()
+        )
+    except (ValueError, TypeError, ValidationError):  # a malformed id
+        return None
 
 
 def run_active(*, tenant: Tenant, thread: Thread) -> Run | None:
@@ -408,20 +487,22 @@ def _with_failures(
 ) -> list[Entry]:
     """After the last item of each run that failed, why (`kind="run_error"`): in `title` as its
     end user is told, in `detail` as the run inspector says it when that says more (for owners
-    and admins). The chat's status line says it as it happens, the history keeps it. On the
-    page that holds the run's last item only."""
+    and admins). After the last item of a run that was stopped or interrupted, that it was
+    (`kind="run_stopped"`), so a reply cut short does not read as whole. The chat's status line
+    says it as it happens, the history keeps it. On the page that holds the run's last item
+    only."""
     run_ids = {entry.run_id for entry in entries if entry.run_id is not None}
     if not run_ids:
         return entries
-    failed = {
-        run_id: (error, told, last_item)
-        for run_id, error, told, last_item in Run.objects.for_tenant(tenant)
-        .filter(thread=thread, pk__in=run_ids, status__in=FAILED_STATUSES)
+    ended = {
+        run_id: (status, error, told, last_item)
+        for run_id, status, error, told, last_item in Run.objects.for_tenant(tenant)
+        .filter(thread=thread, pk__in=run_ids, status__in=FAILED_STATUSES + STOPPED_STATUSES)
         .annotate(last_item=Max("items__id"))
-        .values_list("pk", "error", "end_user_error", "last_item")
+        .values_list("pk", "status", "error", "end_user_error", "last_item")
     }
     held = {row.pk for row in rows}
-    ending = {run_id for run_id, (*_reasons, last_item) in failed.items() if last_item in held}
+    ending = {run_id for run_id, (*_why, last_item) in ended.items() if last_item in held}
     if not ending:
         return entries
     last = {entry.run_id: i for i, entry in enumerate(entries) if entry.run_id in ending}
@@ -429,12 +510,12 @@ def _with_failures(
     for i, entry in enumerate(entries):
         shown.append(entry)
         if last.get(entry.run_id) == i:
-            error, told, _last_item = failed[entry.run_id]
-            title = told or error or "The agent could not answer."
+            status, error, told, _last_item = ended[entry.run_id]
+            stopped = status in STOPPED_STATUSES
+            title = told or error or ("Stopped." if stopped else "The agent could not answer.")
             detail = error if told and error != told else ""
-            shown.append(
-                Entry(id=0, kind="run_error", title=title, detail=detail, run_id=entry.run_id)
-            )
+            kind = "run_stopped" if stopped else "run_error"
+            shown.append(Entry(id=0, kind=kind, title=title, detail=detail, run_id=entry.run_id))
     return shown
 
 

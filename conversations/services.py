@@ -19,7 +19,7 @@ from django.utils import timezone
 from ai_agents import selectors as agent_selectors
 from ai_agents.models import Agent
 from controlplane import rows
-from controlplane.errors import Conflict, NotFound, ValidationFailed
+from controlplane.errors import Conflict, NotFound, RateLimited, ValidationFailed
 from controlplane.text import has_nul
 from conversations import executor
 from conversations.models import (
@@ -131,23 +131,30 @@ def default_title(text: str) -> str:
 
 @transaction.atomic
 def thread_rename(*, tenant: Tenant, end_user: EndUser, thread_id: Any, title: str) -> Thread:
+    """Retitle a thread of this end user (NotFound for another's or another tenant's).
+    A new title is not activity: `updated_at` stays, so the list keeps its order."""
     _refuse_nul(title, "title")
     thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
     thread.title = title.strip()[:200]
-    thread.updated_at = timezone.now()
-    thread.save(update_fields=["title", "updated_at"])
+    thread.save(update_fields=["title"])
     return thread
 
 
 @transaction.atomic
 def thread_delete(*, tenant: Tenant, end_user: EndUser, thread_id: Any) -> None:
+    """Delete a thread of this end user with its runs and items, and close its open chats on
+    commit. NotFound for another's or another tenant's; Conflict while a reply is being written
+    (or waits to be)."""
     thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
     if (
         Run.objects.for_tenant(tenant)
         .filter(thread=thread, status__in=[RunStatus.PENDING, RunStatus.RUNNING])
         .exists()
     ):
-        raise Conflict("The thread has a run in progress: stop it first.")
+        raise Conflict(
+            "This conversation is still writing a reply. Open it and stop the reply, "
+            "then delete it."
+        )
     group = realtime.thread_group(thread.pk)
     thread.delete()
     transaction.on_commit(partial(realtime.close_connections, group, reason="thread deleted"))
@@ -413,6 +420,27 @@ def _apply_strategy(
 STOPPED_BY_ADMIN = "Stopped by an administrator."
 
 
+def duration_words(seconds: int) -> str:
+    """ "45 seconds", "2 minutes": how long someone waits, in the chat's words."""
+    if seconds < 60:
+        return f"{seconds} second{'s' if seconds != 1 else ''}"
+    minutes = -(-seconds // 60)
+    return f"{minutes} minute{'s' if minutes != 1 else ''}"
+
+
+def rate_limited_message(exc: RateLimited) -> str:
+    """A message refused by the end user's rate limit, in the chat's words (the API's says
+    "This end user may start … runs"): it was not sent, how many are allowed, when to resend."""
+    limit, window = exc.metadata.get("limit"), exc.metadata.get("window")
+    wait = int(exc.metadata.get("retry_after") or 1)
+    unit = "hour" if window == 3600 else "minute"
+    return (
+        f"Your message was not sent: you can send {limit} "
+        f"message{'' if limit == 1 else 's'} per {unit}. "
+        f"You can send it again in {duration_words(wait)}."
+    )
+
+
 def run_cancel(
     *, tenant: Tenant, run_id: Any, end_user: EndUser | None = None, by: Actor | None = None
 ) -> Run:
@@ -447,11 +475,13 @@ def run_cancel(
         else:
             reason, told = "Stopped.", "Stopped."
         run.status, run.error, run.finished_at = RunStatus.CANCELLED, reason, timezone.now()
+        run.end_user_error = "" if told == reason else told
         run.queued, run.lease_owner, run.lease_expires_at = False, "", None
         run.save(
             update_fields=[
                 "status",
                 "error",
+                "end_user_error",
                 "finished_at",
                 "queued",
                 "lease_owner",

@@ -10,14 +10,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
+from urllib.parse import urlencode
 
 from django.contrib import messages
-from django.http import Http404, HttpResponse
+from django.core.exceptions import BadRequest
+from django.http import Http404, HttpResponse, QueryDict
 from django.shortcuts import redirect, render
-from django.views.decorators.http import require_POST
+from django.urls import reverse
+from django.utils.cache import patch_vary_headers
+from django.views.decorators.http import require_http_methods, require_POST
+from django_htmx.http import reswap, retarget
 
 from ai_agents import selectors as agent_selectors
-from controlplane.errors import Conflict, DomainError, NotFound
+from controlplane.errors import Conflict, DomainError, NotFound, RateLimited, ValidationFailed
 from conversations import selectors, services
 from conversations.models import EndUser, RunSource, Thread
 from tenants.requests import TenantRequest
@@ -48,26 +53,67 @@ def _int_or_none(value: str | None) -> int | None:
         return None
 
 
-@chat_view
-def chat_home(request: TenantRequest, end_user: EndUser) -> HttpResponse:
-    q = request.GET.get("q", "")[:200]
+def _list_state(data: QueryDict) -> tuple[str, str]:
+    """The search and the page (`q`, `before`) of the conversation list, as a link or a form of
+    the list carries them: a rename or delete without the page's script comes back to them."""
+    return data.get("q", "")[:200], data.get("before", "")[:200]
+
+
+def _list_url(request: TenantRequest, *, q: str, before: str, anchor: str = "") -> str:
+    query = urlencode([(key, value) for key, value in (("q", q), ("before", before)) if value])
+    url = reverse("chat-home", kwargs={"tenant_slug": request.tenant.slug})
+    return url + (f"?{query}" if query else "") + (f"#{anchor}" if anchor else "")
+
+
+# What an htmx request for the chat home gets, by its target: the list (a search) or the rows of
+# an older page ("Show older conversations"), to append.
+_HOME_FRAGMENTS = {"thread-list": "#thread-list", "thread-rows": "#thread-page"}
+
+
+def _home(
+    request: TenantRequest,
+    end_user: EndUser,
+    *,
+    q: str,
+    before: str,
+    status: int = 200,
+    **extra: Any,
+) -> HttpResponse:
+    """The chat home at one page of its list (`extra`: what the list shows besides its rows)."""
+    try:
+        page = selectors.thread_list(tenant=request.tenant, end_user=end_user, q=q, before=before)
+    except ValidationFailed as exc:  # a hand-edited page link
+        raise BadRequest(exc.message)
     context = {
         "agents": agent_selectors.agent_list(tenant=request.tenant, published_only=True),
-        "threads": selectors.thread_list(tenant=request.tenant, end_user=end_user, q=q),
+        "page": page,
+        "threads": page.threads,
         "q": q,
+        "before": before,
+        **extra,
     }
-    if request.htmx and request.htmx.target == "thread-list":
-        return render(request, "conversations/home.html#thread-list", context)
-    return render(request, "conversations/home.html", context)
+    part = _HOME_FRAGMENTS.get(request.htmx.target or "", "") if request.htmx else ""
+    response = render(request, f"conversations/home.html{part}", context, status=status)
+    patch_vary_headers(response, ["HX-Request"])
+    return response
+
+
+@chat_view
+def chat_home(request: TenantRequest, end_user: EndUser) -> HttpResponse:
+    q, before = _list_state(request.GET)
+    return _home(request, end_user, q=q, before=before)
 
 
 @chat_view
 @require_POST
 def chat_start(request: TenantRequest, end_user: EndUser) -> HttpResponse:
+    """Open a conversation with a published agent: the end user's one with it that nothing was
+    said in yet if there is one (`thread_unstarted`, not listed), else a new one."""
+    agent_id = request.POST.get("agent_id")
     try:
-        thread = services.thread_create(
-            tenant=request.tenant, end_user=end_user, agent_id=request.POST.get("agent_id")
-        )
+        thread = selectors.thread_unstarted(
+            tenant=request.tenant, end_user=end_user, agent_id=agent_id
+        ) or services.thread_create(tenant=request.tenant, end_user=end_user, agent_id=agent_id)
     except Conflict as exc:
         messages.error(request, exc.message)
         return redirect("chat-home", tenant_slug=request.tenant.slug)
@@ -98,12 +144,15 @@ def _thread_page(
 
 
 @chat_view
-@require_POST
+@require_http_methods(["GET", "POST"])
 def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
     """The composer when the page's script did not run (blocked or not loaded yet): the message
     is sent as over the socket, and the page shows it waiting for its reply, which a reload
-    shows once written. A refused message stays in the box, with why."""
+    shows once written. A refused message stays in the box, with why. A GET (the address bar
+    after a refusal, reloaded) goes to the conversation."""
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
+    if request.method == "GET":
+        return redirect("chat-thread", tenant_slug=request.tenant.slug, thread_id=thread.pk)
     text = request.POST.get("text", "")
     try:
         services.run_create(
@@ -116,7 +165,8 @@ def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Http
     except NotFound:
         raise
     except DomainError as exc:  # busy with a reply, over a limit, no longer published, ...
-        response = _thread_page(request, thread, draft=text, error=exc.message, status=exc.status)
+        said = services.rate_limited_message(exc) if isinstance(exc, RateLimited) else exc.message
+        response = _thread_page(request, thread, draft=text, error=said, status=exc.status)
         if exc.metadata.get("retry_after"):
             response["Retry-After"] = str(exc.metadata["retry_after"])
         return response
@@ -150,37 +200,59 @@ def chat_items(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Htt
 @chat_view
 @require_POST
 def chat_rename(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
-    thread = services.thread_rename(
-        tenant=request.tenant,
-        end_user=end_user,
-        thread_id=thread_id,
-        title=request.POST.get("title", ""),
-    )
+    """Retitle a conversation of the list. htmx gets its row back, its title focused; a plain
+    form goes back to the list's search and page, at the row."""
+    q, before = _list_state(request.POST)
+    title = request.POST.get("title", "")
+    try:
+        thread = services.thread_rename(
+            tenant=request.tenant, end_user=end_user, thread_id=thread_id, title=title
+        )
+    except ValidationFailed as exc:
+        # The rename box stays open on what was typed, with why (htmx swaps only a 200).
+        thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
+        rename_error = {
+            "thread_id": thread.pk,
+            "message": exc.message,
+            "value": title.replace("\x00", ""),
+        }
+        if not request.htmx:
+            return _home(
+                request, end_user, q=q, before=before, rename_error=rename_error, status=422
+            )
+        context = {"thread": thread, "q": q, "before": before, "rename_error": rename_error}
+        return render(request, "conversations/home.html#thread-row", context)
     if request.htmx:
-        return render(request, "conversations/home.html#thread-row", {"thread": thread})
-    return redirect("chat-home", tenant_slug=request.tenant.slug)
+        context = {"thread": thread, "q": q, "before": before, "focus": True}
+        return render(request, "conversations/home.html#thread-row", context)
+    return redirect(_list_url(request, q=q, before=before, anchor=f"thread-{thread.pk}"))
 
 
 @chat_view
 @require_POST
 def chat_delete(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
+    """Delete a conversation of the list. htmx asked first (`hx-confirm`); a plain form is
+    answered with the list asking to confirm, and deletes on a post with `confirm`. A
+    conversation still writing a reply is kept, its row saying so with a link to it."""
+    q, before = _list_state(request.POST)
+    thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
+    if not request.htmx and not request.POST.get("confirm"):
+        return _home(request, end_user, q=q, before=before, confirm_delete=thread)
     try:
-        services.thread_delete(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
+        services.thread_delete(tenant=request.tenant, end_user=end_user, thread_id=thread.pk)
     except Conflict as exc:
-        if request.htmx:
-            return render(
-                request,
-                "conversations/home.html#thread-row",
-                {
-                    "thread": services.thread_get(
-                        tenant=request.tenant, end_user=end_user, thread_id=thread_id
-                    ),
-                    "row_error": exc.message,
-                },
-            )
-        messages.error(request, exc.message)
-        return redirect("chat-home", tenant_slug=request.tenant.slug)
-    if request.htmx:
-        return HttpResponse("")  # the row is swapped out
-    messages.success(request, "Conversation deleted.")
-    return redirect("chat-home", tenant_slug=request.tenant.slug)
+        row_error = {"thread_id": thread.pk, "message": exc.message}
+        if not request.htmx:  # the newest page, which a conversation replying now is on
+            return _home(request, end_user, q=q, before="", row_error=row_error, status=409)
+        context = {"thread": thread, "q": q, "before": before, "row_error": row_error}
+        return render(request, "conversations/home.html#thread-row", context)
+    title = thread.title or "Untitled conversation"
+    if not request.htmx:
+        messages.success(request, f"Deleted “{title}”.")
+        return redirect(_list_url(request, q=q, before=before))
+    # The row goes; the list's heading takes the focus and its status line says what happened.
+    # When nothing is left to list, the whole list is replaced by what it says when empty.
+    rest = selectors.thread_list(tenant=request.tenant, end_user=end_user, q=q, limit=1)
+    context = {"deleted": title, "q": q, "emptied": not rest.threads, "threads": []}
+    response = render(request, "conversations/home.html#thread-deleted", context)
+    return reswap(retarget(response, "#thread-list"), "outerHTML") if not rest.threads else response

@@ -20,6 +20,26 @@
     if (confirmBtn && !window.confirm(confirmBtn.getAttribute("data-confirm"))) event.preventDefault();
   });
 
+  // A <details data-disclosure> holding a small form (rename): opening it puts the focus in its
+  // first field; Escape closes it, forgets what was typed and gives the focus back to its summary.
+  document.addEventListener("toggle", function (event) {
+    var d = event.target;
+    if (!d.matches || !d.matches("details[data-disclosure]") || !d.open) return;
+    var field = d.querySelector("input:not([type=hidden]), textarea, select");
+    if (field) { field.focus(); if (field.select) field.select(); }
+  }, true);  // toggle does not bubble
+  document.addEventListener("keydown", function (event) {
+    if (event.key !== "Escape" || !event.target.closest) return;
+    var d = event.target.closest("details[data-disclosure][open]");
+    if (!d) return;
+    event.preventDefault();
+    d.open = false;
+    var form = d.querySelector("form");
+    if (form) form.reset();
+    var summary = d.querySelector("summary");
+    if (summary) summary.focus();
+  });
+
   // Close the tenant switcher when clicking elsewhere.
   document.addEventListener("click", function (event) {
     document.querySelectorAll("details.switcher[open]").forEach(function (d) {

@@ -133,14 +133,19 @@ def test_chat_home_shows_published_agents_and_only_my_threads(
     assert "Calc" in text and "Unpublished" not in text and "Globex bot" not in text
     assert "My trip to Lisbon" in text
     assert "Admin secret plans" not in text and "Globex" not in text.replace("Globex bot", "")
-    assert (
-        _url("chat-home", world_a)
-        in world_a.client_for(world_a.member).get(_url("tenant-overview", world_a)).content.decode()
-    ), "every member has the Chat link"
+    overview = (
+        world_a.client_for(world_a.member).get(_url("tenant-overview", world_a)).content.decode()
+    )
+    assert _url("chat-home", world_a) in overview, "every member has the Chat link"
+    # A member's landing page leads to the chat, not to a promise of agents that never appear.
+    assert f'href="{_url("chat-home", world_a)}">Chat with an agent</a>' in overview
 
 
 def test_screen_readers_hear_which_thread_a_button_acts_on_and_each_reply_once(world_a, chat):
-    _thread(world_a, world_a.member, chat.agent)
+    untitled = _thread(world_a, world_a.member, chat.agent)
+    Item.objects.create(  # listed once it holds a message
+        tenant=world_a.tenant, thread=untitled, data={"role": "user", "content": "hi"}
+    )
     client = world_a.client_for(world_a.member)
     home = client.get(_url("chat-home", world_a)).content.decode()
     assert 'aria-label="Rename “My trip to Lisbon”"' in home
@@ -196,7 +201,7 @@ def test_rename_and_delete_with_htmx(world_a, chat):
     response = client.post(
         _url("chat-delete", world_a, thread_id=chat.mine.pk), HTTP_HX_REQUEST="true"
     )
-    assert response.status_code == 200 and response.content == b""
+    assert response.status_code == 200 and "No conversations yet" in response.content.decode()
     assert not Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).exists()
 
 
@@ -207,7 +212,7 @@ def test_a_busy_thread_is_not_deleted(world_a, chat):
     response = world_a.client_for(world_a.member).post(
         _url("chat-delete", world_a, thread_id=chat.mine.pk), HTTP_HX_REQUEST="true"
     )
-    assert "stop it first" in response.content.decode()
+    assert "still writing a reply" in response.content.decode()
     assert Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).exists()
 
 
@@ -395,12 +400,32 @@ def test_a_message_sent_without_the_pages_script_is_sent_and_a_refused_one_kept(
     text = response.content.decode()
     assert "busy with another reply" in text and ">and 7 * 8?</textarea>" in text
     assert Run.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).count() == 1
+    # Reloading that page asks for its address: the conversation, not an error.
+    again = client.get(url)
+    assert again.status_code == 302 and again["Location"].endswith(f"/{chat.mine.pk}/")
 
     # Another member's or tenant's thread: 404, nothing written.
     for thread in (chat.theirs, chat.other_tenant):
         url = _url("chat-send", world_a, thread_id=thread.pk)
         assert client.post(url, {"text": "hi"}).status_code == 404
+        assert client.get(url).status_code == 404
         assert not Run.objects.for_tenant(thread.tenant).filter(thread=thread).exists()
+
+
+def test_a_message_over_the_rate_limit_without_the_script_is_refused_in_the_chats_words(
+    world_a, chat, kicked, settings
+):
+    settings.RATE_LIMIT_END_USER_RUNS_PER_MINUTE = 1
+    client = world_a.client_for(world_a.member)
+    url = _url("chat-send", world_a, thread_id=chat.mine.pk)
+    assert client.post(url, {"text": "first"}).status_code == 302
+    Run.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).update(status=RunStatus.SUCCESS)
+    Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).update(status="idle")
+    response = client.post(url, {"text": "second"})
+    assert response.status_code == 429 and int(response["Retry-After"]) > 0
+    text = response.content.decode()
+    assert "Your message was not sent: you can send 1 message per minute." in text
+    assert "This end user may start" not in text and ">second</textarea>" in text
 
 
 def test_a_message_that_got_no_reply_says_why_in_the_history_on_the_page_of_its_end(world_a, chat):
@@ -434,6 +459,31 @@ def test_a_message_that_got_no_reply_says_why_in_the_history_on_the_page_of_its_
         _url("chat-items", world_a, thread_id=chat.mine.pk), {"after": first_of_answered.pk - 1}
     ).content.decode()
     assert note in older and note not in newer
+
+
+def test_a_reply_cut_short_says_so_in_the_history(world_a, chat):
+    stopped = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
+    )
+    Run.objects.for_tenant(world_a.tenant).filter(pk=stopped.pk).update(
+        status=RunStatus.RUNNING, attempt=1
+    )
+    for data in ({"role": "user", "content": "go"}, {"role": "assistant", "content": "Once upon"}):
+        Item.objects.create(tenant=world_a.tenant, thread=chat.mine, run=stopped, data=data)
+    services.run_cancel(tenant=world_a.tenant, run_id=stopped.pk, end_user=chat.mine.end_user)
+    assert Run.objects.for_tenant(world_a.tenant).get(pk=stopped.pk).end_user_error == "Stopped."
+    page = world_a.client_for(world_a.member).get(
+        _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    )
+    text = page.content.decode()
+    note = '<div class="chat-run-stopped muted small" data-run-id="{}" role="note">Stopped.</div>'
+    assert text.count(note.format(stopped.pk)) == 1
+    assert text.index("Once upon") < text.index(note.format(stopped.pk))
+    # The run inspector's transcript says who stopped it.
+    transcript = world_a.client_for(world_a.admin).get(
+        reverse("thread-transcript", args=[world_a.tenant.slug, chat.mine.pk])
+    )
+    assert "Stopped by the end user." in transcript.content.decode()
 
 
 def test_load_earlier_pages_back_by_item_id(world_a, chat):

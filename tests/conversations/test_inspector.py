@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from ai_agents import services as agent_services
+from controlplane.errors import ValidationFailed
 from conversations import executor, inspector, services, streams
 from conversations.models import Item, Run, RunStatus, Thread
 from tenants.models import AuditEvent
@@ -513,7 +514,7 @@ def test_a_cursor_keeps_the_exact_microsecond():
     when, run_id = inspector.parse_cursor(inspector.cursor_for(run))
     assert (when, run_id) == (run.created_at, run.pk)
     for bad in ("", "12", "x_y", "99999999999999999999999_" + str(run.pk)):
-        with pytest.raises(inspector.ValidationFailed):
+        with pytest.raises(ValidationFailed):
             inspector.parse_cursor(bad)
 
 
