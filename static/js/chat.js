@@ -620,6 +620,26 @@
     asked.push({ kind: "cancel" });
   });
 
+  // "Load earlier messages": the older page goes above what is being read, which stays where it
+  // is on the screen; the keyboard moves to the button of the page before it, or, at the start
+  // of the conversation, to the first message.
+  log.addEventListener("click", function (e) {
+    var button = e.target.closest && e.target.closest("#chat-earlier button");
+    if (!button || !window.htmx) return; // without htmx the button does nothing anyway
+    e.preventDefault();
+    e.stopPropagation();
+    var fromBottom = log.scrollHeight - log.scrollTop;
+    htmx.ajax("GET", button.getAttribute("hx-get"), { target: "#chat-earlier", swap: "outerHTML" })
+      .then(function () {
+        log.scrollTop = log.scrollHeight - fromBottom;
+        var next = document.querySelector("#chat-earlier button");
+        var first = log.firstElementChild;
+        if (!next && first) first.setAttribute("tabindex", "-1");
+        var target = next || first;
+        if (target) target.focus({ preventScroll: true });
+      });
+  }, true);
+
   run = load();
   var active = root.getAttribute("data-active-run");
   if (run && active && run.id === active) redraw();

@@ -800,3 +800,35 @@ def test_a_reply_that_fails_after_its_question_was_shown_says_why_in_the_history
         expect(page.locator(".chat-run-error")).to_have_text([f"No reply: {reason}"])
 
     run_in_browser(flow)
+
+
+def test_loading_earlier_messages_keeps_the_reader_in_place_and_the_keyboard_on_the_list(
+    asgi_site, run_in_browser
+):
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, data={"role": "user", "content": f"Line {i:03}"})
+        for i in range(120)
+    )
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        log = page.locator("#chat-log")
+        expect(page.locator(".msg-user").first).to_have_text("Line 070")
+        log.evaluate("n => { n.scrollTop = 0; }")
+        top = page.locator(".msg-user", has_text="Line 070")
+        before = top.bounding_box()["y"]
+        page.get_by_role("button", name="Load earlier messages").click()
+        expect(page.locator(".msg-user").first).to_have_text("Line 020")
+        # What was read stays where it was; the keyboard is on the next "Load earlier".
+        assert abs(top.bounding_box()["y"] - before) < 5
+        expect(page.get_by_role("button", name="Load earlier messages")).to_be_focused()
+        page.keyboard.press("Enter")
+        expect(page.locator(".msg-user").first).to_have_text("Line 000")
+        expect(page.locator("#chat-log > :first-child")).to_be_focused()
+        expect(page.get_by_role("button", name="Load earlier messages")).to_have_count(0)
+
+    run_in_browser(flow)
