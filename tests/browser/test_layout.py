@@ -487,3 +487,22 @@ def test_a_long_conversation_fills_a_laptop_screen(run_in_browser):
         assert not _page_scrolls(page), "the page scrolls while a reply runs"
 
     run_in_browser(flow)
+
+
+def test_the_first_tab_offers_to_skip_the_navigation(run_in_browser):
+    world = make_world("Acme")
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.owner.email)
+        page.goto("/t/acme/runs/")
+        page.keyboard.press("Tab")
+        skip = page.get_by_role("link", name="Skip to content")
+        expect(skip).to_be_focused()
+        assert skip.bounding_box()["y"] >= 0  # seen when focused
+        page.keyboard.press("Enter")
+        page.keyboard.press("Tab")
+        # The next stop is in the page, not the first link of the navigation.
+        assert page.evaluate("() => !!document.activeElement.closest('#main')")
+
+    run_in_browser(flow)
