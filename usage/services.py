@@ -302,7 +302,7 @@ def budget_check(*, tenant: Tenant) -> None:
         resets = state.resets_on
         raise BudgetExhausted(
             f"This tenant has used its monthly budget ({state.summary}); it resets on "
-            f"{resets.day} {resets:%B}. An owner can raise it in Settings → Budget.",
+            f"{resets.day} {resets:%B}. An owner can raise it in Settings → Monthly budget.",
             resets_on=resets.isoformat(),
         )
 

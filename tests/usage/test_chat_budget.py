@@ -40,7 +40,7 @@ async def test_the_chat_refuses_a_message_once_the_budget_is_used_up():
         assert answer["message"].startswith(
             "This tenant has used its monthly budget (10 tokens of 10); it resets on 1 "
         )
-        assert answer["message"].endswith("An owner can raise it in Settings → Budget.")
+        assert answer["message"].endswith("An owner can raise it in Settings → Monthly budget.")
         assert await Run.objects.for_tenant(w.a.tenant).filter(thread=w.mine).acount() == 0
     finally:
         await socket.disconnect()

@@ -280,13 +280,18 @@ def test_budget_warns_once_then_stops_new_runs_with_a_clear_message(setup, world
     assert refused.value.status == 402
     assert refused.value.message == (
         "This tenant has used its monthly budget (1,020 tokens of 1,000); it resets on "
-        f"{resets.day} {resets:%B}. An owner can raise it in Settings → Budget."
+        f"{resets.day} {resets:%B}. An owner can raise it in Settings → Monthly budget."
     )
     assert Run.objects.for_tenant(world.tenant).filter(thread=thread).count() == 0
 
     # The playground and the draft-run API are refused the same way; another tenant is not.
     response = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/")
     assert b"budget is used up" in response.content
+    # A member hears of it before typing a message that would be refused, with no admin links.
+    chat_home = world.client_for(world.member).get(f"/t/{world.tenant.slug}/chat/")
+    text = chat_home.content.decode()
+    assert f"{world.tenant.name} has used its monthly budget" in text
+    assert "new messages are refused until" in text and "/settings/budget/" not in text
     key = world.admin_key_raw
     from django.test import Client
 

@@ -1,4 +1,5 @@
-"""`{% budget_banner %}`: the dashboard's budget warning for owners and admins."""
+"""`{% budget_banner %}`: the dashboard's budget warning for owners and admins; members see it
+once the budget is used up, before they type a message that would be refused."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ register = template.Library()
 def budget_banner(context: dict[str, Any]) -> dict[str, Any]:
     tenant = context.get("current_tenant")
     membership = context.get("current_membership")
-    if tenant is None or membership is None or not membership.can_manage:
+    if tenant is None or membership is None:
         return {}
     state = selectors.budget_state(tenant=tenant)  # one query
     if state is None or not (state.warning or state.exhausted):
         return {}
-    return {"state": state, "tenant": tenant}
+    if not membership.can_manage and not state.exhausted:
+        return {}  # a member hears of the budget only when it stops their messages
+    return {"state": state, "tenant": tenant, "manager": membership.can_manage}
 
 
 @register.filter
