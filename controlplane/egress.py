@@ -955,9 +955,12 @@ class AiohttpEgressTransport(httpx2.AsyncBaseTransport):
                 response = await self._session_now().request(
                     request.method,
                     str(request.url),
+                    # aiohttp frames the body (bytes: Content-Length) itself; a streamed body
+                    # read whole must not go out announced as chunked.
                     headers=[
                         (name.decode("latin-1"), value.decode("latin-1"))
                         for name, value in request.headers.raw
+                        if name.lower() not in (b"transfer-encoding", b"content-length")
                     ],
                     data=body or None,
                     allow_redirects=False,

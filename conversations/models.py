@@ -153,7 +153,7 @@ class Run(TenantOwned):
     # Why it did not succeed, for whoever runs the agent (the run inspector); what its end user
     # is told instead when that reason is theirs to act on (a refused key); empty: `error`.
     error = models.TextField(blank=True)
-    end_user_error = models.TextField(blank=True)
+    end_user_error = models.TextField(blank=True, default="", db_default="")
     trace = models.JSONField(default=list, blank=True)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)

@@ -512,8 +512,13 @@ def _with_failures(
         if last.get(entry.run_id) == i:
             status, error, told, _last_item = ended[entry.run_id]
             stopped = status in STOPPED_STATUSES
-            title = told or error or ("Stopped." if stopped else "The agent could not answer.")
-            detail = error if told and error != told else ""
+            if status == RunStatus.INTERRUPTED:
+                title = told or "Interrupted by a newer message."
+            elif stopped:  # its reason may name who stopped it: for owners and admins only
+                title = told or "Stopped."
+            else:
+                title = told or error or "The agent could not answer."
+            detail = error if error and error != title else ""
             kind = "run_stopped" if stopped else "run_error"
             shown.append(Entry(id=0, kind=kind, title=title, detail=detail, run_id=entry.run_id))
     return shown

@@ -56,7 +56,8 @@ def _int_or_none(value: str | None) -> int | None:
 def _list_state(data: QueryDict) -> tuple[str, str]:
     """The search and the page (`q`, `before`) of the conversation list, as a link or a form of
     the list carries them: a rename or delete without the page's script comes back to them."""
-    return data.get("q", "")[:200], data.get("before", "")[:200]
+    # A NUL cannot be searched for (PostgreSQL refuses it in a pattern): it is dropped.
+    return data.get("q", "").replace("\x00", "")[:200], data.get("before", "")[:200]
 
 
 def _list_url(request: TenantRequest, *, q: str, before: str, anchor: str = "") -> str:

@@ -40,6 +40,7 @@ class RunHost:
     def __init__(self) -> None:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._loop = new_run_loop()
+        agent_models.share_clients(self._loop)  # one client per provider for all its runs
         self._held: dict[executor.Claim, asyncio.Task[Any]] = {}
         # Every attempt submitted and not yet ended, from the moment it is submitted.
         self._submitted: dict[executor.Claim, Future[str]] = {}

@@ -702,6 +702,21 @@ async def test_the_model_client_on_aiohttp_enforces_the_same_rules(
     await _enforces_the_rules(client, server, dns, settings, guard)
 
 
+async def test_the_model_client_sends_a_streamed_body_with_its_length(
+    allow_loopback, server: _Server
+):
+    async def pieces():
+        yield b'{"a": '
+        yield b"1}"
+
+    async with egress.guarded_openai_http_client(timeout=5) as client:
+        response = await client.post(server.url("/echo"), content=pieces())
+    seen = response.json()
+    assert json.loads(seen["body"]) == {"a": 1}
+    assert seen["headers"]["Content-Length"] == "8"
+    assert "Transfer-Encoding" not in seen["headers"]
+
+
 async def test_the_model_clients_failures_read_as_httpx2s(allow_loopback, server: _Server):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

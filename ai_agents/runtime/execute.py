@@ -184,8 +184,32 @@ async def run_version(
     `session` (an Agents SDK Session, e.g. a thread's) supplies the history and receives the new
     items; `on_event` receives every SDK stream event as it happens. `built`: the agent built
     already (`build` with `context.trace`, under `models.run_loop` set to this loop)."""
+    async with models.run_scope():  # provider clients of a loop that does not share them
+        return await _run_version(
+            tenant=tenant,
+            version=version,
+            input=input,
+            depth=depth,
+            context=context,
+            on_event=on_event,
+            session=session,
+            built=built,
+        )
+
+
+async def _run_version(
+    *,
+    tenant: Tenant,
+    version: AgentVersion,
+    input: str | list[Any],
+    depth: int,
+    context: RunContext | None,
+    on_event: EventSink | None,
+    session: Any,
+    built: BuiltAgent | None,
+) -> RunOutcome:
     ctx = context or await sync_to_async(context_for)(tenant=tenant, version=version, depth=depth)
-    models.run_loop.set(asyncio.get_running_loop())  # the run's models share this loop's clients
+    models.run_loop.set(asyncio.get_running_loop())  # a run host's runs share its clients
     try:
         if built is None:
             built = await sync_to_async(build)(
@@ -312,11 +336,14 @@ async def run_published_agent(
         "agent_call",
         agent=agent_slug,
         status=outcome.status,
+        message=outcome.message,  # the reason, for the run inspector
         usage=outcome.usage,
         model_calls=model_calls(outcome.trace),  # its tokens count towards this run
     )
     if outcome.status != "success":
-        raise AgentUnavailable(f"{agent_slug} could not answer: {outcome.message}")
+        # The tool's result is shown in the chat and may be repeated by the model: what the end
+        # user may read, not a setup problem's details.
+        raise AgentUnavailable(f"{agent_slug} could not answer: {outcome.for_end_user}")
     return outcome.text
 
 

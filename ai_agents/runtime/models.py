@@ -4,9 +4,11 @@ endpoint reached through the egress-guarded HTTP client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import threading
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 from agents import Model, OpenAIChatCompletionsModel, OpenAIResponsesModel
@@ -75,22 +77,57 @@ def _new_client(provider: ModelProvider) -> AsyncOpenAI:
     )
 
 
+# The loops whose runs share their clients (`share_clients`): a worker's run host, which lives
+# as long as its process. An edited provider's old client may still be in use by runs: it is
+# kept (its idle connections close on their own) and closed with the loop's (`close_clients`).
+_SHARED: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+_RETIRED: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[AsyncOpenAI]] = (
+    weakref.WeakKeyDictionary()
+)
+# Elsewhere (the playground, a test connection, a run of a management command) a run keeps its
+# clients to itself and closes them when it ends (`run_scope`): its loop may end with it
+# (async_to_sync makes one per call where there is none).
+_SCOPE: contextvars.ContextVar[dict[Any, AsyncOpenAI] | None] = contextvars.ContextVar(
+    "provider_clients", default=None
+)
+
+
+def share_clients(loop: asyncio.AbstractEventLoop) -> None:
+    """Let the runs of `loop` share one client per provider (`run_loop`), until the loop's
+    `close_clients`."""
+    _SHARED.add(loop)
+
+
 async def close_clients() -> None:
     """Close the provider clients of the running loop, and their kept connections (a worker
     shutting down)."""
     loop = asyncio.get_running_loop()
     with _CLIENTS_LOCK:
-        clients = list(_CLIENTS.pop(loop, {}).values())
+        clients = [*_CLIENTS.pop(loop, {}).values(), *_RETIRED.pop(loop, [])]
     for client in clients:
         await client.close()
 
 
+@contextlib.asynccontextmanager
+async def run_scope() -> AsyncIterator[None]:
+    """The provider clients a run makes on a loop that does not share them are the run's, and
+    are closed when it ends."""
+    if asyncio.get_running_loop() in _SHARED:
+        yield
+        return
+    token = _SCOPE.set({})
+    try:
+        yield
+    finally:
+        clients = list((_SCOPE.get() or {}).values())
+        _SCOPE.reset(token)
+        for client in clients:
+            await client.close()
+
+
 def openai_client(provider: ModelProvider) -> AsyncOpenAI:
-    """The provider's client: shared by the runs of one event loop (see `run_loop`) until the
-    provider changes, a new one otherwise."""
-    loop = run_loop.get()
-    if loop is None or loop.is_closed():
-        return _new_client(provider)
+    """The provider's client: shared by the runs of a run host's loop (see `run_loop`,
+    `share_clients`) until the provider changes; else the run's own (`run_scope`); else new."""
     version = (
         provider.pk,
         provider.updated_at,
@@ -98,15 +135,23 @@ def openai_client(provider: ModelProvider) -> AsyncOpenAI:
         provider.api_key_encrypted,
         provider.timeout_seconds,
     )
-    with _CLIENTS_LOCK:
-        clients = _CLIENTS.setdefault(loop, {})
-        client = clients.get(version)
-        if client is None:
-            # An edited provider's old client is dropped (runs still using it keep it alive).
-            for stale in [v for v in clients if v[0] == provider.pk]:
-                del clients[stale]
-            client = clients[version] = _new_client(provider)
-        return client
+    loop = run_loop.get()
+    if loop is not None and not loop.is_closed() and loop in _SHARED:
+        with _CLIENTS_LOCK:
+            clients = _CLIENTS.setdefault(loop, {})
+            client = clients.get(version)
+            if client is None:
+                for stale in [v for v in clients if v[0] == provider.pk]:
+                    _RETIRED.setdefault(loop, []).append(clients.pop(stale))
+                client = clients[version] = _new_client(provider)
+            return client
+    scope = _SCOPE.get()
+    if scope is None:
+        return _new_client(provider)
+    client = scope.get(version)
+    if client is None:
+        client = scope[version] = _new_client(provider)
+    return client
 
 
 def provider_model(provider: ModelProvider, *, model_name: str) -> Model:

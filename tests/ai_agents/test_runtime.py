@@ -7,6 +7,7 @@ import httpx
 import openai
 import pytest
 from asgiref.sync import async_to_sync
+from django.utils import timezone
 
 from ai_agents import selectors, services
 from ai_agents.runtime import execute
@@ -419,8 +420,9 @@ def test_an_address_the_egress_policy_blocks_is_a_setup_problem_for_the_end_user
     assert outcome.for_end_user == execute.SETUP_PROBLEM
 
 
-async def test_a_loops_provider_clients_and_their_connections_close_on_shutdown(fake_llm):
+async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fake_llm):
     import asyncio
+    from datetime import timedelta
 
     from ai_agents.models import ModelProvider
     from ai_agents.runtime import models
@@ -431,17 +433,71 @@ async def test_a_loops_provider_clients_and_their_connections_close_on_shutdown(
         base_url=fake_llm.base_url,
         api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
         timeout_seconds=5,
+        updated_at=timezone.now(),
     )
-    token = models.run_loop.set(asyncio.get_running_loop())
+    loop = asyncio.get_running_loop()
+    models.share_clients(loop)
+    token = models.run_loop.set(loop)
     try:
         client = models.openai_client(provider)
         assert models.openai_client(provider) is client  # shared by the loop's runs
         await client.chat.completions.create(
             model="fake-model", messages=[{"role": "user", "content": "hi"}]
         )
+        provider.updated_at += timedelta(seconds=1)  # edited: a new client, the old one kept
+        edited = models.openai_client(provider)
+        assert edited is not client and not client.is_closed()
         await models.close_clients()  # what a worker's shutdown does (RunHost.drain)
-        assert client.is_closed()
-        assert models.openai_client(provider) is not client
+        assert client.is_closed() and edited.is_closed()
+        assert models.openai_client(provider) is not edited
         await models.close_clients()
     finally:
         models.run_loop.reset(token)
+        models._SHARED.discard(loop)
+
+
+async def test_a_run_elsewhere_closes_the_clients_it_made(fake_llm):
+    from ai_agents.models import ModelProvider
+    from ai_agents.runtime import models
+    from controlplane import crypto
+
+    provider = ModelProvider(
+        pk=1,
+        base_url=fake_llm.base_url,
+        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
+        timeout_seconds=5,
+        updated_at=timezone.now(),
+    )
+    async with models.run_scope():  # what run_version does on a loop that does not share
+        client = models.openai_client(provider)
+        assert models.openai_client(provider) is client  # one per provider for the run
+        await client.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+    assert client.is_closed()
+
+
+def test_another_agents_setup_problem_reaches_the_calling_run_in_the_end_users_words(
+    world_a, fake_llm
+):
+    from ai_agents.runtime.context import RunContext
+    from ai_agents.runtime.trace import Trace
+
+    wrong = services.provider_create(
+        tenant=world_a.tenant, actor=world_a.actor(), name="Wrong key",
+        base_url=fake_llm.base_url, default_model="fake-model", api_key="sk-wrong-key-123456",
+    )  # fmt: skip
+    _make(world_a, "Researcher", provider_id=str(wrong.pk))
+    caller = _make(world_a, "Caller")
+    parent = RunContext(
+        tenant_id=world_a.tenant.pk, agent_id=caller.pk, agent_slug=caller.slug,
+        version_id=caller.published_version.pk, trace=Trace(),
+    )  # fmt: skip
+    with pytest.raises(execute.AgentUnavailable) as failed:
+        async_to_sync(execute.run_published_agent)(
+            tenant_id=world_a.tenant.pk, agent_slug="researcher", input="hi", parent=parent
+        )
+    # The tool's result is shown in the chat: no key advice, the reason stays in the trace.
+    assert str(failed.value) == f"researcher could not answer: {execute.SETUP_PROBLEM}"
+    call = next(s for s in parent.trace.spans if s["kind"] == "agent_call")
+    assert "refused the API key" in call["message"]

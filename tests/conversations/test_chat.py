@@ -486,6 +486,25 @@ def test_a_reply_cut_short_says_so_in_the_history(world_a, chat):
     assert "Stopped by the end user." in transcript.content.decode()
 
 
+def test_who_stopped_a_reply_is_for_owners_and_admins_even_on_runs_stopped_before(world_a, chat):
+    stopped = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
+    )
+    Item.objects.create(
+        tenant=world_a.tenant, thread=chat.mine, run=stopped, data={"role": "user", "content": "go"}
+    )
+    reason = "Stopped by boss@acme.test from the run inspector."
+    Run.objects.for_tenant(world_a.tenant).filter(pk=stopped.pk).update(
+        status=RunStatus.CANCELLED,
+        error=reason,
+        end_user_error="",  # as stored before 0004
+    )
+    Thread.objects.for_tenant(world_a.tenant).filter(pk=chat.mine.pk).update(status="idle")
+    url = _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    member = world_a.client_for(world_a.member).get(url).content.decode()
+    assert "boss@acme.test" not in member and 'role="note">Stopped.</div>' in member
+
+
 def test_load_earlier_pages_back_by_item_id(world_a, chat):
     Item.objects.bulk_create(
         Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:02}"})

@@ -334,3 +334,15 @@ def test_a_title_that_cannot_be_stored_keeps_the_rename_box_open_with_why(world_
     assert page.content.decode().count("data-disclosure open") == 1  # that row's box only
     thread.refresh_from_db()
     assert thread.title == "Trip 00"
+
+
+def test_a_nul_in_the_search_is_dropped_not_an_error(world_a, home):
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-home", world_a), {"q": "Trip 0\x001"})
+    assert page.status_code == 200 and "Trip 01" in page.content.decode()
+    gone = home.mine[3]
+    response = client.post(
+        _url("chat-delete", world_a, thread_id=gone.pk), {"q": "a\x00"}, HTTP_HX_REQUEST="true"
+    )
+    assert response.status_code == 200
+    assert not Thread.objects.for_tenant(world_a.tenant).filter(pk=gone.pk).exists()
