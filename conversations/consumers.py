@@ -119,13 +119,14 @@ def _still_open(consumer: ChatConsumer) -> Any:
     thread is gone. Removal closes open sockets through the channel layer, which delivers at
     most once (a Redis hiccup at commit, or a socket older than the layer's group expiry, and
     the message is lost): what the client asks for looks again, in the same unit of work."""
-    still_open, active = selectors.chat_still_open(
+    still_open, active, role = selectors.chat_still_open(
         tenant=consumer.tenant,
         membership=consumer.membership,
         end_user=consumer.end_user,
         thread=consumer.thread,
     )
     if still_open:
+        consumer.membership.role = role  # what the socket passes on follows it (`detail`)
         return active
     member = Membership.objects.for_tenant(consumer.tenant).filter(pk=consumer.membership.pk)
     raise _Gone("thread deleted" if member.exists() else "membership removed")
@@ -178,9 +179,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_add(group, self.channel_name)
         # A removal (or thread deletion) that committed before we joined reached nobody: look
         # again now that any later revoke will reach us (one query, with the active run).
-        still_open, active = await _db(selectors.chat_still_open)(
+        still_open, active, role = await _db(selectors.chat_still_open)(
             tenant=self.tenant, membership=membership, end_user=end_user, thread=thread
         )
+        membership.role = role or membership.role  # a change that committed before we joined
         if not still_open:
             await self._leave()
             await self.close(code=CLOSE_NOT_FOUND)

@@ -127,10 +127,11 @@ def run_active(*, tenant: Tenant, thread: Thread) -> Run | None:
 
 def chat_still_open(
     *, tenant: Tenant, membership: Membership, end_user: EndUser, thread: Thread
-) -> tuple[bool, Any]:
-    """In one query: whether the membership and the end user's thread both still exist, and the
-    id of the thread's active run (as `run_active`) if so. A chat socket asks this once it has
-    joined its groups, to catch a removal that committed before it could hear of it."""
+) -> tuple[bool, Any, str]:
+    """In one query: whether the membership and the end user's thread both still exist, and if
+    so the id of the thread's active run (as `run_active`) and the member's role now. A chat
+    socket asks this once it has joined its groups, to catch a removal (or a role change) that
+    committed before it could hear of it, and again with each message of its client."""
     # Plain SQL: once per chat socket, and the ORM spent more compiling it than PostgreSQL
     # spends answering it.
     # tenant-scope: every table is filtered on the tenant
@@ -149,7 +150,7 @@ def chat_still_open(
             ],
         )
         row = cursor.fetchone()
-    return (True, row[0]) if row is not None else (False, None)
+    return (True, row[0], row[1]) if row is not None else (False, None, "")
 
 
 _CHAT_STILL_OPEN = f"""
@@ -159,13 +160,10 @@ _CHAT_STILL_OPEN = f"""
           AND NOT run.queued
         ORDER BY run.created_at DESC
         LIMIT 1
-    )
-    FROM {Thread._meta.db_table} thread
+    ), membership.role
+    FROM {Thread._meta.db_table} thread, {Membership._meta.db_table} membership
     WHERE thread.id = %s AND thread.tenant_id = %s AND thread.end_user_id = %s
-      AND EXISTS (
-        SELECT 1 FROM {Membership._meta.db_table} membership
-        WHERE membership.id = %s AND membership.tenant_id = %s AND membership.user_id = %s
-      )
+      AND membership.id = %s AND membership.tenant_id = %s AND membership.user_id = %s
 """  # noqa: S608 (table names from the models; the values are parameters)
 
 

@@ -1153,7 +1153,7 @@ async def _failed_run(socket, text="hello"):
 
 @pytestmark_ws
 async def test_a_refused_key_is_told_to_members_as_a_setup_problem_and_to_admins_as_it_is(
-    settings, _close_async_clients
+    settings, monkeypatch, _close_async_clients
 ):
     w, fake = await database_sync_to_async(_refused_key_setup)(settings)
     admin_thread = await database_sync_to_async(_thread)(w.a, w.a.admin, w.agent)
@@ -1197,6 +1197,20 @@ async def test_a_refused_key_is_told_to_members_as_a_setup_problem_and_to_admins
         await database_sync_to_async(promote)()
         promoted = await _failed_run(member, "again")
         assert promoted["detail"] == refused
+
+        # A demotion whose message the channel layer lost: the socket reads the role again
+        # with its client's next message.
+        monkeypatch.setattr(realtime, "role_changed", lambda *args, **kwargs: None)
+
+        def demote():
+            tenant_services.membership_change_role(
+                tenant=w.a.tenant, actor=w.a.actor(), membership_id=w.a.admin_membership.pk,
+                role="member",
+            )  # fmt: skip
+
+        await database_sync_to_async(demote)()
+        demoted = await _failed_run(admin, "once more")
+        assert "detail" not in demoted and demoted["message"].startswith(setup)
     finally:
         await member.disconnect()
         await admin.disconnect()
