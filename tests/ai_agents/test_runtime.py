@@ -322,6 +322,20 @@ def test_without_a_provider_the_builtin_offline_model_answers(world_a):
     assert "391" in outcome.output
 
 
+def _unsaved_provider(fake_llm):
+    """A provider of the fake LLM, as the runtime reads one (not saved: no tenant needed)."""
+    from ai_agents.models import ModelProvider
+    from controlplane import crypto
+
+    return ModelProvider(
+        pk=1,
+        base_url=fake_llm.base_url,
+        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
+        timeout_seconds=5,
+        updated_at=timezone.now(),
+    )
+
+
 async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_run(
     fake_llm, monkeypatch
 ):
@@ -330,9 +344,7 @@ async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_ru
     import asyncio
     import socket
 
-    from ai_agents.models import ModelProvider
     from ai_agents.runtime import models
-    from controlplane import crypto
 
     opened = []
     connect = socket.socket.connect
@@ -342,11 +354,7 @@ async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_ru
         return connect(sock, address)
 
     monkeypatch.setattr(socket.socket, "connect", counted)
-    provider = ModelProvider(
-        base_url=fake_llm.base_url,
-        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
-        timeout_seconds=5,
-    )
+    provider = _unsaved_provider(fake_llm)
     client = models._new_client(provider)
     fake_llm.state.token_delay_ms = 20  # the streams overlap
 
@@ -424,17 +432,9 @@ async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fak
     import asyncio
     from datetime import timedelta
 
-    from ai_agents.models import ModelProvider
     from ai_agents.runtime import models
-    from controlplane import crypto
 
-    provider = ModelProvider(
-        pk=1,
-        base_url=fake_llm.base_url,
-        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
-        timeout_seconds=5,
-        updated_at=timezone.now(),
-    )
+    provider = _unsaved_provider(fake_llm)
     loop = asyncio.get_running_loop()
     models.share_clients(loop)
     token = models.run_loop.set(loop)
@@ -457,17 +457,9 @@ async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fak
 
 
 async def test_a_run_elsewhere_closes_the_clients_it_made(fake_llm):
-    from ai_agents.models import ModelProvider
     from ai_agents.runtime import models
-    from controlplane import crypto
 
-    provider = ModelProvider(
-        pk=1,
-        base_url=fake_llm.base_url,
-        api_key_encrypted=crypto.encrypt("sk-fake-provider-key"),
-        timeout_seconds=5,
-        updated_at=timezone.now(),
-    )
+    provider = _unsaved_provider(fake_llm)
     async with models.run_scope():  # what run_version does on a loop that does not share
         client = models.openai_client(provider)
         assert models.openai_client(provider) is client  # one per provider for the run

@@ -391,19 +391,25 @@ def _composer_fits(page: Page) -> None:
         assert _box(strategy)["bottom"] <= _box(field)["top"], (_box(strategy), _box(field))
 
 
+def _open_long_conversation(new_context, world, thread, viewport, shot: str):
+    """The owner's page of `thread` at `viewport`, its newest answer drawn; and its list."""
+    page = new_context().new_page()
+    page.set_viewport_size(viewport)
+    log_in(page, world.owner.email)
+    expect(page).to_have_url(re.compile(r"/t/acme/$"))
+    page.goto(f"/t/acme/chat/{thread.pk}/")
+    log = page.locator("#chat-log")
+    expect(log.locator(".msg-assistant").last).to_contain_text("Answer 29")
+    _shot(page, shot)
+    return page, log
+
+
 def test_a_long_conversation_on_a_phone_keeps_the_composer_and_status_on_screen(run_in_browser):
     world = make_world("Acme")
     thread = _long_conversation(world)
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        page.set_viewport_size(PHONE)
-        log_in(page, world.owner.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        page.goto(f"/t/acme/chat/{thread.pk}/")
-        log = page.locator("#chat-log")
-        expect(log.locator(".msg-assistant").last).to_contain_text("Answer 29")
-        _shot(page, "chat-long-390")
+        page, log = _open_long_conversation(new_context, world, thread, PHONE, "chat-long-390")
 
         # One scrolling area, the message list: the page itself fits the window.
         assert not _page_scrolls(page), "the conversation page scrolls"
@@ -460,14 +466,7 @@ def test_a_long_conversation_fills_a_laptop_screen(run_in_browser):
     thread = _long_conversation(world)
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        page.set_viewport_size(LAPTOP)
-        log_in(page, world.owner.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        page.goto(f"/t/acme/chat/{thread.pk}/")
-        log = page.locator("#chat-log")
-        expect(log.locator(".msg-assistant").last).to_contain_text("Answer 29")
-        _shot(page, "chat-long-1280")
+        page, _log = _open_long_conversation(new_context, world, thread, LAPTOP, "chat-long-1280")
 
         assert not _page_scrolls(page), "the conversation page scrolls"
         # The list takes the height the window has: the composer sits at its bottom.

@@ -1143,6 +1143,13 @@ def _refused_key_setup(settings):
     return w, fake
 
 
+@database_sync_to_async
+def _set_role(world, membership, role):
+    tenant_services.membership_change_role(
+        tenant=world.tenant, actor=world.actor(), membership_id=membership.pk, role=role
+    )
+
+
 async def _failed_run(socket, text="hello"):
     await socket.send_json_to({"type": "send", "text": text})
     created = await socket.receive_json_from(timeout=WAIT)
@@ -1188,13 +1195,7 @@ async def test_a_refused_key_is_told_to_members_as_a_setup_problem_and_to_admins
         assert refused in inspected and f"The end user was told: {setup}" in inspected
 
         # Made an admin while the chat is open: the next failure says what to fix.
-        def promote():
-            tenant_services.membership_change_role(
-                tenant=w.a.tenant, actor=w.a.actor(), membership_id=w.a.member_membership.pk,
-                role="admin",
-            )  # fmt: skip
-
-        await database_sync_to_async(promote)()
+        await _set_role(w.a, w.a.member_membership, "admin")
         promoted = await _failed_run(member, "again")
         assert promoted["detail"] == refused
 
@@ -1202,13 +1203,7 @@ async def test_a_refused_key_is_told_to_members_as_a_setup_problem_and_to_admins
         # with its client's next message.
         monkeypatch.setattr(realtime, "role_changed", lambda *args, **kwargs: None)
 
-        def demote():
-            tenant_services.membership_change_role(
-                tenant=w.a.tenant, actor=w.a.actor(), membership_id=w.a.admin_membership.pk,
-                role="member",
-            )  # fmt: skip
-
-        await database_sync_to_async(demote)()
+        await _set_role(w.a, w.a.admin_membership, "member")
         demoted = await _failed_run(admin, "once more")
         assert "detail" not in demoted and demoted["message"].startswith(setup)
     finally:
