@@ -23,7 +23,7 @@ from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, RunStatus,
 from tenants.models import Membership, Tenant
 
 PAGE_SIZE = 50
-# Runs that ended without their reply; the history says why (`_with_failures`).
+# Runs that ended without their reply; the history says why (`_with_endings`).
 FAILED_STATUSES = (RunStatus.ERROR, RunStatus.TIMEOUT)
 # Runs whose reply was cut short (what was said stays): the history says so.
 STOPPED_STATUSES = (RunStatus.CANCELLED, RunStatus.INTERRUPTED)
@@ -477,10 +477,10 @@ def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
     entries = _entries(rows, _later_results(tenant, thread, rows))
     earlier = _earlier_counts(tenant, thread, rows)
     _speakers(entries, earlier, thread.agent.name)
-    return _with_failures(tenant, thread, _numbered(entries, earlier), rows)
+    return _with_endings(tenant, thread, _numbered(entries, earlier), rows)
 
 
-def _with_failures(
+def _with_endings(
     tenant: Tenant, thread: Thread, entries: list[Entry], rows: list[Item]
 ) -> list[Entry]:
     """After the last item of each run that failed, why (`kind="run_error"`): in `title` as its

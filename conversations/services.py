@@ -420,7 +420,7 @@ def _apply_strategy(
 STOPPED_BY_ADMIN = "Stopped by an administrator."
 
 
-def duration_words(seconds: int) -> str:
+def _duration_words(seconds: int) -> str:
     """ "45 seconds", "2 minutes": how long someone waits, in the chat's words."""
     if seconds < 60:
         return f"{seconds} second{'s' if seconds != 1 else ''}"
@@ -437,7 +437,7 @@ def rate_limited_message(exc: RateLimited) -> str:
     return (
         f"Your message was not sent: you can send {limit} "
         f"message{'' if limit == 1 else 's'} per {unit}. "
-        f"You can send it again in {duration_words(wait)}."
+        f"You can send it again in {_duration_words(wait)}."
     )
 
 

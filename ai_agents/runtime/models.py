@@ -139,19 +139,18 @@ def openai_client(provider: ModelProvider) -> AsyncOpenAI:
     if loop is not None and not loop.is_closed() and loop in _SHARED:
         with _CLIENTS_LOCK:
             clients = _CLIENTS.setdefault(loop, {})
-            client = clients.get(version)
-            if client is None:
+            if version not in clients:
                 for stale in [v for v in clients if v[0] == provider.pk]:
                     _RETIRED.setdefault(loop, []).append(clients.pop(stale))
-                client = clients[version] = _new_client(provider)
-            return client
+            return _kept(clients, version, provider)
     scope = _SCOPE.get()
-    if scope is None:
-        return _new_client(provider)
-    client = scope.get(version)
-    if client is None:
-        client = scope[version] = _new_client(provider)
-    return client
+    return _new_client(provider) if scope is None else _kept(scope, version, provider)
+
+
+def _kept(clients: dict[Any, AsyncOpenAI], version: Any, provider: ModelProvider) -> AsyncOpenAI:
+    if version not in clients:
+        clients[version] = _new_client(provider)
+    return clients[version]
 
 
 def provider_model(provider: ModelProvider, *, model_name: str) -> Model:
