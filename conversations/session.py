@@ -12,7 +12,7 @@ import inspect
 import json
 from collections.abc import Awaitable, Callable
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar, cast
 from uuid import UUID
 
 from agents.memory import SessionSettings
@@ -36,13 +36,22 @@ def orm(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     transaction (a caller's `atomic`, e.g. a test's) is left alone."""
 
     @wraps(fn)
-    def unit(*args: P.args, **kwargs: P.kwargs) -> R:
-        for each in connections.all(initialized_only=True):
-            if not each.in_atomic_block:
-                each.close_if_unusable_or_obsolete()
-        return fn(*args, **kwargs)
+    async def unit(*args: P.args, **kwargs: P.kwargs) -> R:
+        return cast(R, await _in_unit(fn, args, kwargs))
 
-    return sync_to_async(unit)
+    return unit
+
+
+def _unit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    for each in connections.all(initialized_only=True):
+        if not each.in_atomic_block:
+            each.close_if_unusable_or_obsolete()
+    return fn(*args, **kwargs)
+
+
+# One adapter for every unit: building asgiref's adapter inspects the function each time, which
+# the run host did for every unit (several per run).
+_in_unit = sync_to_async(_unit)
 
 
 class SupersededAttempt(RuntimeError):
