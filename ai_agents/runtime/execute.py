@@ -126,7 +126,11 @@ def _explain(exc: BaseException, *, timeout: float | None) -> tuple[str, str] | 
     if isinstance(exc, openai.NotFoundError):
         return "The model provider does not know this model or URL (HTTP 404).", SETUP_PROBLEM
     if isinstance(exc, openai.RateLimitError):
-        return "The model provider is rate-limiting us (HTTP 429). Try again shortly.", ""
+        return (
+            "The model provider is taking no more requests for now (HTTP 429: too many "
+            "requests). Try again shortly.",
+            "",
+        )
     if isinstance(exc, openai.APITimeoutError):
         within = f" within {timeout:g} s" if timeout else ""
         return f"The model provider did not answer{within}.", ""

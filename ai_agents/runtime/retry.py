@@ -132,7 +132,8 @@ def classify(exc: BaseException, *, timeout: float | None = None) -> Failure | N
         if status == 429:
             return Failure(
                 RATE_LIMITED,
-                "The model provider is rate-limiting us (HTTP 429).",
+                "The model provider is taking no more requests for now (HTTP 429: too many "
+                "requests).",
                 retry_after(exc.response),
             )
         if status in _RETRY_STATUSES or status >= 500:

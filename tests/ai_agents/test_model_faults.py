@@ -117,7 +117,7 @@ def test_a_429_asking_for_longer_than_the_cap_fails_at_once(world_a, provider, f
     outcome, _seen = _run(world_a, agent)
     assert time.monotonic() - started < 5
     assert outcome.status == "error"
-    assert "rate-limiting" in outcome.message and "wait 120 s" in outcome.message
+    assert "too many requests" in outcome.message and "wait 120 s" in outcome.message
     assert len(fake_llm.requests("/v1/chat/completions")) == 1
 
 
