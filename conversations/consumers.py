@@ -7,8 +7,10 @@ or a logout or password change, closes it (4403) like `TenantEventsConsumer`.
 
 Tokens never travel over the channel layer (at-most-once, DESIGN.md step 7): each followed run is
 read from its Redis Stream (`streams.follow`) by a background task, from the id the client last
-saw, so a reload or a second tab resumes where it was. The layer only wakes the other sockets of
-the thread when a new run starts. Protocol: docs/run-events.md and the module's README below.
+saw, so a reload or a second tab resumes where it was. A run started on the thread elsewhere
+(another tab, the API, a schedule) and the thread's deletion reach the socket through the
+thread's notices (`streams.watch_thread`), read by the same reader as the runs' streams.
+Protocol: docs/run-events.md and the module's README below.
 
 Client → server:
     {"type": "send", "text": "...", "strategy": "reject"}   start a run (strategy optional)
@@ -68,9 +70,6 @@ HEARTBEAT_S = 15.0
 # to the second value while the outage lasts.
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 5.0
-
-
-thread_group = realtime.thread_group
 
 
 def _db(func: Any) -> Any:
@@ -153,6 +152,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def connect(self) -> None:
         self.joined: list[str] = []
         self.followers: dict[str, asyncio.Task[None]] = {}
+        self.watcher: asyncio.Task[None] | None = None
+        # The client's messages and the thread's notices are handled one at a time, so that the
+        # sender of a message hears `run.created` for its run, never `run.started` first.
+        self.turn = asyncio.Lock()
         # Runs this socket followed to their end: a late `chat.run.started` for one of them
         # must not replay it from the start.
         self.finished: set[str] = set()
@@ -170,13 +173,15 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         self.tenant, self.end_user, self.thread = membership.tenant, end_user, thread
         self.membership = membership
-        self.joined = [
-            realtime.membership_group(membership.pk),
-            realtime.user_group(user.pk),
-            thread_group(thread.pk),
-        ]
+        self.joined = [realtime.membership_group(membership.pk), realtime.user_group(user.pk)]
         for group in self.joined:
             await self.channel_layer.group_add(group, self.channel_name)
+        # The thread's notices are heard from here on (before the query below, which finds a
+        # run started before this point; one started after it is announced).
+        try:
+            notices: streams.ThreadNotices | None = await streams.watch_thread(thread.pk)
+        except streams.StreamUnavailable:
+            notices = None  # the watcher tries again until Redis answers
         # A removal (or thread deletion) that committed before we joined reached nobody: look
         # again now that any later revoke will reach us (one query, with the active run).
         still_open, active, role = await _db(selectors.chat_still_open)(
@@ -184,6 +189,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         )
         membership.role = role or membership.role  # a change that committed before we joined
         if not still_open:
+            if notices is not None:
+                notices.close()
             await self._leave()
             await self.close(code=CLOSE_NOT_FOUND)
             return
@@ -198,6 +205,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if active is not None:
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
             self._follow(str(active), _stream_id((query.get("after") or ["0-0"])[0]))
+        self.watcher = asyncio.create_task(self._watch(notices))
 
     async def disconnect(self, code: int) -> None:
         await self._stop_following()
@@ -211,7 +219,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     async def _stop_following(self) -> None:
         current = asyncio.current_task()  # a follower revoking the socket ends by itself
         tasks = [task for task in getattr(self, "followers", {}).values() if task is not current]
-        self.followers = {}
+        watcher = getattr(self, "watcher", None)
+        if watcher is not None and watcher is not current:
+            tasks.append(watcher)
+        self.followers, self.watcher = {}, None
         await streams.cancel_and_wait(tasks, what="chat stream follower")
 
     async def dispatch(self, message: dict[str, Any]) -> None:
@@ -230,7 +241,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.revoked:
             return
         try:
-            await self._receive(content)
+            async with self.turn:
+                await self._receive(content)
         except _Gone as gone:
             await self.connection_revoke({"reason": gone.reason})
 
@@ -410,15 +422,52 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return True
         return False
 
-    # --- from the channel layer --------------------------------------------------------------
+    # --- the thread's notices ---------------------------------------------------------------
 
-    async def chat_run_started(self, message: dict[str, Any]) -> None:
-        if self.revoked:
-            return
-        run_id = str(message.get("run_id", ""))
-        if run_id and run_id not in self.followers and run_id not in self.finished:
-            await self.send_json({"type": "run.started", "run_id": run_id})
-            self._follow(run_id, "0-0")
+    async def _watch(self, notices: streams.ThreadNotices | None) -> None:
+        """Hear the thread's notices until the socket closes. Through a Redis outage it watches
+        again, after 0.5 s and then twice as long each time up to 5 s; notices announced once
+        Redis is back are not missed (`streams._Multiplexer.watch`). The client hears of the
+        outage from the run it follows, if any."""
+        wait = 0.0
+        try:
+            while not self.revoked:
+                try:
+                    if notices is None:
+                        if wait:
+                            await asyncio.sleep(wait)
+                        notices = await streams.watch_thread(self.thread.pk)
+                    async for notice in notices:
+                        wait = 0.0
+                        async with self.turn:
+                            await self._notice(notice)
+                        if self.revoked:
+                            return
+                except streams.StreamUnavailable:
+                    pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a bug here must not end the socket's other work silently
+                    log.exception("chat: watching thread %s failed", self.thread.pk)
+                if notices is not None:
+                    notices.close()
+                    notices = None
+                wait = min(wait * 2, RETRY_MAX_S) if wait else RETRY_FIRST_S
+        finally:
+            if notices is not None:
+                notices.close()
+
+    async def _notice(self, notice: dict[str, Any]) -> None:
+        kind = notice.get("type")
+        if kind == streams.RUN_STARTED:
+            run_id = str(notice.get("run_id", ""))
+            if run_id and run_id not in self.followers and run_id not in self.finished:
+                await self.send_json({"type": "run.started", "run_id": run_id})
+                self._follow(run_id, "0-0")
+        elif kind == streams.THREAD_DELETED:
+            await self.connection_revoke({"reason": "thread deleted"})
+
+    # --- from the channel layer --------------------------------------------------------------
 
     async def membership_role(self, message: dict[str, Any]) -> None:
         """The member's role changed: what the socket shows from now on follows it (a failed

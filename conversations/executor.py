@@ -42,7 +42,6 @@ from conversations.models import (
     ThreadStatus,
 )
 from conversations.session import SupersededAttempt, ThreadSession, orm
-from tenants import realtime
 from tenants.models import Tenant
 from usage import services as usage_services
 
@@ -705,7 +704,7 @@ def _thread_status(run_status: str) -> str:
 def _announce_promoted(thread_id: UUID, following: UUID) -> None:
     """On commit: kick the promoted run and tell the chats open on the thread, which follow it."""
     transaction.on_commit(partial(kick, following))
-    transaction.on_commit(partial(realtime.announce_run, thread_id, following))
+    transaction.on_commit(partial(streams.announce_run, thread_id, following))
 
 
 def _context(run: Run, held: Claim | None = None) -> Any:

@@ -21,7 +21,7 @@ from ai_agents.models import Agent
 from controlplane import rows
 from controlplane.errors import Conflict, NotFound, RateLimited, ValidationFailed
 from controlplane.text import has_nul
-from conversations import executor
+from conversations import executor, streams
 from conversations.models import (
     EndUser,
     EndUserKind,
@@ -33,7 +33,7 @@ from conversations.models import (
     Thread,
     ThreadStatus,
 )
-from tenants import audit, limits, realtime
+from tenants import audit, limits
 from tenants.actors import Actor
 from tenants.models import Tenant, User
 from usage import services as usage_services
@@ -155,9 +155,9 @@ def thread_delete(*, tenant: Tenant, end_user: EndUser, thread_id: Any) -> None:
             "This conversation is still writing a reply. Open it and stop the reply, "
             "then delete it."
         )
-    group = realtime.thread_group(thread.pk)
+    thread_pk = thread.pk
     thread.delete()
-    transaction.on_commit(partial(realtime.close_connections, group, reason="thread deleted"))
+    transaction.on_commit(partial(streams.announce_deleted, thread_pk))
 
 
 # --- Runs -------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def _run_create(
     if not run.queued:
         # Only a kick: if it is lost, the sweeper finds the pending run and kicks it again.
         transaction.on_commit(partial(executor.kick, run.pk))
-        transaction.on_commit(partial(realtime.announce_run, run.thread_id, run.pk))
+        transaction.on_commit(partial(streams.announce_run, run.thread_id, run.pk))
     return run
 
 

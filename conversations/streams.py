@@ -86,6 +86,11 @@ def attempt_key(run_id: UUID | str) -> str:
     return f"cp:run:{{{_run(run_id)}}}:attempt"
 
 
+# Every thread's notices to its open chats (`announce_run`, `announce_deleted`), in one stream
+# that every web process reads.
+NOTICES_KEY = "cp:notices"
+
+
 # --- Lua: the fence ------------------------------------------------------------------------------
 # KEYS[1] = attempt key, KEYS[2] = stream key; ARGV[1] = attempt, ARGV[2] = live TTL.
 # The attempt key holds "<n>" while attempt n runs and "<n>:done" once it finished.
@@ -339,6 +344,17 @@ class _Follower:
             self.mux.leave(self)
 
 
+class _Watcher(_Follower):
+    """One `watch_thread()`: the notices of one thread (`key` is its id) handed to it."""
+
+    __slots__ = ()
+
+    def leave(self) -> None:
+        if not self.left:
+            self.left = True
+            self.mux.unwatch(self)
+
+
 class _Multiplexer:
     """Follows every stream that this event loop's followers follow, with one blocking XREAD at
     a time over all of them (one round trip per batch of events for the whole process, instead
@@ -352,10 +368,17 @@ class _Multiplexer:
     join starts a new reader."""
 
     WAKE_TTL_SECONDS = 24 * 3600
+    # A reader that stopped this long ago no longer knows where the notices stand.
+    NOTICES_STALE_S = 10.0
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self.by_key: dict[str, list[_Follower]] = {}
+        # The thread notices' watchers, by thread id, and the id of the last notice read (None:
+        # unknown, read it before anyone watches) and when (the loop's clock).
+        self.watchers: dict[str, list[_Watcher]] = {}
+        self.notices_last: str | None = None
+        self.notices_at = float("-inf")
         self.task: asyncio.Task[None] | None = None
         self.wake_key = f"cp:mux:{{{uuid4()}}}"
         self.wake_last = "0-0"
@@ -383,6 +406,34 @@ class _Multiplexer:
             waker.add_done_callback(self.wakers.discard)
         return follower
 
+    async def watch(self, thread_id: str) -> _Watcher:
+        """Start handing `thread_id`'s notices to a new watcher: every notice added from now on
+        (and perhaps one added a moment before). The notices stream is in every XREAD, so this
+        costs no round trip while the reader runs; a reader that starts reads where the stream
+        ends first."""
+        loop = asyncio.get_running_loop()
+        running = self.task is not None and not self.task.done()
+        if self.notices_last is None or (
+            not running and loop.time() - self.notices_at > self.NOTICES_STALE_S
+        ):
+            rows: Any = await self.client.xrevrange(NOTICES_KEY, count=1)
+            self.notices_last = str(rows[0][0]) if rows else "0-0"
+            self.notices_at = loop.time()
+        watcher = _Watcher(self, thread_id, self.notices_last)
+        self.watchers.setdefault(thread_id, []).append(watcher)
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._read())
+        return watcher
+
+    def unwatch(self, watcher: _Watcher) -> None:
+        watchers = self.watchers.get(watcher.key)
+        if watchers is None:
+            return
+        with contextlib.suppress(ValueError):
+            watchers.remove(watcher)
+        if not watchers:
+            del self.watchers[watcher.key]
+
     def leave(self, follower: _Follower) -> None:
         followers = self.by_key.get(follower.key)
         if followers is None:
@@ -407,14 +458,14 @@ class _Multiplexer:
         batch_s = _spacing_s("RUN_STREAM_BATCH_MS")
         issued = -batch_s
         try:
-            while self.by_key:
+            while self.by_key or self.watchers:
                 # Under load, XREADs that return at once are spaced BATCH_S apart, so that each
                 # carries every stream's new entries instead of one (its cost grows with the
                 # number of streams followed): an event waits at most that long.
                 wait = issued + batch_s - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                    if not self.by_key:
+                    if not (self.by_key or self.watchers):
                         break
                 issued = loop.time()
                 # Each stream from its followers' lowest position. A follower that joins behind
@@ -425,16 +476,21 @@ class _Multiplexer:
                     lowest = min(followers, key=_position)
                     since[key], positions[key] = lowest.read, lowest.read_id
                 positions[self.wake_key] = self.wake_last
+                positions[NOTICES_KEY] = self.notices_last or "$"
                 self.reading, self.woken = True, False
                 try:
                     reply: Any = await self.client.xread(positions, count=500, block=MAX_BLOCK_MS)
                 finally:
                     self.reading = False
+                self.notices_at = loop.time()
                 for key, rows in reply or []:
                     if key == self.wake_key:
                         self.wake_last = rows[-1][0]
-                        continue
-                    self._deliver(self.by_key.get(key), rows, since.get(key))
+                    elif key == NOTICES_KEY:
+                        self._notify(rows)
+                    else:
+                        self._deliver(self.by_key.get(key), rows, since.get(key))
+            self.notices_last = None  # nobody listens: what comes next is not read
         except (redis.exceptions.RedisError, OSError) as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -475,9 +531,32 @@ class _Multiplexer:
             follower.read, follower.read_id = newest, newest_id
             follower._wake()
 
+    def _notify(self, rows: list[Any]) -> None:
+        """Hand each notice to the watchers of its thread that started watching before it."""
+        if not rows:
+            return
+        last = rows[-1][0]
+        if self.notices_last is None or _parse_id(last) > _parse_id(self.notices_last):
+            self.notices_last = last
+        for entry_id, fields in rows:
+            thread = fields.get("thread") if isinstance(fields, dict) else None
+            watchers = self.watchers.get(thread) if isinstance(thread, str) else None
+            raw = fields.get("event") if watchers else None
+            if not watchers or not isinstance(raw, str):
+                continue
+            position = _parse_id(entry_id)
+            for watcher in watchers:
+                if position > watcher.read:
+                    watcher.pending.append((entry_id, raw))
+                    watcher.read, watcher.read_id = position, entry_id
+                    watcher._wake()
+
     def _fail(self, exc: BaseException) -> None:
+        # Where the notices stand is kept: watchers that come back within NOTICES_STALE_S
+        # hear what was announced meanwhile.
         followers = [f for fs in self.by_key.values() for f in fs]
-        self.by_key = {}
+        followers += [w for ws in self.watchers.values() for w in ws]
+        self.by_key, self.watchers = {}, {}
         for follower in followers:
             follower.error = exc
             follower._wake()
@@ -916,6 +995,98 @@ async def follow(
         yield entry_id, event
         if terminal:
             return
+
+
+# --- a thread's notices: what its open chats must hear of --------------------------------------
+# A run started on a thread by someone else (another tab, the API, a schedule, a promoted queued
+# run) and the thread's deletion must reach every chat open on it, in whichever web process. They
+# go to one stream (`NOTICES_KEY`), which each web process's multiplexer reads in the XREAD it
+# makes anyway, handing each notice to the sockets watching its thread. Unlike a channel-layer
+# group message (three round trips to send, two to receive, a group join and leave per socket,
+# and lost if a process missed it), a notice costs its sender one round trip and its readers
+# none, however many sockets are open, and a reader back from a Redis failure reads what it
+# missed.
+
+NOTICES_MAXLEN = 10_000
+NOTICES_TTL_SECONDS = 24 * 3600
+RUN_STARTED = "run.started"
+THREAD_DELETED = "thread.deleted"
+
+
+def _announce(thread_id: UUID | str, notice: dict[str, Any]) -> None:
+    """Add `notice` for the thread's sockets. Best effort: the database holds the truth, and a
+    socket that missed a run finds it when its client next asks, or at its next connect."""
+    try:
+        pipe = _sconn().client.pipeline(transaction=False)
+        pipe.xadd(
+            NOTICES_KEY,
+            {"thread": _run(thread_id), "event": json.dumps(notice, separators=(",", ":"))},
+            maxlen=NOTICES_MAXLEN,
+            approximate=True,
+        )
+        pipe.expire(NOTICES_KEY, NOTICES_TTL_SECONDS)
+        pipe.execute()
+    except (redis.exceptions.RedisError, OSError):
+        log.warning("could not tell the chats of thread %s: %s", thread_id, notice, exc_info=True)
+
+
+def announce_run(thread_id: UUID | str, run_id: UUID | str) -> None:
+    """Tell the sockets open on a thread that a run started there, so each follows its stream
+    (call it on commit)."""
+    _announce(thread_id, {"type": RUN_STARTED, "run_id": str(run_id)})
+
+
+def announce_deleted(thread_id: UUID | str) -> None:
+    """Tell the sockets open on a thread that it was deleted, so each closes (on commit)."""
+    _announce(thread_id, {"type": THREAD_DELETED})
+
+
+class ThreadNotices:
+    """The notices of one thread from the moment `watch_thread` returned, as they come (an
+    async iterator of dicts that never ends by itself). StreamUnavailable if Redis fails: watch
+    again. `close()` when done."""
+
+    def __init__(self, thread_id: str, watcher: _Watcher) -> None:
+        self.thread_id, self.watcher = thread_id, watcher
+        self.buffer: list[tuple[str, str]] = []
+
+    def __aiter__(self) -> ThreadNotices:
+        return self
+
+    async def __anext__(self) -> dict[str, Any]:
+        while True:
+            while self.buffer:
+                entry_id, raw = self.buffer.pop(0)
+                try:
+                    notice = json.loads(raw)
+                except ValueError:
+                    log.warning("skipping a malformed thread notice %s", entry_id)
+                    continue
+                if isinstance(notice, dict):
+                    return notice
+            try:
+                self.buffer = await self.watcher.next_batch(None) or []
+            except StreamUnavailable as exc:
+                raise StreamUnavailable(
+                    f"The notices of thread {self.thread_id} are unavailable: {exc}"
+                ) from exc
+
+    def close(self) -> None:
+        self.watcher.leave()
+
+
+async def watch_thread(thread_id: UUID | str) -> ThreadNotices:
+    """Start hearing the thread's notices: every one announced after this returns. Call it
+    before asking PostgreSQL what the thread is doing, so that a run committed after that answer
+    is heard of. StreamUnavailable if Redis cannot be reached."""
+    mux = _aconn().mux
+    try:
+        watcher = await mux.watch(_run(thread_id))
+    except (redis.exceptions.RedisError, OSError) as exc:
+        raise StreamUnavailable(
+            f"The notices of thread {thread_id} are unavailable: {type(exc).__name__}: {exc}"
+        ) from exc
+    return ThreadNotices(_run(thread_id), watcher)
 
 
 # --- sync API (views and services that run under the sync ORM) -----------------------------------

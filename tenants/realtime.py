@@ -51,17 +51,6 @@ def close_connections(group: str, *, reason: str) -> None:
     _send(group, {"type": "connection.revoke", "reason": reason})
 
 
-def thread_group(thread_id: Any) -> str:
-    """The chat sockets open on one thread."""
-    return f"chat.thread.{thread_id}"
-
-
-def announce_run(thread_id: Any, run_id: Any) -> None:
-    """Tell the sockets open on a thread that a run started there (whoever started it: a chat
-    tab, the API, a schedule), so each follows its stream."""
-    _send(thread_group(thread_id), {"type": "chat.run_started", "run_id": str(run_id)})
-
-
 def publish(tenant_id: Any, event: dict[str, Any]) -> None:
     """Wake live dashboards of a tenant (they re-read what they show)."""
     _send(tenant_group(tenant_id), {"type": "tenant.event", "event": event})

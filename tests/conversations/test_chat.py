@@ -767,16 +767,45 @@ async def test_a_late_announcement_of_a_run_the_socket_followed_does_not_replay_
         run_id = (await socket.receive_json_from(timeout=WAIT))["run_id"]
         assert await _execute(run_id) == RunStatus.SUCCESS
         await _until_terminal(socket)
-        # The channel layer delivers the run's announcement after the socket read it to the end.
-        layer = get_channel_layer()
-        await layer.group_send(
-            realtime.thread_group(w.mine.pk), {"type": "chat.run_started", "run_id": run_id}
-        )
+        # The run is announced again after the socket read it to the end (a promoted run's
+        # announcement from the worker can come that late).
+        await database_sync_to_async(streams.announce_run)(w.mine.pk, run_id)
         await socket.send_json_to({"type": "ping"})
         assert await socket.receive_json_from(timeout=WAIT) == {"type": "pong"}
         assert await socket.receive_nothing(timeout=0.2)
     finally:
         await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_a_chat_opened_later_hears_only_runs_started_after_it(_close_async_clients):
+    """The thread's earlier announcements stay in Redis for a while: a socket opened after them
+    must not replay those runs, and still hears the next one."""
+    w = await database_sync_to_async(_setup)()
+    first, _ = await _open(w, w.mine, w.a.member)
+    try:
+        await first.send_json_to({"type": "send", "text": CALC})
+        old_run = (await first.receive_json_from(timeout=WAIT))["run_id"]
+        assert await _execute(old_run) == RunStatus.SUCCESS
+        await _until_terminal(first)
+    finally:
+        await first.disconnect()
+    later, hello = await _open(w, w.mine, w.a.member)
+    try:
+        assert hello["active_run"] is None
+        await later.send_json_to({"type": "ping"})
+        assert await later.receive_json_from(timeout=WAIT) == {"type": "pong"}
+        assert await later.receive_nothing(timeout=0.3)
+        run = await database_sync_to_async(services.run_create)(
+            tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input=CALC,
+            source="api",
+        )  # fmt: skip
+        started = await later.receive_json_from(timeout=WAIT)
+        assert started == {"type": "run.started", "run_id": str(run.pk)}
+        assert await _execute(run.pk) == RunStatus.SUCCESS
+        assert (await _until_terminal(later))[-1]["event"]["status"] == "success"
+    finally:
+        await later.disconnect()
 
 
 @pytestmark_ws

@@ -473,8 +473,9 @@ class _Proxy:
         self.db = url.get("db", 0)
         self.writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+    async def start(self, port: int = 0) -> str:
+        """Listen (again: on the same `port`, as a Redis coming back)."""
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", port)
         port = self.server.sockets[0].getsockname()[1]
         return f"redis://127.0.0.1:{port}/{self.db}"
 
@@ -519,6 +520,71 @@ async def test_redis_going_away_ends_every_follower_with_stream_unavailable(run_
     # Redis is back (here: reached directly): a new follower starts a new reader.
     settings.REDIS_URL = direct
     assert (await asyncio.wait_for(anext(streams.follow(run_id)), timeout=10))[0] == first
+
+
+# --- a thread's notices ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def thread_id():
+    yield uuid.uuid4()
+    await streams.aclose()
+
+
+async def _next(notices, within=10.0):
+    return await asyncio.wait_for(anext(notices), timeout=within)
+
+
+async def test_a_watcher_hears_its_threads_notices_from_when_it_started_watching(thread_id):
+    """Notices of other threads, and those announced before watching (a run long over), are not
+    heard; those after are, in order, whether the reader was idle or already reading."""
+    other = uuid.uuid4()
+    await sync_to_async(streams.announce_run)(thread_id, uuid.uuid4())
+    notices = await streams.watch_thread(thread_id)
+    elsewhere = await streams.watch_thread(other)
+    try:
+        run = uuid.uuid4()
+        await sync_to_async(streams.announce_run)(other, uuid.uuid4())
+        await sync_to_async(streams.announce_run)(thread_id, run)
+        await sync_to_async(streams.announce_deleted)(thread_id)
+        assert await _next(notices) == {"type": "run.started", "run_id": str(run)}
+        assert await _next(notices) == {"type": "thread.deleted"}
+        assert (await _next(elsewhere))["type"] == "run.started"
+        with pytest.raises(TimeoutError):
+            await _next(notices, within=0.3)
+    finally:
+        notices.close()
+        elsewhere.close()
+    assert _mux().watchers == {}
+    await asyncio.wait_for(_mux().task, timeout=10)  # nobody watches or follows: the reader ends
+
+
+async def test_a_watcher_back_from_a_cut_connection_hears_what_was_announced_meanwhile(
+    thread_id, settings
+):
+    """This process loses Redis for a moment while another announces a run: watching again,
+    the socket still hears of it."""
+    proxy = _Proxy(django_settings.REDIS_URL)
+    direct = django_settings.REDIS_URL
+    settings.REDIS_URL = through_proxy = await proxy.start()
+    notices = await streams.watch_thread(thread_id)
+    waiting = asyncio.create_task(anext(notices))
+    await asyncio.sleep(0.2)  # the reader waits in its XREAD
+    await proxy.cut()
+    with pytest.raises(streams.StreamUnavailable):
+        await asyncio.wait_for(waiting, timeout=10)
+    notices.close()
+    run = uuid.uuid4()
+    settings.REDIS_URL = direct  # another process, which reaches Redis
+    await sync_to_async(streams.announce_run)(thread_id, run)
+    settings.REDIS_URL = through_proxy
+    await proxy.start(port=int(through_proxy.rsplit(":", 1)[1].split("/")[0]))
+    again = await streams.watch_thread(thread_id)
+    try:
+        assert await _next(again) == {"type": "run.started", "run_id": str(run)}
+    finally:
+        again.close()
+        await proxy.cut()
 
 
 # --- the writer: queued appends, sent in the background -------------------------------------------
