@@ -217,7 +217,8 @@ def run_get(*, tenant: Tenant, run_id: Any) -> Run:
 def run_items(*, tenant: Tenant, run: Run) -> list[selectors.Entry]:
     """What the run added to its thread (input, tool steps, reply), oldest first."""
     rows = list(Item.objects.for_tenant(tenant).filter(run=run).order_by("id")[:500])
-    told = selectors.transfer_kinds(rows)
+    handoffs = selectors.run_handoff_tools(tenant=tenant, run_ids=[run.pk])
+    told = selectors.transfer_kinds(rows, handoffs=handoffs)
     return [e for e in (selectors.entry_for(i, transfers=told) for i in rows) if e is not None]
 
 

@@ -7,6 +7,8 @@ so another member's thread is as invisible as another tenant's.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -17,6 +19,8 @@ from django.db import connection
 from django.db.models import Count, Exists, Max, OuterRef, Q
 from django.utils.safestring import SafeString
 
+from ai_agents.models import Agent, AgentVersion
+from ai_agents.runtime.build import MAX_HANDOFF_DEPTH
 from controlplane.errors import ValidationFailed
 from conversations import markdown
 from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, RunStatus, Thread
@@ -219,8 +223,8 @@ def _pretty(value: Any) -> str:
 
 def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None:
     """How an item (SDK Responses format) is shown; None for items the user does not see.
-    `transfers` tells what each `transfer_to_*` call was (`transfer_kinds`); without it, such a call
-    is taken for the handoff its name says."""
+    `transfers` tells what each `transfer_to_*` call was (`transfer_kinds`: one it does not name is
+    a tool call); without it, such a call is taken for the handoff its name says."""
     data = item.data if isinstance(item.data, dict) else {}
     kind, role = data.get("type"), data.get("role")
     base: dict[str, Any] = {"id": item.pk, "run_id": item.run_id}
@@ -237,9 +241,10 @@ def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None
         )
     if kind == "function_call":
         name = str(data.get("name", ""))
-        was, target = (transfers or {}).get(
-            item.pk, (HANDOFF if _is_transfer(name) else TOOL, None)
-        )
+        if transfers is None:
+            was, target = (HANDOFF if _is_transfer(name) else TOOL), None
+        else:
+            was, target = transfers.get(item.pk, (TOOL, None))
         if was != TOOL:
             target = target or _agent_of_transfer(name)
             if was == IGNORED:
@@ -263,11 +268,14 @@ def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None
 # --- Handoffs --------------------------------------------------------------------------------
 #
 # The SDK saves a handoff as a function call named `transfer_to_<agent>` and a result naming the
-# agent. A response that asks for several handoffs gets the first; each other call is saved with
-# the result below, and nothing else happens. A tool of the agent's own may also be named
-# `transfer_to_...`. So what such a call was is read from its result, as the run's events tell
-# it (`events.EventMapper`): a handoff, an ignored handoff (shown and numbered as nothing), or a
-# tool call.
+# agent (`{"assistant": "<agent name>"}`). A response that asks for several handoffs gets the
+# first; each other call is saved with the result below, and nothing else happens. A tool of the
+# agent's own (an MCP server's) may also be named `transfer_to_...`, and answer just like a
+# handoff. So what such a call was is read from what its run could hand off to
+# (`run_handoff_tools`), as the SDK decides it (a handoff of that name wins over a tool) and the
+# run's events tell it (`events.EventMapper`): a handoff, an ignored handoff (shown and numbered
+# as nothing), or a tool call. Only an item saved outside a run, with no configuration to ask, is
+# told by its result.
 
 HANDOFF, IGNORED, TOOL = "handoff", "ignored", "tool_call"
 # What the SDK saves as the result of a handoff it did not take (agents.run_internal).
@@ -275,10 +283,87 @@ IGNORED_HANDOFF_RESULT = "Multiple handoffs detected, ignoring this one."
 
 # Item pk of a `transfer_to_*` call or of its result -> (what the call was, the agent it named).
 Transfers = dict[int, tuple[str, str | None]]
+# A run id -> the tool names of the handoffs its agents had (`run_handoff_tools`).
+HandoffTools = Callable[[Any], frozenset[str]]
 
 
 def _is_transfer(name: str) -> bool:
     return name.startswith("transfer_to_")
+
+
+def handoff_tool_name(agent_name: str) -> str:
+    """The name of the tool the SDK gives a handoff to the agent called `agent_name`: what
+    `agents.Handoff.default_tool_name` makes of it (without its warning about odd characters)."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", re.sub(r"\s", "_", f"transfer_to_{agent_name}")).lower()
+
+
+def run_handoff_tools(*, tenant: Tenant, run_ids: Collection[Any]) -> HandoffTools:
+    """For each of these runs of the tenant, the tool names of the handoffs its agents had: those
+    of the agent version that ran, and, as `ai_agents.runtime.build` follows them, those of the
+    published versions of the agents it hands off to, to `MAX_HANDOFF_DEPTH`, under their names
+    now; and those of the handoffs its trace recorded, under the names they had then (an agent
+    renamed since). Read in one query, at the first question (none if nothing asks); a run of
+    another tenant, or none, has none."""
+    found: dict[Any, frozenset[str]] | None = None
+
+    def tools_of(run_id: Any) -> frozenset[str]:
+        nonlocal found
+        if found is None:
+            found = _handoff_tools(tenant, list(run_ids))
+        return found.get(run_id, frozenset())
+
+    return tools_of
+
+
+def _handoff_tools(tenant: Tenant, run_ids: list[Any]) -> dict[Any, frozenset[str]]:
+    if not run_ids:
+        return {}
+    names: dict[Any, set[str]] = {}
+    # Plain SQL: the handoffs of the agents handed off to are a recursive query.
+    # tenant-scope: runs and agents are filtered on the tenant; versions are those they name
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _HANDOFF_AGENTS,
+            {"tenant": tenant.pk, "runs": run_ids, "depth": MAX_HANDOFF_DEPTH},
+        )
+        for run_id, agent_name in cursor.fetchall():
+            if isinstance(agent_name, str):
+                names.setdefault(run_id, set()).add(handoff_tool_name(agent_name))
+    return {run_id: frozenset(tools) for run_id, tools in names.items()}
+
+
+# `reach`: the agents each run's agent hands off to (depth 1), those hand off to, and so on. The
+# shortest way to an agent repeats none, so `build`'s skipping of an agent already on the way
+# (a cycle) drops no agent reached here; the run's own agent is never a handoff of the run.
+_HANDOFF_AGENTS = f"""
+    WITH RECURSIVE reach (run_id, root, agent_id, depth) AS (
+        SELECT run.id, version.agent_id, (target #>> '{{}}')::uuid, 1
+        FROM {Run._meta.db_table} run
+        JOIN {AgentVersion._meta.db_table} version
+          ON version.id = run.version_id AND version.tenant_id = run.tenant_id
+        CROSS JOIN LATERAL jsonb_path_query(version.config, '$.handoffs[*]') target
+        WHERE run.tenant_id = %(tenant)s AND run.id = ANY(%(runs)s)
+      UNION
+        SELECT reach.run_id, reach.root, (target #>> '{{}}')::uuid, reach.depth + 1
+        FROM reach
+        JOIN {Agent._meta.db_table} agent
+          ON agent.id = reach.agent_id AND agent.tenant_id = %(tenant)s
+        JOIN {AgentVersion._meta.db_table} version
+          ON version.id = agent.published_version_id AND version.tenant_id = agent.tenant_id
+        CROSS JOIN LATERAL jsonb_path_query(version.config, '$.handoffs[*]') target
+        WHERE reach.depth < %(depth)s AND reach.agent_id <> reach.root
+    )
+    SELECT reach.run_id, agent.name
+    FROM reach
+    JOIN {Agent._meta.db_table} agent
+      ON agent.id = reach.agent_id AND agent.tenant_id = %(tenant)s
+    WHERE agent.published_version_id IS NOT NULL AND reach.agent_id <> reach.root
+    UNION
+    SELECT run.id, span #>> '{{}}'
+    FROM {Run._meta.db_table} run
+    CROSS JOIN LATERAL jsonb_path_query(run.trace, '$[*] ? (@.kind == "handoff").to_agent') span
+    WHERE run.tenant_id = %(tenant)s AND run.id = ANY(%(runs)s)
+"""  # noqa: S608 (table names from the models; the values are parameters)
 
 
 def _handoff_result(data: dict[str, Any]) -> str | None:
@@ -296,48 +381,64 @@ def _handoff_result(data: dict[str, Any]) -> str | None:
     return None
 
 
-def _result_kind(data: dict[str, Any]) -> tuple[str, str | None]:
-    """What a saved result says its `transfer_to_*` call was, and the agent it names."""
+def _result_kind(data: dict[str, Any], *, handoff: bool) -> tuple[str, str | None]:
+    """What a saved result says its `transfer_to_*` call was, and the agent it names. `handoff`:
+    the call is known to be a handoff's; whether it was taken is all its result tells."""
     target = _handoff_result(data)
     if target is not None:
         return HANDOFF, target
     if data.get("output") == IGNORED_HANDOFF_RESULT:
         return IGNORED, None
-    return TOOL, None
+    return (HANDOFF if handoff else TOOL), None
 
 
-def transfer_kinds(items: list[Item]) -> Transfers:
+def transfer_kinds(items: list[Item], *, handoffs: HandoffTools) -> Transfers:
     """What each `transfer_to_*` call among `items` (in id order) was, and each result of one.
-    A result belongs to the latest call of its run with its call id that has none yet (providers
-    reuse call ids across responses). A call whose result is not among them is a handoff, as
-    its name says (its run may not have saved the result yet). A result whose call is not among
-    them (on an older page) is told by itself, since a tool of the agent's own rarely answers
-    like a handoff."""
+    A call is a handoff if its run had a handoff of its name (`handoffs`, from
+    `run_handoff_tools`), ignored if its result says so; otherwise a tool call, whatever its
+    result. A result belongs to the latest call of its run with its call id that has none yet
+    (providers reuse call ids across responses); one whose call is not among `items` is a
+    tool's. An item saved outside a run has no configuration to ask: its call is taken for the
+    handoff its name says until its result says otherwise, and its result is told by itself."""
     found: Transfers = {}
-    open_calls: dict[tuple[Any, Any], tuple[int, bool]] = {}  # -> (call pk, a transfer)
+    # (run, call id) -> (call pk, a handoff's; None: a `transfer_to_*` call outside a run)
+    open_calls: dict[tuple[Any, Any], tuple[int, bool | None]] = {}
     for item in items:
         data = item.data if isinstance(item.data, dict) else {}
         kind, key = data.get("type"), (item.run_id, data.get("call_id"))
         if kind == "function_call":
-            transfer = _is_transfer(str(data.get("name", "")))
-            open_calls[key] = (item.pk, transfer)
-            if transfer:
-                found[item.pk] = (HANDOFF, None)
+            name = str(data.get("name", ""))
+            handoff: bool | None = False
+            if _is_transfer(name):
+                handoff = None if item.run_id is None else name in handoffs(item.run_id)
+                if handoff is not False:
+                    found[item.pk] = (HANDOFF, None)
+            open_calls[key] = (item.pk, handoff)
         elif kind == "function_call_output":
-            call, transfer = open_calls.pop(key, (None, True))
-            was = _result_kind(data)
-            if call is not None and transfer:
+            call, handoff = open_calls.pop(key, (None, None if item.run_id is None else False))
+            if handoff is False:
+                continue  # a tool's result
+            was = _result_kind(data, handoff=bool(handoff))
+            if call is not None:
                 found[call] = found[item.pk] = was
-            elif call is None and was[0] != TOOL:
+            elif was[0] != TOOL:
                 found[item.pk] = was
     return found
 
 
-def _entries(items: list[Item], later: list[Item] | None = None) -> list[Entry]:
+def _entries(
+    items: list[Item],
+    *,
+    handoffs: HandoffTools,
+    before: list[Item] | None = None,
+    later: list[Item] | None = None,
+) -> list[Entry]:
     """The items as shown. A handoff is one step, named from its result (the call's name is
-    lower-cased); an ignored handoff is not shown. `later`: results after `items` of their
+    lower-cased); an ignored handoff is not shown. `before`: the `transfer_to_*` calls of their
+    runs before `items` and those calls' results before `items` (`_earlier_counts`), for a
+    result whose call is on an older page; `later`: results after `items` of their
     `transfer_to_*` calls (`_later_results`)."""
-    told = transfer_kinds(items + (later or []))
+    told = transfer_kinds([*(before or []), *items, *(later or [])], handoffs=handoffs)
     shown = []
     for item in items:
         was, _agent = told.get(item.pk, (TOOL, None))
@@ -350,10 +451,12 @@ def _entries(items: list[Item], later: list[Item] | None = None) -> list[Entry]:
     return shown
 
 
-def _later_results(tenant: Tenant, thread: Thread, items: list[Item]) -> list[Item]:
-    """The results, saved after `items`, of the `transfer_to_*` calls among them whose result
-    they do not hold (a page can end between a call and its result). No query without one."""
-    told = transfer_kinds(items)
+def _later_results(
+    tenant: Tenant, thread: Thread, items: list[Item], handoffs: HandoffTools
+) -> list[Item]:
+    """The results, saved after `items`, of the handoffs among them whose result they do not
+    hold (a page can end between a call and its result). No query without one."""
+    told = transfer_kinds(items, handoffs=handoffs)
     waiting = [
         item
         for item in items
@@ -419,12 +522,15 @@ def _numbered(entries: list[Entry], earlier: dict[Any, dict[str, Any]]) -> list[
     return entries
 
 
-def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[Any, dict[str, Any]]:
+def _earlier_counts(
+    tenant: Tenant, thread: Thread, rows: list[Item], handoffs: HandoffTools
+) -> tuple[dict[Any, dict[str, Any]], list[Item]]:
     """How many assistant messages, handoffs and tool calls each run of `rows` has before
-    them, counted as `_entries` shows them."""
+    them, counted as `_entries` shows them; and the runs' `transfer_to_*` calls before them with
+    those calls' results before them (what `_entries` needs of an older page)."""
     run_ids = {row.run_id for row in rows if row.run_id is not None}
     if not run_ids:
-        return {}
+        return {}, []
     earlier = Item.objects.for_tenant(tenant).filter(
         thread=thread, run_id__in=run_ids, id__lt=rows[0].pk
     )
@@ -441,21 +547,25 @@ def _earlier_counts(tenant: Tenant, thread: Thread, rows: list[Item]) -> dict[An
             handoff=Count("id", filter=transfer),
         )
     }
+    before: list[Item] = []
     if any(row["handoff"] for row in counted.values()):
-        # What each earlier `transfer_to_*` call was is told by its result, wherever it is: a
-        # second query, only for the runs that have such calls.
+        # What each earlier `transfer_to_*` call was (a handoff of its run's, taken or not as its
+        # result says, wherever that is, or a tool call): a second query, only for the runs
+        # that have such calls.
         calls = list(earlier.filter(transfer).order_by("id"))
         results = _results_of(tenant, thread, calls, after=calls[0].pk)
-        told = transfer_kinds(sorted([*calls, *results], key=lambda item: item.pk))
+        before = sorted([*calls, *results], key=lambda item: item.pk)
+        told = transfer_kinds(before, handoffs=handoffs)
         for call in calls:
-            was, agent = told[call.pk]
+            was, agent = told.get(call.pk, (TOOL, None))
             if was != HANDOFF:
                 counted[call.run_id]["handoff"] -= 1
                 counted[call.run_id]["tool_call"] += int(was == TOOL)
             else:  # who speaks from there on
                 name = str(call.data.get("name", ""))
                 counted[call.run_id]["agent"] = agent or _agent_of_transfer(name)
-    return counted
+        before = [item for item in before if item.pk < rows[0].pk]
+    return counted, before
 
 
 def item_page(
@@ -474,8 +584,12 @@ def item_page(
 
 def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
     """`rows` (a run of the thread's items, in id order) as shown, numbered."""
-    entries = _entries(rows, _later_results(tenant, thread, rows))
-    earlier = _earlier_counts(tenant, thread, rows)
+    handoffs = run_handoff_tools(
+        tenant=tenant, run_ids={row.run_id for row in rows if row.run_id is not None}
+    )
+    earlier, before = _earlier_counts(tenant, thread, rows, handoffs)
+    later = _later_results(tenant, thread, rows, handoffs)
+    entries = _entries(rows, handoffs=handoffs, before=before, later=later)
     _speakers(entries, earlier, thread.agent.name)
     return _with_endings(tenant, thread, _numbered(entries, earlier), rows)
 

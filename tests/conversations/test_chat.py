@@ -24,6 +24,7 @@ from django.urls import reverse
 
 from ai_agents import services as agent_services
 from ai_agents.fakeserver import FakeOpenAIServer
+from ai_agents.runtime.trace import Trace, TraceHooks
 from controlplane.asgi import application
 from conversations import consumers, executor, inspector, markdown, selectors, services, streams
 from conversations import events as sdk_events
@@ -46,6 +47,15 @@ def _agent(world, name="Calc", publish=True):
     if publish:
         agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
     return agent
+
+
+def _hands_off(world, agent, *targets):
+    """Publishes a version of `agent` that hands off to `targets` (published agents)."""
+    config = {"tools": [{"name": "calculator"}], "handoffs": [str(t.pk) for t in targets]}
+    agent_services.draft_save(
+        tenant=world.tenant, actor=world.actor(), agent_id=agent.pk, config=config
+    )
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
 
 
 def _thread(world, user, agent, title=""):
@@ -292,10 +302,39 @@ def test_a_tools_result_that_reads_like_a_handoffs_is_still_shown(world_a, chat)
     ]
 
 
+def _reply_saved(world, thread, agent):
+    """`agent`'s reply to "hi", a real run of the SDK saved to the thread as the worker saves it
+    (the run stays running, its trace unsaved). Returns the run, the events its stream carried
+    and its trace."""
+    run = services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input="hi"
+    )
+    held = executor.claim(run.pk, owner="t")
+    session = ThreadSession(
+        tenant_id=world.tenant.pk, thread_id=thread.pk, run_id=run.pk, attempt=held.attempt
+    )
+    trace = Trace()
+
+    async def stream():
+        mapper = sdk_events.EventMapper(agent.name)
+        result = Runner.run_streamed(
+            agent, "hi", session=session, hooks=TraceHooks(trace),
+            run_config=RunConfig(tracing_disabled=True),
+        )  # fmt: skip
+        return [e async for sdk_event in result.stream_events() for e in mapper.map(sdk_event)]
+
+    return run, async_to_sync(stream)(), trace.spans
+
+
 def _several_handoffs_in_one_reply(world, thread):
     """A real run of the SDK, saved to the thread as the worker saves it: a tool of the agent's
     own named like a handoff, a response asking for two handoffs (the SDK takes the first), and
-    a second handoff later. Returns the run and the events its stream carried."""
+    a second handoff later (the thread's agent hands off to Billing and Sales, Billing to
+    Sales). Returns the run and the events its stream carried."""
+    sales = _agent(world, name="Sales")
+    billing = _agent(world, name="Billing")
+    _hands_off(world, billing, sales)
+    _hands_off(world, thread.agent, billing, sales)
     model = ScriptedModel(
         [
             [
@@ -319,22 +358,8 @@ def _several_handoffs_in_one_reply(world, thread):
     sales = Agent(name="Sales", model=model)
     billing = Agent(name="Billing", model=model, handoffs=[sales])
     triage = Agent(name="Triage", model=model, tools=[archive], handoffs=[billing, sales])
-    run = services.run_create(
-        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input="hi"
-    )
-    held = executor.claim(run.pk, owner="t")
-    session = ThreadSession(
-        tenant_id=world.tenant.pk, thread_id=thread.pk, run_id=run.pk, attempt=held.attempt
-    )
-
-    async def stream():
-        mapper = sdk_events.EventMapper("Triage")
-        result = Runner.run_streamed(
-            triage, "hi", session=session, run_config=RunConfig(tracing_disabled=True)
-        )
-        return [e async for sdk_event in result.stream_events() for e in mapper.map(sdk_event)]
-
-    return run, async_to_sync(stream)()
+    run, streamed, _trace = _reply_saved(world, thread, triage)
+    return run, streamed
 
 
 STEP_OF = {"message.completed": "assistant", "tool.started": "tool_call", "handoff": "handoff"}
@@ -379,6 +404,91 @@ def test_the_page_numbers_a_replys_steps_as_its_stream_does_whatever_its_handoff
     inspected = [e.title for e in inspector.run_items(tenant=world_a.tenant, run=run)]
     assert "Handoff to sales not taken" in inspected
     assert inspected.count("Handed off to Billing") == inspected.count("Handed off to Sales") == 1
+
+
+def test_a_tool_named_and_answering_like_a_handoff_shows_as_the_tool_call_it_was(
+    world_a, world_b, chat, django_assert_num_queries
+):
+    """The agent's own tool `transfer_to_x` answers `{"assistant": "x"}`, as a handoff's result
+    reads. The agent that ran had no handoff of that name: it was a tool call, as its stream
+    said, and the history shows it as one. Its handoff to Billing, and Billing's own to Sales,
+    stay handoffs, also once Billing is renamed (which renames its handoff's tool)."""
+    sales = _agent(world_a, name="Sales")
+    billing = _agent(world_a, name="Billing")
+    _hands_off(world_a, billing, sales)
+    _hands_off(world_a, chat.agent, billing)
+    model = ScriptedModel(
+        [
+            [function_call("transfer_to_x", {}, call_id="x")],
+            [function_call("transfer_to_billing", {}, call_id="b")],
+            [function_call("transfer_to_sales", {}, call_id="s")],
+            [assistant_message("Sales here.")],
+        ]
+    )
+
+    @function_tool(name_override="transfer_to_x")
+    def lookalike() -> str:
+        """Answers like a handoff."""
+        return '{"assistant": "x"}'
+
+    sdk_sales = Agent(name="Sales", model=model)
+    sdk_billing = Agent(name="Billing", model=model, handoffs=[sdk_sales])
+    calc = Agent(name="Calc", model=model, tools=[lookalike], handoffs=[sdk_billing])
+    run, streamed, trace = _reply_saved(world_a, chat.mine, calc)
+    assert [e["type"] for e in streamed if e["type"] in ("tool.started", "handoff")] == [
+        "tool.started",
+        "handoff",
+        "handoff",
+    ]
+
+    def steps(entries):
+        return [(e.kind, e.title, e.detail) for e in entries if e.kind != "user"]
+
+    said = [
+        ("tool_call", "transfer_to_x", "{}"),
+        ("tool_output", "Result", '{\n  "assistant": "x"\n}'),
+        ("handoff", "Handed off to Billing", ""),
+        ("handoff", "Handed off to Sales", ""),
+        ("assistant", "", ""),
+    ]
+    with django_assert_num_queries(4):  # the items, the runs' earlier ones, handoffs, ends
+        entries, _more = selectors.item_page(tenant=world_a.tenant, thread=chat.mine)
+    assert steps(entries) == said
+    assert [e.extra.get("agent") for e in entries if e.kind == "assistant"] == ["Sales"]
+    shown = [(e.kind, e.extra["seq"]) for e in entries if e.kind in STEP_OF.values()]
+    assert shown == [(STEP_OF[e["type"]], e["seq"]) for e in streamed if e["type"] in STEP_OF]
+    page = world_a.client_for(world_a.member).get(
+        _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    )
+    assert "Handed off to x" not in page.content.decode()
+    titles = [e.title for e in inspector.run_items(tenant=world_a.tenant, run=run)]
+    assert "transfer_to_x" in titles and "Handed off to x" not in titles
+
+    # The tool's result on a page of its own, its call on the page before: still a result.
+    call = Item.objects.for_tenant(world_a.tenant).get(
+        thread=chat.mine, data__type="function_call", data__call_id="x"
+    )
+    with django_assert_num_queries(6):  # and the run's earlier `transfer_to_*` calls, results
+        newer = selectors.item_after(tenant=world_a.tenant, thread=chat.mine, after=call.pk)
+    assert steps(newer) == said[1:]
+
+    # Once the run has ended and its trace is saved, a renamed agent's handoff stays one.
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        status=RunStatus.SUCCESS, trace=trace
+    )
+    agent_services.agent_update(
+        tenant=world_a.tenant, actor=world_a.actor(), agent_id=billing.pk,
+        name="Billing desk", description="",
+    )  # fmt: skip
+    entries, _more = selectors.item_page(tenant=world_a.tenant, thread=chat.mine)
+    assert steps(entries) == said
+    assert selectors.run_handoff_tools(tenant=world_a.tenant, run_ids=[run.pk])(run.pk) == {
+        "transfer_to_billing",  # its trace's
+        "transfer_to_billing_desk",
+        "transfer_to_sales",
+    }
+    # Another tenant asking about the run learns nothing.
+    assert not selectors.run_handoff_tools(tenant=world_b.tenant, run_ids=[run.pk])(run.pk)
 
 
 def test_a_message_sent_without_the_pages_script_is_sent_and_a_refused_one_kept(
@@ -529,6 +639,7 @@ def test_load_earlier_pages_back_by_item_id(world_a, chat):
 def test_a_long_replys_messages_carry_their_place_in_the_run_on_every_page(world_a, chat):
     """A reply longer than a page (many tool calls): the page shows its latest items only, and
     numbers its messages and handoffs among the whole run's, as the stream replays them."""
+    _hands_off(world_a, chat.agent, _agent(world_a, name="Billing"))
     run = services.run_create(
         tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
     )
