@@ -156,8 +156,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # The client's messages and the thread's notices are handled one at a time, so that the
         # sender of a message hears `run.created` for its run, never `run.started` first.
         self.turn = asyncio.Lock()
-        # Runs this socket followed to their end: a late `chat.run.started` for one of them
-        # must not replay it from the start.
+        # Runs this socket followed to their end: a late notice of one of them must not replay
+        # it from the start.
         self.finished: set[str] = set()
         self.revoked = False
         user = self.scope.get("user")
@@ -184,9 +184,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             notices = None  # the watcher tries again until Redis answers
         # A removal (or thread deletion) that committed before we joined reached nobody: look
         # again now that any later revoke will reach us (one query, with the active run).
-        still_open, active, role = await _db(selectors.chat_still_open)(
-            tenant=self.tenant, membership=membership, end_user=end_user, thread=thread
-        )
+        try:
+            still_open, active, role = await _db(selectors.chat_still_open)(
+                tenant=self.tenant, membership=membership, end_user=end_user, thread=thread
+            )
+        except BaseException:
+            if notices is not None:
+                notices.close()
+            raise
         membership.role = role or membership.role  # a change that committed before we joined
         if not still_open:
             if notices is not None:
