@@ -20,7 +20,6 @@ from django.db.models import Count, Exists, Max, OuterRef, Q
 from django.utils.safestring import SafeString
 
 from ai_agents.models import Agent, AgentVersion
-from ai_agents.runtime.build import MAX_HANDOFF_DEPTH
 from controlplane.errors import ValidationFailed
 from conversations import markdown
 from conversations.models import ACTIVE_STATUSES, EndUser, Item, Run, RunStatus, Thread
@@ -300,9 +299,9 @@ def handoff_tool_name(agent_name: str) -> str:
 def run_handoff_tools(*, tenant: Tenant, run_ids: Collection[Any]) -> HandoffTools:
     """For each of these runs of the tenant, the tool names of the handoffs its agents had: those
     of the agent version that ran, and, as `ai_agents.runtime.build` follows them, those of the
-    published versions of the agents it hands off to, to `MAX_HANDOFF_DEPTH`, under their names
-    now; and those of the handoffs its trace recorded, under the names they had then (an agent
-    renamed since). Read in one query, at the first question (none if nothing asks); a run of
+    published versions of the agents it hands off to (and back to the run's agent), under their
+    names now; and those of the handoffs its trace recorded, under the names they had then (an
+    agent renamed since). Read in one query, at the first question (none if nothing asks); a run of
     another tenant, or none, has none."""
     found: dict[Any, frozenset[str]] | None = None
 
@@ -324,7 +323,7 @@ def _handoff_tools(tenant: Tenant, run_ids: list[Any]) -> dict[Any, frozenset[st
     with connection.cursor() as cursor:
         cursor.execute(
             _HANDOFF_AGENTS,
-            {"tenant": tenant.pk, "runs": run_ids, "depth": MAX_HANDOFF_DEPTH},
+            {"tenant": tenant.pk, "runs": run_ids},
         )
         for run_id, agent_name in cursor.fetchall():
             if isinstance(agent_name, str):
@@ -332,32 +331,33 @@ def _handoff_tools(tenant: Tenant, run_ids: list[Any]) -> dict[Any, frozenset[st
     return {run_id: frozenset(tools) for run_id, tools in names.items()}
 
 
-# `reach`: the agents each run's agent hands off to (depth 1), those hand off to, and so on. The
-# shortest way to an agent repeats none, so `build`'s skipping of an agent already on the way
-# (a cycle) drops no agent reached here; the run's own agent is never a handoff of the run.
+# `reach`: the agents each run's agent hands off to, those hand off to, and so on, as `build`
+# links them: each agent once (UNION ends the recursion at a cycle); the run's own agent, built
+# from the run's version, is a handoff target if one of them hands back to it, and its handoffs
+# are the run's version's.
 _HANDOFF_AGENTS = f"""
-    WITH RECURSIVE reach (run_id, root, agent_id, depth) AS (
-        SELECT run.id, version.agent_id, (target #>> '{{}}')::uuid, 1
+    WITH RECURSIVE reach (run_id, root, agent_id) AS (
+        SELECT run.id, version.agent_id, (target #>> '{{}}')::uuid
         FROM {Run._meta.db_table} run
         JOIN {AgentVersion._meta.db_table} version
           ON version.id = run.version_id AND version.tenant_id = run.tenant_id
         CROSS JOIN LATERAL jsonb_path_query(version.config, '$.handoffs[*]') target
         WHERE run.tenant_id = %(tenant)s AND run.id = ANY(%(runs)s)
       UNION
-        SELECT reach.run_id, reach.root, (target #>> '{{}}')::uuid, reach.depth + 1
+        SELECT reach.run_id, reach.root, (target #>> '{{}}')::uuid
         FROM reach
         JOIN {Agent._meta.db_table} agent
           ON agent.id = reach.agent_id AND agent.tenant_id = %(tenant)s
         JOIN {AgentVersion._meta.db_table} version
           ON version.id = agent.published_version_id AND version.tenant_id = agent.tenant_id
         CROSS JOIN LATERAL jsonb_path_query(version.config, '$.handoffs[*]') target
-        WHERE reach.depth < %(depth)s AND reach.agent_id <> reach.root
+        WHERE reach.agent_id <> reach.root
     )
     SELECT reach.run_id, agent.name
     FROM reach
     JOIN {Agent._meta.db_table} agent
       ON agent.id = reach.agent_id AND agent.tenant_id = %(tenant)s
-    WHERE agent.published_version_id IS NOT NULL AND reach.agent_id <> reach.root
+    WHERE agent.published_version_id IS NOT NULL OR reach.agent_id = reach.root
     UNION
     SELECT run.id, span #>> '{{}}'
     FROM {Run._meta.db_table} run

@@ -26,8 +26,6 @@ from tenants.models import Tenant
 
 log = logging.getLogger(__name__)
 
-MAX_HANDOFF_DEPTH = 4
-
 
 class McpRequiredUnavailable(RuntimeError):
     """A server the agent requires could not be reached: the run fails with this message."""
@@ -147,13 +145,35 @@ def build(
     *,
     tenant: Tenant,
     version: AgentVersion,
-    depth: int = 0,
     trace: Trace | None = None,
-    _seen: frozenset[str] = frozenset(),
 ) -> BuiltAgent:
     """The SDK agent for `version`, with its tools, MCP servers, guardrails and handoffs (each
     handoff target at its published version). With the run's `trace`, failed model calls are
-    retried within the run's budget."""
+    retried within the run's budget.
+
+    Every agent the run can reach through handoffs is built once, and the handoffs link those
+    agents as configured, cycles included: a specialist whose configuration hands back to the
+    triage agent can do so after triage handed to it. (Building one copy per path, as before,
+    cost a dense graph of 32 agents about a million builds per run, each with its queries and
+    MCP connections.) The returned agent's `mcp` holds the MCP servers of every agent built,
+    each once."""
+    built: dict[str, tuple[Agent[RunContext], list[McpBinding]]] = {}
+    agent = _build_one(tenant=tenant, version=version, trace=trace, built=built)
+    config = AgentConfig.model_validate(version.config)
+    run_config = RunConfig(tracing_disabled=True, workflow_name=f"agent:{version.agent.slug}")
+    mcp = [binding for _agent, bindings in built.values() for binding in bindings]
+    return BuiltAgent(agent=agent, run_config=run_config, config=config, mcp=mcp)
+
+
+def _build_one(
+    *,
+    tenant: Tenant,
+    version: AgentVersion,
+    trace: Trace | None,
+    built: dict[str, tuple[Agent[RunContext], list[McpBinding]]],
+) -> Agent[RunContext]:
+    """The SDK agent for `version`, registered in `built` (by agent id) before its handoffs are
+    built, so that a handoff back to it links to it."""
     config = AgentConfig.model_validate(version.config)
     agent_row: AgentRow = version.agent
     model, model_settings = model_for(
@@ -161,32 +181,13 @@ def build(
     )
     sdk_tools: list[Tool] = [tools.build(t.name, t.settings) for t in config.tools]
 
-    mcp: list[McpBinding] = []
     servers: list[MCPServer] = []
+    refs: list[tuple[MCPServer, str, bool]] = []
     for ref in config.mcp_servers:
         row = selectors.mcp_server_get(tenant=tenant, server_id=ref.server_id)
         server = _mcp_server(row, services.mcp_headers(row))
         servers.append(server)
-        mcp.append(McpBinding(server=server, name=row.name, required=ref.required, owner=None))  # type: ignore[arg-type]
-
-    handoffs: list[Agent[RunContext]] = []
-    seen = _seen | {str(agent_row.pk)}
-    if depth < MAX_HANDOFF_DEPTH:
-        for target_id in config.handoffs:
-            if str(target_id) in seen:
-                continue  # a cycle: the target is already on the way here
-            target = selectors.agent_get(tenant=tenant, agent_id=target_id)
-            if target.published_version is None:
-                continue  # never published: nothing to hand off to yet
-            built = build(
-                tenant=tenant,
-                version=target.published_version,
-                depth=depth + 1,
-                trace=trace,
-                _seen=seen,
-            )
-            handoffs.append(built.agent)
-            mcp.extend(built.mcp)
+        refs.append((server, row.name, ref.required))
 
     output_type = JsonSchemaOutput(config.output_schema) if config.output_schema else None
     agent: Agent[RunContext] = Agent(
@@ -197,16 +198,28 @@ def build(
         model_settings=model_settings,
         tools=sdk_tools,
         mcp_servers=servers,
-        handoffs=list(handoffs),
+        handoffs=[],
         input_guardrails=guardrails.build_input(config.input_guardrails, model),
         output_guardrails=guardrails.build_output(config.output_guardrails, model),
         output_type=output_type,
     )
-    for binding in mcp:
-        if binding.owner is None:
-            binding.owner = agent
-    run_config = RunConfig(tracing_disabled=True, workflow_name=f"agent:{agent_row.slug}")
-    return BuiltAgent(agent=agent, run_config=run_config, config=config, mcp=mcp)
+    bindings = [
+        McpBinding(server=server, name=name, required=required, owner=agent)
+        for server, name, required in refs
+    ]
+    built[str(agent_row.pk)] = (agent, bindings)
+    for target_id in config.handoffs:
+        known = built.get(str(target_id))
+        if known is not None:
+            agent.handoffs.append(known[0])
+            continue
+        target = selectors.agent_get(tenant=tenant, agent_id=target_id)
+        if target.published_version is None:
+            continue  # never published: nothing to hand off to yet
+        agent.handoffs.append(
+            _build_one(tenant=tenant, version=target.published_version, trace=trace, built=built)
+        )
+    return agent
 
 
 def context_for(

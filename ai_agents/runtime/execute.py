@@ -216,9 +216,7 @@ async def _run_version(
     models.run_loop.set(asyncio.get_running_loop())  # a run host's runs share its clients
     try:
         if built is None:
-            built = await sync_to_async(build)(
-                tenant=tenant, version=version, depth=depth, trace=ctx.trace
-            )
+            built = await sync_to_async(build)(tenant=tenant, version=version, trace=ctx.trace)
     except NotFound as exc:
         return RunOutcome(
             "error",

@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from ai_agents import selectors, services
 from ai_agents.runtime import execute
+from ai_agents.runtime.build import build
 
 
 def _make(world, name="Assistant", publish=True, **config):
@@ -106,6 +107,55 @@ def test_a_triage_agent_hands_off_to_a_specialist(world_a, provider, fake_llm):
     ]
     second = fake_llm.requests()[1]["body"]
     assert second["messages"][0]["content"] == "You handle invoices."
+
+
+def _hand_off(world, agent, *targets):
+    """Give `agent` handoffs to `targets` and publish that."""
+    version = selectors.working_version(tenant=world.tenant, agent=agent)
+    config = {**version.config, "handoffs": [str(t.pk) for t in targets]}
+    services.draft_save(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk, config=config)
+    services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+
+
+def test_a_specialist_hands_back_to_the_triage_agent_that_handed_to_it(world_a, provider, fake_llm):
+    """Billing's configuration hands off to Triage: after Triage handed the conversation to
+    Billing, Billing can hand it back, as configured."""
+    billing = _make(world_a, "Billing", provider_id=str(provider.pk))
+    triage = _make(world_a, "Triage", provider_id=str(provider.pk), handoffs=[str(billing.pk)])
+    _hand_off(world_a, billing, triage)
+    fake_llm.script(
+        [
+            {"tool_calls": [{"name": "transfer_to_billing", "arguments": {}}]},
+            {"tool_calls": [{"name": "transfer_to_triage", "arguments": {}}]},
+            {"text": "Triage again: what else can I do?"},
+        ]
+    )
+    outcome = _run(world_a, triage, "my invoice, then something else")
+    assert outcome.status == "success", outcome.message
+    assert (outcome.last_agent, outcome.output) == ("Triage", "Triage again: what else can I do?")
+    hops = [(s["from_agent"], s["to_agent"]) for s in _spans(outcome, "handoff")]
+    assert hops == [("Triage", "Billing"), ("Billing", "Triage")]
+    offered = {t["function"]["name"] for t in fake_llm.requests()[1]["body"]["tools"]}
+    assert offered == {"transfer_to_triage"}
+
+
+def test_every_agent_of_a_dense_handoff_graph_is_built_once(world_a, provider):
+    """Eight agents that all hand off to each other: the run builds eight agents, linked as
+    configured, not one copy per path through them (over a thousand)."""
+    team = [_make(world_a, f"Agent {n}", provider_id=str(provider.pk)) for n in range(8)]
+    for member in team:
+        _hand_off(world_a, member, *(other for other in team if other != member))
+    first = selectors.agent_get(tenant=world_a.tenant, agent_id=team[0].pk)
+    built = build(tenant=world_a.tenant, version=first.published_version)
+    reached, todo = {}, [built.agent]
+    while todo:
+        agent = todo.pop()
+        if id(agent) not in reached:
+            reached[id(agent)] = agent
+            todo.extend(agent.handoffs)
+    assert sorted(a.name for a in reached.values()) == sorted(m.name for m in team)
+    for agent in reached.values():
+        assert len(agent.handoffs) == 7 and agent not in agent.handoffs
 
 
 def test_a_tripped_input_guardrail_ends_the_run_before_the_model(world_a, provider, fake_llm):
