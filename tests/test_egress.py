@@ -7,7 +7,9 @@ anything, every connection that is not to loopback or that did not go through th
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import http.server
 import ipaddress
 import json
@@ -16,6 +18,7 @@ import re
 import socket
 import ssl
 import threading
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -634,26 +637,40 @@ def test_guarded_clients_refuse_arguments_that_bypass_the_transport(argument: st
 # --- The httpx2 clients for the openai and mcp packages -----------------------------------------
 
 
+@contextlib.contextmanager
+def _no_session_left_open() -> Iterator[None]:
+    """Fails if a model client's aiohttp session (its pool of connections to the provider) made
+    inside is dropped without being closed: aiohttp warns when it collects one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        yield
+        gc.collect()
+    assert [str(w.message) for w in caught if "Unclosed" in str(w.message)] == []
+
+
 async def test_openai_client_reaches_an_allowed_provider(server: _Server, allow_loopback):
-    client = openai.AsyncOpenAI(
-        api_key="sk-test",
-        base_url=server.url("/v1"),
-        http_client=egress.guarded_openai_http_client(timeout=5),
-        max_retries=0,
-    )
-    models = await client.models.list()
-    assert [m.id for m in models.data] == ["m1"]
+    async def listed() -> list[str]:
+        async with openai.AsyncOpenAI(
+            api_key="sk-test",
+            base_url=server.url("/v1"),
+            http_client=egress.guarded_openai_http_client(timeout=5),
+            max_retries=0,
+        ) as client:
+            return [m.id for m in (await client.models.list()).data]
+
+    with _no_session_left_open():  # its connection is closed with it, not left to the end
+        assert await listed() == ["m1"]
 
 
 async def test_openai_client_with_a_metadata_base_url_is_refused(guard):
-    client = openai.AsyncOpenAI(
+    async with openai.AsyncOpenAI(
         api_key="sk-test",
         base_url="http://169.254.169.254/v1",
         http_client=egress.guarded_openai_http_client(timeout=5),
         max_retries=0,
-    )
-    with pytest.raises(EgressDenied) as refused:
-        await client.models.list()
+    ) as client:
+        with pytest.raises(EgressDenied) as refused:
+            await client.models.list()
     assert str(refused.value) == (
         "http://169.254.169.254/v1/models resolves to a link-local address (169.254.169.254); "
         "outbound requests may only reach public addresses"
