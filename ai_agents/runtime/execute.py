@@ -350,24 +350,24 @@ async def run_published_agent(
 
 
 async def check_provider(provider: ModelProvider) -> tuple[bool, str]:
-    """The dashboard's "test connection": one tiny request, and what went wrong in plain words."""
-    client = models.openai_client(provider)
-    try:
-        if provider.api == ProviderApi.RESPONSES:
-            await client.responses.create(
-                model=provider.default_model, input="ping", max_output_tokens=16
-            )
-        else:
-            reply = await client.chat.completions.create(
-                model=provider.default_model,
-                messages=[{"role": "user", "content": "ping"}],
-                max_tokens=1,
-            )
-            if not getattr(reply, "choices", None):
-                raise ValueError("the answer has no choices")
-    except Exception as exc:
-        explained = explain_provider_error(exc, timeout=provider.timeout_seconds, detail=True)
-        return False, explained or (f"Unexpected error: {type(exc).__name__}: {exc}")
-    finally:
-        await client.close()
+    """The dashboard's "test connection": one tiny request, and what went wrong in plain words.
+    The client is closed afterwards unless it is a run host's shared one (`models.run_scope`)."""
+    async with models.run_scope():
+        client = models.openai_client(provider)
+        try:
+            if provider.api == ProviderApi.RESPONSES:
+                await client.responses.create(
+                    model=provider.default_model, input="ping", max_output_tokens=16
+                )
+            else:
+                reply = await client.chat.completions.create(
+                    model=provider.default_model,
+                    messages=[{"role": "user", "content": "ping"}],
+                    max_tokens=1,
+                )
+                if not getattr(reply, "choices", None):
+                    raise ValueError("the answer has no choices")
+        except Exception as exc:
+            explained = explain_provider_error(exc, timeout=provider.timeout_seconds, detail=True)
+            return False, explained or (f"Unexpected error: {type(exc).__name__}: {exc}")
     return True, f"Connected: {provider.default_model} answered."

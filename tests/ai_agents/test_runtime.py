@@ -506,6 +506,34 @@ async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fak
         models._SHARED.discard(loop)
 
 
+async def test_a_connection_test_on_a_run_hosts_loop_leaves_its_shared_client_open(fake_llm):
+    """The provider's "test connection" closes the client it made, never the one a run host's
+    runs share."""
+    import asyncio
+
+    from ai_agents.runtime import models
+
+    provider = _unsaved_provider(fake_llm)
+    loop = asyncio.get_running_loop()
+    models.share_clients(loop)
+    token = models.run_loop.set(loop)
+    try:
+        shared = models.openai_client(provider)
+        assert (await execute.check_provider(provider))[0] is True
+        assert not shared.is_closed()
+        await shared.chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": "hi"}]
+        )
+        await models.close_clients()
+    finally:
+        models.run_loop.reset(token)
+        models._SHARED.discard(loop)
+    async with models.run_scope():  # elsewhere: the connection test's own client is closed
+        assert (await execute.check_provider(provider))[0]
+        made = models.openai_client(provider)
+    assert made.is_closed()
+
+
 async def test_a_run_elsewhere_closes_the_clients_it_made(fake_llm):
     from ai_agents.runtime import models
 
