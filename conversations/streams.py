@@ -344,6 +344,17 @@ class _Follower:
             self.mux.leave(self)
 
 
+def _discard(registry: dict[str, list[Any]], follower: _Follower) -> None:
+    """Take `follower` out of `registry` (its key's list, dropped once empty)."""
+    followers = registry.get(follower.key)
+    if followers is None:
+        return
+    with contextlib.suppress(ValueError):
+        followers.remove(follower)
+    if not followers:
+        del registry[follower.key]
+
+
 class _Watcher(_Follower):
     """One `watch_thread()`: the notices of one thread (`key` is its id) handed to it."""
 
@@ -426,22 +437,10 @@ class _Multiplexer:
         return watcher
 
     def unwatch(self, watcher: _Watcher) -> None:
-        watchers = self.watchers.get(watcher.key)
-        if watchers is None:
-            return
-        with contextlib.suppress(ValueError):
-            watchers.remove(watcher)
-        if not watchers:
-            del self.watchers[watcher.key]
+        _discard(self.watchers, watcher)
 
     def leave(self, follower: _Follower) -> None:
-        followers = self.by_key.get(follower.key)
-        if followers is None:
-            return
-        with contextlib.suppress(ValueError):
-            followers.remove(follower)
-        if not followers:
-            del self.by_key[follower.key]
+        _discard(self.by_key, follower)
 
     async def _wake(self) -> None:
         try:
