@@ -518,7 +518,9 @@ def agent_create(
 
 @transaction.atomic
 def agent_update(*, tenant: Tenant, actor: Actor, agent_id, name: str, description: str) -> Agent:
-    """Rename or describe an agent (not versioned: it does not change what runs)."""
+    """Rename or describe an agent. Not versioned: its configuration stays as it is, but the
+    name and description are what agents handing off to it show their model (the handoff's
+    tool is `transfer_to_<name>`), from their next run on."""
     _require_manager(actor)
     agent = _agent_for_update(tenant, agent_id)
     if not name.strip():
