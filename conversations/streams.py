@@ -379,17 +379,19 @@ class _Multiplexer:
     join starts a new reader."""
 
     WAKE_TTL_SECONDS = 24 * 3600
-    # A reader that stopped this long ago no longer knows where the notices stand.
-    NOTICES_STALE_S = 10.0
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self.by_key: dict[str, list[_Follower]] = {}
-        # The thread notices' watchers, by thread id, and the id of the last notice read (None:
-        # unknown, read it before anyone watches) and when (the loop's clock).
+        # The thread notices' watchers, by thread id; where the next XREAD reads the notices from
+        # (None: nobody watches, they are not read); whether a watcher moved that back during
+        # the XREAD in flight (its reply must not move it forward again), and where that XREAD
+        # reads them from (None: not at all).
         self.watchers: dict[str, list[_Watcher]] = {}
         self.notices_last: str | None = None
-        self.notices_at = float("-inf")
+        self.notices_rewound = False
+        self.notices_reading: str | None = None
+        self.snapshot: asyncio.Task[str] | None = None
         self.task: asyncio.Task[None] | None = None
         self.wake_key = f"cp:mux:{{{uuid4()}}}"
         self.wake_last = "0-0"
@@ -417,24 +419,47 @@ class _Multiplexer:
             waker.add_done_callback(self.wakers.discard)
         return follower
 
-    async def watch(self, thread_id: str) -> _Watcher:
-        """Start handing `thread_id`'s notices to a new watcher: every notice added from now on
-        (and perhaps one added a moment before). The notices stream is in every XREAD, so this
-        costs no round trip while the reader runs; a reader that starts reads where the stream
-        ends first."""
+    async def watch(self, thread_id: str, after: str | None) -> _Watcher:
+        """Start handing `thread_id`'s notices after `after` to a new watcher; with None, every
+        notice added from now on (and perhaps one added a few milliseconds before). While the
+        reader reads the notices for other watchers, where it stands is now: no round trip.
+        Otherwise one `XREVRANGE`, shared by the watches that ask at the same time."""
         loop = asyncio.get_running_loop()
-        running = self.task is not None and not self.task.done()
-        if self.notices_last is None or (
-            not running and loop.time() - self.notices_at > self.NOTICES_STALE_S
-        ):
-            rows: Any = await self.client.xrevrange(NOTICES_KEY, count=1)
-            self.notices_last = str(rows[0][0]) if rows else "0-0"
-            self.notices_at = loop.time()
-        watcher = _Watcher(self, thread_id, self.notices_last)
+        if after is None:
+            running = self.task is not None and not self.task.done()
+            if running and self.watchers and self.notices_last is not None:
+                after = self.notices_last
+            else:
+                if self.snapshot is None:
+                    self.snapshot = loop.create_task(self._latest_notice())
+                after = await asyncio.shield(self.snapshot)
+        watcher = _Watcher(self, thread_id, after)
         self.watchers.setdefault(thread_id, []).append(watcher)
+        # The reader reads the notices from no later than this watcher's start: moved back if
+        # need be (the watchers already there ignore what they read before), and woken if the
+        # XREAD in flight does not read them from there.
+        position = _parse_id(after)
+        if self.notices_last is None or position < _parse_id(self.notices_last):
+            self.notices_last, self.notices_rewound = after, True
         if self.task is None or self.task.done():
             self.task = loop.create_task(self._read())
+        elif (
+            self.reading
+            and not self.woken
+            and (self.notices_reading is None or position < _parse_id(self.notices_reading))
+        ):
+            self.woken = True
+            waker = loop.create_task(self._wake())
+            self.wakers.add(waker)
+            waker.add_done_callback(self.wakers.discard)
         return watcher
+
+    async def _latest_notice(self) -> str:
+        try:
+            rows: Any = await self.client.xrevrange(NOTICES_KEY, count=1)
+            return str(rows[0][0]) if rows else "0-0"
+        finally:
+            self.snapshot = None
 
     def unwatch(self, watcher: _Watcher) -> None:
         _discard(self.watchers, watcher)
@@ -475,13 +500,16 @@ class _Multiplexer:
                     lowest = min(followers, key=_position)
                     since[key], positions[key] = lowest.read, lowest.read_id
                 positions[self.wake_key] = self.wake_last
-                positions[NOTICES_KEY] = self.notices_last or "$"
+                if not self.watchers:
+                    self.notices_last = None  # nobody watches: where they stand is not kept
+                if self.notices_last is not None:
+                    positions[NOTICES_KEY] = self.notices_last
+                self.notices_reading, self.notices_rewound = self.notices_last, False
                 self.reading, self.woken = True, False
                 try:
                     reply: Any = await self.client.xread(positions, count=500, block=MAX_BLOCK_MS)
                 finally:
-                    self.reading = False
-                self.notices_at = loop.time()
+                    self.reading, self.notices_reading = False, None
                 for key, rows in reply or []:
                     if key == self.wake_key:
                         self.wake_last = rows[-1][0]
@@ -489,7 +517,7 @@ class _Multiplexer:
                         self._notify(rows)
                     else:
                         self._deliver(self.by_key.get(key), rows, since.get(key))
-            self.notices_last = None  # nobody listens: what comes next is not read
+            self.notices_last = None
         except (redis.exceptions.RedisError, OSError) as exc:
             self._fail(exc)
         except asyncio.CancelledError:
@@ -531,12 +559,11 @@ class _Multiplexer:
             follower._wake()
 
     def _notify(self, rows: list[Any]) -> None:
-        """Hand each notice to the watchers of its thread that started watching before it."""
+        """Hand each notice to the watchers of its thread that had not read it."""
         if not rows:
             return
-        last = rows[-1][0]
-        if self.notices_last is None or _parse_id(last) > _parse_id(self.notices_last):
-            self.notices_last = last
+        if not self.notices_rewound and self.notices_last is not None:
+            self.notices_last = rows[-1][0]
         for entry_id, fields in rows:
             thread = fields.get("thread") if isinstance(fields, dict) else None
             watchers = self.watchers.get(thread) if isinstance(thread, str) else None
@@ -551,11 +578,10 @@ class _Multiplexer:
                     watcher._wake()
 
     def _fail(self, exc: BaseException) -> None:
-        # Where the notices stand is kept: watchers that come back within NOTICES_STALE_S
-        # hear what was announced meanwhile.
+        # Watchers that watch again pass the last notice they had (`ThreadNotices.position`).
         followers = [f for fs in self.by_key.values() for f in fs]
         followers += [w for ws in self.watchers.values() for w in ws]
-        self.by_key, self.watchers = {}, {}
+        self.by_key, self.watchers, self.notices_last = {}, {}, None
         for follower in followers:
             follower.error = exc
             follower._wake()
@@ -1070,17 +1096,24 @@ class ThreadNotices:
                     f"The notices of thread {self.thread_id} are unavailable: {exc}"
                 ) from exc
 
+    @property
+    def position(self) -> str:
+        """The id of the last notice handed out (or where the watching started): watch again
+        from there after StreamUnavailable to miss nothing still in the stream."""
+        return self.watcher.last_id
+
     def close(self) -> None:
         self.watcher.leave()
 
 
-async def watch_thread(thread_id: UUID | str) -> ThreadNotices:
-    """Start hearing the thread's notices: every one announced after this returns. Call it
-    before asking PostgreSQL what the thread is doing, so that a run committed after that answer
-    is heard of. StreamUnavailable if Redis cannot be reached."""
+async def watch_thread(thread_id: UUID | str, after: str | None = None) -> ThreadNotices:
+    """Start hearing the thread's notices: every one announced after this returns, or with
+    `after` (a `ThreadNotices.position`), every one after that. Call it before asking
+    PostgreSQL what the thread is doing, so that a run committed after that answer is heard of.
+    StreamUnavailable if Redis cannot be reached."""
     mux = _aconn().mux
     try:
-        watcher = await mux.watch(_run(thread_id))
+        watcher = await mux.watch(_run(thread_id), None if after is None else _check_after(after))
     except (redis.exceptions.RedisError, OSError) as exc:
         raise StreamUnavailable(
             f"The notices of thread {thread_id} are unavailable: {type(exc).__name__}: {exc}"

@@ -579,12 +579,91 @@ async def test_a_watcher_back_from_a_cut_connection_hears_what_was_announced_mea
     await sync_to_async(streams.announce_run)(thread_id, run)
     settings.REDIS_URL = through_proxy
     await proxy.start(port=int(through_proxy.rsplit(":", 1)[1].split("/")[0]))
-    again = await streams.watch_thread(thread_id)
+    again = await streams.watch_thread(thread_id, after=notices.position)
     try:
         assert await _next(again) == {"type": "run.started", "run_id": str(run)}
     finally:
         again.close()
         await proxy.cut()
+
+
+async def test_watches_at_the_same_time_each_hear_what_follows_their_own_start(thread_id):
+    """Two sockets connect together while the reader reads no notices: they share one look at
+    where the stream ends, and the first still hears the run announced on its thread after."""
+    mux = _mux()
+    real, looked, gate, asked = mux.client.xrevrange, [], asyncio.Event(), asyncio.Event()
+
+    async def slow_xrevrange(*args, **kwargs):
+        rows = await real(*args, **kwargs)
+        looked.append(rows)
+        asked.set()
+        await gate.wait()
+        return rows
+
+    mux.client.xrevrange = slow_xrevrange
+    try:
+        first = asyncio.create_task(streams.watch_thread(thread_id))
+        await asyncio.wait_for(asked.wait(), timeout=10)
+        run = uuid.uuid4()
+        await sync_to_async(streams.announce_run)(thread_id, run)
+        second = asyncio.create_task(streams.watch_thread(uuid.uuid4()))
+        await asyncio.sleep(0.05)
+        gate.set()
+        notices, other = await first, await second
+    finally:
+        mux.client.xrevrange = real
+    try:
+        assert len(looked) == 1
+        assert await _next(notices) == {"type": "run.started", "run_id": str(run)}
+    finally:
+        notices.close()
+        other.close()
+
+
+async def test_a_reader_running_for_runs_alone_does_not_hand_a_new_socket_old_notices(thread_id):
+    """The process follows a run's stream but watches no thread: a socket that connects then
+    hears the runs announced after it, not one announced before."""
+    await sync_to_async(streams.announce_run)(thread_id, uuid.uuid4())  # a run long over
+    follower = asyncio.create_task(anext(streams.follow_raw(uuid.uuid4(), heartbeat_s=30)))
+    await asyncio.sleep(0.05)  # the reader runs, for the follower
+    notices = await streams.watch_thread(thread_id)
+    try:
+        with pytest.raises(TimeoutError):
+            await _next(notices, within=0.3)
+        run = uuid.uuid4()
+        await sync_to_async(streams.announce_run)(thread_id, run)
+        assert (await _next(notices))["run_id"] == str(run)
+    finally:
+        notices.close()
+        follower.cancel()
+
+
+async def test_a_watch_while_the_readers_xread_is_late_still_hears_its_notice(thread_id):
+    """The reader's XREAD, issued before the socket watched, reaches Redis after the socket's
+    notice was added (a new connection, a health check): the socket still hears it."""
+    mux = _mux()
+    real, calls = mux.client.xread, []
+
+    async def late_xread(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            await asyncio.sleep(0.3)
+        return await real(*args, **kwargs)
+
+    mux.client.xread = late_xread
+    follower = asyncio.create_task(anext(streams.follow_raw(uuid.uuid4(), heartbeat_s=30)))
+    try:
+        await asyncio.sleep(0.05)  # the reader's first XREAD is on its way
+        notices = await streams.watch_thread(thread_id)
+        run = uuid.uuid4()
+        await sync_to_async(streams.announce_run)(thread_id, run)
+        await asyncio.sleep(0.5)
+        await sync_to_async(streams.announce_run)(uuid.uuid4(), uuid.uuid4())  # anyone else's
+        assert (await _next(notices, within=4))["run_id"] == str(run)
+    finally:
+        mux.client.xread = real
+        notices.close()
+        follower.cancel()
 
 
 # --- the writer: queued appends, sent in the background -------------------------------------------
