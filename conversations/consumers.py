@@ -182,35 +182,42 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             notices: streams.ThreadNotices | None = await streams.watch_thread(thread.pk)
         except streams.StreamUnavailable:
             notices = None  # the watcher tries again until Redis answers
+        opened = False
+        try:
+            opened = await self._open()
+        finally:  # refused, the client gone during the handshake, a failed query
+            if notices is not None and not opened:
+                notices.close()
+        if opened:
+            self.watcher = asyncio.create_task(self._watch(notices))
+
+    async def _open(self) -> bool:
+        """The rest of `connect`: False if the socket was refused."""
         # A removal (or thread deletion) that committed before we joined reached nobody: look
         # again now that any later revoke will reach us (one query, with the active run).
-        try:
-            still_open, active, role = await _db(selectors.chat_still_open)(
-                tenant=self.tenant, membership=membership, end_user=end_user, thread=thread
-            )
-        except BaseException:
-            if notices is not None:
-                notices.close()
-            raise
-        membership.role = role or membership.role  # a change that committed before we joined
+        still_open, active, role = await _db(selectors.chat_still_open)(
+            tenant=self.tenant,
+            membership=self.membership,
+            end_user=self.end_user,
+            thread=self.thread,
+        )
+        self.membership.role = role or self.membership.role  # changed before we joined
         if not still_open:
-            if notices is not None:
-                notices.close()
             await self._leave()
             await self.close(code=CLOSE_NOT_FOUND)
-            return
+            return False
         await self.accept()
         await self.send_json(
             {
                 "type": "hello",
-                "thread_id": str(thread.pk),
+                "thread_id": str(self.thread.pk),
                 "active_run": str(active) if active else None,
             }
         )
         if active is not None:
             query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
             self._follow(str(active), _stream_id((query.get("after") or ["0-0"])[0]))
-        self.watcher = asyncio.create_task(self._watch(notices))
+        return True
 
     async def disconnect(self, code: int) -> None:
         await self._stop_following()
@@ -247,6 +254,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             return
         try:
             async with self.turn:
+                if self.revoked:  # revoked while this message waited its turn
+                    return
                 await self._receive(content)
         except _Gone as gone:
             await self.connection_revoke({"reason": gone.reason})
@@ -430,37 +439,53 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
     # --- the thread's notices ---------------------------------------------------------------
 
     async def _watch(self, notices: streams.ThreadNotices | None) -> None:
-        """Hear the thread's notices until the socket closes. Through a Redis outage it watches
-        again, after 0.5 s and then twice as long each time up to 5 s; notices announced once
-        Redis is back are not missed (`streams._Multiplexer.watch`). The client hears of the
-        outage from the run it follows, if any."""
+        """Hear the thread's notices until the socket closes. When Redis fails it watches
+        again, from the last notice it heard, after 0.5 s and then twice as long each time up
+        to 5 s; once it watches again it asks PostgreSQL for the thread's active run too (an
+        announcement may have failed, or the gap outlasted the notices kept). The client hears
+        of an outage from the run it follows, if any."""
         wait = 0.0
+        position: str | None = None
         try:
             while not self.revoked:
                 try:
                     if notices is None:
                         if wait:
                             await asyncio.sleep(wait)
-                        notices = await streams.watch_thread(self.thread.pk)
-                    async for notice in notices:
+                        notices = await streams.watch_thread(self.thread.pk, after=position)
                         wait = 0.0
                         async with self.turn:
+                            if self.revoked:
+                                return
+                            await self._catch_up()
+                    async for notice in notices:
+                        async with self.turn:
+                            if self.revoked:
+                                return
                             await self._notice(notice)
-                        if self.revoked:
-                            return
                 except streams.StreamUnavailable:
                     pass
-                except asyncio.CancelledError:
+                except (_Gone, asyncio.CancelledError):
                     raise
-                except Exception:  # a bug here must not end the socket's other work silently
+                except Exception:  # sending to a closed socket, or a bug: stop watching
                     log.exception("chat: watching thread %s failed", self.thread.pk)
+                    return
                 if notices is not None:
+                    position = notices.position
                     notices.close()
                     notices = None
                 wait = min(wait * 2, RETRY_MAX_S) if wait else RETRY_FIRST_S
+        except _Gone as gone:
+            await self.connection_revoke({"reason": gone.reason})
         finally:
             if notices is not None:
                 notices.close()
+
+    async def _catch_up(self) -> None:
+        """Follow the thread's active run if the socket does not yet (after watching again)."""
+        active = await _db(_still_open)(self)
+        if active is not None:
+            await self._notice({"type": streams.RUN_STARTED, "run_id": str(active)})
 
     async def _notice(self, notice: dict[str, Any]) -> None:
         kind = notice.get("type")
@@ -483,7 +508,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.revoked:
             return
         self.revoked = True
-        await self._leave()
-        await self._stop_following()
-        await self.send_json({"type": "revoked", "reason": message.get("reason", "")})
-        await self.close(code=CLOSE_REVOKED)
+        try:
+            await self._leave()
+        finally:
+            await self._stop_following()
+            await self.send_json({"type": "revoked", "reason": message.get("reason", "")})
+            await self.close(code=CLOSE_REVOKED)

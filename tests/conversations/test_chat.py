@@ -920,6 +920,40 @@ async def test_a_chat_opened_later_hears_only_runs_started_after_it(_close_async
 
 
 @pytestmark_ws
+async def test_a_chat_that_could_not_watch_its_thread_follows_a_run_started_meanwhile(
+    _close_async_clients, monkeypatch
+):
+    """The thread's notices could not be watched when the socket connected (Redis away for
+    this process) and a run started meanwhile: once the socket watches, it asks PostgreSQL and
+    follows that run."""
+    w = await database_sync_to_async(_setup)()
+    watch = streams.watch_thread
+    refused = []
+
+    async def first_refused(*args, **kwargs):
+        if len(refused) < 2:  # at connect, and at once after: the next try is 0.5 s later
+            refused.append(1)
+            raise streams.StreamUnavailable("Redis is away")
+        return await watch(*args, **kwargs)
+
+    monkeypatch.setattr(streams, "watch_thread", first_refused)
+    socket, hello = await _open(w, w.mine, w.a.member)
+    try:
+        assert hello["active_run"] is None
+        run = await database_sync_to_async(services.run_create)(
+            tenant=w.a.tenant, end_user=w.mine.end_user, thread_id=w.mine.pk, input=CALC,
+            source="api",
+        )  # fmt: skip
+        started = await socket.receive_json_from(timeout=WAIT)
+        assert started == {"type": "run.started", "run_id": str(run.pk)}
+        assert await _execute(run.pk) == RunStatus.SUCCESS
+        assert (await _until_terminal(socket))[-1]["event"]["status"] == "success"
+        assert refused == [1, 1]
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
 async def test_a_busy_thread_answers_thread_busy(_close_async_clients):
     w = await database_sync_to_async(_setup)()
     socket, _ = await _open(w, w.mine, w.a.member)
