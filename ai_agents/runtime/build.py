@@ -157,11 +157,28 @@ def build(
     cost a dense graph of 32 agents about a million builds per run, each with its queries and
     MCP connections.) The returned agent's `mcp` holds the MCP servers of every agent built,
     each once."""
-    built: dict[str, tuple[Agent[RunContext], list[McpBinding]]] = {}
+    built: dict[str, tuple[Agent[RunContext], list[McpBinding], AgentConfig]] = {}
     agent = _build_one(tenant=tenant, version=version, trace=trace, built=built)
-    config = AgentConfig.model_validate(version.config)
+    # Breadth first, without recursion: a long chain of handoffs is no deeper a call stack.
+    waiting, unpublished = [str(version.agent_id)], set[str]()
+    while waiting:
+        source, _bindings, source_config = built[waiting.pop(0)]
+        for target_id in map(str, source_config.handoffs):
+            if target_id in unpublished:
+                continue
+            if target_id not in built:
+                target = selectors.agent_get(tenant=tenant, agent_id=target_id)
+                if target.published_version is None:
+                    unpublished.add(target_id)  # never published: nothing to hand off to yet
+                    continue
+                _build_one(
+                    tenant=tenant, version=target.published_version, trace=trace, built=built
+                )
+                waiting.append(target_id)
+            source.handoffs.append(built[target_id][0])
+    config = built[str(version.agent_id)][2]
     run_config = RunConfig(tracing_disabled=True, workflow_name=f"agent:{version.agent.slug}")
-    mcp = [binding for _agent, bindings in built.values() for binding in bindings]
+    mcp = [binding for _agent, bindings, _config in built.values() for binding in bindings]
     return BuiltAgent(agent=agent, run_config=run_config, config=config, mcp=mcp)
 
 
@@ -170,10 +187,10 @@ def _build_one(
     tenant: Tenant,
     version: AgentVersion,
     trace: Trace | None,
-    built: dict[str, tuple[Agent[RunContext], list[McpBinding]]],
+    built: dict[str, tuple[Agent[RunContext], list[McpBinding], AgentConfig]],
 ) -> Agent[RunContext]:
-    """The SDK agent for `version`, registered in `built` (by agent id) before its handoffs are
-    built, so that a handoff back to it links to it."""
+    """The SDK agent for `version`, without its handoffs (`build` links them), registered in
+    `built` by agent id."""
     config = AgentConfig.model_validate(version.config)
     agent_row: AgentRow = version.agent
     model, model_settings = model_for(
@@ -207,18 +224,7 @@ def _build_one(
         McpBinding(server=server, name=name, required=required, owner=agent)
         for server, name, required in refs
     ]
-    built[str(agent_row.pk)] = (agent, bindings)
-    for target_id in config.handoffs:
-        known = built.get(str(target_id))
-        if known is not None:
-            agent.handoffs.append(known[0])
-            continue
-        target = selectors.agent_get(tenant=tenant, agent_id=target_id)
-        if target.published_version is None:
-            continue  # never published: nothing to hand off to yet
-        agent.handoffs.append(
-            _build_one(tenant=tenant, version=target.published_version, trace=trace, built=built)
-        )
+    built[str(agent_row.pk)] = (agent, bindings, config)
     return agent
 
 
