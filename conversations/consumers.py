@@ -48,7 +48,7 @@ from urllib.parse import parse_qs
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
-from django.db import connections
+from django.db import DatabaseError, connections
 
 from controlplane.errors import Conflict, DomainError, NotFound, RateLimited, ValidationFailed
 from conversations import events as run_events
@@ -453,18 +453,22 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         if wait:
                             await asyncio.sleep(wait)
                         notices = await streams.watch_thread(self.thread.pk, after=position)
-                        wait = 0.0
                         async with self.turn:
                             if self.revoked:
                                 return
                             await self._catch_up()
                     async for notice in notices:
+                        wait = 0.0
                         async with self.turn:
                             if self.revoked:
                                 return
                             await self._notice(notice)
+                        if self.revoked:
+                            return
                 except streams.StreamUnavailable:
                     pass
+                except DatabaseError:  # the look at PostgreSQL failed: both are tried again
+                    log.warning("chat: no active run read for %s", self.thread.pk, exc_info=True)
                 except (_Gone, asyncio.CancelledError):
                     raise
                 except Exception:  # sending to a closed socket, or a bug: stop watching

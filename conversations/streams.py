@@ -390,6 +390,7 @@ class _Multiplexer:
         self.watchers: dict[str, list[_Watcher]] = {}
         self.notices_last: str | None = None
         self.notices_rewound = False
+        self.notices_behind = True  # notices_last may be far from the stream's end
         self.notices_reading: str | None = None
         self.snapshot: asyncio.Task[str] | None = None
         self.task: asyncio.Task[None] | None = None
@@ -427,7 +428,12 @@ class _Multiplexer:
         loop = asyncio.get_running_loop()
         if after is None:
             running = self.task is not None and not self.task.done()
-            if running and self.watchers and self.notices_last is not None:
+            if (
+                running
+                and self.watchers
+                and self.notices_last is not None
+                and not (self.notices_rewound or self.notices_behind)
+            ):
                 after = self.notices_last
             else:
                 if self.snapshot is None:
@@ -441,6 +447,7 @@ class _Multiplexer:
         position = _parse_id(after)
         if self.notices_last is None or position < _parse_id(self.notices_last):
             self.notices_last, self.notices_rewound = after, True
+            self.notices_behind = True
         if self.task is None or self.task.done():
             self.task = loop.create_task(self._read())
         elif (
@@ -509,7 +516,11 @@ class _Multiplexer:
                 try:
                     reply: Any = await self.client.xread(positions, count=500, block=MAX_BLOCK_MS)
                 finally:
-                    self.reading, self.notices_reading = False, None
+                    self.reading, reading = False, self.notices_reading
+                    self.notices_reading = None
+                if reading is not None and not self.notices_rewound:
+                    got: list[Any] = next((r for k, r in reply or [] if k == NOTICES_KEY), [])
+                    self.notices_behind = len(got) >= 500  # a full batch: more may wait
                 for key, rows in reply or []:
                     if key == self.wake_key:
                         self.wake_last = rows[-1][0]
@@ -560,9 +571,9 @@ class _Multiplexer:
 
     def _notify(self, rows: list[Any]) -> None:
         """Hand each notice to the watchers of its thread that had not read it."""
-        if not rows:
-            return
-        if not self.notices_rewound and self.notices_last is not None:
+        if not rows or self.notices_rewound:
+            return  # rewound: the next XREAD reads these again, from the watcher's start
+        if self.notices_last is not None:
             self.notices_last = rows[-1][0]
         for entry_id, fields in rows:
             thread = fields.get("thread") if isinstance(fields, dict) else None
