@@ -41,7 +41,8 @@ import asyncio
 import json
 import logging
 import re
-from functools import wraps
+from collections.abc import Awaitable, Callable
+from functools import partial, wraps
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -253,10 +254,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         if self.revoked:
             return
         try:
-            async with self.turn:
-                if self.revoked:  # revoked while this message waited its turn
-                    return
-                await self._receive(content)
+            await self._in_turn(partial(self._receive, content))
         except _Gone as gone:
             await self.connection_revoke({"reason": gone.reason})
 
@@ -453,17 +451,11 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                         if wait:
                             await asyncio.sleep(wait)
                         notices = await streams.watch_thread(self.thread.pk, after=position)
-                        async with self.turn:
-                            if self.revoked:
-                                return
-                            await self._catch_up()
+                        if not await self._in_turn(self._catch_up):
+                            return
                     async for notice in notices:
                         wait = 0.0
-                        async with self.turn:
-                            if self.revoked:
-                                return
-                            await self._notice(notice)
-                        if self.revoked:
+                        if not await self._in_turn(partial(self._notice, notice)):
                             return
                 except streams.StreamUnavailable:
                     pass
@@ -484,6 +476,14 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         finally:
             if notices is not None:
                 notices.close()
+
+    async def _in_turn(self, work: Callable[[], Awaitable[None]]) -> bool:
+        """`work()` in the socket's turn (`self.turn`), unless the socket was revoked meanwhile
+        (then nothing); whether the socket is still open afterwards."""
+        async with self.turn:
+            if not self.revoked:
+                await work()
+        return not self.revoked
 
     async def _catch_up(self) -> None:
         """Follow the thread's active run if the socket does not yet (after watching again)."""

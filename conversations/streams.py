@@ -265,18 +265,18 @@ def close_sync() -> None:
         conn.client.close()
 
 
-def _unavailable_error(run_id: UUID | str, exc: BaseException) -> StreamUnavailable:
-    return StreamUnavailable(
-        f"The event stream of run {run_id} is unavailable: {type(exc).__name__}: {exc}"
-    )
+def _unavailable_error(
+    run_id: UUID | str, exc: BaseException, *, what: str = "The event stream of run"
+) -> StreamUnavailable:
+    return StreamUnavailable(f"{what} {run_id} is unavailable: {type(exc).__name__}: {exc}")
 
 
 @contextlib.contextmanager
-def _unavailable(run_id: UUID | str) -> Iterator[None]:
+def _unavailable(run_id: UUID | str, *, what: str = "The event stream of run") -> Iterator[None]:
     try:
         yield
     except (redis.exceptions.RedisError, OSError) as exc:
-        raise _unavailable_error(run_id, exc) from exc
+        raise _unavailable_error(run_id, exc, what=what) from exc
 
 
 def _spacing_s(setting: str) -> float:
@@ -411,14 +411,20 @@ class _Multiplexer:
             # follower at or after it needs no new XREAD.
             new_key = follower.read < min(f.read for f in followers)
             followers.append(follower)
+        self._serve(behind=new_key)
+        return follower
+
+    def _serve(self, *, behind: bool) -> None:
+        """Start the reader, or wake the XREAD in flight if it reads from later than a new
+        follower or watcher needs (`behind`)."""
+        loop = asyncio.get_running_loop()
         if self.task is None or self.task.done():
-            self.task = asyncio.get_running_loop().create_task(self._read())
-        elif new_key and self.reading and not self.woken:
+            self.task = loop.create_task(self._read())
+        elif behind and self.reading and not self.woken:
             self.woken = True
-            waker = asyncio.get_running_loop().create_task(self._wake())
+            waker = loop.create_task(self._wake())
             self.wakers.add(waker)
             waker.add_done_callback(self.wakers.discard)
-        return follower
 
     async def watch(self, thread_id: str, after: str | None) -> _Watcher:
         """Start handing `thread_id`'s notices after `after` to a new watcher; with None, every
@@ -448,17 +454,8 @@ class _Multiplexer:
         if self.notices_last is None or position < _parse_id(self.notices_last):
             self.notices_last, self.notices_rewound = after, True
             self.notices_behind = True
-        if self.task is None or self.task.done():
-            self.task = loop.create_task(self._read())
-        elif (
-            self.reading
-            and not self.woken
-            and (self.notices_reading is None or position < _parse_id(self.notices_reading))
-        ):
-            self.woken = True
-            waker = loop.create_task(self._wake())
-            self.wakers.add(waker)
-            waker.add_done_callback(self.wakers.discard)
+        reading = self.notices_reading
+        self._serve(behind=reading is None or position < _parse_id(reading))
         return watcher
 
     async def _latest_notice(self) -> str:
@@ -1123,12 +1120,8 @@ async def watch_thread(thread_id: UUID | str, after: str | None = None) -> Threa
     PostgreSQL what the thread is doing, so that a run committed after that answer is heard of.
     StreamUnavailable if Redis cannot be reached."""
     mux = _aconn().mux
-    try:
+    with _unavailable(thread_id, what="The notices of thread"):
         watcher = await mux.watch(_run(thread_id), None if after is None else _check_after(after))
-    except (redis.exceptions.RedisError, OSError) as exc:
-        raise StreamUnavailable(
-            f"The notices of thread {thread_id} are unavailable: {type(exc).__name__}: {exc}"
-        ) from exc
     return ThreadNotices(_run(thread_id), watcher)
 
 
