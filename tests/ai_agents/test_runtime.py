@@ -3,6 +3,9 @@ project's fake OpenAI-compatible server, with a real MCP server on loopback."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import httpx
 import openai
 import pytest
@@ -10,7 +13,7 @@ from asgiref.sync import async_to_sync
 from django.utils import timezone
 
 from ai_agents import selectors, services
-from ai_agents.runtime import execute
+from ai_agents.runtime import execute, models
 from ai_agents.runtime.build import build
 
 
@@ -391,10 +394,7 @@ async def test_a_provider_client_keeps_a_connection_alive_for_each_concurrent_ru
 ):
     # One client serves every run of a worker's loop: 60 streams at once, then 60 more, must
     # reuse the first 60 connections (httpx's default keeps 20 and opens the rest anew).
-    import asyncio
     import socket
-
-    from ai_agents.runtime import models
 
     opened = []
     connect = socket.socket.connect
@@ -478,17 +478,24 @@ def test_an_address_the_egress_policy_blocks_is_a_setup_problem_for_the_end_user
     assert outcome.for_end_user == execute.SETUP_PROBLEM
 
 
-async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fake_llm):
-    import asyncio
-    from datetime import timedelta
-
-    from ai_agents.runtime import models
-
-    provider = _unsaved_provider(fake_llm)
+@contextlib.contextmanager
+def _run_hosts_loop():
+    """The running loop as a run host's: its runs share their provider clients."""
     loop = asyncio.get_running_loop()
     models.share_clients(loop)
     token = models.run_loop.set(loop)
     try:
+        yield
+    finally:
+        models.run_loop.reset(token)
+        models._SHARED.discard(loop)
+
+
+async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fake_llm):
+    from datetime import timedelta
+
+    provider = _unsaved_provider(fake_llm)
+    with _run_hosts_loop():
         client = models.openai_client(provider)
         assert models.openai_client(provider) is client  # shared by the loop's runs
         await client.chat.completions.create(
@@ -501,23 +508,13 @@ async def test_a_run_hosts_provider_clients_are_shared_and_close_on_shutdown(fak
         assert client.is_closed() and edited.is_closed()
         assert models.openai_client(provider) is not edited
         await models.close_clients()
-    finally:
-        models.run_loop.reset(token)
-        models._SHARED.discard(loop)
 
 
 async def test_a_connection_test_on_a_run_hosts_loop_leaves_its_shared_client_open(fake_llm):
     """The provider's "test connection" closes the client it made, never the one a run host's
     runs share."""
-    import asyncio
-
-    from ai_agents.runtime import models
-
     provider = _unsaved_provider(fake_llm)
-    loop = asyncio.get_running_loop()
-    models.share_clients(loop)
-    token = models.run_loop.set(loop)
-    try:
+    with _run_hosts_loop():
         shared = models.openai_client(provider)
         assert (await execute.check_provider(provider))[0] is True
         assert not shared.is_closed()
@@ -525,9 +522,6 @@ async def test_a_connection_test_on_a_run_hosts_loop_leaves_its_shared_client_op
             model="fake-model", messages=[{"role": "user", "content": "hi"}]
         )
         await models.close_clients()
-    finally:
-        models.run_loop.reset(token)
-        models._SHARED.discard(loop)
     async with models.run_scope():  # elsewhere: the connection test's own client is closed
         assert (await execute.check_provider(provider))[0]
         made = models.openai_client(provider)
@@ -535,8 +529,6 @@ async def test_a_connection_test_on_a_run_hosts_loop_leaves_its_shared_client_op
 
 
 async def test_a_run_elsewhere_closes_the_clients_it_made(fake_llm):
-    from ai_agents.runtime import models
-
     provider = _unsaved_provider(fake_llm)
     async with models.run_scope():  # what run_version does on a loop that does not share
         client = models.openai_client(provider)
