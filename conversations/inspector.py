@@ -385,6 +385,8 @@ def _step(span: dict[str, Any]) -> Step:
         s.title = f"MCP server · {span.get('name', '')}"
         s.tone, s.badge = ("ok", "connected") if connected else ("error", "failed")
         s.facts = [("Required", "yes" if span.get("required") else "no, skipped when down")]
+        if span.get("agent"):  # a server of an agent handed off to, connected when reached
+            s.facts.insert(0, ("Agent", str(span["agent"])))
         if span.get("error"):
             s.facts.append(("Error", _short(span["error"], 500)))
         s.marker = not duration

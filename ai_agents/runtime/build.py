@@ -2,14 +2,17 @@
 
 Everything tenant-owned is read through tenant-scoped selectors: a handoff target, provider or
 MCP server of another tenant simply does not exist here. Building is synchronous ORM work; run it
-in a thread (`sync_to_async`) from async code, then connect the MCP servers (`BuiltAgent.start`).
+in a thread (`sync_to_async`) from async code, then connect the MCP servers of the agent the run
+starts with (`BuiltAgent.start`); those of the agents it can hand off to connect if a handoff
+reaches them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agents import Agent, Model, ModelSettings, RunConfig, Tool
 from agents.mcp import MCPServer, MCPServerSse, MCPServerStreamableHttp, create_static_tool_filter
@@ -31,12 +34,128 @@ class McpRequiredUnavailable(RuntimeError):
     """A server the agent requires could not be reached: the run fails with this message."""
 
 
-@dataclass
-class McpBinding:
-    server: MCPServer
-    name: str
-    required: bool
-    owner: Agent[Any]
+class _ConnectedOnFirstUse:
+    """Mixed into the SDK's MCP server classes: the server connects when the run first lists
+    its tools (when its agent is about to call the model) or calls one, not before. An agent
+    the run can hand off to but never does costs no connection, and its server being down
+    fails no run that does not reach it.
+
+    The connection is made and closed by a task of its own: the `mcp` client's streams live in
+    anyio task groups, which must be left by the task that entered them, and the SDK's turn
+    that first uses a server is not the task that closes the run. Every later use waits for
+    the same connection. `required` and `trace` are set by `build` (the dashboard's check of
+    a server leaves them unset and gets the connection's own error)."""
+
+    required: bool | None = None
+    trace: Trace | None = None
+    owner_name: str = ""  # the agent whose server this is
+    of_first_agent = True  # the agent the run starts with (not one it may hand off to)
+    _holder: asyncio.Task[None] | None = None
+    _made: asyncio.Future[BaseException | None] | None = None
+    _closing: asyncio.Event | None = None
+    if TYPE_CHECKING:
+        name: str  # the SDK server's
+
+    async def connect(self) -> None:
+        error = await self._connection()
+        if error is not None:
+            raise error
+
+    async def cleanup(self) -> None:
+        holder = self._holder
+        if holder is None or holder is asyncio.current_task():
+            # Never connected; or the SDK's own cleanup of a failed connect, in the holder.
+            await super().cleanup()  # type: ignore[misc]
+            return
+        assert self._closing is not None
+        self._closing.set()
+        await asyncio.shield(holder)
+
+    async def list_tools(self, run_context: Any = None, agent: Any = None) -> list[Any]:
+        if not await self.usable():
+            return []
+        return await super().list_tools(run_context, agent)  # type: ignore[misc, no-any-return]
+
+    async def call_tool(self, *args: Any, **kwargs: Any) -> Any:
+        if not await self.usable():
+            raise McpRequiredUnavailable(self._failure_text())
+        return await super().call_tool(*args, **kwargs)  # type: ignore[misc]
+
+    async def list_prompts(self) -> Any:
+        if not await self.usable():
+            raise McpRequiredUnavailable(self._failure_text())
+        return await super().list_prompts()  # type: ignore[misc]
+
+    async def get_prompt(self, *args: Any, **kwargs: Any) -> Any:
+        if not await self.usable():
+            raise McpRequiredUnavailable(self._failure_text())
+        return await super().get_prompt(*args, **kwargs)  # type: ignore[misc]
+
+    async def usable(self) -> bool:
+        """Connect if not yet tried. False when an optional server could not be reached (its
+        agent runs without its tools); a required one raises `McpRequiredUnavailable`."""
+        if await self._connection() is None:
+            return True
+        if self.required is False:
+            return False
+        raise McpRequiredUnavailable(self._failure_text())
+
+    def _failure_text(self) -> str:
+        assert self._made is not None and self._made.done()
+        reason = _plain(self._made.result() or RuntimeError("not connected"))
+        whose = "this agent" if self.of_first_agent else f"the agent {self.owner_name}"
+        return (
+            f"The MCP server {self.name} is required by {whose} but could not be reached: {reason}"
+        )
+
+    async def _connection(self) -> BaseException | None:
+        if self._made is None:
+            loop = asyncio.get_running_loop()
+            self._made, self._closing = loop.create_future(), asyncio.Event()
+            self._holder = loop.create_task(
+                self._hold(),
+                name=f"mcp-server:{self.name}",
+            )
+        return await asyncio.shield(self._made)
+
+    async def _hold(self) -> None:
+        assert self._made is not None and self._closing is not None
+        try:
+            await super().connect()  # type: ignore[misc]
+        except BaseException as exc:
+            self._report(exc)
+            self._made.set_result(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._report(None)
+        self._made.set_result(None)
+        try:
+            await self._closing.wait()
+        finally:
+            try:
+                await super().cleanup()  # type: ignore[misc]
+            except Exception:  # closing must never fail the run
+                log.debug("closing MCP server %s failed", self.name, exc_info=True)
+
+    def _report(self, error: BaseException | None) -> None:
+        if self.trace is None:
+            return
+        fields: dict[str, Any] = {"name": self.name, "required": bool(self.required)}
+        if not self.of_first_agent:
+            fields["agent"] = self.owner_name
+        if error is None:
+            self.trace.add("mcp_server", connected=True, **fields)
+        else:
+            self.trace.add("mcp_server", connected=False, error=_plain(error), **fields)
+
+
+class _StreamableHttpServer(_ConnectedOnFirstUse, MCPServerStreamableHttp):
+    pass
+
+
+class _SseServer(_ConnectedOnFirstUse, MCPServerSse):
+    pass
 
 
 @dataclass
@@ -44,45 +163,25 @@ class BuiltAgent:
     agent: Agent[RunContext]
     run_config: RunConfig
     config: AgentConfig
-    mcp: list[McpBinding] = field(default_factory=list)
+    # The MCP servers of every agent built, each once. Each connects on first use; `start`
+    # connects the run's own agent's before the run starts.
+    mcp: list[_ConnectedOnFirstUse] = field(default_factory=list)
 
     async def start(self, trace: Trace) -> None:
-        """Connect the MCP servers. An optional server that fails is dropped (the trace says
-        why); a required one fails the run."""
-        for binding in list(self.mcp):
-            try:
-                await binding.server.connect()
-            except BaseException as exc:
-                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-                    raise
-                reason = _plain(exc)
-                trace.add(
-                    "mcp_server",
-                    name=binding.name,
-                    connected=False,
-                    error=reason,
-                    required=binding.required,
-                )
-                if binding.required:
-                    raise McpRequiredUnavailable(
-                        f"The MCP server {binding.name} is required by this agent but could not "
-                        f"be reached: {reason}"
-                    ) from None
-                binding.owner.mcp_servers = [
-                    s for s in binding.owner.mcp_servers if s is not binding.server
-                ]
-                self.mcp.remove(binding)
-            else:
-                trace.add(
-                    "mcp_server", name=binding.name, connected=True, required=binding.required
-                )
+        """Connect the MCP servers of the agent the run starts with, so that one it requires
+        fails the run before anything is streamed. An optional one that fails is skipped (the
+        trace says why). The servers of agents it can hand off to connect when a handoff
+        reaches them."""
+        for server in self.mcp:
+            if server.of_first_agent:
+                await server.usable()
 
     async def close(self) -> None:
-        for binding in self.mcp:
+        for server in self.mcp:
             try:
-                await binding.server.cleanup()
+                await server.cleanup()
             except Exception:  # closing must never fail the run
-                log.debug("closing MCP server %s failed", binding.name, exc_info=True)
+                log.debug("closing MCP server %s failed", server.name, exc_info=True)
 
 
 def _plain(exc: BaseException) -> str:
@@ -92,7 +191,7 @@ def _plain(exc: BaseException) -> str:
     return text[:300]
 
 
-def _mcp_server(row: McpServer, headers: dict[str, str]) -> MCPServer:
+def _mcp_server(row: McpServer, headers: dict[str, str]) -> _ConnectedOnFirstUse:
     from controlplane import egress
 
     tool_filter = (
@@ -113,8 +212,8 @@ def _mcp_server(row: McpServer, headers: dict[str, str]) -> MCPServer:
         "httpx_client_factory": egress.mcp_httpx_client_factory,
     }
     if row.transport == McpTransport.SSE:
-        return MCPServerSse(params=params, **common)  # type: ignore[arg-type]
-    return MCPServerStreamableHttp(params=params, **common)  # type: ignore[arg-type]
+        return _SseServer(params=params, **common)  # type: ignore[arg-type]
+    return _StreamableHttpServer(params=params, **common)  # type: ignore[arg-type]
 
 
 def model_for(
@@ -157,12 +256,12 @@ def build(
     cost a dense graph of 32 agents about a million builds per run, each with its queries and
     MCP connections.) The returned agent's `mcp` holds the MCP servers of every agent built,
     each once."""
-    built: dict[str, tuple[Agent[RunContext], list[McpBinding], AgentConfig]] = {}
-    agent = _build_one(tenant=tenant, version=version, trace=trace, built=built)
+    built: dict[str, tuple[Agent[RunContext], list[_ConnectedOnFirstUse], AgentConfig]] = {}
+    agent = _build_one(tenant=tenant, version=version, trace=trace, built=built, first=True)
     # Breadth first, without recursion: a long chain of handoffs is no deeper a call stack.
     waiting, unpublished = [str(version.agent_id)], set[str]()
     while waiting:
-        source, _bindings, source_config = built[waiting.pop(0)]
+        source, _servers, source_config = built[waiting.pop(0)]
         for target_id in map(str, source_config.handoffs):
             if target_id in unpublished:
                 continue
@@ -178,7 +277,7 @@ def build(
             source.handoffs.append(built[target_id][0])
     config = built[str(version.agent_id)][2]
     run_config = RunConfig(tracing_disabled=True, workflow_name=f"agent:{version.agent.slug}")
-    mcp = [binding for _agent, bindings, _config in built.values() for binding in bindings]
+    mcp = [server for _agent, servers, _config in built.values() for server in servers]
     return BuiltAgent(agent=agent, run_config=run_config, config=config, mcp=mcp)
 
 
@@ -187,7 +286,8 @@ def _build_one(
     tenant: Tenant,
     version: AgentVersion,
     trace: Trace | None,
-    built: dict[str, tuple[Agent[RunContext], list[McpBinding], AgentConfig]],
+    built: dict[str, tuple[Agent[RunContext], list[_ConnectedOnFirstUse], AgentConfig]],
+    first: bool = False,
 ) -> Agent[RunContext]:
     """The SDK agent for `version`, without its handoffs (`build` links them), registered in
     `built` by agent id."""
@@ -198,13 +298,13 @@ def _build_one(
     )
     sdk_tools: list[Tool] = [tools.build(t.name, t.settings) for t in config.tools]
 
-    servers: list[MCPServer] = []
-    refs: list[tuple[MCPServer, str, bool]] = []
+    servers: list[_ConnectedOnFirstUse] = []
     for ref in config.mcp_servers:
         row = selectors.mcp_server_get(tenant=tenant, server_id=ref.server_id)
         server = _mcp_server(row, services.mcp_headers(row))
+        server.required, server.trace = ref.required, trace
+        server.owner_name, server.of_first_agent = agent_row.name, first
         servers.append(server)
-        refs.append((server, row.name, ref.required))
 
     output_type = JsonSchemaOutput(config.output_schema) if config.output_schema else None
     agent: Agent[RunContext] = Agent(
@@ -214,17 +314,13 @@ def _build_one(
         model=model,
         model_settings=model_settings,
         tools=sdk_tools,
-        mcp_servers=servers,
+        mcp_servers=list[MCPServer](servers),  # type: ignore[arg-type]
         handoffs=[],
         input_guardrails=guardrails.build_input(config.input_guardrails, model),
         output_guardrails=guardrails.build_output(config.output_guardrails, model),
         output_type=output_type,
     )
-    bindings = [
-        McpBinding(server=server, name=name, required=required, owner=agent)
-        for server, name, required in refs
-    ]
-    built[str(agent_row.pk)] = (agent, bindings, config)
+    built[str(agent_row.pk)] = (agent, servers, config)
     return agent
 
 

@@ -262,10 +262,14 @@ async def _run_version(
             ctx,
             last_agent,
         )
-    except McpRequiredUnavailable as exc:
-        told = "A service this agent needs cannot be reached right now. Try again later."
-        return _ended("error", str(exc), ctx, last_agent, told)
     except Exception as exc:
+        # Raised by `start`, or inside the SDK's turn (which may wrap it) when a handoff
+        # reaches an agent whose required MCP server is down.
+        chain = retry.exception_chain(exc)
+        mcp_down = next((e for e in chain if isinstance(e, McpRequiredUnavailable)), None)
+        if mcp_down is not None:
+            told = "A service this agent needs cannot be reached right now. Try again later."
+            return _ended("error", str(mcp_down), ctx, last_agent, told)
         exhausted = _retries_exhausted(exc)
         if exhausted is not None:
             reason, told = _gave_up(exhausted, timeout)

@@ -358,6 +358,70 @@ def test_an_unreachable_optional_mcp_server_is_skipped_and_the_trace_says_why(
     assert "MCP server down is required" in outcome.message
 
 
+def test_an_mcp_server_of_an_agent_handed_off_to_connects_only_when_reached(
+    world_a, provider, fake_llm, dead_port, mcp_loopback
+):
+    """Billing requires an MCP server that is down, Triage can hand off to Billing: Triage's
+    runs that stay with Triage answer (and try no connection); the run that hands off fails
+    with a reason naming Billing and its server. A reachable server of an agent handed off to
+    connects when the handoff reaches it, and its tools work there."""
+    down = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="ledger",
+        url=f"http://127.0.0.1:{dead_port}/mcp",
+        timeout_seconds=2,
+    )
+    billing = _make(
+        world_a,
+        "Billing",
+        provider_id=str(provider.pk),
+        mcp_servers=[{"server_id": str(down.pk), "required": True}],
+    )
+    triage = _make(world_a, "Triage", provider_id=str(provider.pk), handoffs=[str(billing.pk)])
+
+    fake_llm.script([{"text": "Hello, how can I help?"}])
+    outcome = _run(world_a, triage, "hi")
+    assert (outcome.status, outcome.output) == ("success", "Hello, how can I help?")
+    assert _spans(outcome, "mcp_server") == []  # Billing's server was not tried
+
+    fake_llm.script([{"tool_calls": [{"name": "transfer_to_billing", "arguments": {}}]}])
+    outcome = _run(world_a, triage, "my invoice")
+    assert outcome.status == "error"
+    assert outcome.message.startswith(
+        "The MCP server ledger is required by the agent Billing but could not be reached"
+    )
+    assert outcome.told.startswith("A service this agent needs cannot be reached right now.")
+    [span] = _spans(outcome, "mcp_server")
+    assert (span["agent"], span["connected"], span["required"]) == ("Billing", False, True)
+    assert len(fake_llm.requests()) == 2  # Triage's turn only: Billing never called the model
+
+    math = services.mcp_server_create(
+        tenant=world_a.tenant, actor=world_a.actor(), name="math", url=mcp_loopback.url
+    )
+    config = {**selectors.working_version(tenant=world_a.tenant, agent=billing).config}
+    config["mcp_servers"] = [{"server_id": str(math.pk), "required": True}]
+    services.draft_save(
+        tenant=world_a.tenant, actor=world_a.actor(), agent_id=billing.pk, config=config
+    )
+    services.agent_publish(tenant=world_a.tenant, actor=world_a.actor(), agent_id=billing.pk)
+    fake_llm.script(
+        [
+            {"tool_calls": [{"name": "transfer_to_billing", "arguments": {}}]},
+            {"tool_calls": [{"name": "add", "arguments": {"a": 40, "b": 2}}]},
+            {"text": "Billing: it is 42."},
+        ]
+    )
+    outcome = _run(world_a, triage, "add my invoices")
+    assert (outcome.status, outcome.output) == ("success", "Billing: it is 42."), outcome.message
+    [call] = outcome.tool_calls
+    assert call["tool"] == "add" and "42" in call["output"]
+    [span] = _spans(outcome, "mcp_server")
+    assert (span["agent"], span["connected"]) == ("Billing", True)
+    kinds = [s["kind"] for s in outcome.trace]
+    assert kinds.index("handoff") < kinds.index("mcp_server")  # connected when reached
+
+
 def test_private_addresses_are_refused_unless_allowed(world_a, provider, settings):
     settings.EGRESS_ALLOWED_NETWORKS = []
     agent = _make(world_a, provider_id=str(provider.pk))

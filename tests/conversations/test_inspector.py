@@ -151,6 +151,12 @@ def test_the_timeline_orders_spans_by_start_and_shows_every_kind():
     tool = tl.steps[4]
     assert (tool.offset_pct, tool.width_pct) == (60.0, 30.0)
     assert tl.steps[0].tone == "error" and tl.steps[1].badge == "tripped"
+    assert ("Agent", "Billing") not in tl.steps[0].facts
+    # A server of an agent handed off to connects when the handoff reaches it: named with it.
+    [reached] = inspector.timeline(
+        [{"kind": "mcp_server", "at_ms": 960.0, "name": "ledger", "agent": "Billing"}]
+    ).steps
+    assert reached.facts[0] == ("Agent", "Billing")
     # A configured check is named as the agent editor names it, not by its runtime id.
     checks = inspector.timeline(
         [{"kind": "guardrail", "at_ms": 1.0, "side": "output", "name": "output:1:blocked_words"}]
