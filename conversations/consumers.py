@@ -14,6 +14,8 @@ Protocol: docs/run-events.md and the module's README below.
 
 Client → server:
     {"type": "send", "text": "...", "strategy": "reject"}   start a run (strategy optional)
+    {"type": "retry", "run_id": "..."}   "Try again": the thread's latest run failed; its
+        items leave the conversation and a new run takes its input (answered like a send)
     {"type": "cancel"}                                       stop the active run
     {"type": "resume", "run_id": "...", "after": "<id>"}     follow a run from an event id
     {"type": "ping"}
@@ -262,6 +264,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "send":
             await self._send_message(content)
+        elif kind == "retry":
+            await self._send_message(content, retry_of=str(content.get("run_id", "")))
         elif kind == "resume":
             run_id = str(content.get("run_id", ""))
             run = await _db(_checked)(
@@ -278,8 +282,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         else:
             await self._error("bad_request", "Unknown message type.")
 
-    async def _send_message(self, content: dict[str, Any]) -> None:
-        text = content.get("text")
+    async def _send_message(self, content: dict[str, Any], retry_of: str | None = None) -> None:
+        text = content.get("text") if retry_of is None else ""
         strategy = content.get("strategy") or MultitaskStrategy.REJECT
         if not isinstance(text, str) or not isinstance(strategy, str):
             await self._error("invalid", "Type a message.")
@@ -291,9 +295,10 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 tenant=self.tenant,
                 end_user=self.end_user,
                 thread_id=self.thread.pk,
-                input=text,
+                input=text if retry_of is None else None,
                 source=RunSource.CHAT,
                 strategy=strategy,
+                retry_of=retry_of,
             )
         except services.ThreadBusy as exc:
             await self._error("thread_busy", exc.message)

@@ -21,7 +21,7 @@ from ai_agents.models import Agent
 from controlplane import rows
 from controlplane.errors import Conflict, NotFound, RateLimited, ValidationFailed
 from controlplane.text import has_nul
-from conversations import executor, streams
+from conversations import executor, selectors, streams
 from conversations.models import (
     EndUser,
     EndUserKind,
@@ -205,11 +205,12 @@ def run_create(
     tenant: Tenant,
     end_user: EndUser,
     thread_id: Any,
-    input: str | list[dict[str, Any]],
+    input: str | list[dict[str, Any]] | None,
     source: str = RunSource.CHAT,
     strategy: str = MultitaskStrategy.REJECT,
     actor: Actor | None = None,
     metadata: dict[str, Any] | None = None,
+    retry_of: Any = None,
 ) -> Run:
     """Store the input and a pending run on the thread, applying `strategy` if a run is active:
 
@@ -221,6 +222,11 @@ def run_create(
     The run records the agent version it will use (the live one, now). Before anything is
     written, the start counts against the rate limits of the end user and of the actor's API key
     (`tenants.limits`): RateLimited (429) when one is reached.
+
+    `retry_of` (instead of `input`): "Try again" on the thread's latest run, which failed
+    (`RETRYABLE`). Its items leave the conversation (the run itself stays, for the run
+    inspector) and the new run takes its input, in the same transaction. Conflict if that run is
+    not the thread's latest or did not fail; ThreadBusy if a run is active.
     """
     if strategy not in MultitaskStrategy.values:
         raise ValidationFailed(
@@ -229,7 +235,7 @@ def run_create(
         )
     if source not in RunSource.values:
         raise ValidationFailed("Unknown source.", fields={"source": f"One of {RunSource.values}."})
-    items = normalise_input(input)
+    items = [] if retry_of is not None else normalise_input("" if input is None else input)
     _refuse_nul(metadata, "metadata")
     usage_services.budget_check(tenant=tenant)  # a used-up monthly budget refuses new runs
     try:
@@ -244,7 +250,7 @@ def run_create(
             transaction.atomic(),
         ):
             return _run_create(
-                tenant, end_user, thread_id, items, source, strategy, actor, metadata
+                tenant, end_user, thread_id, items, source, strategy, actor, metadata, retry_of
             )
     except IntegrityError:
         # The unique index caught a concurrent creator that the row lock did not serialise
@@ -261,6 +267,7 @@ def _run_create(
     strategy: str,
     actor: Actor | None,
     metadata: dict[str, Any] | None,
+    retry_of: Any = None,
 ) -> Run:
     # This is on every chat message's path, in plain SQL: the ORM spent more compiling these
     # statements than PostgreSQL spends answering them. First the thread, locked (which
@@ -268,6 +275,8 @@ def _run_create(
     agent_id, version_id, agent_name, title = _lock_thread(tenant, end_user, thread_id)
     if version_id is None:
         raise Conflict(f"{agent_name} is not published any more.")
+    if retry_of is not None:
+        items, strategy = _take_back(tenant, thread_id, retry_of), MultitaskStrategy.REJECT
     now = timezone.now()
     run = Run(
         tenant=tenant,
@@ -297,6 +306,37 @@ def _run_create(
         transaction.on_commit(partial(executor.kick, run.pk))
         transaction.on_commit(partial(streams.announce_run, run.thread_id, run.pk))
     return run
+
+
+# The runs whose reply can be tried again: those that failed (not one stopped or replaced), the
+# runs the history ends with "No reply:".
+RETRYABLE = selectors.FAILED_STATUSES
+
+
+def _take_back(tenant: Tenant, thread_id: Any, run_id: Any) -> list[dict[str, Any]]:
+    """For "Try again": the failed run `run_id`, the latest of the locked thread, leaves the
+    conversation (its items are removed); returns its input, for the run that replaces it."""
+    try:
+        run_uuid = UUID(str(run_id))
+    except ValueError:
+        raise NotFound("No such run in this conversation.")
+    failed = (
+        Run.objects.for_tenant(tenant)
+        .filter(thread_id=thread_id, pk=run_uuid)
+        .only("status", "input", "created_at")
+        .first()
+    )
+    if failed is None:
+        raise NotFound("No such run in this conversation.")
+    if failed.status not in RETRYABLE:
+        raise Conflict("Only a reply that failed can be tried again.")
+    later = Run.objects.for_tenant(tenant).filter(
+        thread_id=thread_id, created_at__gt=failed.created_at
+    )
+    if later.exists():
+        raise Conflict("Only the latest reply can be tried again.")
+    Item.objects.for_tenant(tenant).filter(thread_id=thread_id, run=failed).delete()
+    return list(failed.input)
 
 
 _LOCK_THREAD = f"""

@@ -149,19 +149,22 @@ def _thread_page(
 def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
     """The composer when the page's script did not run (blocked or not loaded yet): the message
     is sent as over the socket, and the page shows it waiting for its reply, which a reload
-    shows once written. A refused message stays in the box, with why. A GET (the address bar
-    after a refusal, reloaded) goes to the conversation."""
+    shows once written. A refused message stays in the box, with why. `retry_of`: "Try again"
+    on the reply that failed. A GET (the address bar after a refusal, reloaded) goes to the
+    conversation."""
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
     if request.method == "GET":
         return redirect("chat-thread", tenant_slug=request.tenant.slug, thread_id=thread.pk)
     text = request.POST.get("text", "")
+    retry_of = request.POST.get("retry_of") or None  # "Try again" on a reply that failed
     try:
         services.run_create(
             tenant=request.tenant,
             end_user=end_user,
             thread_id=thread.pk,
-            input=text,
+            input=text if retry_of is None else None,
             source=RunSource.CHAT,
+            retry_of=retry_of,
         )
     except NotFound:
         raise

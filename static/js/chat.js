@@ -60,6 +60,8 @@
   // (after the reply, stopping it, or replacing the last message); otherwise it simply starts.
   function busy(on) {
     running = on;
+    // Only the conversation's latest reply can be tried again: not once another one started.
+    if (on) log.querySelectorAll("form.chat-retry").forEach(function (n) { n.remove(); });
     // Stop leaves with the reply it stopped: the keyboard goes back to the message box.
     if (!on && document.activeElement === stopBtn) input.focus();
     var bottom = atBottom();
@@ -266,7 +268,28 @@
     var last = mine.length ? mine[mine.length - 1] : null;
     if (last && last.parentNode === log) log.insertBefore(note, last.nextSibling);
     else log.appendChild(note);
+    if (!running) log.insertBefore(retryForm(id), note.nextSibling);
     scrollDown();
+  }
+
+  // "Try again" under a reply that failed, as the server renders it (without script, the form
+  // posts to the composer's address).
+  function retryForm(id) {
+    var f = el("form", "chat-retry");
+    f.setAttribute("data-run-id", id);
+    f.method = "post";
+    f.action = form.action;
+    var token = form.querySelector('[name="csrfmiddlewaretoken"]');
+    if (token) f.appendChild(token.cloneNode());
+    var field = el("input");
+    field.type = "hidden";
+    field.name = "retry_of";
+    field.value = id;
+    f.appendChild(field);
+    var button = el("button", "btn btn-small", "Try again");
+    button.type = "submit";
+    f.appendChild(button);
+    return f;
   }
 
   // The latest page of the history, from the server (a replaced message has left it).
@@ -513,7 +536,7 @@
         // Waits in line behind the reply being written: it starts when that one ends.
         var sent = asked.length && asked[0].kind === "send" ? asked.shift() : null;
         queued[msg.run_id] = true;
-        if (sent) {
+        if (sent && sent.node) {
           sent.node.setAttribute("data-waiting-run", msg.run_id);
           sent.node.appendChild(
             el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
@@ -522,7 +545,14 @@
         // A late announcement of a reply this page saw end: nothing to follow.
       } else if (msg.type === "run.created" || msg.type === "run.started") {
         if (msg.type === "run.created" && asked.length && asked[0].kind === "send") {
-          asked.shift().node.setAttribute("data-waiting-run", msg.run_id);
+          var accepted = asked.shift();
+          if (accepted.node) accepted.node.setAttribute("data-waiting-run", msg.run_id);
+          if (accepted.retried) {
+            // Tried again: the failed reply has left the conversation; its question waits
+            // for the new one (from the server when it is on an older page).
+            accepted.retried.forEach(function (n) { n.remove(); });
+            if (!accepted.node) reloadAll();
+          }
         }
         root.setAttribute("data-active-run", msg.run_id);
         if (!run || run.id !== msg.run_id) {
@@ -568,6 +598,15 @@
   // A send the server refused stored nothing: its bubble goes, and its text goes back to the
   // composer (before anything typed since).
   function refused(sent) {
+    if (sent.retried) {
+      // "Try again" refused: the failed reply stays as it was.
+      sent.retried.forEach(function (n) { n.hidden = false; });
+      if (sent.node) {
+        sent.node.removeAttribute("data-pending");
+        sent.node.setAttribute("data-item-id", sent.itemId || "");
+      }
+      return;
+    }
     sent.node.remove();
     var typed = input.value.trim();
     input.value = typed ? sent.text + "\n" + typed : sent.text;
@@ -605,6 +644,31 @@
     ws.send(JSON.stringify(message));
     asked.push({ kind: "send", node: mine, text: text });
     input.value = "";
+  });
+  // "Try again": the failed reply (its steps and note) goes, its question waits for the new one.
+  log.addEventListener("submit", function (e) {
+    var retrying = e.target.closest && e.target.closest("form.chat-retry");
+    if (!retrying) return;
+    e.preventDefault();
+    if (!ws || ws.readyState !== WebSocket.OPEN || limited() || running) return;
+    var id = retrying.querySelector('[name="retry_of"]').value;
+    var question = null;
+    var gone = [];
+    log.querySelectorAll('[data-run-id="' + id + '"]').forEach(function (n) {
+      if (n.classList.contains("msg-user") && !question) question = n;
+      else gone.push(n);
+    });
+    gone.forEach(function (n) { n.hidden = true; });
+    var itemId = null;
+    if (question) {
+      itemId = question.getAttribute("data-item-id");
+      question.setAttribute("data-pending", "");
+      question.removeAttribute("data-item-id");
+      log.appendChild(question);
+    }
+    scrollDown();
+    ws.send(JSON.stringify({ type: "retry", run_id: id }));
+    asked.push({ kind: "send", node: question, text: "", retried: gone, itemId: itemId });
   });
   input.addEventListener("keydown", function (e) {
     // Not while an input method is composing (Enter there picks the characters).

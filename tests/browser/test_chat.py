@@ -832,3 +832,63 @@ def test_loading_earlier_messages_keeps_the_reader_in_place_and_the_keyboard_on_
         expect(page.get_by_role("button", name="Load earlier messages")).to_have_count(0)
 
     run_in_browser(flow)
+
+
+def test_try_again_after_a_reply_failed_answers_the_same_question_once(asgi_site, run_in_browser):
+    """The agent's provider is refused (a setup problem): the chat says there was no reply and
+    offers "Try again". Once the agent is fixed, trying again answers the same question, which
+    shows once, with no trace of the failed reply, also after a reload."""
+    world = make_world("Acme")
+    provider = agent_services.provider_create(
+        tenant=world.tenant,
+        actor=world.actor(),
+        name="Unreachable",
+        base_url="http://127.0.0.1:9/v1",  # a private address: the egress guard refuses it
+        default_model="m",
+        api_key="sk-unused",
+    )
+    agent = agent_services.agent_create(
+        tenant=world.tenant,
+        actor=world.actor(),
+        name="Calc",
+        config={"tools": [{"name": "calculator"}], "provider_id": str(provider.pk)},
+    )
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+
+    def fix_the_agent() -> None:
+        agent_services.draft_save(
+            tenant=world.tenant,
+            actor=world.actor(),
+            agent_id=agent.pk,
+            config={"tools": [{"name": "calculator"}]},  # the built-in offline model
+        )
+        agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        with page.expect_websocket(chat_socket) as opened:
+            page.goto(f"/t/acme/chat/{thread.pk}/")
+        opened.value.wait_for_event("framereceived")
+        page.get_by_label("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".chat-run-error")).to_contain_text("No reply:", timeout=LONG)
+        again = page.get_by_role("button", name="Try again")
+        expect(again).to_have_count(1)
+        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
+            pool.submit(fix_the_agent).result()
+        again.click()
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_text(
+            [re.compile(re.escape(REPLY))], timeout=LONG
+        )
+        expect(page.locator(".chat-run-error")).to_have_count(0)
+        expect(page.get_by_role("button", name="Try again")).to_have_count(0)
+        expect(page.locator(".msg-user", has_text=QUESTION)).to_have_count(1)
+        page.reload()
+        expect(page.locator(".msg-assistant")).to_have_text([re.compile(re.escape(REPLY))])
+        expect(page.locator(".msg-user", has_text=QUESTION)).to_have_count(1)
+        expect(page.locator(".chat-run-error")).to_have_count(0)
+
+    run_in_browser(flow)

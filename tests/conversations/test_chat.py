@@ -571,6 +571,52 @@ def test_a_message_that_got_no_reply_says_why_in_the_history_on_the_page_of_its_
     assert note in older and note not in newer
 
 
+def _reply_that_failed(world, thread, text):
+    run = services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input=text
+    )
+    Item.objects.create(
+        tenant=world.tenant, thread=thread, run=run, data={"role": "user", "content": text}
+    )
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=RunStatus.ERROR, error="The model provider failed (HTTP 500)."
+    )
+    Thread.objects.for_tenant(world.tenant).filter(pk=thread.pk).update(status="error")
+    return run
+
+
+def test_try_again_without_the_pages_script_replaces_the_failed_reply(
+    world_a, chat, kicked, django_capture_on_commit_callbacks
+):
+    older = _reply_that_failed(world_a, chat.mine, "first")
+    failed = _reply_that_failed(world_a, chat.mine, "second")
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)).content.decode()
+    # Offered under the latest reply only, the one that can be tried again.
+    assert page.count("Try again</button>") == 1
+    assert f'name="retry_of" value="{failed.pk}"' in page
+    assert f'name="retry_of" value="{older.pk}"' not in page
+
+    url = _url("chat-send", world_a, thread_id=chat.mine.pk)
+    refused = client.post(url, {"retry_of": str(older.pk)})
+    assert refused.status_code == 409
+    assert "Only the latest reply can be tried again." in refused.content.decode()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(url, {"retry_of": str(failed.pk)})
+    assert response.status_code == 302
+    again = Run.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).latest("created_at")
+    assert again.input == [{"role": "user", "content": "second"}] and kicked == [str(again.pk)]
+    page = client.get(response["Location"]).content.decode()
+    assert page.count(">second<") == 1 and "Waiting for the agent" in page
+    assert "Try again</button>" not in page
+
+    # Another member's thread: 404, nothing written.
+    theirs = _url("chat-send", world_a, thread_id=chat.theirs.pk)
+    assert client.post(theirs, {"retry_of": str(failed.pk)}).status_code == 404
+    assert Run.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).count() == 3
+
+
 def test_a_reply_cut_short_says_so_in_the_history(world_a, chat):
     stopped = services.run_create(
         tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
@@ -949,6 +995,34 @@ async def test_a_chat_that_could_not_watch_its_thread_follows_a_run_started_mean
         assert await _execute(run.pk) == RunStatus.SUCCESS
         assert (await _until_terminal(socket))[-1]["event"]["status"] == "success"
         assert refused == [1, 1]
+    finally:
+        await socket.disconnect()
+
+
+@pytestmark_ws
+async def test_try_again_over_the_socket_starts_the_failed_replys_question_again(
+    kicked, _close_async_clients
+):
+    w = await database_sync_to_async(_setup)()
+    failed = await database_sync_to_async(_reply_that_failed)(w.a, w.mine, "what now?")
+    kicked.clear()
+    socket, _hello = await _open(w, w.mine, w.a.member)
+    try:
+        await socket.send_json_to({"type": "retry", "run_id": str(failed.pk)})
+        created = await socket.receive_json_from(timeout=WAIT)
+        assert created["type"] == "run.created" and kicked == [created["run_id"]]
+        again = await database_sync_to_async(Run.objects.for_tenant(w.a.tenant).get)(
+            pk=created["run_id"]
+        )
+        assert again.input == [{"role": "user", "content": "what now?"}]
+        # Not the latest reply any more (and one is running): refused, nothing written.
+        await socket.send_json_to({"type": "retry", "run_id": str(failed.pk)})
+        refused = await socket.receive_json_from(timeout=WAIT)
+        assert refused["type"] == "error" and refused["code"] == "conflict"
+        await socket.send_json_to({"type": "retry", "run_id": "nope"})
+        missing = await socket.receive_json_from(timeout=WAIT)
+        assert (missing["type"], missing["code"]) == ("error", "not_found")
+        assert kicked == [created["run_id"]]
     finally:
         await socket.disconnect()
 

@@ -9,7 +9,7 @@ import pytest
 from django.db import connection, connections
 
 from ai_agents import services as agent_services
-from controlplane.errors import NotFound, ValidationFailed
+from controlplane.errors import Conflict, NotFound, ValidationFailed
 from conversations import services
 from conversations.models import EndUser, Item, Run, RunStatus, Thread
 
@@ -87,6 +87,97 @@ def test_interrupt_keeps_what_was_said_and_rollback_forgets_it(chat):
     second.refresh_from_db()
     assert second.status == RunStatus.CANCELLED and third.is_active
     assert not Item.objects.for_tenant(world.tenant).filter(run=second).exists()
+
+
+def _ended(world, run, status, *said):
+    """`run` ended with `status`, its question and `said` saved in the thread."""
+    Item.objects.create(tenant=world.tenant, thread_id=run.thread_id, run=run, data=run.input[0])
+    for text in said:
+        Item.objects.create(
+            tenant=world.tenant,
+            thread_id=run.thread_id,
+            run=run,
+            data={"role": "assistant", "content": text},
+        )
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=status, error="The model provider did not answer in time."
+    )
+    Thread.objects.for_tenant(world.tenant).filter(pk=run.thread_id).update(status="error")
+
+
+def _items(world, thread):
+    return [
+        (item.run_id, item.data.get("content"))
+        for item in Item.objects.for_tenant(world.tenant).filter(thread=thread).order_by("id")
+    ]
+
+
+def test_try_again_replaces_the_failed_reply_with_a_new_run_of_its_question(chat):
+    world, end_user, thread = chat
+    answered = _send(world, end_user, thread, "first question")
+    _ended(world, answered, RunStatus.SUCCESS, "first answer")
+    failed = _send(world, end_user, thread, "second question")
+    _ended(world, failed, RunStatus.TIMEOUT, "half an ans")
+
+    again = _send(world, end_user, thread, None, retry_of=failed.pk)
+    assert again.is_active and again.input == [{"role": "user", "content": "second question"}]
+    # The failed attempt leaves the conversation; the run stays, for the run inspector.
+    assert _items(world, thread) == [
+        (answered.pk, "first question"),
+        (answered.pk, "first answer"),
+    ]
+    failed.refresh_from_db()
+    assert (failed.status, failed.error) == (
+        RunStatus.TIMEOUT,
+        "The model provider did not answer in time.",
+    )
+    thread.refresh_from_db()
+    assert thread.status == "busy" and thread.title == "first question"
+
+
+def test_try_again_is_refused_for_a_reply_that_did_not_fail_or_is_not_the_latest(chat, world_b):
+    world, end_user, thread = chat
+    answered = _send(world, end_user, thread, "first")
+    _ended(world, answered, RunStatus.SUCCESS, "an answer")
+    with pytest.raises(Conflict, match="Only a reply that failed can be tried again"):
+        _send(world, end_user, thread, None, retry_of=answered.pk)
+    failed = _send(world, end_user, thread, "second")
+    _ended(world, failed, RunStatus.ERROR)
+    stopped = _send(world, end_user, thread, "third")
+    _ended(world, stopped, RunStatus.CANCELLED)
+    with pytest.raises(Conflict, match="Only a reply that failed can be tried again"):
+        _send(world, end_user, thread, None, retry_of=stopped.pk)
+    with pytest.raises(Conflict, match="Only the latest reply can be tried again"):
+        _send(world, end_user, thread, None, retry_of=failed.pk)
+
+    # Another end user's thread, another tenant's run, or not a run id: nothing of theirs.
+    other_user = services.end_user_for_external(tenant=world.tenant, external_id="someone")
+    with pytest.raises(NotFound):
+        _send(world, other_user, thread, None, retry_of=failed.pk)
+    elsewhere = services.thread_create(
+        tenant=world.tenant, end_user=end_user, agent_id=thread.agent_id
+    )
+    for run_id in (failed.pk, "not-a-run"):
+        with pytest.raises(NotFound, match="No such run in this conversation"):
+            _send(world, end_user, elsewhere, None, retry_of=run_id)
+    b_agent = _published_agent(world_b)
+    b_user = services.end_user_for_member(tenant=world_b.tenant, user=world_b.member)
+    b_thread = services.thread_create(tenant=world_b.tenant, end_user=b_user, agent_id=b_agent.pk)
+    with pytest.raises(NotFound):
+        _send(world_b, b_user, b_thread, None, retry_of=failed.pk)
+    assert (failed.pk, "second") in _items(world, thread)  # nothing was removed
+    assert len(_runs(world, thread)) == 3 and not _runs(world_b, b_thread)
+
+
+def test_try_again_waits_for_no_one_and_is_refused_while_a_reply_runs(chat):
+    world, end_user, thread = chat
+    failed = _send(world, end_user, thread, "question")
+    _ended(world, failed, RunStatus.ERROR)
+    again = _send(world, end_user, thread, None, retry_of=failed.pk)
+    # The failed run is no longer the latest, and a reply is running: refused, not queued.
+    with pytest.raises(Conflict):
+        _send(world, end_user, thread, None, retry_of=failed.pk)
+    assert _runs(world, thread) == [failed, again]
 
 
 @pytest.mark.django_db(transaction=True)
