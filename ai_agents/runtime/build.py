@@ -67,9 +67,22 @@ class _ConnectedOnFirstUse:
             # Never connected; or the SDK's own cleanup of a failed connect, in the holder.
             await super().cleanup()  # type: ignore[misc]
             return
-        assert self._closing is not None
-        self._closing.set()
-        await asyncio.shield(holder)
+        self.stop()
+        # Not `await holder`: a connection given up ends it cancelled, which is not this
+        # task's cancellation. If this task is cancelled, the holder still ends on its own.
+        await asyncio.wait({holder})
+
+    def stop(self) -> asyncio.Task[None] | None:
+        """Tell the holder to end, without waiting for it: it closes the connection made, or
+        gives up the one it is still making (a run stopped while its server has not answered
+        ends then, not when the server's timeout runs out). The holder, None if there is none."""
+        holder = self._holder
+        if holder is not None:
+            assert self._closing is not None and self._made is not None
+            self._closing.set()
+            if not self._made.done():
+                holder.cancel()
+        return holder
 
     async def list_tools(self, run_context: Any = None, agent: Any = None) -> list[Any]:
         if not await self.usable():
@@ -123,8 +136,11 @@ class _ConnectedOnFirstUse:
         try:
             await super().connect()  # type: ignore[misc]
         except BaseException as exc:
-            self._report(exc)
-            self._made.set_result(exc)
+            failure = exc
+            if isinstance(exc, asyncio.CancelledError):  # `stop`, or the loop shutting down
+                failure = ConnectionAbortedError("the run ended before the server answered")
+            self._report(failure)
+            self._made.set_result(failure)
             if not isinstance(exc, Exception):
                 raise
             return

@@ -86,6 +86,16 @@ class LoopbackMcp:
     def sse_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/sse-app/sse"
 
+    def wait_until_no_connections(self, timeout: float = 10) -> bool:
+        """True once no client holds a connection to the server (False if one still does
+        after `timeout` seconds)."""
+        deadline = time.monotonic() + timeout
+        while self._server.server_state.connections:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def __enter__(self) -> LoopbackMcp:
         self._thread.start()
         deadline = time.monotonic() + 10
@@ -109,3 +119,49 @@ def mcp_loopback() -> Iterator[LoopbackMcp]:
 @pytest.fixture
 def dead_port() -> int:
     return _free_port()  # nothing listens there
+
+
+class SilentServer:
+    """Accepts connections and never answers: an MCP server that hangs."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        self.connected = threading.Event()  # a client connected
+        self.hung_up = threading.Event()  # a client closed its connection
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self.connected.set()
+            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    if not conn.recv(65536):
+                        break
+                except OSError:
+                    break
+        self.hung_up.set()
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
+    server.close()

@@ -422,6 +422,40 @@ def test_an_mcp_server_of_an_agent_handed_off_to_connects_only_when_reached(
     assert kinds.index("handoff") < kinds.index("mcp_server")  # connected when reached
 
 
+def test_a_run_stopped_while_its_mcp_server_connects_ends_then(
+    world_a, provider, fake_llm, silent_server
+):
+    """A run is stopped (the stop button, its lease lost, its time up) while its MCP server has
+    not answered yet: the run ends then, not when the server's two minutes run out, and it
+    hangs up on the server."""
+    slow = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="slow",
+        url=silent_server.url,
+        timeout_seconds=120,
+    )
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        mcp_servers=[{"server_id": str(slow.pk), "required": True}],
+    )
+    version = selectors.working_version(tenant=world_a.tenant, agent=agent)
+
+    async def stop_while_connecting() -> bool:
+        run = asyncio.ensure_future(
+            execute.run_version(tenant=world_a.tenant, version=version, input="hi")
+        )
+        assert await asyncio.to_thread(silent_server.connected.wait, 10)
+        run.cancel()
+        await asyncio.wait({run}, timeout=10)
+        return run.cancelled()
+
+    assert async_to_sync(stop_while_connecting)(), "the run went on after it was stopped"
+    assert silent_server.hung_up.wait(10)
+    assert fake_llm.requests() == []
+
+
 def test_private_addresses_are_refused_unless_allowed(world_a, provider, settings):
     settings.EGRESS_ALLOWED_NETWORKS = []
     agent = _make(world_a, provider_id=str(provider.pk))
