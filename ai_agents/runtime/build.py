@@ -193,11 +193,13 @@ class BuiltAgent:
                 await server.usable()
 
     async def close(self) -> None:
-        for server in self.mcp:
-            try:
-                await server.cleanup()
-            except Exception:  # closing must never fail the run
-                log.debug("closing MCP server %s failed", server.name, exc_info=True)
+        """Close the MCP servers the run connected (each holder logs a failure to close, which
+        never fails the run). Every holder is told before any is waited for: a stopped run is
+        cancelled again on each heartbeat until it has ended, which may cut this wait short,
+        and each holder must still end."""
+        holders = [holder for server in self.mcp if (holder := server.stop()) is not None]
+        if holders:
+            await asyncio.wait(holders)
 
 
 def _plain(exc: BaseException) -> str:

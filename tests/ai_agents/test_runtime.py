@@ -456,6 +456,55 @@ def test_a_run_stopped_while_its_mcp_server_connects_ends_then(
     assert fake_llm.requests() == []
 
 
+def test_a_run_stopped_as_it_ends_still_closes_every_mcp_connection(
+    world_a, provider, fake_llm, mcp_loopback, monkeypatch
+):
+    """The stop (or the run's time running out) arrives as the run closes its MCP servers:
+    the run ends stopped, and neither of its two SSE connections (each held open until
+    closed) is left open on the worker's loop, which goes on serving other runs."""
+    from ai_agents.runtime.build import BuiltAgent
+
+    math, words = (
+        services.mcp_server_create(
+            tenant=world_a.tenant,
+            actor=world_a.actor(),
+            name=name,
+            url=mcp_loopback.sse_url,
+            transport="sse",
+            tool_allowlist=[tool],
+        )
+        for name, tool in (("math", "add"), ("words", "shout"))
+    )
+    agent = _make(
+        world_a,
+        provider_id=str(provider.pk),
+        mcp_servers=[{"server_id": str(s.pk), "required": True} for s in (math, words)],
+    )
+    version = selectors.working_version(tenant=world_a.tenant, agent=agent)
+    fake_llm.script([{"text": "Done."}])
+    close = BuiltAgent.close
+
+    async def stopped_as_it_closes(built: BuiltAgent) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        await close(built)
+
+    monkeypatch.setattr(BuiltAgent, "close", stopped_as_it_closes)
+
+    async def run_and_stop() -> tuple[bool, bool]:
+        run = asyncio.ensure_future(
+            execute.run_version(tenant=world_a.tenant, version=version, input="hi")
+        )
+        await asyncio.wait({run})
+        closed = await asyncio.to_thread(mcp_loopback.wait_until_no_connections)
+        return run.cancelled(), closed
+
+    stopped, closed = async_to_sync(run_and_stop)()
+    assert stopped
+    assert closed, "the run left a connection to its MCP servers open"
+
+
 def test_private_addresses_are_refused_unless_allowed(world_a, provider, settings):
     settings.EGRESS_ALLOWED_NETWORKS = []
     agent = _make(world_a, provider_id=str(provider.pk))
