@@ -44,7 +44,8 @@ def ms_between(start: datetime | None, end: datetime | None) -> str:
 
 @register.filter
 def cost(value: Decimal | float | None) -> str:
-    """A cost in dollars with as many decimals as small amounts need: $0.0042, $1.25."""
+    """A cost in dollars: the cents always ($0.10, $1,234.50, as the usage page writes them),
+    and the digits a small amount has below a dollar ($0.0123) or a cent ($0.0042)."""
     if value is None:
         return ""
     amount = Decimal(value)
@@ -52,9 +53,9 @@ def cost(value: Decimal | float | None) -> str:
         return "$0"
     if amount < Decimal("0.01"):
         return sub_cent(amount)
-    return (
-        f"${amount:.2f}" if amount >= 1 else f"${amount.quantize(Decimal('0.0001')).normalize():f}"
-    )
+    kept = amount.quantize(Decimal("0.0001") if amount < 1 else Decimal("0.01"))
+    places = max(2, -kept.normalize().as_tuple().exponent)  # type: ignore[operator]
+    return f"${kept:,.{places}f}"
 
 
 @register.filter

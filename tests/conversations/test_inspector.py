@@ -236,6 +236,26 @@ def test_the_list_is_newest_first_and_shows_the_error_and_cost(world_a, admin, m
 
 
 @pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        ("0.10", "$0.10"),  # cents, never "$0.1"
+        ("0.5", "$0.50"),
+        ("0.0123", "$0.0123"),  # below a dollar, the digits a small amount has
+        ("0.99995", "$1.00"),
+        ("1234.5", "$1,234.50"),  # as the usage page writes it
+        ("12.3", "$12.30"),
+    ],
+)
+def test_a_runs_cost_is_written_in_dollars_and_cents_on_the_list_and_its_page(
+    world_a, admin, amount, shown
+):
+    run = _run(world_a, _agent(world_a), cost=Decimal(amount), total_tokens=100)
+    cell = re.search(r'data-label="Cost"[^>]*>([^<]*)<', _list(admin, world_a).content.decode())
+    assert cell and cell.group(1) == shown
+    assert f"<dt>Cost</dt><dd>{shown}</dd>" in _detail(admin, world_a, run).content.decode()
+
+
+@pytest.mark.parametrize(
     ("query", "message"),
     [
         ({"status": "exploded"}, "Status: Select a valid choice"),
