@@ -22,16 +22,22 @@ def ms(value: Any) -> str:
         millis = float(value)
     except (TypeError, ValueError):
         return ""
-    if millis < 1000:
-        return f"{millis:.0f} ms" if millis >= 10 else f"{millis:.1f} ms".replace(".0 ms", " ms")
+    # Each unit is chosen by the value as it will be written, so 999.7 ms (written "1000 ms")
+    # is "1.00 s", and 59.97 s (written "60.0 s") is "1 min".
+    if round(millis, 1) < 10:
+        return f"{millis:.1f} ms".replace(".0 ms", " ms")
+    if round(millis) < 1000:
+        return f"{millis:.0f} ms"
     seconds = millis / 1000
-    if seconds < 60:
-        return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.1f} s"
+    if round(seconds, 2) < 10:
+        return f"{seconds:.2f} s"
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f} s"
     minutes, rest = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes} min {rest} s" if rest else f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 @register.filter

@@ -255,6 +255,18 @@ def test_a_runs_cost_is_written_in_dollars_and_cents_on_the_list_and_its_page(
     assert f"<dt>Cost</dt><dd>{shown}</dd>" in _detail(admin, world_a, run).content.decode()
 
 
+def test_a_time_that_rounds_up_to_the_next_unit_is_written_in_that_unit(world_a, admin):
+    run = _run(world_a, _agent(world_a), trace=[{"kind": "first_token", "at_ms": 999.7}])
+    Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(
+        finished_at=run.started_at + timedelta(milliseconds=59_999.7)
+    )
+    listed = _list(admin, world_a).content.decode()
+    assert re.search(r'data-label="First token"[^>]*>1\.00 s<', listed)  # not "1000 ms"
+    assert re.search(r'data-label="Duration"[^>]*>1 min<', listed)  # not "60.0 s"
+    page = _detail(admin, world_a, run).content.decode()
+    assert "<dt>Duration</dt><dd>1 min</dd>" in page
+
+
 @pytest.mark.parametrize(
     ("query", "message"),
     [
