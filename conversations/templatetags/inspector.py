@@ -64,13 +64,27 @@ def cost(value: Decimal | float | None) -> str:
     return f"${kept:,.{places}f}"
 
 
+def _run_cost_parts(run: Any) -> tuple[str, str]:
+    """The amount and, when some of the run's tokens had no price, what is not in it."""
+    unpriced = run.unpriced_tokens
+    if not unpriced:
+        return cost(run.cost), ""
+    if not run.cost and unpriced >= run.total_tokens:
+        return "no price", ""
+    return cost(run.cost), f"+ {unpriced:,} tokens with no price"
+
+
 @register.filter
 def run_cost(run: Any) -> str:
     """What a run cost, never a silent $0 for a model without a price: "no price" when none of
     its tokens had one, "$0.01 + 120 tokens with no price" when some did not."""
-    unpriced = run.unpriced_tokens
-    if not unpriced:
-        return cost(run.cost)
-    if not run.cost and unpriced >= run.total_tokens:
-        return "no price"
-    return f"{cost(run.cost)} + {unpriced:,} tokens with no price"
+    return " ".join(part for part in _run_cost_parts(run) if part)
+
+
+@register.inclusion_tag("conversations/_run_cost_cell.html")
+def run_cost_cell(run: Any) -> dict[str, str]:
+    """The runs table's cost: the amount on one line, the tokens without a price under it (on
+    one line with it, the cell was wider than any other and pushed the last columns out of a
+    laptop's screen)."""
+    amount, unpriced = _run_cost_parts(run)
+    return {"amount": amount, "unpriced": unpriced}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -234,6 +235,40 @@ def test_the_runs_table_labels_its_cells_on_a_phone_and_breaks_words_only_betwee
         assert _placeholder_fits(user_filter), "the End user placeholder is cut off"
 
     run_in_browser(flow)
+
+
+def test_a_runs_tokens_without_a_price_do_not_widen_the_runs_table_on_a_laptop(run_in_browser):
+    # Two tenants with the same run, priced in one, partly without a price in the other.
+    worlds = {}
+    for name, unpriced in (("Acme", 0), ("Beta", 27_202)):
+        world = make_world(name)
+        _run(
+            world,
+            _agent(world, name="Customer support triage"),
+            status=RunStatus.ERROR,
+            total_tokens=48_211,
+            cost=Decimal("0.002257"),
+            unpriced_tokens=unpriced,
+            error="The model provider refused the API key (401).",
+        )
+        worlds[name.lower()] = world
+
+    def table_width(new_context, slug: str) -> int:
+        page = new_context().new_page()  # 1280 px wide
+        log_in(page, worlds[slug].admin.email)
+        expect(page).to_have_url(re.compile(rf"/t/{slug}/$"))
+        page.goto(f"/t/{slug}/runs/")
+        expect(page.locator("#run-table tbody td[data-label=Cost]")).to_contain_text("$0.002257")
+        _shot(page, f"runs-cost-{slug}-1280")
+        return page.evaluate("() => document.querySelector('#run-table table').scrollWidth")
+
+    def flow(new_context) -> tuple[int, int]:
+        return table_width(new_context, "acme"), table_width(new_context, "beta")
+
+    priced, unpriced = run_in_browser(flow)
+    # The tokens without a price go under the amount, no wider than a short word more: on one
+    # line with it, they pushed the Attempts and Error columns out of the card.
+    assert unpriced <= priced + 32, (priced, unpriced)
 
 
 def test_the_conversation_list_keeps_rename_and_delete_in_one_column(run_in_browser):

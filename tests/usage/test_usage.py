@@ -171,8 +171,8 @@ def test_the_run_inspector_says_no_price_instead_of_a_cost_of_zero(setup):
 
     def cost_in_list(run):
         row = rows.split(f'data-run-id="{run.pk}"', 1)[1].split("</tr>", 1)[0]
-        # The last cell of its kind, whatever other attributes the cells carry.
-        return re.split(r'<td[^>]*class="num small nowrap"[^>]*>', row)[-1].split("</td>", 1)[0]
+        cell = row.split('data-label="Cost"', 1)[1].split(">", 1)[1].split("</td>", 1)[0]
+        return " ".join(re.sub(r"<[^>]+>", " ", cell).split())  # the text, one line or two
 
     assert cost_in_list(unpriced) == "no price"
     assert cost_in_list(mixed) == "$0.01 + 10 tokens with no price"
