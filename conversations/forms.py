@@ -97,4 +97,10 @@ class RunFilterForm(TimeFilterForm):
             attrs={"placeholder": "Name, e-mail or external id", "type": "search"}
         ),
     )
-    thread = forms.UUIDField(required=False, widget=forms.HiddenInput)
+    # Set by the run page's "Runs of this conversation" link, never typed: its error names it.
+    thread = forms.UUIDField(
+        required=False,
+        label="Conversation",
+        widget=forms.HiddenInput,
+        error_messages={"invalid": "The link to a conversation's runs is not valid."},
+    )

@@ -277,7 +277,7 @@ def test_a_time_that_rounds_up_to_the_next_unit_is_written_in_that_unit(world_a,
         ({"since": "yesterday-ish"}, "From (UTC): Enter a valid date/time"),
         ({"since": "2026-02-02T10:00", "until": "2026-02-01T10:00"}, "must be after"),
         ({"before": "garbage"}, "This page link is not valid"),
-        ({"thread": "12"}, "Enter a valid UUID"),
+        ({"thread": "12"}, "Conversation: The link to a conversation&#x27;s runs is not valid"),
     ],
 )
 def test_bad_filter_input_gets_a_clear_message(world_a, admin, many, query, message):
