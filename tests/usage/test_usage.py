@@ -552,6 +552,13 @@ def test_the_usage_page_shows_totals_charts_tables_and_unpriced_models(
     assert "<svg" in html and "Helper" in html and "cust-42" not in html  # display name shown
     assert "=HYPERLINK(evil)" in html  # escaped text, shown as the end user's name
     assert "style=" not in html.split("<main", 1)[1]  # CSP: no inline styles
+    # Each top table's first column says what it lists, for a screen reader reading a cell.
+    heads = re.findall(
+        r"<h2>([^<]+)</h2>\s*<table class=\"table\">\s*<thead><tr><th[^>]*>(.*?)</th>", html
+    )
+    assert [(label, re.sub(r"<[^>]+>", "", head)) for label, head in heads] == [
+        (label, label) for label in ("Agents", "Models", "End users", "API keys")
+    ]
     chart = owner.get(url + "?by=model&metric=cost&fragment=chart", HTTP_HX_REQUEST="true")
     fragment = chart.content.decode()
     assert fragment.lstrip().startswith('<div id="usage-chart"') and "gpt-4o" in fragment
