@@ -129,15 +129,17 @@ def usage_page(request: TenantRequest) -> HttpResponse:
     query = base.copy()
     query["by"], query["metric"] = by, metric
     chart = _chart(request, period, by, metric)
+    groups = [
+        ("agent", "agent"),
+        ("model", "model"),
+        ("end_user", "end user"),
+        ("api_key", "API key"),
+    ]
     context.update(
         by=by,
+        by_label=dict(groups)[by],
         metric=metric,
-        groups=[
-            ("agent", "agent"),
-            ("model", "model"),
-            ("end_user", "end user"),
-            ("api_key", "API key"),
-        ],
+        groups=groups,
         chart=chart,
         # An empty cost chart says why: no calls, no priced calls, or priced calls of $0.
         presence=(

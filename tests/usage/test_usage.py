@@ -563,6 +563,8 @@ def test_the_usage_page_shows_totals_charts_tables_and_unpriced_models(
     fragment = chart.content.decode()
     assert fragment.lstrip().startswith('<div id="usage-chart"') and "gpt-4o" in fragment
     assert 'aria-current="true">By model' in fragment
+    by_user = owner.get(url + "?by=end_user&fragment=chart", HTTP_HX_REQUEST="true")
+    assert 'aria-label="Tokens per day, by end user"' in by_user.content.decode()
     empty = owner.get(url + "?period=last_month").content.decode()
     assert "No usage in last month" in empty
     wrong = owner.get(url + "?period=custom&since=2026-05-02&until=2026-05-01")
