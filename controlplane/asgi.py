@@ -10,6 +10,7 @@ django_asgi_app = get_asgi_application()  # before anything imports models
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
+from controlplane import gctuning  # noqa: E402
 from controlplane.routing import websocket_urlpatterns  # noqa: E402
 from controlplane.websocket import AllowedHostsOriginValidator  # noqa: E402
 
@@ -21,3 +22,5 @@ application = ProtocolTypeRouter(
         ),
     }
 )
+
+gctuning.tune()  # everything the process serves with is imported: the collector skips it

@@ -25,6 +25,16 @@ def _database_connections(sender: Any = None, **_: Any) -> None:
         close_old_connections()
 
 
+@signals.worker_ready.connect
+@signals.worker_process_init.connect
+def _tune_gc(**_: Any) -> None:
+    """Once the worker (and each pool process it forks) has loaded what it runs with: the
+    collector skips those objects from now on, and collects young ones in larger passes."""
+    from controlplane import gctuning
+
+    gctuning.tune()
+
+
 @signals.worker_process_shutdown.connect
 @signals.worker_shutdown.connect
 def _drain_runs(**kwargs: Any) -> None:

@@ -372,6 +372,9 @@ RUN_STREAM_WRITE_BATCH_MS = env.float("RUN_STREAM_WRITE_BATCH_MS", default=4.0)
 # first token goes at once. 0: one event per delta from the model.
 RUN_STREAM_DELTA_MS = env.float("RUN_STREAM_DELTA_MS", default=50.0)
 THREAD_HISTORY_WINDOW = env.int("THREAD_HISTORY_WINDOW", default=100)
+# Net allocations between two collections of the youngest objects (controlplane.gctuning); 0
+# keeps Python's default (700).
+GC_GEN0_THRESHOLD = env.int("GC_GEN0_THRESHOLD", default=20000)
 CELERY_BEAT_SCHEDULE = {
     "runs-sweep": {"task": "conversations.runs_sweep", "schedule": RUN_LEASE_SECONDS},
 }
