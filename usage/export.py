@@ -76,7 +76,9 @@ def rows(*, tenant: Tenant, period: selectors.Period) -> Iterator[str]:
 
 
 def csv_response(*, tenant: Tenant, period: selectors.Period) -> StreamingHttpResponse:
-    response = StreamingHttpResponse(rows(tenant=tenant, period=period), content_type="text/csv")
+    response = StreamingHttpResponse(
+        rows(tenant=tenant, period=period), content_type="text/csv; charset=utf-8"
+    )
     name = f"usage-{tenant.slug}-{period.first}-{period.last}.csv"
     response["Content-Disposition"] = f'attachment; filename="{name}"'
     return response

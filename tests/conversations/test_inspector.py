@@ -257,6 +257,17 @@ def test_a_runs_cost_is_written_in_dollars_and_cents_on_the_list_and_its_page(
     assert f"<dt>Cost</dt><dd>{shown}</dd>" in _detail(admin, world_a, run).content.decode()
 
 
+def test_a_runs_tokens_are_written_with_thousands_separators(world_a, admin):
+    run = _run(
+        world_a, _agent(world_a), input_tokens=47_000, output_tokens=1_211, total_tokens=48_211
+    )
+    listed = _list(admin, world_a).content.decode()
+    assert re.search(r'title="47,000 in, 1,211 out">48,211</td>', listed)
+    page = _detail(admin, world_a, run).content.decode()
+    assert "<dt>Input tokens</dt><dd>47,000</dd>" in page
+    assert "<dt>Total tokens</dt><dd><strong>48,211</strong></dd>" in page
+
+
 def test_a_time_that_rounds_up_to_the_next_unit_is_written_in_that_unit(world_a, admin):
     run = _run(world_a, _agent(world_a), trace=[{"kind": "first_token", "at_ms": 999.7}])
     Run.objects.for_tenant(world_a.tenant).filter(pk=run.pk).update(

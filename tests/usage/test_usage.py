@@ -574,7 +574,7 @@ def test_the_usage_page_shows_totals_charts_tables_and_unpriced_models(
 def test_the_csv_export_streams_every_record_of_the_period(used):
     world, *_ = used
     response = world.client_for(world.admin).get(f"/t/{world.tenant.slug}/usage/export.csv")
-    assert response.status_code == 200 and response["Content-Type"] == "text/csv"
+    assert response.status_code == 200 and response["Content-Type"] == "text/csv; charset=utf-8"
     assert response.streaming
     rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert [(r["model"], r["total_tokens"], r["cost_usd"]) for r in rows] == [
@@ -859,7 +859,7 @@ def test_price_lists_cost_the_same_queries_for_many_prices(
 def test_the_api_streams_the_same_csv_for_a_read_key(used, api_client, world_b):
     world, *_ = used
     response = api_client(world.read_key_raw).get("/api/v1/usage/records?period=this_month")
-    assert response.status_code == 200 and response["Content-Type"] == "text/csv"
+    assert response.status_code == 200 and response["Content-Type"] == "text/csv; charset=utf-8"
     rows = list(csv.DictReader(io.StringIO(b"".join(response.streaming_content).decode())))
     assert [r["total_tokens"] for r in rows] == ["2000", "200", "10"]
     theirs = api_client(world_b.read_key_raw).get("/api/v1/usage/records")
