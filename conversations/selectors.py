@@ -128,6 +128,19 @@ def run_active(*, tenant: Tenant, thread: Thread) -> Run | None:
     )
 
 
+def run_retryable(*, tenant: Tenant, thread: Thread) -> UUID | None:
+    """The id of the thread's latest run if it failed: the reply "Try again" can replace
+    (`services.run_create(retry_of=...)` refuses any other). None otherwise."""
+    latest = (
+        Run.objects.for_tenant(tenant)
+        .filter(thread=thread)
+        .order_by("-created_at")
+        .values_list("pk", "status")
+        .first()
+    )
+    return latest[0] if latest is not None and latest[1] in FAILED_STATUSES else None
+
+
 def chat_still_open(
     *, tenant: Tenant, membership: Membership, end_user: EndUser, thread: Thread
 ) -> tuple[bool, Any, str]:

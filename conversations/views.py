@@ -138,6 +138,7 @@ def _thread_page(
         "earlier": earlier,
         "active_run": active,
         "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
+        "retryable": selectors.run_retryable(tenant=request.tenant, thread=thread),
         "draft": draft,
         "send_error": error,
     }
@@ -191,6 +192,7 @@ def chat_items(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Htt
             "earlier": None,
             "newer": True,
             "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
+            "retryable": selectors.run_retryable(tenant=request.tenant, thread=thread),
         }
     else:
         before = _int_or_none(request.GET.get("before"))
@@ -198,6 +200,7 @@ def chat_items(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Htt
         context = {"thread": thread, "entries": entries, "earlier": earlier}
         if before is None:  # the latest page ends, like the page, with what waits for the agent
             context["waiting"] = selectors.pending_inputs(tenant=request.tenant, thread=thread)
+            context["retryable"] = selectors.run_retryable(tenant=request.tenant, thread=thread)
     return render(request, "conversations/thread.html#items", context)
 
 

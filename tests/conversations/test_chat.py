@@ -617,6 +617,44 @@ def test_try_again_without_the_pages_script_replaces_the_failed_reply(
     assert Run.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).count() == 3
 
 
+def test_try_again_is_offered_only_under_the_latest_reply_on_every_page_of_the_history(
+    world_a, chat
+):
+    """A reply that failed, then a question that was answered: paged so that the failed reply
+    ends the older page, that page says why there was no reply but offers no "Try again",
+    which only the latest reply can take (it would be refused)."""
+    failed = _reply_that_failed(world_a, chat.mine, "go")
+    answered = services.run_create(
+        tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="hi"
+    )
+    for data in ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello."}):
+        Item.objects.create(tenant=world_a.tenant, thread=chat.mine, run=answered, data=data)
+    Run.objects.for_tenant(world_a.tenant).filter(pk=answered.pk).update(status=RunStatus.SUCCESS)
+    client = world_a.client_for(world_a.member)
+    items = _url("chat-items", world_a, thread_id=chat.mine.pk)
+    first_of_answered = Item.objects.for_tenant(world_a.tenant).filter(run=answered).earliest("id")
+    older = client.get(items, {"before": first_of_answered.pk}).content.decode()
+    assert "No reply:" in older
+    assert "Try again" not in older and f'value="{failed.pk}"' not in older
+    for page in (
+        client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)),
+        client.get(items),
+        client.get(items, {"after": first_of_answered.pk - 1}),
+    ):
+        assert "Try again" not in page.content.decode()
+
+    # The latest reply failed: offered on the page and in the fragments that end with it.
+    Run.objects.for_tenant(world_a.tenant).filter(pk=answered.pk).update(status=RunStatus.ERROR)
+    last = Item.objects.for_tenant(world_a.tenant).filter(run=answered).latest("id")
+    for page in (
+        client.get(_url("chat-thread", world_a, thread_id=chat.mine.pk)),
+        client.get(items),
+        client.get(items, {"after": last.pk - 1}),
+    ):
+        assert page.content.decode().count(f'name="retry_of" value="{answered.pk}"') == 1
+    assert "Try again" not in client.get(items, {"before": last.pk}).content.decode()
+
+
 def test_a_reply_cut_short_says_so_in_the_history(world_a, chat):
     stopped = services.run_create(
         tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
