@@ -292,6 +292,11 @@
     return f;
   }
 
+  // Whether the page ends with a reply that failed. A reply that starts elsewhere (another tab)
+  // may be that one tried again, which took its question and what it said out of the
+  // conversation: only the server's latest page shows what is left (see `reloadAll`).
+  function offersRetry() { return !!log.querySelector("form.chat-retry"); }
+
   // The latest page of the history, from the server (a replaced message has left it).
   function reloadAll() {
     if (!window.htmx) { location.reload(); return; }
@@ -520,13 +525,15 @@
         // one started, before this socket opened: the history has what changed meanwhile.
         var known = root.getAttribute("data-active-run") || (run ? run.id : null);
         var current = msg.active_run || null;
+        var failedHere = offersRetry();
         if (current) root.setAttribute("data-active-run", current);
         else root.removeAttribute("data-active-run");
         if (run && run.id !== current) { run = null; save(); }
         busy(!!current);
         if (known !== current) {
           if (!current) status("");
-          reloadNewItems();
+          if (failedHere) reloadAll();
+          else reloadNewItems();
         }
       } else if (msg.type === "event") {
         onEvent(msg);
@@ -544,6 +551,7 @@
       } else if (msg.type === "run.started" && ended[msg.run_id]) {
         // A late announcement of a reply this page saw end: nothing to follow.
       } else if (msg.type === "run.created" || msg.type === "run.started") {
+        var tried = msg.type === "run.started" && offersRetry();
         if (msg.type === "run.created" && asked.length && asked[0].kind === "send") {
           var accepted = asked.shift();
           if (accepted.node) accepted.node.setAttribute("data-waiting-run", msg.run_id);
@@ -562,6 +570,7 @@
         save();
         busy(true);
         status("Waiting for the agent\u2026");
+        if (tried) reloadAll();
       } else if (msg.type === "live") {
         status(running ? "Replying\u2026" : "");
       } else if (msg.type === "run.ended") {

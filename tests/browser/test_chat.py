@@ -892,3 +892,65 @@ def test_try_again_after_a_reply_failed_answers_the_same_question_once(asgi_site
         expect(page.locator(".chat-run-error")).to_have_count(0)
 
     run_in_browser(flow)
+
+
+def test_try_again_in_one_tab_takes_the_failed_reply_out_of_another_tab(asgi_site, run_in_browser):
+    """The conversation is open in two browsers; its reply failed in both. "Try again" in the
+    first: the second follows the new reply and ends as the first does, the question once and
+    no note of the failed reply (as a reload shows it)."""
+    world = make_world("Acme")
+    provider = agent_services.provider_create(
+        tenant=world.tenant,
+        actor=world.actor(),
+        name="Unreachable",
+        base_url="http://127.0.0.1:9/v1",  # a private address: the egress guard refuses it
+        default_model="m",
+        api_key="sk-unused",
+    )
+    agent = agent_services.agent_create(
+        tenant=world.tenant,
+        actor=world.actor(),
+        name="Calc",
+        config={"tools": [{"name": "calculator"}], "provider_id": str(provider.pk)},
+    )
+    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
+    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
+
+    def fix_the_agent() -> None:
+        agent_services.draft_save(
+            tenant=world.tenant,
+            actor=world.actor(),
+            agent_id=agent.pk,
+            config={"tools": [{"name": "calculator"}]},  # the built-in offline model
+        )
+        agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+
+    def open_chat(new_context) -> Page:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        with page.expect_websocket(chat_socket) as opened:
+            page.goto(f"/t/acme/chat/{thread.pk}/")
+        opened.value.wait_for_event("framereceived")
+        return page
+
+    def flow(new_context) -> None:
+        page, other = open_chat(new_context), open_chat(new_context)
+        page.get_by_label("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        for tab in (page, other):
+            expect(tab.locator(".chat-run-error")).to_contain_text("No reply:", timeout=LONG)
+            expect(tab.get_by_role("button", name="Try again")).to_have_count(1)
+        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
+            pool.submit(fix_the_agent).result()
+        page.get_by_role("button", name="Try again").click()
+        for tab in (page, other):
+            expect(tab.locator(".msg-assistant:not([data-pending])")).to_have_text(
+                [re.compile(re.escape(REPLY))], timeout=LONG
+            )
+            expect(tab.locator("[data-pending]")).to_have_count(0, timeout=LONG)
+            expect(tab.locator(".msg-user", has_text=QUESTION)).to_have_count(1)
+            expect(tab.locator(".chat-run-error")).to_have_count(0)
+            expect(tab.get_by_role("button", name="Try again")).to_have_count(0)
+
+    run_in_browser(flow)
