@@ -613,6 +613,8 @@
       if (sent.node) {
         sent.node.removeAttribute("data-pending");
         sent.node.setAttribute("data-item-id", sent.itemId || "");
+        // Back above its reply and the note, where it was.
+        if (sent.place && sent.place.parentNode === log) log.insertBefore(sent.node, sent.place);
       }
       return;
     }
@@ -667,9 +669,13 @@
       if (n.classList.contains("msg-user") && !question) question = n;
       else gone.push(n);
     });
+    // The keyboard was on the button, which goes: it moves to the message box, as after Send.
+    input.focus();
     gone.forEach(function (n) { n.hidden = true; });
     var itemId = null;
+    var place = null;
     if (question) {
+      place = question.nextSibling;
       itemId = question.getAttribute("data-item-id");
       question.setAttribute("data-pending", "");
       question.removeAttribute("data-item-id");
@@ -677,7 +683,8 @@
     }
     scrollDown();
     ws.send(JSON.stringify({ type: "retry", run_id: id }));
-    asked.push({ kind: "send", node: question, text: "", retried: gone, itemId: itemId });
+    asked.push({ kind: "send", node: question, text: "", retried: gone, itemId: itemId,
+                 place: place });
   });
   input.addEventListener("keydown", function (e) {
     // Not while an input method is composing (Enter there picks the characters).

@@ -954,3 +954,58 @@ def test_try_again_in_one_tab_takes_the_failed_reply_out_of_another_tab(asgi_sit
             expect(tab.get_by_role("button", name="Try again")).to_have_count(0)
 
     run_in_browser(flow)
+
+
+def test_a_refused_try_again_leaves_the_failed_reply_as_it_was(asgi_site, run_in_browser):
+    """ "Try again" refused (here by the rate limit): the failed reply is back as it was, its
+    question first, and the keyboard is in the message box, where it went on the click (the
+    button it was on was hidden)."""
+    import json
+
+    world = make_world("Acme")
+    thread, run = _thread_with_a_run(world, [_message("Half an ans")])
+    Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(
+        status=RunStatus.ERROR, error="The model provider failed (HTTP 500)."
+    )
+    sent: list[dict] = []
+    refusal = {
+        "type": "error",
+        "code": "rate_limited",
+        "message": "Your message was not sent: you can send 1 message per minute. "
+        "You can send it again in 30 seconds.",
+        "retry_after": 30,
+        "limit": 1,
+        "window": 60,
+    }
+
+    def connected(ws) -> None:
+        def heard(message) -> None:
+            sent.append(json.loads(message))
+            ws.send(json.dumps(refusal))
+
+        ws.on_message(heard)
+        ws.send(json.dumps({"type": "hello", "thread_id": str(thread.pk), "active_run": None}))
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        page.route_web_socket(re.compile(r"/ws/t/"), connected)
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        shown = page.locator("#chat-log > :not([hidden])")
+        before = shown.all_inner_texts()
+        assert [t.strip() for t in before] == [
+            "go",
+            "Half an ans",
+            "No reply: The model provider failed (HTTP 500).",
+            "Try again",
+        ], before
+        page.get_by_role("button", name="Try again").click()
+        expect(page.locator("#chat-status")).to_contain_text("Your message was not sent")
+        assert sent == [{"type": "retry", "run_id": str(run.pk)}]
+        expect(page.get_by_role("button", name="Try again")).to_be_visible()
+        assert shown.all_inner_texts() == before
+        expect(page.locator("[data-pending]")).to_have_count(0)
+        expect(page.get_by_label("Message")).to_be_focused()
+
+    run_in_browser(flow)
