@@ -128,17 +128,18 @@ def run_active(*, tenant: Tenant, thread: Thread) -> Run | None:
     )
 
 
-def run_retryable(*, tenant: Tenant, thread: Thread) -> UUID | None:
-    """The id of the thread's latest run if it failed: the reply "Try again" can replace
-    (`services.run_create(retry_of=...)` refuses any other). None otherwise."""
+def run_retryable(*, tenant: Tenant, thread: Thread) -> Run | None:
+    """The thread's latest run if it failed: the reply "Try again" can replace
+    (`services.run_create(retry_of=...)` refuses any other), with its `side_effects` (it had
+    started a tool that may change things, which trying again may repeat). None otherwise."""
     latest = (
         Run.objects.for_tenant(tenant)
         .filter(thread=thread)
         .order_by("-created_at")
-        .values_list("pk", "status")
+        .only("pk", "status", "side_effects")
         .first()
     )
-    return latest[0] if latest is not None and latest[1] in FAILED_STATUSES else None
+    return latest if latest is not None and latest.status in FAILED_STATUSES else None
 
 
 def chat_still_open(

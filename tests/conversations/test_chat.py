@@ -655,6 +655,19 @@ def test_try_again_is_offered_only_under_the_latest_reply_on_every_page_of_the_h
     assert "Try again" not in client.get(items, {"before": last.pk}).content.decode()
 
 
+def test_try_again_warns_when_the_failed_reply_had_used_a_tool_that_changes_things(world_a, chat):
+    warning = "This reply had already used a tool that may have changed something"
+    failed = _reply_that_failed(world_a, chat.mine, "book a table")
+    client = world_a.client_for(world_a.member)
+    url = _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    page = client.get(url).content.decode()
+    assert "Try again</button>" in page and warning not in page
+    Run.objects.for_tenant(world_a.tenant).filter(pk=failed.pk).update(side_effects=True)
+    page = client.get(url).content.decode()
+    assert 'aria-describedby="chat-retry-repeats">Try again</button>' in page
+    assert f'<span class="muted small" id="chat-retry-repeats">{warning}' in page
+
+
 def test_a_reply_cut_short_says_so_in_the_history(world_a, chat):
     stopped = services.run_create(
         tenant=world_a.tenant, end_user=chat.mine.end_user, thread_id=chat.mine.pk, input="go"
