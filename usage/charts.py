@@ -55,17 +55,38 @@ def price_digits(value: Decimal, *, grouped: bool = False) -> str:
     return f"{v:{',' if grouped else ''}.{places}f}"
 
 
-def _nice_ceiling(value: float) -> float:
-    """The top of the axis: four gridline steps of a round size (1, 1.5, 2, 2.5, 3, 4, 5, ...)."""
-    if value <= 0:
-        return 4.0
-    step = value / 4
-    exponent = math.floor(math.log10(step))
-    for size in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10):
-        candidate = size * 10**exponent
-        if candidate >= step:
-            return 4 * candidate
-    return 4 * 10 ** (exponent + 1)
+STEP_SIZES = tuple(Decimal(s) for s in ("1", "1.5", "2", "2.5", "3", "4", "5", "6", "8"))
+CENT = Decimal("0.01")
+
+
+def _writable(step: Decimal, metric: str) -> bool:
+    """Whether every gridline of four `step`s is written exactly by `amount`: tokens are whole,
+    an amount of a cent or more is written to the cent, and a smaller one to 8 places."""
+    if metric != "cost":
+        return step >= 1 and step % 1 == 0
+    return step >= COST_PLACES and (4 * step <= CENT or step % CENT == 0)
+
+
+def axis_steps(peak: Decimal, metric: str) -> tuple[Decimal, int]:
+    """The gridlines' step and how many steps reach the tallest bar (`peak`): four steps of a
+    round size (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8 times a power of ten) whose labels are distinct
+    and exact. When the step had to be made larger to be written (1 token, a cent), fewer steps
+    may reach the top: 3 tokens are 0, 1, 2, 3, not 0, 1, 2, 3, 4."""
+    if peak <= 0:
+        return (Decimal(1) if metric != "cost" else CENT), 4
+    target = peak / 4
+    exponent = target.adjusted()  # target < 10 ** (exponent + 1)
+    raised = False
+    while True:
+        for size in STEP_SIZES:
+            step = size.scaleb(exponent)
+            if step < target:
+                continue
+            if not _writable(step, metric):
+                raised = True
+                continue
+            return step, max(1, math.ceil(peak / step)) if raised else 4
+        exponent += 1
 
 
 @dataclass
@@ -96,16 +117,16 @@ def stacked_bars(dates: list[date], series: list[Series], metric: str) -> Chart:
     """One stacked bar per day; series in order, bottom up, coloured s0..s5 ("Other" is s5)."""
     chart = Chart()
     totals = [sum((s.values[i] for s in series), Decimal(0)) for i in range(len(dates))]
-    top = _nice_ceiling(float(max(totals, default=0)))
+    step, steps = axis_steps(Decimal(max(totals, default=0)), metric)
+    top = float(step * steps)
     chart.empty = not any(totals)
     plot_w = WIDTH - LEFT - RIGHT
     plot_h = HEIGHT - TOP - BOTTOM
     slot = plot_w / max(len(dates), 1)
     bar_w = max(1.0, slot * 0.72)
-    for step in range(5):
-        value = top * step / 4
-        y = TOP + plot_h - plot_h * step / 4
-        chart.gridlines.append({"y": round(y, 1), "label": amount(value, metric)})
+    for n in range(steps + 1):
+        y = TOP + plot_h - plot_h * n / steps
+        chart.gridlines.append({"y": round(y, 1), "label": amount(step * n, metric)})
     every = max(1, math.ceil(len(dates) / 10))
     for i, day in enumerate(dates):
         if i % every == 0:

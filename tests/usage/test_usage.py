@@ -825,6 +825,75 @@ def test_the_chart_stacks_each_days_groups_on_round_gridlines():
     assert charts.stacked_bars(days, [Series("a", "A", [0, 0])], "cost").empty
 
 
+def _axis_values(labels, metric):
+    """The amounts a reader takes the axis labels for: 1.5k is 1500, $1,200.00 is 1200."""
+    values = []
+    for label in labels:
+        if metric == "cost":
+            values.append(Decimal(label.removeprefix("$").replace(",", "")))
+        else:
+            scale = {"k": 1000, "M": 10**6, "B": 10**9}.get(label[-1], 1)
+            values.append(Decimal(label.rstrip("kMB")) * scale)
+    return values
+
+
+@pytest.mark.parametrize(
+    "metric, peaks",
+    [
+        ("total_tokens", [*range(1, 61), 99, 101, 999, 1001, 4410, 12_345, 999_999, 3 * 10**9]),
+        (
+            "cost",
+            [
+                *(Decimal(n) / 100 for n in range(1, 41)),  # 1 cent to 40 cents
+                *(Decimal(n) / 10_000 for n in (1, 7, 25, 51, 99, 101, 240)),
+                Decimal("0.00000001"),
+                Decimal("0.00000004"),
+                Decimal("0.0000004"),
+                Decimal("0.1"),
+                Decimal("7.3"),
+                Decimal("1234"),
+            ],
+        ),
+    ],
+)
+def test_the_charts_axis_reads_as_distinct_evenly_spaced_round_amounts(metric, peaks):
+    from datetime import date
+
+    from usage import charts
+    from usage.selectors import Series
+
+    days = [date(2026, 11, 1), date(2026, 11, 2)]
+    for peak in peaks:
+        chart = charts.stacked_bars(days, [Series("a", "A", [peak, 0])], metric)
+        labels = [g["label"] for g in chart.gridlines]
+        values = _axis_values(labels, metric)
+        step = values[1]
+        assert values == [step * n for n in range(len(values))], (peak, labels)  # no repeats
+        assert step > 0 and 2 <= len(values) <= 5 and values[-1] >= peak, (peak, labels)
+        if metric == "total_tokens":
+            assert step == int(step), (peak, labels)  # no half tokens
+        # The tallest bar reaches its value on the axis.
+        (bar,) = [b for b in chart.bars if b.title.startswith("1 Nov")]
+        plot_height = chart.baseline - charts.TOP
+        expected = plot_height * float(peak) / float(values[-1])
+        assert bar.height == pytest.approx(max(expected, 0.5), abs=0.1)
+
+
+def test_a_chart_of_a_few_tokens_or_cents_has_one_gridline_per_unit():
+    from datetime import date
+
+    from usage import charts
+    from usage.selectors import Series
+
+    days = [date(2026, 11, 1), date(2026, 11, 2)]
+    tokens = charts.stacked_bars(days, [Series("a", "A", [3, 1])], "total_tokens")
+    assert [g["label"] for g in tokens.gridlines] == ["0", "1", "2", "3"]
+    one = charts.stacked_bars(days, [Series("a", "A", [1, 0])], "total_tokens")
+    assert [g["label"] for g in one.gridlines] == ["0", "1"]
+    cents = charts.stacked_bars(days, [Series("a", "A", [Decimal("0.03"), 0])], "cost")
+    assert [g["label"] for g in cents.gridlines] == ["$0", "$0.01", "$0.02", "$0.03"]
+
+
 def test_costs_below_a_cent_show_their_digits(setup):
     from usage import charts
 
