@@ -909,6 +909,35 @@ def test_costs_below_a_cent_show_their_digits(setup):
     assert html.count("$0.0000004") >= 2 and "$0.<" not in html  # totals and the tables
 
 
+def _table_cells(html, table):
+    """{row label: (tokens, cost)} of one of the usage page's top tables, as shown."""
+    section = html.split(f"<h2>{table}</h2>", 1)[1].split("</section>", 1)[0]
+    rows = re.findall(
+        r"<tr><td>(.*?)</td><td class=\"num\">(.*?)</td><td class=\"num\">(.*?)</td>", section
+    )
+    return {label: (tokens, re.sub(r"<[^>]+>", " ", cost).split()) for label, tokens, cost in rows}
+
+
+def test_a_row_of_the_top_tables_with_no_tokens_costs_nothing(setup):
+    world, provider, agent, member, _ = setup
+    actor = world.actor()
+    idle = agent_services.agent_create(tenant=world.tenant, actor=actor, name="Idle")
+    agent_services.agent_publish(tenant=world.tenant, actor=actor, agent_id=idle.pk)
+    _price(world, "gpt-4o", inp="2", out="8")
+    _finished_run(world, agent, member, [_call(inp=1000, out=1000), _call("mystery", provider)])
+    # Calls that used no tokens: of a priced model, and of a model with no price.
+    _finished_run(
+        world, idle, member, [_call(inp=0, out=0), _call("silent-model", provider, inp=0, out=0)]
+    )
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+    agents = _table_cells(html, "Agents")
+    assert agents["Idle"] == ("0", ["$0"])  # nothing used: nothing to price
+    assert agents["Helper"] == ("3.5k", ["$0.01", "+", "1.5k", "tokens", "with", "no", "price"])
+    models = _table_cells(html, "Models")
+    assert models["silent-model · openai"] == ("0", ["$0"])
+    assert models["mystery · openai"] == ("1.5k", ["no", "price"])  # tokens, but no price
+
+
 def test_price_lists_cost_the_same_queries_for_many_prices(
     setup, api_client, django_assert_max_num_queries
 ):
