@@ -5,6 +5,12 @@ scripts or styles, the data is already aggregated on the server, and a stacked b
 only rectangles. Geometry is computed here and written as SVG attributes (which the CSP does not
 restrict); colours come from classes in static/css/usage.css; each bar carries a <title> that
 browsers show on hover and screen readers read. Nothing to vendor or keep up to date.
+
+Why not one SVG scaled by a viewBox: scaling it to a phone's width scaled its text with it, to
+under 5 px. So nothing is scaled: the value axis is an SVG sized in CSS pixels, and the
+plot beside it takes the rest of the width with its horizontal geometry in percentages of it (SVG
+takes them in attributes) and its vertical geometry in pixels. Text stays at its CSS size at every
+width; a narrow chart (a container query in usage.css) hides the day labels marked `minor`.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ from typing import Any
 
 from usage.selectors import Series
 
-WIDTH, HEIGHT = 760, 240
-LEFT, RIGHT, TOP, BOTTOM = 64, 8, 10, 26
+HEIGHT = 240  # CSS px, at every width
+AXIS_GAP, DIGIT_WIDTH = 6, 7.5  # px: between the value labels and the plot; a character at 12 px
+TOP, BOTTOM = 10, 26
+DAY_LABELS, FEW_DAY_LABELS = 10, 4  # at most, on a wide chart and on a narrow one
 
 
 COST_PLACES = Decimal("1e-8")  # costs are kept to 8 decimal places
@@ -91,9 +99,9 @@ def axis_steps(peak: Decimal, metric: str) -> tuple[Decimal, int]:
 
 @dataclass
 class Bar:
-    x: float
+    x: float  # % of the plot's width
     y: float
-    width: float
+    width: float  # % of the plot's width
     height: float
     css: str
     title: str
@@ -101,15 +109,13 @@ class Bar:
 
 @dataclass
 class Chart:
-    width: int = WIDTH
     height: int = HEIGHT
+    axis_width: int = 40  # as wide as its longest label
     bars: list[Bar] = field(default_factory=list)
     gridlines: list[dict[str, Any]] = field(default_factory=list)
     xlabels: list[dict[str, Any]] = field(default_factory=list)
     legend: list[dict[str, Any]] = field(default_factory=list)
     empty: bool = True
-    plot_left: int = LEFT
-    plot_right: int = WIDTH - RIGHT
     baseline: float = HEIGHT - BOTTOM
 
 
@@ -120,23 +126,31 @@ def stacked_bars(dates: list[date], series: list[Series], metric: str) -> Chart:
     step, steps = axis_steps(Decimal(max(totals, default=0)), metric)
     top = float(step * steps)
     chart.empty = not any(totals)
-    plot_w = WIDTH - LEFT - RIGHT
     plot_h = HEIGHT - TOP - BOTTOM
-    slot = plot_w / max(len(dates), 1)
-    bar_w = max(1.0, slot * 0.72)
+    slot = 100 / max(len(dates), 1)  # % of the plot's width
+    bar_w = slot * 0.72
     for n in range(steps + 1):
         y = TOP + plot_h - plot_h * n / steps
         chart.gridlines.append({"y": round(y, 1), "label": amount(step * n, metric)})
-    every = max(1, math.ceil(len(dates) / 10))
+    longest = max(len(g["label"]) for g in chart.gridlines)
+    chart.axis_width = max(chart.axis_width, math.ceil(AXIS_GAP + DIGIT_WIDTH * longest))
+    # A narrow chart keeps every few of the labels (the others are `minor`), so that the ones
+    # it shows stay evenly spaced.
+    every = max(1, math.ceil(len(dates) / DAY_LABELS))
+    few = every * math.ceil(math.ceil(len(dates) / FEW_DAY_LABELS) / every)
     for i, day in enumerate(dates):
         if i % every == 0:
             chart.xlabels.append(
-                {"x": round(LEFT + slot * i + slot / 2, 1), "label": f"{day:%-d %b}"}
+                {
+                    "x": round(slot * i + slot / 2, 3),
+                    "label": f"{day:%-d %b}",
+                    "minor": i % few != 0,
+                }
             )
     css = {s.key: f"s{5 if s.key == 'other' else n % 5}" for n, s in enumerate(series)}
     for i, day in enumerate(dates):
         y = TOP + plot_h
-        x = LEFT + slot * i + (slot - bar_w) / 2
+        x = slot * i + (slot - bar_w) / 2
         for s in series:
             value = s.values[i]
             if not value:
@@ -145,9 +159,9 @@ def stacked_bars(dates: list[date], series: list[Series], metric: str) -> Chart:
             y -= h
             chart.bars.append(
                 Bar(
-                    round(x, 1),
+                    round(x, 3),
                     round(y, 1),
-                    round(bar_w, 1),
+                    round(bar_w, 3),
                     round(max(h, 0.5), 1),
                     css[s.key],
                     f"{day:%-d %b %Y} · {s.label}: {amount(value, metric)}",

@@ -6,6 +6,7 @@ The page is rendered by Django's test client and handed to the browser through r
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from django.conf import settings
 from django.contrib.staticfiles import finders
 from playwright.sync_api import Browser, Route
 
-from tests.browser.conftest import in_chromium
+from tests.browser.conftest import ARTIFACTS, in_chromium
 from tests.usage.test_usage import setup, used  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.browser
@@ -87,3 +88,75 @@ def test_every_block_of_the_usage_page_is_as_far_from_the_next(used):  # noqa: F
         assert any(label.startswith("Monthly budget") for label in labels), (width, labels)
         wrong = [g for g in gaps if abs(g["gap"] - cards_margin) > 0.5]
         assert wrong == [], (width, wrong)
+
+
+# The chart's axis labels as the reader sees them: their size on screen (the CSS font size times
+# any scaling of the SVG), their boxes, and whether the chart stays inside its card and the page.
+CHART_LABELS = """() => {
+  const chart = document.querySelector("#usage-chart .chart");
+  const card = chart.closest(".card").getBoundingClientRect();
+  const shown = [...chart.querySelectorAll("text")].filter(
+    (t) => getComputedStyle(t).display !== "none" && t.getBoundingClientRect().width > 0
+  );
+  const labels = shown.map((t) => {
+    const r = t.getBoundingClientRect();
+    const px = parseFloat(getComputedStyle(t).fontSize) * t.getScreenCTM().a;
+    return { text: t.textContent, px, left: r.left, right: r.right, top: r.top, bottom: r.bottom };
+  });
+  const box = chart.getBoundingClientRect();
+  return {
+    labels,
+    chart: { left: box.left, right: box.right },
+    card: { left: card.left, right: card.right },
+    pageOverflow: document.documentElement.scrollWidth - window.innerWidth,
+  };
+}"""
+
+
+def _chart_labels(html: str) -> dict[str, dict[str, Any]]:
+    def measure(browser: Browser) -> dict[str, dict[str, Any]]:
+        out = {}
+        for name, width in WIDTHS.items():
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.route("**/*", _serve(html))
+            page.goto(f"{ORIGIN}/usage/", wait_until="load")
+            out[name] = page.evaluate(CHART_LABELS)
+            if os.environ.get("BROWSER_SCREENSHOTS") == "all":
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.locator("#usage-chart").screenshot(path=ARTIFACTS / f"usage-chart-{name}.png")
+            page.close()
+        return out
+
+    return in_chromium(measure, "usage-chart")
+
+
+def test_the_charts_labels_stay_readable_and_apart_on_a_phone(used):  # noqa: F811
+    world, *_ = used
+    url = f"/t/{world.tenant.slug}/usage/?period=last_30_days"
+    html = world.client_for(world.owner).get(url).content.decode()
+    for width, seen in _chart_labels(html).items():
+        labels = seen["labels"]
+        days = [label for label in labels if " " in label["text"]]  # "31 Oct"
+        assert len(days) >= 4, (width, [label["text"] for label in labels])
+        # Written at the page's small print size, never scaled down with the chart.
+        small = [(label["text"], round(label["px"], 1)) for label in labels if label["px"] < 11]
+        assert small == [], (width, small)
+        overlapping = [
+            (a["text"], b["text"])
+            for i, a in enumerate(labels)
+            for b in labels[i + 1 :]
+            if a["left"] < b["right"]
+            and b["left"] < a["right"]
+            and a["top"] < b["bottom"]
+            and b["top"] < a["bottom"]
+        ]
+        assert overlapping == [], (width, overlapping)
+        outside = [
+            label["text"]
+            for label in labels
+            if label["left"] < seen["card"]["left"] or label["right"] > seen["card"]["right"]
+        ]
+        assert outside == [], (width, outside)
+        assert seen["card"]["left"] <= seen["chart"]["left"], width
+        assert seen["chart"]["right"] <= seen["card"]["right"], width
+        assert seen["pageOverflow"] <= 0, width
