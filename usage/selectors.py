@@ -410,10 +410,12 @@ def usage_presence(*, tenant: Tenant, period: Period) -> dict[str, int]:
 
 
 def unpriced_models(*, tenant: Tenant, period: Period) -> list[dict[str, Any]]:
-    """The models called in the period without a price: name, provider and tokens."""
+    """The models called in the period without a price: name, provider and tokens. Calls that
+    used no tokens cost nothing, priced or not: a model with only those is not listed (the
+    totals say "every call priced" then, and so does this)."""
     rows: Any = (
         records_in(tenant=tenant, period=period)
-        .filter(cost__isnull=True)
+        .filter(cost__isnull=True, total_tokens__gt=0)
         .values("model", "provider_name")
         .annotate(tokens=Sum("total_tokens"), calls=Count("id"))
         .order_by("-tokens")

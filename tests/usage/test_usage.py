@@ -571,6 +571,25 @@ def test_the_usage_page_shows_totals_charts_tables_and_unpriced_models(
     assert "Pick a day on or after the start." in wrong.content.decode()
 
 
+def test_a_model_without_a_price_whose_calls_used_no_tokens_is_not_said_to_lack_one(setup):
+    world, provider, agent, member, _external = setup
+    _price(world, "gpt-4o", inp="2", out="8")
+    _finished_run(
+        world,
+        agent,
+        member,
+        [_call(inp=10, out=10), _call("mystery-model", provider, inp=0, out=0)],
+    )
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+    assert "every call priced" in html
+    assert "No price for" not in html and 'id="unpriced"' not in html
+
+    _finished_run(world, agent, member, [_call("mystery-model", provider, inp=5, out=0)])
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+    assert "plus 5 tokens with no price" in html
+    assert "No price for 1 model" in html and "5 tokens in 1 call" in html
+
+
 def test_the_csv_export_streams_every_record_of_the_period(used):
     world, *_ = used
     response = world.client_for(world.admin).get(f"/t/{world.tenant.slug}/usage/export.csv")
