@@ -41,6 +41,7 @@ from conversations.models import (
     Thread,
     ThreadStatus,
 )
+from conversations.selectors import FAILED_STATUSES
 from conversations.session import SupersededAttempt, ThreadSession, orm
 from tenants.models import Tenant
 from usage import services as usage_services
@@ -249,6 +250,7 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
                 update_fields=["status", "finished_at", "error", "lease_owner", "lease_expires_at"]
             )
             end_thread(run, RunStatus.ERROR)
+            keep_the_question(run.pk, now)
             # Readers following the run's stream see it end now, with the reason.
             failed_id, failed_attempt, reason = run.pk, run.attempt, run.error
             transaction.on_commit(
@@ -270,6 +272,27 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
         )
         held = Claim(run_id=run.pk, tenant_id=run.tenant_id, attempt=run.attempt, owner=owner)
         return held, run
+
+
+_KEEP_THE_QUESTION = f"""
+    INSERT INTO {Item._meta.db_table} (tenant_id, thread_id, run_id, data, created_at)
+    SELECT run.tenant_id, run.thread_id, run.id, item.data, %s
+    FROM {Run._meta.db_table} run
+    CROSS JOIN LATERAL jsonb_array_elements(run.input) WITH ORDINALITY AS item (data, position)
+    WHERE run.id = %s
+      AND NOT EXISTS (SELECT 1 FROM {Item._meta.db_table} saved WHERE saved.run_id = run.id)
+    ORDER BY item.position
+"""  # noqa: S608 (table names from the models; the values are parameters)
+
+
+def keep_the_question(run_id: UUID, now: datetime) -> None:
+    """A run that failed before it saved anything (it could not start, its agent could not be
+    built, every attempt's worker died first) keeps its input in the conversation, as its
+    worker would have saved it: the history shows the question and why it got no reply, and a
+    reload never makes a message vanish. A run that saved anything is left as it is."""
+    # tenant-scope: the run carries its tenant and thread; the items are written for them
+    with connection.cursor() as cursor:
+        cursor.execute(_KEEP_THE_QUESTION, [now, run_id])
 
 
 def _close_dangling_calls(run: Run) -> None:
@@ -581,6 +604,8 @@ def finish(
         fenced, following = _write_outcome(held, run, now)
         if not fenced:
             return False
+        if final in FAILED_STATUSES:
+            keep_the_question(run.pk, now)
         # usage and cost land with the outcome
         usage_services.save_run_usage(run.tenant, records)
         if following is not None:

@@ -642,6 +642,17 @@ def test_a_run_whose_agent_cannot_be_built_ends_at_once_with_a_reason(world_a, t
     assert _events(run)[-1]["status"] == "error"  # readers of its stream see it end
     thread.refresh_from_db()
     assert thread.status != "busy"
+    # Nothing was saved before it failed: its question stays in the conversation, with why
+    # there was no reply and "Try again" (a reload does not make the message vanish).
+    page = (
+        world_a.client_for(world_a.member)
+        .get(f"/t/{world_a.tenant.slug}/chat/{thread.pk}/")
+        .content.decode()
+    )
+    question = '<div class="bubble">hello there</div>'
+    assert page.count(question) == 1
+    assert page.index(question) < page.index("<strong>No reply:</strong>")
+    assert f'name="retry_of" value="{run.pk}"' in page
 
 
 def test_a_run_whose_database_goes_away_while_it_starts_is_left_for_a_retry(
