@@ -834,10 +834,9 @@ def test_loading_earlier_messages_keeps_the_reader_in_place_and_the_keyboard_on_
     run_in_browser(flow)
 
 
-def test_try_again_after_a_reply_failed_answers_the_same_question_once(asgi_site, run_in_browser):
-    """The agent's provider is refused (a setup problem): the chat says there was no reply and
-    offers "Try again". Once the agent is fixed, trying again answers the same question, which
-    shows once, with no trace of the failed reply, also after a reload."""
+def _an_agent_whose_provider_is_refused():
+    """A member's conversation with an agent whose provider's address the egress guard refuses
+    (a setup problem: its runs fail at once), and what fixes it (the built-in offline model)."""
     world = make_world("Acme")
     provider = agent_services.provider_create(
         tenant=world.tenant,
@@ -862,9 +861,18 @@ def test_try_again_after_a_reply_failed_answers_the_same_question_once(asgi_site
             tenant=world.tenant,
             actor=world.actor(),
             agent_id=agent.pk,
-            config={"tools": [{"name": "calculator"}]},  # the built-in offline model
+            config={"tools": [{"name": "calculator"}]},
         )
         agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+
+    return world, thread, fix_the_agent
+
+
+def test_try_again_after_a_reply_failed_answers_the_same_question_once(asgi_site, run_in_browser):
+    """The agent's provider is refused (a setup problem): the chat says there was no reply and
+    offers "Try again". Once the agent is fixed, trying again answers the same question, which
+    shows once, with no trace of the failed reply, also after a reload."""
+    world, thread, fix_the_agent = _an_agent_whose_provider_is_refused()
 
     def flow(new_context) -> None:
         page = new_context().new_page()
@@ -898,33 +906,7 @@ def test_try_again_in_one_tab_takes_the_failed_reply_out_of_another_tab(asgi_sit
     """The conversation is open in two browsers; its reply failed in both. "Try again" in the
     first: the second follows the new reply and ends as the first does, the question once and
     no note of the failed reply (as a reload shows it)."""
-    world = make_world("Acme")
-    provider = agent_services.provider_create(
-        tenant=world.tenant,
-        actor=world.actor(),
-        name="Unreachable",
-        base_url="http://127.0.0.1:9/v1",  # a private address: the egress guard refuses it
-        default_model="m",
-        api_key="sk-unused",
-    )
-    agent = agent_services.agent_create(
-        tenant=world.tenant,
-        actor=world.actor(),
-        name="Calc",
-        config={"tools": [{"name": "calculator"}], "provider_id": str(provider.pk)},
-    )
-    agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
-    end_user = services.end_user_for_member(tenant=world.tenant, user=world.member)
-    thread = services.thread_create(tenant=world.tenant, end_user=end_user, agent_id=agent.pk)
-
-    def fix_the_agent() -> None:
-        agent_services.draft_save(
-            tenant=world.tenant,
-            actor=world.actor(),
-            agent_id=agent.pk,
-            config={"tools": [{"name": "calculator"}]},  # the built-in offline model
-        )
-        agent_services.agent_publish(tenant=world.tenant, actor=world.actor(), agent_id=agent.pk)
+    world, thread, fix_the_agent = _an_agent_whose_provider_is_refused()
 
     def open_chat(new_context) -> Page:
         page = new_context().new_page()
