@@ -21,6 +21,7 @@
   var KEY = "chat:" + wsPath;
 
   var ws = null;
+  var opened = 0; // sockets this page has opened: more than one after a lost connection
   var retry = 1000;
   var closedForGood = false;
   var run = null; // {id, after, text, steps: [...], attempt}
@@ -515,7 +516,7 @@
     var active = root.getAttribute("data-active-run");
     if (run && run.after && (!active || active === run.id)) url += "?after=" + encodeURIComponent(run.after);
     ws = new WebSocket(url);
-    ws.onopen = function () { retry = 1000; };
+    ws.onopen = function () { retry = 1000; opened++; };
     ws.onmessage = function (raw) {
       var msg;
       try { msg = JSON.parse(raw.data); } catch (e) { return; }
@@ -530,7 +531,10 @@
         else root.removeAttribute("data-active-run");
         if (run && run.id !== current) { run = null; save(); }
         busy(!!current);
-        if (known !== current) {
+        if (known !== current || (!current && opened > 1)) {
+          // Also back after a lost connection with no reply being written on either side: a
+          // whole exchange may have happened meanwhile (another tab, the API), which no event
+          // told this page.
           if (!current) status("");
           if (failedHere) reloadAll();
           else reloadNewItems();

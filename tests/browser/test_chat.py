@@ -991,3 +991,35 @@ def test_a_refused_try_again_leaves_the_failed_reply_as_it_was(asgi_site, run_in
         expect(page.get_by_label("Message")).to_be_focused()
 
     run_in_browser(flow)
+
+
+def test_a_chat_back_from_a_lost_connection_shows_an_exchange_that_happened_meanwhile(
+    asgi_site, run_in_browser
+):
+    """The page's socket drops while no reply is being written; meanwhile another tab asks and
+    gets its answer, start to end. When the socket is back (still no reply being written),
+    the page shows that exchange, as a reload would."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    hello = {"type": "hello", "thread_id": str(thread.pk), "active_run": None}
+
+    def answered_elsewhere() -> None:
+        run = services.run_create(
+            tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input="asked"
+        )
+        Run.objects.for_tenant(world.tenant).filter(pk=run.pk).update(status=RunStatus.SUCCESS)
+        Item.objects.bulk_create(
+            Item(tenant=world.tenant, thread=thread, run=run, data=d)
+            for d in [{"role": "user", "content": "asked"}, _message("answered elsewhere")]
+        )
+
+    def flow(new_context) -> None:
+        page, sockets = _open_chat(new_context, world, thread, [hello])
+        expect(page.get_by_role("button", name="Send")).to_be_enabled(timeout=LONG)
+        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
+            pool.submit(answered_elsewhere).result()
+        sockets[-1].close()
+        expect(page.locator(".msg-assistant")).to_have_text(["answered elsewhere"], timeout=LONG)
+        expect(page.locator(".msg-user", has_text="asked")).to_have_count(1)
+
+    run_in_browser(flow)
