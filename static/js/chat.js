@@ -68,7 +68,7 @@
     var bottom = atBottom();
     stopBtn.hidden = !on;
     if (strategyEl) strategyEl.hidden = !on;
-    sendBtn.disabled = limited();
+    holdSends(limited());
     if (bottom) scrollDown();
   }
 
@@ -77,11 +77,16 @@
   var limitedUntil = 0;
   var limitTimer = null;
   function limited() { return Date.now() < limitedUntil; }
+  // Send and "Try again" wait for the window (both would be refused until then).
+  function holdSends(on) {
+    sendBtn.disabled = on;
+    log.querySelectorAll("form.chat-retry button").forEach(function (b) { b.disabled = on; });
+  }
   function rateLimited(msg) {
     var seconds = Math.max(1, parseInt(msg.retry_after, 10) || 1);
     var base = (msg.message || "").replace(/ You can send it again in .*$/, "");
     limitedUntil = Date.now() + seconds * 1000;
-    sendBtn.disabled = true;
+    holdSends(true);
     clearInterval(limitTimer);
     var ticks = 0;
     var tick = function () {
@@ -89,7 +94,7 @@
       if (left <= 0) {
         clearInterval(limitTimer);
         limitTimer = null;
-        sendBtn.disabled = false;
+        holdSends(false);
         status("You can send your message now.", "");
         return;
       }
@@ -289,6 +294,7 @@
     f.appendChild(field);
     var button = el("button", "btn btn-small", "Try again");
     button.type = "submit";
+    button.disabled = limited();
     f.appendChild(button);
     return f;
   }

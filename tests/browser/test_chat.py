@@ -986,6 +986,9 @@ def test_a_refused_try_again_leaves_the_failed_reply_as_it_was(asgi_site, run_in
         expect(page.locator("#chat-status")).to_contain_text("Your message was not sent")
         assert sent == [{"type": "retry", "run_id": str(run.pk)}]
         expect(page.get_by_role("button", name="Try again")).to_be_visible()
+        # Like Send, it waits for the window the refusal named.
+        expect(page.get_by_role("button", name="Try again")).to_be_disabled()
+        expect(page.get_by_role("button", name="Send")).to_be_disabled()
         assert shown.all_inner_texts() == before
         expect(page.locator("[data-pending]")).to_have_count(0)
         expect(page.get_by_label("Message")).to_be_focused()
