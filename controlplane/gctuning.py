@@ -29,7 +29,7 @@ from django.conf import settings
 
 
 def tune() -> None:
-    threshold = int(getattr(settings, "GC_GEN0_THRESHOLD", 0) or 0)
+    threshold = settings.GC_GEN0_THRESHOLD
     if threshold > 0:
         _gen0, gen1, gen2 = gc.get_threshold()
         gc.set_threshold(threshold, gen1, gen2)

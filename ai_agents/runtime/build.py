@@ -90,19 +90,22 @@ class _ConnectedOnFirstUse:
         return await super().list_tools(run_context, agent)  # type: ignore[misc, no-any-return]
 
     async def call_tool(self, *args: Any, **kwargs: Any) -> Any:
-        if not await self.usable():
-            raise McpRequiredUnavailable(self._failure_text())
+        await self._needed()
         return await super().call_tool(*args, **kwargs)  # type: ignore[misc]
 
     async def list_prompts(self) -> Any:
-        if not await self.usable():
-            raise McpRequiredUnavailable(self._failure_text())
+        await self._needed()
         return await super().list_prompts()  # type: ignore[misc]
 
     async def get_prompt(self, *args: Any, **kwargs: Any) -> Any:
+        await self._needed()
+        return await super().get_prompt(*args, **kwargs)  # type: ignore[misc]
+
+    async def _needed(self) -> None:
+        """Connected, for a use that cannot do without the server (unreachable for an
+        optional one that failed: its agent was given none of its tools)."""
         if not await self.usable():
             raise McpRequiredUnavailable(self._failure_text())
-        return await super().get_prompt(*args, **kwargs)  # type: ignore[misc]
 
     async def usable(self) -> bool:
         """Connect if not yet tried. False when an optional server could not be reached (its

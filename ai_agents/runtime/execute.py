@@ -7,7 +7,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import openai
@@ -265,12 +265,11 @@ async def _run_version(
     except Exception as exc:
         # Raised by `start`, or inside the SDK's turn (which may wrap it) when a handoff
         # reaches an agent whose required MCP server is down.
-        chain = retry.exception_chain(exc)
-        mcp_down = next((e for e in chain if isinstance(e, McpRequiredUnavailable)), None)
+        mcp_down = _in_chain(exc, McpRequiredUnavailable)
         if mcp_down is not None:
             told = "A service this agent needs cannot be reached right now. Try again later."
             return _ended("error", str(mcp_down), ctx, last_agent, told)
-        exhausted = _retries_exhausted(exc)
+        exhausted = _in_chain(exc, retry.RetriesExhausted)
         if exhausted is not None:
             reason, told = _gave_up(exhausted, timeout)
             return _ended("error", reason, ctx, last_agent, told)
@@ -282,10 +281,13 @@ async def _run_version(
         await built.close()
 
 
-def _retries_exhausted(exc: BaseException) -> retry.RetriesExhausted | None:
-    # The SDK wraps what a hook raises (e.g. in a UserError): look along the chain.
-    chain = retry.exception_chain(exc)
-    return next((each for each in chain if isinstance(each, retry.RetriesExhausted)), None)
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _in_chain(exc: BaseException, kind: type[_E]) -> _E | None:
+    """The first `kind` along `exc`'s chain: the SDK wraps what a hook or a turn raises (e.g.
+    in a UserError)."""
+    return next((each for each in retry.exception_chain(exc) if isinstance(each, kind)), None)
 
 
 def _gave_up(exc: retry.RetriesExhausted, timeout: float | None) -> tuple[str, str]:

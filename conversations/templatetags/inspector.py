@@ -49,15 +49,6 @@ def ms_between(start: datetime | None, end: datetime | None) -> str:
 
 
 @register.filter
-def tokens(value: Any) -> str:
-    """A count of tokens with thousands separators (48,211), as the usage page writes them."""
-    try:
-        return f"{int(value):,}"
-    except (TypeError, ValueError):
-        return ""
-
-
-@register.filter
 def cost(value: Decimal | float | None) -> str:
     """A cost in dollars: the cents always ($0.10, $1,234.50, as the usage page writes them),
     and the digits a small amount has below a dollar ($0.0123) or a cent ($0.0042)."""
