@@ -10,8 +10,9 @@ is the one of the newest user message (older turns come first in a chat request)
 subtracts this, run by run, from the time to first token its client saw.
 
 Control routes (loopback only, like the fake's own `/_fake/*`):
-``GET /_bench/timings``   ``{"timings": {marker: [ttft_ms, total_ms]}, "unmarked": n}`` and
-    forgets them (each cell reads its own).
+``GET /_bench/timings``   ``{"timings": {marker: [ttft_ms, total_ms, arrived]}, "unmarked": n}``
+    (`arrived`: the request's arrival on the wall clock, seconds) and forgets them (each cell
+    reads its own).
 ``POST /_bench/config``   ``{"ttft_ms": N, "token_delay_ms": N}``: the timing of later answers.
 """
 
@@ -37,15 +38,15 @@ Scope = dict[str, Any]
 class Timings:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_marker: dict[str, tuple[float, float]] = {}
+        self._by_marker: dict[str, tuple[float, float, float]] = {}
         self._unmarked = 0
 
-    def add(self, marker: str | None, ttft_ms: float, total_ms: float) -> None:
+    def add(self, marker: str | None, ttft_ms: float, total_ms: float, arrived: float) -> None:
         with self._lock:
             if marker is None:
                 self._unmarked += 1
             else:
-                self._by_marker[marker] = (ttft_ms, total_ms)
+                self._by_marker[marker] = (ttft_ms, total_ms, arrived)
 
     def take(self) -> dict[str, Any]:
         with self._lock:
@@ -70,7 +71,7 @@ class TimedApp:
         if path != TIMED_PATH:
             await self.app(scope, receive, send)
             return
-        start = time.monotonic()
+        start, arrived = time.monotonic(), time.time()
         body = bytearray()
         first: float | None = None
 
@@ -100,6 +101,7 @@ class TimedApp:
                     markers[-1].decode() if markers else None,
                     (first - start) * 1000,
                     (end - start) * 1000,
+                    arrived,
                 )
 
     async def _control(self, scope: Scope, receive: Any, send: Any) -> None:

@@ -14,7 +14,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,6 +43,7 @@ class RunRecord:
     chat: int
     marker: str
     started: float  # time.monotonic() when the message was sent
+    sent_at: float = field(default_factory=time.time)  # the same moment on the wall clock
     ended: float = 0.0
     ttft_s: float | None = None  # message sent -> first text delta, at the client
     ok: bool = False

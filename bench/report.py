@@ -164,6 +164,30 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_fmt(q['p50'])} / {_fmt(q['p95'])} / {_fmt(q['p99'])} "
                 f"| {_fmt(r['p50'])} / {_fmt(r['p95'])} / {_fmt(r['p99'])} |"
             )
+    parted = [c for c in result["cells"] if (c.get("first_token_ms") or {}).get("web", {}).get("n")]
+    if parted:
+        lines += [
+            "",
+            "Where the time to first token goes (p50 / p99 ms, each part's own percentiles, so "
+            "they need not add up): web = message sent → run stored; queued = stored → claimed; "
+            "to model = claimed → model call sent; to LLM = model call sent → request at the "
+            "fake LLM; from LLM = the fake LLM's first token written → read by the run; to "
+            "client = first token read by the run → at the client.",
+            "",
+            "| c | delay ms | client TTFT | web | queued | to model | to LLM | from LLM "
+            "| to client |",
+            "|--:|--:|--|--|--|--|--|--|--|",
+        ]
+        for cell in parted:
+            ft = cell["first_token_ms"]
+            cols = [cell["client_ttft_ms"]] + [
+                ft[k] for k in ("web", "queued", "to_model", "to_llm", "from_llm", "to_client")
+            ]
+            lines.append(
+                f"| {cell['concurrency']} | {cell['token_delay_ms']:g} | "
+                + " | ".join(f"{_fmt(x['p50'])} / {_fmt(x['p99'])}" for x in cols)
+                + " |"
+            )
     lines += [
         "",
         "Targets (issue 4):",

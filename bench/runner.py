@@ -17,13 +17,16 @@ import time
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import psutil
 
 from bench import load, procs, profile, report
 from bench.stack import Stack
+
+if TYPE_CHECKING:  # the world module needs Django set up
+    from bench.world import RunTimes
 
 # After a stack cell, how long to wait for the runs its chats gave up on to end, so that they
 # do not run during the next cell.
@@ -161,8 +164,11 @@ class Bench:
             ids = [r.run_id for r in records if r.run_id and t1 <= r.started < t2]
             waited, left = world_mod.wait_idle(self.world, DRAIN_TIMEOUT_S)
             cell["drain_s"], cell["left_active"] = round(waited, 1), left
-            phases = world_mod.run_phases(self.world, ids)  # every run has ended by now
+            times = world_mod.run_times(self.world, ids)  # every run has ended by now
+            phases = world_mod.run_phases(times)
             cell["phases_ms"] = {name: report.latency(v) for name, v in phases.items()}
+            parts = first_token_parts(records, times, fake.get("timings", {}))
+            cell["first_token_ms"] = {name: report.latency(v) for name, v in parts.items()}
         return cell
 
     def _drive(
@@ -381,3 +387,43 @@ def _redis_pid(url: str) -> int | None:
     except (redis.RedisError, psutil.Error, KeyError, ValueError):
         return None
     return pid if "redis" in name else None
+
+
+def first_token_parts(
+    records: list[load.RunRecord],
+    times: dict[str, RunTimes],
+    timings: dict[str, list[float]],
+) -> dict[str, list[float]]:
+    """Where each completed run's time to first token went, in ms, from the client's clock, the
+    run's timestamps and trace, and the fake LLM's own timing of it (all one machine's clocks):
+
+    - `web`: the message sent -> the run stored (`created_at`, taken as `run_create` starts);
+    - `queued`: stored -> claimed by a worker (the commit and the Celery kick included);
+    - `to_model`: claimed -> the first model call sent (history, agent, the SDK's start);
+    - `to_llm`: the model call -> the request at the fake LLM (the SDK's and the model
+      client's work on the request, the connection, the body sent);
+    - `from_llm`: the fake LLM's first token written -> read by the run (the chunk's way back
+      through the model client and the SDK's stream);
+    - `to_client`: the first token written by the worker -> read by the client (the run's
+      stream, the web process, the websocket).
+
+    The trace's clock starts just after the claim's statement, so a slow claim shows in
+    `to_client` rather than in `to_model`."""
+    parts: dict[str, list[float]] = {
+        "web": [], "queued": [], "to_model": [], "to_llm": [], "from_llm": [], "to_client": [],
+    }  # fmt: skip
+    for r in records:
+        t = times.get(r.run_id)
+        if not (r.ok and r.ttft_s is not None and t and r.marker in timings):
+            continue
+        if t.started is None or t.model_call_ms is None or t.first_token_ms is None:
+            continue
+        parts["web"].append((t.created - r.sent_at) * 1000)
+        parts["queued"].append((t.started - t.created) * 1000)
+        parts["to_model"].append(t.model_call_ms)
+        llm_ttft_ms, _, arrived = timings[r.marker]
+        first_token_at = t.started + t.first_token_ms / 1000
+        parts["to_llm"].append((arrived - t.started) * 1000 - t.model_call_ms)
+        parts["from_llm"].append((first_token_at - arrived) * 1000 - llm_ttft_ms)
+        parts["to_client"].append((r.sent_at + r.ttft_s - first_token_at) * 1000)
+    return parts

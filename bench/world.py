@@ -128,24 +128,53 @@ def release() -> None:
     connections.close_all()
 
 
-def run_phases(world: World, run_ids: list[str]) -> dict[str, list[float]]:
-    """Per run, in ms, from the runs' own timestamps: `queued` (created -> claimed by a worker)
-    and `running` (claimed -> finished)."""
+@dataclass
+class RunTimes:
+    """A run's own timestamps (wall clock, seconds) and two marks of its trace (ms after the
+    claim): when its first model call was sent and when its first token was written."""
+
+    created: float
+    started: float | None
+    finished: float | None
+    model_call_ms: float | None
+    first_token_ms: float | None
+
+
+def run_times(world: World, run_ids: list[str]) -> dict[str, RunTimes]:
+    """`RunTimes` of each of these runs of the world's tenant, by run id."""
     from conversations.models import Run
 
     tenant = Tenant.objects.get(pk=world.tenant_id)
     rows = (
         Run.objects.for_tenant(tenant)
         .filter(pk__in=run_ids)
-        .values_list("created_at", "started_at", "finished_at")
+        .values_list("pk", "created_at", "started_at", "finished_at", "trace")
     )
-    queued, running = [], []
-    for created, started, finished in rows:
-        if started is not None:
-            queued.append((started - created).total_seconds() * 1000)
-            if finished is not None:
-                running.append((finished - started).total_seconds() * 1000)
+    times = {}
+    for pk, created, started, finished, trace in rows:
+        calls = [s for s in trace if s.get("kind") == "model_call" and "duration_ms" in s]
+        first = next((s for s in trace if s.get("kind") == "first_token"), None)
+        times[str(pk)] = RunTimes(
+            created=created.timestamp(),
+            started=started.timestamp() if started else None,
+            finished=finished.timestamp() if finished else None,
+            # A model call's span is written when it ends, with its duration.
+            model_call_ms=min(s["at_ms"] - s["duration_ms"] for s in calls) if calls else None,
+            first_token_ms=first["at_ms"] if first else None,
+        )
     release()
+    return times
+
+
+def run_phases(times: dict[str, RunTimes]) -> dict[str, list[float]]:
+    """Per run, in ms: `queued` (created -> claimed by a worker) and `running` (claimed ->
+    finished)."""
+    queued, running = [], []
+    for t in times.values():
+        if t.started is not None:
+            queued.append((t.started - t.created) * 1000)
+            if t.finished is not None:
+                running.append((t.finished - t.started) * 1000)
     return {"queued": queued, "running": running}
 
 

@@ -73,6 +73,10 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
         # Every measured run was matched with the fake LLM's own timing of it.
         assert cell["ttft_correlated"] == cell["client_ttft_ms"]["n"] > 0
         assert cell["added_ttft_ms"]["p50"] is not None
+    # Every measured run's time to first token is split into its parts.
+    parts = stack["first_token_ms"]
+    assert set(parts) == {"web", "queued", "to_model", "to_llm", "from_llm", "to_client"}
+    assert {part["n"] for part in parts.values()} == {stack["ttft_correlated"]}
     assert stack["cpu_ms_per_run"]["web"] > 0 and stack["cpu_ms_per_run"]["worker"] > 0
     assert stack["peak_rss_mb"]["web"] > 0 and stack["peak_rss_mb"]["worker"] > 0
     assert {t[0] for t in report.TARGETS} <= {row["target"] for row in result["targets"]}
@@ -82,6 +86,39 @@ def test_bench_runs_a_tiny_cell_and_reports_it(settings, tmp_path):
     table = md_path.read_text()
     assert "| stack | 2 | 0 |" in table and "| floor | 2 | 0 |" in table
     assert "worker pool `prefork` with 2 processes" in table
+    assert "Where the time to first token goes" in table
+
+
+def test_the_parts_of_a_time_to_first_token_add_up_to_it():
+    """Each run's parts, from the client's, the run's and the fake LLM's clocks, add up to what
+    the client waited less the fake LLM's own time to first token; runs that failed or that the
+    fake did not time are left out."""
+    from bench.load import RunRecord
+    from bench.runner import first_token_parts
+    from bench.world import RunTimes
+
+    sent = 1_000.0
+    ok = RunRecord(0, "bench-a-0-1", started=5.0, sent_at=sent, ttft_s=0.050, ok=True, run_id="r1")
+    failed = RunRecord(0, "bench-a-0-2", started=6.0, sent_at=sent, ttft_s=0.040, run_id="r2")
+    untimed = RunRecord(0, "bench-a-0-3", 7.0, sent_at=sent, ttft_s=0.03, ok=True, run_id="r3")
+    times = {
+        # stored 2 ms after the send, claimed 10 ms later; the model call 4 ms after the claim,
+        # its first token read 30 ms after the claim.
+        rid: RunTimes(sent + 0.002, sent + 0.012, sent + 0.500, 4.0, 30.0)
+        for rid in ("r1", "r2", "r3")
+    }
+    # The request reached the fake 3 ms after the model call; the fake took 5 ms to its token.
+    timings = {"bench-a-0-1": [5.0, 400.0, sent + 0.019], "bench-a-0-2": [5.0, 400.0, sent]}
+
+    parts = first_token_parts([ok, failed, untimed], times, timings)
+
+    assert {name: len(values) for name, values in parts.items()} == dict.fromkeys(parts, 1)
+    got = {name: round(values[0], 3) for name, values in parts.items()}
+    assert got == {
+        "web": 2.0, "queued": 10.0, "to_model": 4.0, "to_llm": 3.0, "from_llm": 18.0,
+        "to_client": 8.0,
+    }  # fmt: skip
+    assert round(sum(got.values()), 3) == 50.0 - 5.0  # the client's TTFT less the fake's own
 
 
 def test_percentiles_are_nearest_rank():
