@@ -21,9 +21,11 @@ async def list_tools(row: McpServer) -> list[dict[str, str]]:
     try:
         await server.connect()
         found = await server.list_tools()
-    except BaseException as exc:
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
+    except Exception as exc:
+        # Failures only (a refused connection, a timeout, an error group of the `mcp` client's
+        # task groups). A cancellation of the check (the request gone, the worker stopping),
+        # whether a CancelledError or a BaseExceptionGroup carrying one, goes on up: caught
+        # here it was reported as "Could not list the tools of …: CancelledError".
         raise Unavailable(f"Could not list the tools of {row.name}: {_plain(exc)}") from None
     finally:
         try:

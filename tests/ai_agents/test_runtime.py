@@ -456,6 +456,53 @@ def test_a_run_stopped_while_its_mcp_server_connects_ends_then(
     assert fake_llm.requests() == []
 
 
+def test_a_tools_check_cancelled_while_the_server_connects_ends_cancelled(world_a, silent_server):
+    """List tools (dashboard or API) is waiting for a server that has not answered, and the
+    check is cancelled (the request went away, the worker shuts down): it ends cancelled and
+    hangs up on the server. It used to end with the error "Could not list the tools of slow:
+    CancelledError", as though the server had failed."""
+    from ai_agents.runtime import mcp
+
+    slow = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="slow",
+        url=silent_server.url,
+        timeout_seconds=120,
+    )
+
+    async def cancel_while_connecting() -> asyncio.Future[list[dict[str, str]]]:
+        check = asyncio.ensure_future(mcp.list_tools(slow))
+        assert await asyncio.to_thread(silent_server.connected.wait, 10)
+        check.cancel()
+        await asyncio.wait({check}, timeout=10)
+        return check
+
+    check = async_to_sync(cancel_while_connecting)()
+    assert check.done(), "the check went on after it was cancelled"
+    assert check.cancelled(), f"the cancellation became an error: {check.exception()!r}"
+    assert silent_server.hung_up.wait(10)
+
+
+def test_a_tools_check_of_a_server_that_never_answers_says_so_in_words(world_a, silent_server):
+    """A server that takes the connection and never answers is a failure, not a cancellation:
+    the check reports it once its timeout has run out."""
+    from ai_agents.runtime import mcp
+    from controlplane.errors import Unavailable
+
+    slow = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="slow",
+        url=silent_server.url,
+        timeout_seconds=1,
+    )
+    with pytest.raises(Unavailable) as raised:
+        async_to_sync(mcp.list_tools)(slow)
+    assert raised.value.message.startswith("Could not list the tools of slow: ")
+    assert "CancelledError" not in raised.value.message
+
+
 def test_a_run_stopped_as_it_ends_still_closes_every_mcp_connection(
     world_a, provider, fake_llm, mcp_loopback, monkeypatch
 ):
