@@ -1,4 +1,5 @@
-"""The usage page's vertical rhythm in headless Chromium, at a laptop's and a phone's width.
+"""The usage page in headless Chromium: its vertical rhythm and its chart's labels at a laptop's
+and a phone's width, and the page fitting the window at every width from 320 to 1600 px.
 
 The page is rendered by Django's test client and handed to the browser through request routing
 (its static files read from the static folders), so no server is started.
@@ -16,7 +17,7 @@ from django.contrib.staticfiles import finders
 from playwright.sync_api import Browser, Route
 
 from tests.browser.conftest import ARTIFACTS, in_chromium
-from tests.usage.test_usage import setup, used  # noqa: F401 (fixtures)
+from tests.usage.test_usage import _call, _finished_run, setup, used  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.browser
 
@@ -160,3 +161,78 @@ def test_the_charts_labels_stay_readable_and_apart_on_a_phone(used):  # noqa: F8
         assert seen["card"]["left"] <= seen["chart"]["left"], width
         assert seen["chart"]["right"] <= seen["card"]["right"], width
         assert seen["pageOverflow"] <= 0, width
+
+
+# Widths from a small phone to a wide screen; 861 to 980 px (the sidebar beside two tables) is
+# where the top tables used to be wider than the window.
+SIDEWAYS_WIDTHS = (320, 390, 760, 860, 861, 880, 920, 960, 980, 1024, 1100, 1240, 1280, 1600)
+# A fine-tuned model's name: one long word, as such names are.
+LONG_MODEL = "ft:gpt-4o-mini-2024-07-18:acme-corp:support-triage:9xYzAbCd"
+
+# Whether the page scrolls sideways; each cell of the top tables that is shown but not wholly on
+# screen: outside its card, outside the window, or its text wider than the cell; and the words of
+# up to 20 characters that the cells split over two lines.
+TOP_TABLES = """() => {
+  const doc = document.documentElement;
+  const cells = [...document.querySelectorAll(".usage-tables .card")].flatMap((card) => {
+    const c = card.getBoundingClientRect();
+    return [...card.querySelectorAll("th, td")].map((cell) => ({ cell, c }));
+  });
+  const shown = cells.filter(({ cell }) => cell.getClientRects().length > 0);
+  const cut = shown.filter(({ cell, c }) => {
+    const r = cell.getBoundingClientRect();
+    return r.left < Math.max(c.left, 0) - 0.5
+      || r.right > Math.min(c.right, window.innerWidth) + 0.5
+      || cell.scrollWidth > cell.clientWidth + 1;
+  });
+  const split = [];
+  for (const { cell } of shown) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node; (node = walker.nextNode()); ) {
+      for (const m of node.data.matchAll(/\\S+/g)) {
+        if (m[0].length > 20) continue;  // a name longer than a column may break
+        const range = document.createRange();
+        range.setStart(node, m.index);
+        range.setEnd(node, m.index + m[0].length);
+        const lines = new Set([...range.getClientRects()].map((b) => Math.round(b.top)));
+        if (lines.size > 1) split.push(m[0]);
+      }
+    }
+  }
+  return {
+    overflow: doc.scrollWidth - doc.clientWidth,
+    cells: shown.length,
+    cut: cut.map(({ cell }) => cell.textContent.trim().slice(0, 40)),
+    split,
+  };
+}"""
+
+
+def test_the_usage_page_fits_the_window_at_every_width(used):  # noqa: F811
+    world, provider, agent, member, _external = used
+    _finished_run(world, agent, member, [_call(LONG_MODEL, provider, inp=40, out=2)])
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+    assert LONG_MODEL in html
+
+    def measure(browser: Browser) -> dict[int, dict[str, Any]]:
+        out = {}
+        for width in SIDEWAYS_WIDTHS:
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.route("**/*", _serve(html))
+            page.goto(f"{ORIGIN}/usage/", wait_until="load")
+            out[width] = page.evaluate(TOP_TABLES)
+            if os.environ.get("BROWSER_SCREENSHOTS") == "all":
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=ARTIFACTS / f"usage-{width}.png", full_page=True)
+            page.close()
+        return out
+
+    seen = in_chromium(measure, "usage-widths")
+    scrolls = {width: s["overflow"] for width, s in seen.items() if s["overflow"] > 0}
+    assert scrolls == {}, f"the page scrolls sideways by this many px at these widths: {scrolls}"
+    cut = {width: s["cut"] for width, s in seen.items() if s["cut"]}
+    assert cut == {}, f"cells of the top tables not wholly on screen: {cut}"
+    split = {width: s["split"] for width, s in seen.items() if s["split"]}
+    assert split == {}, f"short words split over two lines: {split}"
+    # Every row of the four tables was measured: 8 rows of 4 cells (and the headers when shown).
+    assert all(s["cells"] >= 4 * 2 * 4 for s in seen.values()), seen
