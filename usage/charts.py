@@ -4,7 +4,11 @@ Why SVG from the server rather than a JavaScript chart library: the page's CSP a
 scripts or styles, the data is already aggregated on the server, and a stacked bar per day needs
 only rectangles. Geometry is computed here and written as SVG attributes (which the CSP does not
 restrict); colours come from classes in static/css/usage.css; each bar carries a <title> that
-browsers show on hover and screen readers read. Nothing to vendor or keep up to date.
+browsers show on hover. Nothing to vendor or keep up to date.
+
+A screen reader reads the chart (role="img") by its name only, never the titles of its bars, so
+the same figures are also a table (`Chart.rows`, under "Show as table" on the page): a row per
+day, a column per series. The bars' titles and the table's cells are the same strings.
 
 Why not one SVG scaled by a viewBox: scaling it to a phone's width scaled its text with it, to
 under 5 px. So nothing is scaled: the value axis is an SVG sized in CSS pixels, and the
@@ -108,6 +112,16 @@ class Bar:
 
 
 @dataclass
+class Row:
+    """A day of the chart in its table: the amounts its bars' titles give, and their sum."""
+
+    day: date
+    label: str  # "1 Nov 2026", as in the bars' titles
+    cells: list[str]  # one per series, in the legend's order ("0" where it has no bar)
+    total: str
+
+
+@dataclass
 class Chart:
     height: int = HEIGHT
     axis_width: int = 40  # as wide as its longest label
@@ -115,6 +129,8 @@ class Chart:
     gridlines: list[dict[str, Any]] = field(default_factory=list)
     xlabels: list[dict[str, Any]] = field(default_factory=list)
     legend: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # the days with a bar, as a table
+    total: str = ""  # of the whole period
     empty: bool = True
     baseline: float = HEIGHT - BOTTOM
 
@@ -151,7 +167,9 @@ def stacked_bars(dates: list[date], series: list[Series], metric: str) -> Chart:
     for i, day in enumerate(dates):
         y = TOP + plot_h
         x = slot * i + (slot - bar_w) / 2
-        for s in series:
+        label = f"{day:%-d %b %Y}"
+        cells = [amount(s.values[i], metric) for s in series]
+        for s, cell in zip(series, cells, strict=True):
             value = s.values[i]
             if not value:
                 continue
@@ -164,11 +182,14 @@ def stacked_bars(dates: list[date], series: list[Series], metric: str) -> Chart:
                     round(bar_w, 3),
                     round(max(h, 0.5), 1),
                     css[s.key],
-                    f"{day:%-d %b %Y} · {s.label}: {amount(value, metric)}",
+                    f"{label} · {s.label}: {cell}",
                 )
             )
+        if totals[i]:  # a day without a bar has no row (the table says so)
+            chart.rows.append(Row(day, label, cells, amount(totals[i], metric)))
     chart.legend = [
         {"label": s.label, "css": css[s.key], "total": amount(sum(s.values), metric)}
         for s in series
     ]
+    chart.total = amount(sum(totals), metric)
     return chart

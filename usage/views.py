@@ -135,9 +135,12 @@ def usage_page(request: TenantRequest) -> HttpResponse:
         ("end_user", "end user"),
         ("api_key", "API key"),
     ]
+    by_label = dict(groups)[by]
     context.update(
         by=by,
-        by_label=dict(groups)[by],
+        by_label=by_label,
+        # The chart's accessible name, and its table's caption.
+        chart_name=f"{'Cost' if metric == 'cost' else 'Tokens'} per day, by {by_label}",
         metric=metric,
         groups=groups,
         chart=chart,

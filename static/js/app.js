@@ -40,6 +40,18 @@
     if (summary) summary.focus();
   });
 
+  // A <details data-keep-open id=…> that htmx swaps for a new copy (the usage chart's "Show as
+  // table" when the chart's options change) stays open if it was: the server's copy is closed.
+  var keptOpen = [];
+  document.addEventListener("htmx:beforeSwap", function () {
+    keptOpen = Array.prototype.map.call(
+      document.querySelectorAll("details[data-keep-open][open]"), function (d) { return d.id; });
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    keptOpen.forEach(function (id) { var d = document.getElementById(id); if (d) d.open = true; });
+    keptOpen = [];
+  });
+
   // Close the tenant switcher when clicking elsewhere.
   document.addEventListener("click", function (event) {
     document.querySelectorAll("details.switcher[open]").forEach(function (d) {

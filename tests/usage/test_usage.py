@@ -9,6 +9,8 @@ import json
 import re
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from html import unescape
+from html.parser import HTMLParser
 
 import pytest
 from django.utils import timezone
@@ -569,6 +571,102 @@ def test_the_usage_page_shows_totals_charts_tables_and_unpriced_models(
     assert "No usage in last month" in empty
     wrong = owner.get(url + "?period=custom&since=2026-05-02&until=2026-05-01")
     assert "Pick a day on or after the start." in wrong.content.decode()
+
+
+class _Table(HTMLParser):
+    """The first <table> of a page as a reader meets it: the text of its caption, and of each
+    row's cells (th and td alike) by part: thead, tbody, tfoot."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.caption, self.parts = "", {"thead": [], "tbody": [], "tfoot": []}
+        self._in: list[str] = []
+        self._part = self._cell = None
+        self._done = False
+        self.feed(html)
+
+    def handle_starttag(self, tag, attrs):
+        if self._done:
+            return
+        if tag in self.parts:
+            self._part = tag
+        elif tag == "tr" and self._part:
+            self.parts[self._part].append([])
+        elif tag in ("th", "td") and self._part:
+            self._cell = ""
+        elif tag == "caption":
+            self._in.append("caption")
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td") and self._cell is not None:
+            self.parts[self._part][-1].append(" ".join(self._cell.split()))
+            self._cell = None
+        elif tag == "caption":
+            self._in.clear()
+        elif tag == "table":
+            self._done = True
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+        elif self._in:
+            self.caption += data
+
+
+def test_the_charts_figures_are_also_a_table_that_screen_readers_read(used):
+    """The chart is an image to a screen reader, read by its name only: the titles of its bars
+    (the figures) were never read. The same figures are a table under "Show as table": a row
+    per day with usage, a column per series, the legend's totals at its foot."""
+    world, *_ = used
+    today = timezone.now().date()
+    # The call of the API key's run two days ago; the member's run today; nothing in between.
+    two_days_ago = timezone.now() - timedelta(days=2)
+    UsageRecord.objects.filter(tenant=world.tenant, api_key__isnull=False).update(
+        created_at=two_days_ago
+    )
+    days = f"period=custom&since={today - timedelta(days=3)}&until={today}"
+    url = f"/t/{world.tenant.slug}/usage/?{days}"
+    owner = world.client_for(world.owner)
+
+    def chart(query: str) -> tuple[str, _Table, list[str]]:
+        html = owner.get(f"{url}&{query}&fragment=chart", HTTP_HX_REQUEST="true").content.decode()
+        bars = [unescape(t) for t in re.findall(r"<title>(.*?)</title>", html)]
+        return html, _Table(html), bars
+
+    def day(d) -> str:
+        return f"{d:%-d %b %Y}"
+
+    html, table, bars = chart("by=model&metric=total_tokens")
+    # The chart keeps its name; the table follows it, under a summary that says what it holds.
+    assert 'role="img" aria-label="Tokens per day, by model"' in html
+    assert html.index('role="img"') < html.index("<summary>Show as table</summary>")
+    assert html.index("<summary>Show as table</summary>") < html.index("<table")
+    assert table.caption.startswith("Tokens per day, by model,")
+    assert "Days at 0 are left out." in table.caption
+    assert table.parts["thead"] == [["Day", "gpt-4o", "mystery-model · openai", "Total"]]
+    assert table.parts["tbody"] == [
+        [day(today - timedelta(days=2)), "200", "10", "210"],
+        [day(today), "2k", "0", "2k"],
+    ]
+    assert table.parts["tfoot"] == [["Total", "2.2k", "10", "2.2k"]]
+
+    # Every bar's figure is its cell's, and every cell above 0 is a bar.
+    for query in ("by=model&metric=total_tokens", "by=agent&metric=cost", "by=end_user"):
+        _html, table, bars = chart(query)
+        [columns] = table.parts["thead"]
+        cells = {
+            f"{row[0]} · {column}: {cell}"
+            for row in table.parts["tbody"]
+            for column, cell in zip(columns[1:-1], row[1:-1], strict=True)
+            if cell not in ("0", "$0")
+        }
+        assert bars and sorted(bars) == sorted(cells), query
+
+    _html, table, _bars = chart("by=end_user&metric=cost")
+    assert table.parts["tbody"] == [
+        [day(today - timedelta(days=2)), "$0", "$0.001", "$0.001"],
+        [day(today), "$0.01", "$0", "$0.01"],
+    ]
 
 
 def test_a_model_without_a_price_whose_calls_used_no_tokens_is_not_said_to_lack_one(setup):

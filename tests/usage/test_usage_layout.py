@@ -1,5 +1,6 @@
 """The usage page in headless Chromium: its vertical rhythm and its chart's labels at a laptop's
-and a phone's width, and the page fitting the window at every width from 320 to 1600 px.
+and a phone's width, the page fitting the window at every width from 320 to 1600 px, and the
+chart's figures as a table in the accessibility tree.
 
 The page is rendered by Django's test client and handed to the browser through request routing
 (its static files read from the static folders), so no server is started.
@@ -8,13 +9,15 @@ The page is rendered by Django's test client and handed to the browser through r
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from django.conf import settings
 from django.contrib.staticfiles import finders
-from playwright.sync_api import Browser, Route
+from django.utils import timezone
+from playwright.sync_api import Browser, Route, expect
 
 from tests.browser.conftest import ARTIFACTS, in_chromium
 from tests.usage.test_usage import _call, _finished_run, setup, used  # noqa: F401 (fixtures)
@@ -48,9 +51,13 @@ ROW_GAPS = """() => {
 }"""
 
 
-def _serve(html: str):
+def _serve(html: str, fragments: dict[str, str] | None = None):
+    """Answer the browser with the static files, `html` for the page, and for an htmx request
+    the first of `fragments` whose key is in its URL."""
+
     def handle(route: Route) -> None:
-        path = route.request.url.removeprefix(ORIGIN).split("?", 1)[0]
+        url = route.request.url.removeprefix(ORIGIN)
+        path = url.split("?", 1)[0]
         if path.startswith(settings.STATIC_URL):
             found = finders.find(path.removeprefix(settings.STATIC_URL))
             if found:
@@ -58,6 +65,13 @@ def _serve(html: str):
                 route.fulfill(body=Path(str(found)).read_bytes(), content_type=kind)
                 return
             route.fulfill(status=404, body="")
+            return
+        if route.request.headers.get("hx-request"):
+            body = next((f for key, f in (fragments or {}).items() if key in url), None)
+            if body is None:
+                route.fulfill(status=404, body="")
+                return
+            route.fulfill(body=body, content_type="text/html; charset=utf-8")
             return
         route.fulfill(body=html, content_type="text/html; charset=utf-8")
 
@@ -236,3 +250,69 @@ def test_the_usage_page_fits_the_window_at_every_width(used):  # noqa: F811
     assert split == {}, f"short words split over two lines: {split}"
     # Every row of the four tables was measured: 8 rows of 4 cells (and the headers when shown).
     assert all(s["cells"] >= 4 * 2 * 4 for s in seen.values()), seen
+
+
+def test_a_screen_reader_gets_the_charts_figures_from_its_table(used):  # noqa: F811
+    """What Chromium gives a screen reader: the chart is an image with a name and nothing more
+    (the titles of its bars are not read); "Show as table" opens a table of the same figures,
+    which stays open when the chart shows another grouping, and fits a phone's screen."""
+    world, *_ = used
+    owner = world.client_for(world.owner)
+    url = f"/t/{world.tenant.slug}/usage/"
+    html = owner.get(url).content.decode()
+    by_model = owner.get(
+        f"{url}?period=this_month&by=model&metric=total_tokens&fragment=chart",
+        HTTP_HX_REQUEST="true",
+    ).content.decode()
+    today = f"{timezone.now():%-d %b %Y}"
+
+    def flow(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.route("**/*", _serve(html, {"by=model": by_model}))
+        page.goto(f"{ORIGIN}{url}", wait_until="load")
+        chart = page.get_by_role("img", name="Tokens per day, by agent")
+        expect(chart).to_be_visible()
+        assert chart.aria_snapshot() == '- img "Tokens per day, by agent"'
+        expect(page.get_by_role("table", name=re.compile("^Tokens per day"))).to_have_count(0)
+
+        page.get_by_text("Show as table").click()
+        table = page.get_by_role("table", name=re.compile("^Tokens per day, by agent"))
+        expect(table).to_be_visible()
+        expect(table).to_match_aria_snapshot(
+            f"""
+            - table:
+              - rowgroup:
+                - row:
+                  - columnheader "Day"
+                  - columnheader "Helper"
+                  - columnheader "Total"
+              - rowgroup:
+                - row:
+                  - rowheader "{today}"
+                  - cell "2.2k"
+                  - cell "2.2k"
+              - rowgroup:
+                - row:
+                  - rowheader "Total"
+                  - cell "2.2k"
+                  - cell "2.2k"
+            """
+        )
+
+        # The chart's options swap the chart and its table; the table stays open.
+        page.get_by_role("link", name="By model").click()
+        table = page.get_by_role("table", name=re.compile("^Tokens per day, by model"))
+        expect(table).to_be_visible()
+        expect(table.get_by_role("row", name=re.compile(f"^{today} "))).to_have_text(
+            re.compile(r"2\.2k\s*10\s*2\.2k")
+        )
+
+        page.set_viewport_size({"width": 320, "height": 800})
+        expect(table).to_be_visible()
+        overflow = page.evaluate(
+            "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+        )
+        assert overflow <= 0, overflow
+        page.close()
+
+    in_chromium(flow, "usage-chart-table")
