@@ -356,6 +356,11 @@ RUN_SHUTDOWN_GRACE_SECONDS = env.float("RUN_SHUTDOWN_GRACE_SECONDS", default=30.
 RUN_EVENT_LOOP = env.str("RUN_EVENT_LOOP", default="uvloop")
 if RUN_EVENT_LOOP not in ("uvloop", "asyncio"):
     raise ImproperlyConfigured(f"RUN_EVENT_LOOP must be uvloop or asyncio, not {RUN_EVENT_LOOP!r}.")
+# Threads of a worker process's run host for its runs' database work, side by side; each keeps a
+# connection (conversations/worker.py).
+RUN_DB_THREADS = env.int("RUN_DB_THREADS", default=4)
+if RUN_DB_THREADS < 1:
+    raise ImproperlyConfigured(f"RUN_DB_THREADS must be at least 1, not {RUN_DB_THREADS}.")
 # Failed model calls (and malformed tool arguments) a run retries (ai_agents/runtime/retry.py).
 RUN_MODEL_RETRIES = env.int("RUN_MODEL_RETRIES", default=3)
 RUN_MODEL_RETRY_BACKOFF_SECONDS = env.float("RUN_MODEL_RETRY_BACKOFF_SECONDS", default=1.0)

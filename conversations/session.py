@@ -11,7 +11,9 @@ from __future__ import annotations
 import inspect
 import json
 from collections.abc import Awaitable, Callable
-from functools import wraps
+from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
+from functools import cache, wraps
 from typing import Any, ParamSpec, TypeVar, cast
 from uuid import UUID
 
@@ -33,11 +35,18 @@ def orm(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     """`fn` as one unit of ORM work of the run host, run in a thread. Like a request, a unit
     starts by dropping connections that are broken (a PostgreSQL restart) or past CONN_MAX_AGE,
     so one failure does not poison every later run of the worker process. A connection inside a
-    transaction (a caller's `atomic`, e.g. a test's) is left alone."""
+    transaction (a caller's `atomic`, e.g. a test's) is left alone.
+
+    Where `unit_threads` names a pool (the run host's, for the runs it holds), units go to its
+    threads, so that different runs' units reach PostgreSQL side by side; elsewhere a unit
+    takes asgiref's thread-sensitive path (an outer `async_to_sync`'s thread, whose open
+    transaction it may need to see)."""
 
     @wraps(fn)
     async def unit(*args: P.args, **kwargs: P.kwargs) -> R:
-        return cast(R, await _in_unit(fn, args, kwargs))
+        pool = unit_threads.get()
+        adapter = _in_unit if pool is None else _in_pool(pool)
+        return cast(R, await adapter(fn, args, kwargs))
 
     return unit
 
@@ -52,6 +61,34 @@ def _unit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
 # One adapter for every unit: building asgiref's adapter inspects the function each time, which
 # the run host did for every unit (several per run).
 _in_unit = sync_to_async(_unit)
+
+# The threads the units of the current run go to (see `orm`). Without a pool, every unit of
+# every run a worker holds queued for asgiref's one shared thread: at 50 chats, a run's first
+# unit (the SDK saving its input before the model call) waited about 200 ms there
+# (docs/benchmark.md).
+unit_threads: ContextVar[ThreadPoolExecutor | None] = ContextVar("unit_threads", default=None)
+
+
+def in_unit(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """`fn(*args, **kwargs)` as a unit, on the calling thread (one of the run host's)."""
+    return cast(R, _pooled_unit(fn, args, kwargs))
+
+
+def _pooled_unit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    try:
+        return _unit(fn, args, kwargs)
+    finally:
+        # A thread of the pool may sit idle for long: what is past CONN_MAX_AGE goes now (with
+        # DATABASE_POOL, back to the pool), not when the thread's next unit starts. A worker's
+        # kept connections (DATABASE_POOL=0, CONN_MAX_AGE=60) stay with their thread.
+        for each in connections.all(initialized_only=True):
+            if not each.in_atomic_block:
+                each.close_if_unusable_or_obsolete()
+
+
+@cache
+def _in_pool(pool: ThreadPoolExecutor) -> Any:
+    return sync_to_async(_pooled_unit, thread_sensitive=False, executor=pool)
 
 
 class SupersededAttempt(RuntimeError):

@@ -8,15 +8,13 @@ from conversations import executor, worker
 
 @shared_task(name="conversations.run_execute", ignore_result=True, acks_late=False)
 def run_execute(run_id: str) -> None:
-    """Claim the run and hand it to this process's run host; returns at once. Acked early on
-    purpose: if this process dies, the lease lapses and the sweeper kicks the run again.
+    """Hand the run to this process's run host, which claims and executes it; returns at once.
+    Acked early on purpose: if this process dies, the run is still pending, or its lease lapses,
+    and the sweeper kicks it again.
 
-    Its database connection lives on between tasks (`controlplane.celery`): a new connection
-    per run cost PostgreSQL a new backend per run (docs/benchmark.md)."""
-    host = worker.host()
-    taken = executor.take(run_id, owner=host.owner, loop=host.loop)
-    if taken is not None:
-        host.submit(*taken)
+    The host's database threads keep their connections between runs (`session.orm`): a new
+    connection per run cost PostgreSQL a new backend per run (docs/benchmark.md)."""
+    worker.host().take(run_id)
 
 
 @shared_task(name="conversations.runs_sweep", ignore_result=True)

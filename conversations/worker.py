@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import threading
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import uvloop
@@ -22,7 +22,7 @@ from django.conf import settings
 from django.db import close_old_connections
 
 from ai_agents.runtime import models as agent_models
-from conversations import executor
+from conversations import executor, session
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,14 @@ class RunHost:
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self._loop = new_run_loop()
         agent_models.share_clients(self._loop)  # one client per provider for all its runs
+        # The runs' database work, side by side (`session.orm`): each thread keeps a connection.
+        self._units = ThreadPoolExecutor(
+            max_workers=settings.RUN_DB_THREADS, thread_name_prefix="run-host-db"
+        )
         self._held: dict[executor.Claim, asyncio.Task[Any]] = {}
         # Every attempt submitted and not yet ended, from the moment it is submitted.
         self._submitted: dict[executor.Claim, Future[str]] = {}
+        self._taking: set[Future[None]] = set()  # kicks being claimed (`take`)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._loop.run_forever, name="run-host-loop", daemon=True).start()
@@ -51,6 +56,32 @@ class RunHost:
             target=self._heartbeat, name="run-host-heartbeat", daemon=True
         )
         self._beating.start()
+
+    def take(self, run_id: str) -> Future[None]:
+        """Claim the run and execute it, on the host's database threads: the caller (Celery's
+        task) returns at once and takes the next kick. Claiming in the task itself made every
+        kick wait for the one before it to be claimed, its history read and its agent built:
+        at 50 chats, most of a reply's time to first token (docs/benchmark.md)."""
+        future = self._units.submit(session.in_unit, self._take, run_id)
+        with self._lock:
+            self._taking.add(future)
+        future.add_done_callback(self._taken)
+        return future
+
+    def _take(self, run_id: str) -> None:
+        try:
+            taken = executor.take(run_id, owner=self.owner, loop=self._loop)
+        except Exception:
+            # The claim failed (the database away): the run stays pending, or running with a
+            # lease that lapses, and the sweeper kicks it again.
+            log.warning("could not take run %s", run_id, exc_info=True)
+            return
+        if taken is not None:
+            self.submit(*taken)
+
+    def _taken(self, future: Future[None]) -> None:
+        with self._lock:
+            self._taking.discard(future)
 
     def submit(self, held: executor.Claim, loaded: Any = None) -> Future[str]:
         """Execute the attempt `held` (`loaded`: what `executor.take` read with it)."""
@@ -74,6 +105,7 @@ class RunHost:
         assert task is not None
         with self._lock:
             self._held[held] = task
+        session.unit_threads.set(self._units)  # this run's context only
         try:
             return await executor.execute(held, loaded, concluding=lambda: self._release(held))
         except Exception:
@@ -103,6 +135,9 @@ class RunHost:
         """The process is shutting down: wait up to `grace_s` seconds for the runs held to end,
         then stop the others and release their leases, so that another worker takes them over
         at once instead of after their lease lapses. Returns the released claims."""
+        with self._lock:
+            taking = list(self._taking)
+        wait(taking, timeout=grace_s)  # claims in progress end submitted (or not taken)
         with self._lock:
             submitted = dict(self._submitted)
         wait(submitted.values(), timeout=grace_s)
