@@ -113,9 +113,17 @@
     return node;
   }
 
-  function scrollDown() { log.scrollTop = log.scrollHeight; }
+  // The list follows the newest message while the reader is at it. One who scrolled back to read
+  // stays where they are while a reply is written; sending a message (`force`) brings them back.
+  var following = true;
+  function scrollDown(force) {
+    if (!force && !following) return;
+    log.scrollTop = log.scrollHeight;
+    following = true;
+  }
   // Whether the list shows its newest message (the reader has not scrolled back).
   function atBottom() { return log.scrollHeight - log.scrollTop - log.clientHeight < 40; }
+  log.addEventListener("scroll", function () { following = atBottom(); }, { passive: true });
 
   function dropEmpty() {
     var empty = document.getElementById("chat-empty");
@@ -659,7 +667,7 @@
     mine.setAttribute("data-pending", "");
     mine.appendChild(el("div", "bubble", text));
     log.appendChild(mine);
-    scrollDown();
+    scrollDown(true);
     var message = { type: "send", text: text };
     if (strategyEl && !strategyEl.hidden) message.strategy = strategyEl.value;
     ws.send(JSON.stringify(message));
@@ -691,7 +699,7 @@
       question.removeAttribute("data-item-id");
       log.appendChild(question);
     }
-    scrollDown();
+    scrollDown(true);
     ws.send(JSON.stringify({ type: "retry", run_id: id }));
     asked.push({ kind: "send", node: question, text: "", retried: gone, itemId: itemId,
                  place: place });

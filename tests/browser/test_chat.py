@@ -834,6 +834,43 @@ def test_loading_earlier_messages_keeps_the_reader_in_place_and_the_keyboard_on_
     run_in_browser(flow)
 
 
+def test_a_reader_who_scrolled_back_stays_there_while_a_reply_is_written(asgi_site, run_in_browser):
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, data={"role": "user", "content": f"Line {i:03}"})
+        for i in range(40)
+    )
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        with page.expect_websocket(chat_socket) as opened:
+            page.goto(f"/t/acme/chat/{thread.pk}/")
+        opened.value.wait_for_event("framereceived")
+        page.get_by_label("Message").fill(QUESTION)
+        page.keyboard.press("Enter")
+        # At the newest message, the list follows the reply as it is written.
+        pending = page.locator(".msg-pending .bubble")
+        expect(pending).not_to_be_empty(timeout=LONG)
+        expect(pending).to_be_in_viewport()
+        # The reader scrolls back to the start: the reply goes on and ends without moving them.
+        log = page.locator("#chat-log")
+        log.evaluate(
+            "n => new Promise(done => {"
+            " n.addEventListener('scroll', done, {once: true}); n.scrollTop = 0; })"
+        )
+        expect(page.locator(".msg-assistant[data-item-id]")).to_have_text(REPLY, timeout=LONG)
+        expect(page.locator(".msg-user", has_text="Line 000")).to_be_in_viewport()
+        assert log.evaluate("n => n.scrollTop") == 0
+        # Sending a message brings them back to the newest.
+        page.get_by_label("Message").fill("Thanks")
+        page.keyboard.press("Enter")
+        expect(page.locator(".msg-user", has_text="Thanks")).to_be_in_viewport()
+
+    run_in_browser(flow)
+
+
 def _an_agent_whose_provider_is_refused():
     """A member's conversation with an agent whose provider's address the egress guard refuses
     (a setup problem: its runs fail at once), and what fixes it (the built-in offline model)."""
