@@ -132,6 +132,57 @@ def test_a_long_word_title_and_message_do_not_widen_the_chat_pages_on_a_phone(ru
     run_in_browser(flow)
 
 
+TABLE_REPLY = """Here are the plans:
+
+| Plan | Monthly price | What it includes | Support |
+|------|--------------:|------------------|---------|
+| Starter | $9 | One workspace, five agents and the community forum | Community forum |
+| Business | $49 | Unlimited workspaces, SSO and an audit log | Next business day |
+"""
+
+
+def test_a_table_in_a_reply_is_a_table_that_scrolls_inside_its_bubble_on_a_phone(run_in_browser):
+    world = make_world("Acme")
+    (thread,) = _member_threads(world, ["Plans"])
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, data=d)
+        for d in [
+            {"role": "user", "content": "Compare the plans in a table"},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": TABLE_REPLY}],
+            },
+        ]
+    )
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        page.set_viewport_size(PHONE)
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        table = page.locator(".msg-assistant").get_by_role("table")
+        expect(table.get_by_role("columnheader")).to_have_text(
+            ["Plan", "Monthly price", "What it includes", "Support"]
+        )
+        expect(table.get_by_role("row").nth(2).get_by_role("cell")).to_have_text(
+            ["Business", "$49", "Unlimited workspaces, SSO and an audit log",
+             "Next business day"]
+        )  # fmt: skip
+        # The price column is aligned as the reply asked (`--:`), right.
+        price = table.get_by_role("cell", name="$49")
+        assert price.evaluate("e => getComputedStyle(e).textAlign") == "right"
+        _shot(page, "chat-table-390")
+        # Wider than the bubble, it scrolls inside it: the page does not, and no word is split.
+        assert not _scrolls_sideways(page), "the conversation page scrolls sideways"
+        assert table.evaluate("e => e.scrollWidth > e.clientWidth")
+        assert table.evaluate("e => e.getBoundingClientRect().right") <= PHONE["width"]
+        assert _broken_words(table) == []
+
+    run_in_browser(flow)
+
+
 def _labels(page: Page) -> list[list[str]]:
     """What each cell of the runs table shows before its content, row by row."""
     return page.evaluate(

@@ -104,6 +104,13 @@ def test_markdown_renders_formatting_and_safe_links():
     assert 'rel="noopener noreferrer nofollow"' in html and 'target="_blank"' in html
 
 
+def test_markdown_renders_a_pipe_table_with_its_columns_alignment_as_classes():
+    html = markdown.render_markdown("| Item | Price |\n|------|------:|\n| Tea | $3 |")
+    assert "<th>Item</th>" in html and '<th class="align-right">Price</th>' in html
+    assert "<td>Tea</td>" in html and '<td class="align-right">$3</td>' in html
+    assert "|" not in html and "style=" not in html  # the CSP refuses style attributes
+
+
 def test_markdown_image_becomes_a_link_that_loads_nothing():
     html = markdown.render_markdown("![a cat](https://evil.example/cat.png)")
     assert "<img" not in html
