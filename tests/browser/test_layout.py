@@ -132,6 +132,27 @@ def test_a_long_word_title_and_message_do_not_widen_the_chat_pages_on_a_phone(ru
     run_in_browser(flow)
 
 
+def test_a_long_search_that_finds_nothing_does_not_widen_the_chat_home_on_a_phone(run_in_browser):
+    world = make_world("Acme")
+    _member_threads(world, ["Weekly report"])
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        page.set_viewport_size(PHONE)
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        page.goto("/t/acme/chat/")
+        page.get_by_label("Search by title").press_sequentially(LONG_WORD)
+        empty = page.locator("#thread-list .empty")
+        expect(empty).to_have_text(f'No conversation has "{LONG_WORD}" in its title. Show all')
+        _shot(page, "chat-home-search-390")
+        assert not _scrolls_sideways(page), "the chat home scrolls sideways"
+        assert empty.evaluate("e => e.getBoundingClientRect().right") <= PHONE["width"]
+        expect(empty.get_by_role("link", name="Show all")).to_be_in_viewport()
+
+    run_in_browser(flow)
+
+
 TABLE_REPLY = """Here are the plans:
 
 | Plan | Monthly price | What it includes | Support |
