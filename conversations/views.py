@@ -66,9 +66,9 @@ def _list_url(request: TenantRequest, *, q: str, before: str, anchor: str = "") 
     return url + (f"?{query}" if query else "") + (f"#{anchor}" if anchor else "")
 
 
-# What an htmx request for the chat home gets, by its target: the list (a search) or the rows of
-# an older page ("Show older conversations"), to append.
-_HOME_FRAGMENTS = {"thread-list": "#thread-list", "thread-rows": "#thread-page"}
+# What an htmx request for the chat home gets, by its target: the list (a search, with what it
+# found for the status line) or the rows of an older page ("Show older conversations"), to append.
+_HOME_FRAGMENTS = {"thread-list": "#thread-searched", "thread-rows": "#thread-page"}
 
 
 def _home(

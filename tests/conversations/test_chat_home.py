@@ -4,6 +4,7 @@ delete with and without the page's script, and whose conversations a member can 
 
 from __future__ import annotations
 
+import html
 import re
 from datetime import timedelta
 from types import SimpleNamespace
@@ -101,6 +102,29 @@ def test_the_search_is_kept_across_pages(world_a, home):
     second = client.get(older).content.decode()
     assert _rows(second) == [str(t.pk) for t in home.mine[30:]] and "Groceries" not in second
     assert 'name="q" value="trip"' in second, "the rows' forms keep the search"
+
+
+def test_a_search_says_what_it_found_in_the_lists_status_line(world_a, home):
+    """A search swaps the list under the search box; the status line (role=status) is what a
+    screen reader hears of it."""
+    _thread(world_a, world_a.member, home.agent, "Groceries")
+    client = world_a.client_for(world_a.member)
+
+    def said(q: str) -> str:
+        response = client.get(
+            _url("chat-home", world_a), {"q": q}, HTTP_HX_REQUEST="true",
+            HTTP_HX_TARGET="thread-list",
+        )  # fmt: skip
+        found = re.search(
+            r'<p id="chat-list-status" hx-swap-oob="innerHTML">(.*?)</p>', response.content.decode()
+        )
+        return html.unescape(found.group(1)) if found else ""
+
+    assert said("groc") == '1 conversation has "groc" in its title.'
+    assert said("Trip 0") == '10 conversations have "Trip 0" in their title.'
+    assert said("trip") == 'More than 30 conversations have "trip" in their title.'
+    assert said('50% "off"') == 'No conversation has "50% "off"" in its title.'
+    assert said("") == "All your conversations."
 
 
 def test_conversations_active_at_the_same_instant_are_each_listed_once(world_a, home):
