@@ -191,6 +191,69 @@ def test_one_worker_process_holds_hundreds_of_runs_at_once(settings):
     assert replies.count() == 200
 
 
+def test_the_database_work_of_a_run_hosts_runs_goes_side_by_side():
+    """Two runs' units of database work run at the same time on the run host's threads (each
+    here waits for the other): on one shared thread, the second would wait for the first."""
+    import asyncio
+    import threading
+
+    from conversations.worker import RunHost
+
+    host = RunHost()
+    both = threading.Barrier(2, timeout=5)
+
+    def unit() -> str:
+        both.wait()  # raises BrokenBarrierError if the other unit never runs meanwhile
+        return threading.current_thread().name
+
+    async def a_run() -> str:
+        from conversations import session
+
+        session.unit_threads.set(host._units)  # as `RunHost._hold` does for each run
+        return await session.orm(unit)()
+
+    async def two_runs() -> list[str]:
+        return await asyncio.gather(a_run(), a_run())
+
+    names = asyncio.run_coroutine_threadsafe(two_runs(), host.loop).result(10)
+    assert len(set(names)) == 2 and all(n.startswith("run-host-db") for n in names)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_kick_returns_at_once_and_the_run_is_claimed_and_executed_on_the_host(
+    world_a, thread, monkeypatch
+):
+    """Celery's task hands the kick over and returns while the claim is still in progress
+    (a slow claim no longer holds up the next kick); the run is then claimed and executed."""
+    import threading
+
+    from conversations import tasks, worker
+
+    run = _send(world_a, thread)
+    host = worker.RunHost()
+    monkeypatch.setattr(worker, "host", lambda: host)
+    claiming, go_on = threading.Event(), threading.Event()
+    take = executor.take
+
+    def slow_take(*args, **kwargs):
+        claiming.set()
+        assert go_on.wait(10)
+        return take(*args, **kwargs)
+
+    monkeypatch.setattr(executor, "take", slow_take)
+
+    tasks.run_execute(str(run.pk))  # returns although the claim has not finished
+
+    assert claiming.wait(5)
+    run.refresh_from_db()
+    assert run.status == RunStatus.PENDING
+    go_on.set()
+    assert host.drain(grace_s=10) == []  # waits for the claim, then for the run
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCESS
+    assert Item.objects.for_tenant(world_a.tenant).filter(run=run, data__role="assistant")
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_worker_runs_on_the_event_loop_its_setting_names(settings, loop):
