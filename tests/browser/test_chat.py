@@ -11,11 +11,13 @@ from __future__ import annotations
 import re
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import pytest
+from django.db import connections
 from playwright.sync_api import Page, expect
 
 from ai_agents import services as agent_services
@@ -31,11 +33,29 @@ REPLY = "[built-in offline model] The calculator tool returned: 144."
 WORD_DELAY = 0.3  # seconds per streamed word: slow enough to refresh the page mid-reply
 LONG = 15_000  # ms; bounds a failure, never a timing
 
+T = TypeVar("T")
+
 
 @dataclass
 class AsgiSite:
     url: str
     host: worker.RunHost
+
+
+def off_the_loop(func: Callable[[], T]) -> T:
+    """`func()` on a thread of its own: the ORM, off Playwright's event loop. The thread hands
+    its database connection back to the pool when it is done: a thread that ends holding one
+    keeps it from the pool for good, and after a few tests the pages of the live server waited
+    for a connection until they answered 500."""
+
+    def unit() -> T:
+        try:
+            return func()
+        finally:
+            connections.close_all()
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(unit).result()
 
 
 def _free_port() -> int:
@@ -691,8 +711,7 @@ def test_a_retried_reply_shows_its_question_once_when_it_ends(unstarted, run_in_
         expect(page.locator(".msg-user", has_text="go")).to_have_count(1)
 
         # The retry stored the question again, then its reply, and the run ended.
-        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
-            pool.submit(retried).result()
+        off_the_loop(retried)
         sockets[-1].send(json.dumps(_event(
             rid, 5, type="run.status", status="success", message="", attempt=2
         )))  # fmt: skip
@@ -784,8 +803,7 @@ def test_a_reply_that_fails_after_its_question_was_shown_says_why_in_the_history
     def flow(new_context) -> None:
         page, sockets = _open_chat(new_context, world, thread, frames)
         expect(page.locator(".msg-user", has_text="go")).to_have_count(1, timeout=LONG)
-        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
-            pool.submit(failed).result()
+        off_the_loop(failed)
         sockets[-1].send(json.dumps(_event(
             rid, 2, type="run.status", status="error", message=reason, attempt=1
         )))  # fmt: skip
@@ -922,8 +940,7 @@ def test_try_again_after_a_reply_failed_answers_the_same_question_once(asgi_site
         expect(page.locator(".chat-run-error")).to_contain_text("No reply:", timeout=LONG)
         again = page.get_by_role("button", name="Try again")
         expect(again).to_have_count(1)
-        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
-            pool.submit(fix_the_agent).result()
+        off_the_loop(fix_the_agent)
         again.click()
         expect(page.locator(".msg-assistant:not([data-pending])")).to_have_text(
             [re.compile(re.escape(REPLY))], timeout=LONG
@@ -960,8 +977,7 @@ def test_try_again_in_one_tab_takes_the_failed_reply_out_of_another_tab(asgi_sit
         for tab in (page, other):
             expect(tab.locator(".chat-run-error")).to_contain_text("No reply:", timeout=LONG)
             expect(tab.get_by_role("button", name="Try again")).to_have_count(1)
-        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
-            pool.submit(fix_the_agent).result()
+        off_the_loop(fix_the_agent)
         page.get_by_role("button", name="Try again").click()
         for tab in (page, other):
             expect(tab.locator(".msg-assistant:not([data-pending])")).to_have_text(
@@ -1056,8 +1072,7 @@ def test_a_chat_back_from_a_lost_connection_shows_an_exchange_that_happened_mean
     def flow(new_context) -> None:
         page, sockets = _open_chat(new_context, world, thread, [hello])
         expect(page.get_by_role("button", name="Send")).to_be_enabled(timeout=LONG)
-        with ThreadPoolExecutor(1) as pool:  # the ORM, off Playwright's event loop
-            pool.submit(answered_elsewhere).result()
+        off_the_loop(answered_elsewhere)
         sockets[-1].close()
         expect(page.locator(".msg-assistant")).to_have_text(["answered elsewhere"], timeout=LONG)
         expect(page.locator(".msg-user", has_text="asked")).to_have_count(1)
