@@ -22,6 +22,18 @@
 
   var ws = null;
   var opened = 0; // sockets this page has opened: more than one after a lost connection
+  // Whether the socket is open. While it is not, Send, "Try again" and Stop are disabled and the
+  // status line says why, rather than queueing what is asked for until the socket is back: a
+  // message sent minutes later, into a conversation that may have moved on meanwhile (another
+  // tab, the API), would surprise more than a button that waits. The typed text stays in the box.
+  var connected = false;
+  // Messages sent just before the connection was lost, whose answer never came: the server may
+  // or may not have stored them. Their text is back in the box until the history, read again
+  // once the socket is back, says whether they were stored.
+  var unsure = [];
+  var NOT_CONNECTED = "Not connected; reconnecting\u2026 You can send again once the connection is back.";
+  var MAYBE_LOST = "Not connected; reconnecting\u2026 Your last message may not have reached the " +
+    "agent: it is back in the message box until the connection is back.";
   var retry = 1000;
   var closedForGood = false;
   var run = null; // {id, after, text, steps: [...], attempt}
@@ -68,7 +80,7 @@
     var bottom = atBottom();
     stopBtn.hidden = !on;
     if (strategyEl) strategyEl.hidden = !on;
-    holdSends(limited());
+    holdSends();
     if (bottom) scrollDown();
   }
 
@@ -77,24 +89,31 @@
   var limitedUntil = 0;
   var limitTimer = null;
   function limited() { return Date.now() < limitedUntil; }
-  // Send and "Try again" wait for the window (both would be refused until then).
-  function holdSends(on) {
-    sendBtn.disabled = on;
-    log.querySelectorAll("form.chat-retry button").forEach(function (b) { b.disabled = on; });
+  function canSend() {
+    return connected && ws.readyState === WebSocket.OPEN && !unsure.length && !limited();
+  }
+  // Send and "Try again" wait for the window (both would be refused until then), and for the
+  // socket; Stop waits for the socket.
+  function holdSends() {
+    var held = !canSend();
+    sendBtn.disabled = held;
+    stopBtn.disabled = !connected;
+    log.querySelectorAll("form.chat-retry button").forEach(function (b) { b.disabled = held; });
   }
   function rateLimited(msg) {
     var seconds = Math.max(1, parseInt(msg.retry_after, 10) || 1);
     var base = (msg.message || "").replace(/ You can send it again in .*$/, "");
     limitedUntil = Date.now() + seconds * 1000;
-    holdSends(true);
+    holdSends();
     clearInterval(limitTimer);
     var ticks = 0;
     var tick = function () {
       var left = Math.ceil((limitedUntil - Date.now()) / 1000);
+      if (!connected) return; // the status line says why nothing can be sent
       if (left <= 0) {
         clearInterval(limitTimer);
         limitTimer = null;
-        holdSends(false);
+        holdSends();
         status("You can send your message now.", "");
         return;
       }
@@ -253,6 +272,7 @@
     startedRun = null; // a waiting message may have come back with its note
     if (run && (run.attempt !== null || run.steps.length)) started(run.id);
     redraw();
+    holdSends(); // a "Try again" the server rendered waits like the others
     scrollDown();
   }
 
@@ -302,7 +322,7 @@
     f.appendChild(field);
     var button = el("button", "btn btn-small", "Try again");
     button.type = "submit";
-    button.disabled = limited();
+    button.disabled = !canSend();
     f.appendChild(button);
     return f;
   }
@@ -312,11 +332,13 @@
   // conversation: only the server's latest page shows what is left (see `reloadAll`).
   function offersRetry() { return !!log.querySelector("form.chat-retry"); }
 
-  // The latest page of the history, from the server (a replaced message has left it).
-  function reloadAll() {
+  // The latest page of the history, from the server (a replaced message has left it). `then`
+  // runs once it is in.
+  function reloadAll(then) {
     if (!window.htmx) { location.reload(); return; }
     bubble = null;
-    htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(afterReload, afterReload);
+    var done = function () { afterReload(); if (then) then(); };
+    htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(done, done);
   }
 
   // A new conversation takes its title from its first message: the heading and the tab say so.
@@ -530,7 +552,14 @@
     var active = root.getAttribute("data-active-run");
     if (run && run.after && (!active || active === run.id)) url += "?after=" + encodeURIComponent(run.after);
     ws = new WebSocket(url);
-    ws.onopen = function () { retry = 1000; opened++; };
+    ws.onopen = function () {
+      retry = 1000;
+      opened++;
+      connected = true;
+      var said = statusEl.textContent;
+      if (said === NOT_CONNECTED || said === MAYBE_LOST) status("");
+      holdSends();
+    };
     ws.onmessage = function (raw) {
       var msg;
       try { msg = JSON.parse(raw.data); } catch (e) { return; }
@@ -545,13 +574,15 @@
         else root.removeAttribute("data-active-run");
         if (run && run.id !== current) { run = null; save(); }
         busy(!!current);
-        if (known !== current || (!current && opened > 1)) {
+        if (known !== current || (!current && opened > 1) || unsure.length) {
           // Also back after a lost connection with no reply being written on either side: a
           // whole exchange may have happened meanwhile (another tab, the API), which no event
-          // told this page.
+          // told this page. And a message whose answer the lost connection took is in the
+          // history if the server stored it.
           if (!current) status("");
-          if (failedHere) reloadAll();
-          else reloadNewItems();
+          var settle = unsure.length ? settleUnsure : null;
+          if (failedHere) reloadAll(settle);
+          else reloadNewItems(settle);
         }
       } else if (msg.type === "event") {
         onEvent(msg);
@@ -610,13 +641,25 @@
       }
     };
     ws.onclose = function (ev) {
-      asked = []; // their answers will not come
+      connected = false;
+      // Their answers will not come: a "Try again" puts the failed reply back as it was (the
+      // history, read again once the socket is back, shows whether it was taken), a message's
+      // text goes back to the box until then.
+      asked.forEach(function (sent) {
+        if (sent.kind !== "send") return;
+        refused(sent);
+        if (!sent.retried) unsure.push(sent);
+      });
+      asked = [];
+      holdSends();
       if (closedForGood || ev.code === 4401 || ev.code === 4403 || ev.code === 4404) {
         if (!closedForGood) status("This conversation is not available any more.", "error");
         busy(false);
         return;
       }
-      status("Connection lost; reconnecting\u2026", "warn");
+      // Said once, not at each failed attempt to reconnect.
+      var said = unsure.length ? MAYBE_LOST : NOT_CONNECTED;
+      if (statusEl.textContent !== said) status(said, "warn");
       setTimeout(connect, retry);
       retry = Math.min(retry * 2, 30000);
     };
@@ -641,6 +684,35 @@
     input.value = typed ? sent.text + "\n" + typed : sent.text;
   }
 
+  // Once the history is read again after a lost connection: a message whose answer was lost and
+  // that the history now shows (saved, or waiting for the agent) was stored, and leaves the box;
+  // any other stays there, and the status line says it was not sent. Compared without
+  // whitespace: the server renders line breaks as <br>.
+  function settleUnsure() {
+    var flat = function (t) { return (t || "").replace(/\s+/g, ""); };
+    var notSent = false;
+    unsure.forEach(function (sent) {
+      var stored = false;
+      log.querySelectorAll(".msg-user").forEach(function (n) {
+        var id = parseInt(n.getAttribute("data-item-id"), 10);
+        var fresh = n.classList.contains("msg-waiting") || id > sent.since;
+        var b = n.querySelector(".bubble");
+        if (fresh && b && flat(b.textContent) === flat(sent.text)) stored = true;
+      });
+      if (!stored) { notSent = true; return; }
+      if (input.value === sent.text) input.value = "";
+      else if (input.value.indexOf(sent.text + "\n") === 0) {
+        input.value = input.value.slice(sent.text.length + 1);
+      }
+    });
+    unsure = [];
+    holdSends();
+    if (notSent) {
+      status("Your message was not sent: the connection was lost before it arrived. It is in " +
+        "the message box.", "warn");
+    }
+  }
+
   function onError(msg) {
     // Errors about a followed run name it; any other answers the oldest open request.
     var sent = !msg.run_id && asked.length && asked[0].kind === "send" ? asked.shift() : null;
@@ -661,7 +733,8 @@
   form.addEventListener("submit", function (e) {
     e.preventDefault();
     var text = input.value.trim();
-    if (!text || !ws || ws.readyState !== WebSocket.OPEN || limited()) return;
+    if (!text || !canSend()) return; // Send is disabled, and the status line says why
+    var since = lastItemId();
     dropEmpty();
     var mine = el("div", "msg msg-user");
     mine.setAttribute("data-pending", "");
@@ -671,7 +744,7 @@
     var message = { type: "send", text: text };
     if (strategyEl && !strategyEl.hidden) message.strategy = strategyEl.value;
     ws.send(JSON.stringify(message));
-    asked.push({ kind: "send", node: mine, text: text });
+    asked.push({ kind: "send", node: mine, text: text, since: since });
     input.value = "";
   });
   // "Try again": the failed reply (its steps and note) goes, its question waits for the new one.
@@ -679,7 +752,7 @@
     var retrying = e.target.closest && e.target.closest("form.chat-retry");
     if (!retrying) return;
     e.preventDefault();
-    if (!ws || ws.readyState !== WebSocket.OPEN || limited() || running) return;
+    if (!canSend() || running) return;
     var id = retrying.querySelector('[name="retry_of"]').value;
     var question = null;
     var gone = [];
@@ -712,7 +785,7 @@
     }
   });
   stopBtn.addEventListener("click", function () {
-    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    if (!connected) return;
     ws.send(JSON.stringify({ type: "cancel" }));
     ws.send(JSON.stringify({ type: "ping" })); // its pong closes the cancel's answers
     asked.push({ kind: "cancel" });
@@ -743,5 +816,6 @@
   if (run && active && run.id === active) redraw();
   else if (run && !active) { run = null; save(); }
   scrollDown();
+  holdSends(); // until the socket is open
   connect();
 })();

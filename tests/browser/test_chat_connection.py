@@ -1,0 +1,182 @@
+"""The chat in a real browser while its socket is down: nothing the member types or asks for is
+dropped without a word. The page says it is not connected and reconnecting, Send, Try again and
+Stop wait for the connection, the typed text stays in the message box; once the socket is back
+the status goes and sending works again."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from conversations.models import Item, Run, RunStatus
+from tests.browser.test_chat import (  # noqa: F401 (fixtures)
+    LONG,
+    QUESTION,
+    _an_agent_whose_provider_is_refused,
+    _member_thread,
+    asgi_site,
+    chat_socket,
+    off_the_loop,
+    site,
+)
+from tests.browser.test_dashboard import log_in
+from tests.conftest import make_world
+
+pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
+
+TYPED = "And what is 13 * 13?"
+ANSWER = "[built-in offline model] The calculator tool returned: 169."
+RECONNECTING = re.compile(r"(Not connected|Connection lost); reconnecting")
+
+
+class Link:
+    """The page's chat socket, through the real server, with a switch: while `down`, every
+    connection the page opens fails before it opens (as with the server out of reach), and
+    `drop()` cuts the open one. `cut` drops the connection when the page sends a message:
+    "before" it reaches the server, or "after" (before the server's answer reaches the page)."""
+
+    def __init__(self, page: Page) -> None:
+        self.down = False
+        self.cut: str | None = None
+        self.sockets: list = []
+        page.route_web_socket(re.compile(r"/ws/t/"), self._connected)
+
+    def _connected(self, ws) -> None:
+        if self.down:
+            ws.close()
+            return
+        server = ws.connect_to_server()
+        self.sockets.append(ws)
+
+        def heard(message) -> None:
+            sending = json.loads(message).get("type") == "send"
+            if sending and self.cut == "before":
+                self.drop()
+                return
+            server.send(message)
+            if sending and self.cut == "after":
+                self.drop()
+
+        ws.on_message(heard)
+
+    def drop(self) -> None:
+        self.down = True
+        self.sockets[-1].close()
+
+
+def _open(new_context, world, thread) -> tuple[Page, Link]:
+    page = new_context().new_page()
+    log_in(page, world.member.email)
+    expect(page).to_have_url(re.compile(r"/t/acme/$"))
+    link = Link(page)
+    with page.expect_websocket(chat_socket) as opened:
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+    opened.value.wait_for_event("framereceived")  # the server's hello: the socket is up
+    return page, link
+
+
+@pytest.mark.usefixtures("asgi_site")
+def test_while_the_socket_is_down_send_and_try_again_wait_and_say_why(run_in_browser):
+    world, thread, fix_the_agent = _an_agent_whose_provider_is_refused()
+
+    def runs() -> list[tuple[str, str]]:
+        return [
+            (r.status, r.input[0]["content"] if r.input else "")
+            for r in Run.objects.for_tenant(world.tenant).order_by("created_at")
+        ]
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        page.get_by_label("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        expect(page.locator(".chat-run-error")).to_contain_text("No reply:", timeout=LONG)
+        send = page.get_by_role("button", name="Send")
+        again = page.get_by_role("button", name="Try again")
+        expect(again).to_be_enabled()
+
+        link.drop()
+        status = page.get_by_role("status")
+        expect(status).to_have_text(RECONNECTING, timeout=LONG)
+        # Neither can send while the connection is down: the reason is what the status says.
+        expect(send).to_be_disabled()
+        expect(again).to_be_disabled()
+        box = page.get_by_label("Message")
+        box.fill(TYPED)
+        box.press("Enter")
+        send.click(force=True)
+        again.click(force=True)
+        expect(box).to_have_value(TYPED)
+        expect(page.locator(".msg-user")).to_have_text([QUESTION])
+        expect(page.locator(".chat-run-error")).to_be_visible()
+        expect(status).to_have_text(RECONNECTING)
+        assert off_the_loop(runs) == [(RunStatus.ERROR, QUESTION)], "nothing was sent"
+
+        off_the_loop(fix_the_agent)
+        link.down = False  # the page's next attempt connects
+        expect(status).to_be_hidden(timeout=3 * LONG)
+        expect(send).to_be_enabled()
+        expect(again).to_be_enabled()
+        expect(box).to_have_value(TYPED)
+        send.click()
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_text(
+            [ANSWER], timeout=LONG
+        )
+        expect(page.locator(".msg-user")).to_have_text([QUESTION, TYPED])
+        expect(box).to_have_value("")
+
+    run_in_browser(flow)
+
+    assert runs() == [(RunStatus.ERROR, QUESTION), (RunStatus.SUCCESS, TYPED)]
+
+
+@pytest.mark.usefixtures("asgi_site")
+@pytest.mark.parametrize("cut", ["before", "after"])
+def test_a_message_whose_answer_the_lost_connection_took_is_neither_lost_nor_sent_twice(
+    cut, run_in_browser
+):
+    """The connection drops as a message is sent, before the server's answer: "before" the
+    server got it, or "after". Until the connection is back, the text is in the message box again
+    and the page says it may not have been sent. Then the history tells: a message the server
+    did not get stays in the box, said so, and is sent with Send; one it got is shown once in the
+    conversation, answered, and leaves the box."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+
+    def inputs() -> list[str]:
+        return [r.input[0]["content"] for r in Run.objects.for_tenant(world.tenant)]
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        box = page.get_by_label("Message")
+        send = page.get_by_role("button", name="Send")
+        status = page.get_by_role("status")
+        link.cut = cut
+        box.fill(TYPED)
+        send.click()
+        expect(box).to_have_value(TYPED, timeout=LONG)
+        expect(page.locator(".msg-user")).to_have_count(0)
+        expect(status).to_have_text(
+            re.compile(r"^Not connected; reconnecting.*may not have reached")
+        )
+        expect(send).to_be_disabled()
+
+        link.cut, link.down = None, False
+        if cut == "before":
+            expect(status).to_have_text(re.compile(r"^Your message was not sent"), timeout=3 * LONG)
+            expect(box).to_have_value(TYPED)
+            expect(page.locator(".msg-user")).to_have_count(0)
+            assert off_the_loop(inputs) == []
+            send.click()
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_text(
+            [ANSWER], timeout=3 * LONG
+        )
+        expect(page.locator(".msg-user")).to_have_text([TYPED])
+        expect(box).to_have_value("")
+
+    run_in_browser(flow)
+
+    assert inputs() == [TYPED]
+    assert Item.objects.for_tenant(world.tenant).filter(data__content=TYPED).count() == 1
