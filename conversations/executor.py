@@ -636,15 +636,48 @@ def _run_field(name: str) -> Field[Any, Any]:
     return field
 
 
+def _stopped_in_line_sql() -> str:
+    """Two CTEs after `ended` (the thread whose active run ended: thread_id, tenant_id) and
+    `following` (the next run in line, pending and queued: its created_at; or nothing): the
+    runs stopped while they waited in line ahead of it (cancelled, still `queued`) leave the
+    line, and their input joins the thread, in the order they were sent. Their turn has come:
+    their question goes after the reply they waited for, where the chat showed it, and not
+    before the end of that reply, which was still being written when they were stopped.
+    Leaving the line in the same statement writes each question once. Parameters: the
+    cancelled status, then the items' creation time."""
+    run, item = Run._meta.db_table, Item._meta.db_table
+    return f"""
+        stopped AS (
+            UPDATE {run} AS stopped SET queued = false
+            FROM ended
+            WHERE stopped.thread_id = ended.thread_id AND stopped.tenant_id = ended.tenant_id
+              AND stopped.queued AND stopped.status = %s
+              AND NOT EXISTS (
+                  SELECT 1 FROM following WHERE following.created_at < stopped.created_at
+              )
+            RETURNING stopped.id, stopped.tenant_id, stopped.thread_id, stopped.input,
+                      stopped.created_at
+        ), kept AS (
+            INSERT INTO {item} (tenant_id, thread_id, run_id, data, created_at)
+            SELECT stopped.tenant_id, stopped.thread_id, stopped.id, question.data, %s
+            FROM stopped
+            CROSS JOIN LATERAL jsonb_array_elements(stopped.input)
+                WITH ORDINALITY AS question (data, position)
+            ORDER BY stopped.created_at, question.position
+        )
+    """  # noqa: S608 (table names from the models; the values are parameters)
+
+
 def _thread_end_sql(ended: str, result: str) -> str:
     """A statement that ends a thread's run: `ended`, a CTE that gives the ended run's
     (thread_id, tenant_id) or nothing, then the thread's next queued run promoted (its row
-    locked) and the thread's status set; `result` selects what comes back. Parameters: those of
-    `ended`, then `_thread_end_params`."""
+    locked), the thread's status set, and the questions stopped in line ahead of it kept
+    (`_stopped_in_line_sql`); `result` selects what comes back. Parameters: those of `ended`,
+    then `_thread_end_params`."""
     run, thread = Run._meta.db_table, Thread._meta.db_table
     return f"""
         WITH {ended}, following AS (
-            SELECT queue.id FROM {run} AS queue, ended
+            SELECT queue.id, queue.created_at FROM {run} AS queue, ended
             WHERE queue.thread_id = ended.thread_id AND queue.tenant_id = ended.tenant_id
               AND queue.queued AND queue.status = %s
             ORDER BY queue.created_at LIMIT 1
@@ -659,13 +692,46 @@ def _thread_end_sql(ended: str, result: str) -> str:
                 updated_at = %s
             FROM ended
             WHERE t.id = ended.thread_id AND t.tenant_id = ended.tenant_id
-        )
+        ), {_stopped_in_line_sql()}
         {result}
     """  # noqa: S608 (table names from the models and fixed SQL; the values are parameters)
 
 
 def _thread_end_params(run_status: str, now: datetime) -> list[Any]:
-    return [RunStatus.PENDING, ThreadStatus.BUSY, _thread_status(run_status), now]
+    return [
+        RunStatus.PENDING,
+        ThreadStatus.BUSY,
+        _thread_status(run_status),
+        now,
+        RunStatus.CANCELLED,
+        now,
+    ]
+
+
+@cache
+def _keep_stopped_in_line_sql() -> str:
+    return f"""
+        WITH ended AS (SELECT %s::uuid AS thread_id, %s::uuid AS tenant_id), following AS (
+            SELECT queue.created_at FROM {Run._meta.db_table} AS queue, ended
+            WHERE queue.thread_id = ended.thread_id AND queue.tenant_id = ended.tenant_id
+              AND queue.queued AND queue.status = %s
+            ORDER BY queue.created_at LIMIT 1
+        ), {_stopped_in_line_sql()}
+        SELECT 1
+    """  # noqa: S608 (table names from the models and fixed SQL; the values are parameters)
+
+
+def keep_stopped_in_line(*, tenant_id: UUID, thread_id: UUID, now: datetime) -> None:
+    """The thread's active run ended other than through `finish` or `end_thread` (a newer
+    message interrupted or replaced it): the questions stopped while they waited in line ahead
+    of the next run in line join the thread, as those two do it (`_stopped_in_line_sql`). Inside
+    the transaction that holds the thread's lock."""
+    # tenant-scope: the statement names the tenant with the thread
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _keep_stopped_in_line_sql(),
+            [thread_id, tenant_id, RunStatus.PENDING, RunStatus.CANCELLED, now],
+        )
 
 
 @cache

@@ -653,16 +653,26 @@ def _with_endings(
 def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
     """The messages of runs that have not started writing to the thread yet (waiting for a
     worker, or queued behind the active run), oldest first: shown as sent, marked as waiting.
-    A run's input becomes items of the thread only when its worker starts it."""
+    A run's input becomes items of the thread only when its worker starts it. A message
+    stopped while it waited in line is among them, marked stopped (`extra["stopped"]`, as its
+    end user is told; `extra["detail"]`, who stopped it, for owners and admins), until the
+    reply ahead of it ends and its question joins the thread (`services.run_cancel`)."""
     waiting = (
         Run.objects.for_tenant(tenant)
-        .filter(thread=thread, status__in=ACTIVE_STATUSES)
+        .filter(
+            Q(status__in=ACTIVE_STATUSES) | Q(status=RunStatus.CANCELLED, queued=True),
+            thread=thread,
+        )
         .exclude(pk__in=Item.objects.for_tenant(tenant).filter(thread=thread).values("run_id"))
         .order_by("created_at")
-        .only("pk", "input", "queued")
+        .only("pk", "input", "queued", "status", "error", "end_user_error")
     )
     entries = []
     for run in waiting:
+        extra: dict[str, Any] = {"waiting": True, "queued": run.queued}
+        if run.status == RunStatus.CANCELLED:
+            told = run.end_user_error or "Stopped."
+            extra = {"stopped": told, "detail": run.error if run.error != told else ""}
         for message in run.input if isinstance(run.input, list) else []:
             if isinstance(message, dict) and message.get("role") == "user":
                 entries.append(
@@ -671,7 +681,7 @@ def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
                         kind="user",
                         html=markdown.render_plain(_text_of(message.get("content"))),
                         run_id=run.pk,
-                        extra={"waiting": True, "queued": run.queued},
+                        extra=extra,
                     )
                 )
     return entries

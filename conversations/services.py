@@ -447,6 +447,8 @@ def _apply_strategy(
             executor.keep_what_was_said(active)
         else:
             Item.objects.for_tenant(tenant).filter(run=active).delete()
+        # Messages stopped while they waited behind it: their turn has come, before this one's.
+        executor.keep_stopped_in_line(tenant_id=tenant.pk, thread_id=run.thread_id, now=now)
         transaction.on_commit(
             partial(executor.close_stream, active.pk, active.attempt, active.status, active.error)
         )
@@ -487,7 +489,13 @@ def run_cancel(
     """Stop a run (the chat's stop button, the API's cancel). Idempotent: an ended run is
     returned as it is. With `end_user`, only that end user's runs are found, and the run says
     its end user stopped it; `by`: who else did (the run inspector's admin). The worker holding
-    the run loses its lease at its next heartbeat and stops; its writes are fenced out now."""
+    the run loses its lease at its next heartbeat and stops; its writes are fenced out now.
+
+    What was said stays in the thread, marked stopped: the question, and the reply as far as its
+    readers saw it (`executor.keep_what_was_said`). A run that waits in line (queued) stays in
+    the line, stopped: its question joins the thread when the reply ahead of it ends, after that
+    reply (`executor.finish`, `executor.end_thread`), and until then the chat shows it with the
+    messages waiting (`selectors.pending_inputs`)."""
     try:
         run_uuid = UUID(str(run_id))
     except ValueError:
@@ -516,14 +524,13 @@ def run_cancel(
             reason, told = "Stopped.", "Stopped."
         run.status, run.error, run.finished_at = RunStatus.CANCELLED, reason, timezone.now()
         run.end_user_error = "" if told == reason else told
-        run.queued, run.lease_owner, run.lease_expires_at = False, "", None
+        run.lease_owner, run.lease_expires_at = "", None
         run.save(
             update_fields=[
                 "status",
                 "error",
                 "end_user_error",
                 "finished_at",
-                "queued",
                 "lease_owner",
                 "lease_expires_at",
             ]

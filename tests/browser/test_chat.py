@@ -348,6 +348,59 @@ def test_a_message_sent_during_a_reply_waits_in_line_and_survives_a_refresh(
     assert runs[1].strategy == "enqueue"
 
 
+def test_a_message_stopped_while_it_waited_in_line_stays_after_the_reply_it_waited_for(
+    asgi_site, run_in_browser
+):
+    """A message sent with "Send after this reply" is stopped before its turn (here from the run
+    inspector): the page shows it, marked stopped, while the reply goes on; once the reply ends,
+    after it, and so does a reload."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    follow_up = "Thanks, and what is 2 + 3?"
+
+    def stop_it() -> None:
+        waiting = Run.objects.for_tenant(world.tenant).get(queued=True)
+        services.run_stop(tenant=world.tenant, actor=world.actor(), run_id=waiting.pk)
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        with page.expect_websocket(chat_socket) as opened:
+            page.goto(f"/t/acme/chat/{thread.pk}/")
+        opened.value.wait_for_event("framereceived")
+        page.get_by_label("Message").fill(QUESTION)
+        page.get_by_role("button", name="Send").click()
+        picker = page.get_by_label("While a reply is being written")
+        expect(picker).to_be_visible(timeout=LONG)
+        picker.select_option(label="Send after this reply")
+        page.get_by_label("Message").fill(follow_up)
+        page.get_by_role("button", name="Send").click()
+        queued = page.locator(".msg-user", has_text=follow_up)
+        expect(queued).to_contain_text("Queued", timeout=LONG)
+        off_the_loop(stop_it)
+        expect(queued).to_contain_text("Stopped by an administrator.", timeout=LONG)
+        expect(queued).not_to_contain_text("Queued")
+        expect(page.get_by_role("button", name="Stop")).to_be_visible()  # the reply goes on
+
+        replies = page.locator(".msg-assistant[data-item-id]")
+        expect(replies).to_have_text([REPLY], timeout=3 * LONG)
+        expect(page.locator("[data-pending]")).to_have_count(0, timeout=LONG)
+        for reload in (False, True):  # as the page shows it, then after a reload
+            if reload:
+                page.reload()
+                expect(replies).to_have_text([REPLY])
+            texts = page.locator("#chat-log > *").all_inner_texts()
+            assert [t for t in texts if follow_up in t] == [follow_up], texts
+            assert texts.index(follow_up) > texts.index(REPLY), texts
+            assert texts[texts.index(follow_up) + 1] == "Stopped by an administrator.", texts
+
+    run_in_browser(flow)
+
+    runs = list(Run.objects.for_tenant(world.tenant).order_by("created_at"))
+    assert [r.status for r in runs] == [RunStatus.SUCCESS, RunStatus.CANCELLED]
+
+
 def _scripted_socket(page: Page, frames: list[dict]) -> list:
     """The page's chat socket answers with `frames`, in order, and nothing else: the page's
     handling of an order of events the server can produce but not on cue. Returns the sockets

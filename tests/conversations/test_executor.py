@@ -304,6 +304,111 @@ def test_stopping_a_run_ends_it_for_everyone_and_starts_the_next(
     assert services.run_cancel(tenant=world_a.tenant, run_id=running.pk).status == "cancelled"
 
 
+def _history(world, thread):
+    """The thread's items as the agent's next run reads them (its session), as (role, text)."""
+    from conversations.session import ThreadSession
+
+    session = ThreadSession(tenant_id=world.tenant.pk, thread_id=thread.pk)
+    items = async_to_sync(session.get_items)()
+    return [(i.get("role"), executor._assistant_text(i) or i.get("content")) for i in items]
+
+
+def _chat_page(world, thread) -> str:
+    """The member's chat page of `thread`, as a reload shows it."""
+    url = reverse("chat-thread", args=[world.tenant.slug, thread.pk])
+    return world.client_for(world.member).get(url).content.decode()
+
+
+STOPPED_NOTE = 'role="note">Stopped.</div>'
+
+
+def test_a_queued_message_that_is_stopped_stays_in_the_history_after_the_reply_it_waited_for(
+    world_a, world_b, thread, django_capture_on_commit_callbacks
+):
+    """ "Send after this reply", then the waiting message is stopped before its turn: it stays
+    in the conversation, marked stopped, after the reply it waited for (where the chat showed it
+    as it was sent), once; the agent reads it there too. Until that reply ends, a reload shows
+    it at the end, stopped."""
+    running = _send(world_a, thread)  # the calculator's 6 * 7
+    waiting = _send(world_a, thread, "second question", strategy="enqueue")
+    held = executor.claim(running.pk, owner="w")
+    with django_capture_on_commit_callbacks(execute=True):
+        stopped = services.run_cancel(
+            tenant=world_a.tenant, run_id=waiting.pk, end_user=thread.end_user
+        )
+    assert stopped.status == RunStatus.CANCELLED
+    page = _chat_page(world_a, thread)
+    assert "second question" in page, "a reload while the reply is written still shows it"
+    assert page.index("second question") < page.index(STOPPED_NOTE)
+    assert "Queued: sent when the current reply ends" not in page
+
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
+    history = _history(world_a, thread)
+    assert history[0] == ("user", running.input[0]["content"]) and history[-2][0] == "assistant"
+    assert "42" in history[-2][1]
+    assert history[-1] == ("user", "second question")  # after the reply it waited for
+    assert [m for m in history if m == ("user", "second question")] == [history[-1]]  # once
+    page = _chat_page(world_a, thread)
+    assert page.count("second question") == 1
+    assert page.index("returned: 42") < page.index("second question") < page.index(STOPPED_NOTE)
+    thread.refresh_from_db()
+    assert thread.status == "idle"  # nothing else started
+    assert not Run.objects.for_tenant(world_a.tenant).filter(status__in=["pending", "running"])
+    # Stopping it again changes nothing, and writes nothing twice.
+    services.run_cancel(tenant=world_a.tenant, run_id=waiting.pk, end_user=thread.end_user)
+    assert _history(world_a, thread) == history
+    # The other tenant cannot stop it, and its own conversations are untouched.
+    with pytest.raises(NotFound):
+        services.run_cancel(tenant=world_b.tenant, run_id=running.pk)
+    assert not Item.objects.for_tenant(world_b.tenant).exists()
+
+
+def test_messages_stopped_in_line_keep_their_place_among_the_others(
+    world_a, thread, django_capture_on_commit_callbacks
+):
+    """Three messages wait in line behind a reply; the first and the third are stopped. Each
+    stopped one joins the conversation where its turn was: the first when the reply ends (before
+    the second, which starts then), the third after the second's reply. A message sent with
+    "Stop this reply, then send" comes after those stopped before it."""
+    first = _send(world_a, thread, "q1")
+    in_line = [_send(world_a, thread, f"q{n}", strategy="enqueue") for n in (2, 3, 4)]
+    for run in (in_line[0], in_line[2]):
+        services.run_cancel(tenant=world_a.tenant, run_id=run.pk, end_user=thread.end_user)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert async_to_sync(executor.execute)(executor.claim(first.pk, owner="w")) == "success"
+    asked = [text for role, text in _history(world_a, thread) if role == "user"]
+    assert asked == ["q1", "q2"]  # q3 is next in line: q4 waits behind it
+    third = executor.claim(in_line[1].pk, owner="w")
+    assert third is not None
+    # "Stop this reply, then send": q3's reply is interrupted, q4 (stopped) takes its place
+    # before the new message.
+    _send(world_a, thread, "q5", strategy="interrupt")
+    asked = [text for role, text in _history(world_a, thread) if role == "user"]
+    assert asked == ["q1", "q2", "q3", "q4"]
+    page = _chat_page(world_a, thread)
+    assert page.index("q2") < page.index(STOPPED_NOTE) < page.index("q3")
+    assert page.count(STOPPED_NOTE) == 2 and page.rindex(STOPPED_NOTE) > page.index("q4")
+
+
+def test_a_queued_message_whose_reply_ahead_was_stopped_keeps_its_question_when_stopped(
+    world_a, thread, django_capture_on_commit_callbacks
+):
+    """The reply is stopped (the message waiting in line starts), then that message is stopped
+    before its worker took it: both questions stay, each marked stopped."""
+    running = _send(world_a, thread, "first question")
+    waiting = _send(world_a, thread, "second question", strategy="enqueue")
+    executor.claim(running.pk, owner="w")
+    with django_capture_on_commit_callbacks(execute=True):
+        services.run_cancel(tenant=world_a.tenant, run_id=running.pk, end_user=thread.end_user)
+        services.run_cancel(tenant=world_a.tenant, run_id=waiting.pk, end_user=thread.end_user)
+    assert _history(world_a, thread) == [
+        ("user", "first question"),
+        ("user", "second question"),
+    ]
+    page = _chat_page(world_a, thread)
+    assert page.count(STOPPED_NOTE) == 2
+
+
 def test_interrupting_closes_the_old_runs_stream(
     world_a, thread, django_capture_on_commit_callbacks
 ):
