@@ -406,6 +406,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     )
                 except asyncio.CancelledError:
                     raise
+                except OSError:  # the client left (the server's ClientDisconnected): no one to tell
+                    return
                 except Exception:  # a reader bug must not kill the socket silently
                     if not wait:
                         log.exception("chat: following run %s failed", run_id)
@@ -468,7 +470,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                     log.warning("chat: no active run read for %s", self.thread.pk, exc_info=True)
                 except (_Gone, asyncio.CancelledError):
                     raise
-                except Exception:  # sending to a closed socket, or a bug: stop watching
+                except OSError:  # the client left (the server's ClientDisconnected)
+                    return
+                except Exception:  # a bug: stop watching
                     log.exception("chat: watching thread %s failed", self.thread.pk)
                     return
                 if notices is not None:

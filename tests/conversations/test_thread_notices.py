@@ -102,6 +102,30 @@ def _stub_consumer(thread_id):
     return c
 
 
+async def test_a_socket_whose_client_left_stops_watching_without_logging_an_error(cleanup, caplog):
+    """A notice for a socket whose client has just left: the server refuses the send (uvicorn's
+    ClientDisconnected, an OSError). The socket stops watching quietly: a client closing its tab
+    is not an error for the operators' logs."""
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    thread = uuid.uuid4()
+    c = _stub_consumer(thread)
+
+    async def gone(content, close=False):
+        raise ClientDisconnected()
+
+    c.send_json = gone
+    notices = await streams.watch_thread(thread)
+    task = asyncio.create_task(c._watch(notices))
+    try:
+        await sync_to_async(streams.announce_run)(thread, uuid.uuid4())
+        await asyncio.wait_for(task, 5)  # it stops watching
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    finally:
+        task.cancel()
+        notices.close()
+
+
 async def test_a_socket_closed_by_its_threads_deletion_stops_watching(cleanup):
     thread = uuid.uuid4()
     c = _stub_consumer(thread)
