@@ -126,6 +126,30 @@ async def test_a_socket_whose_client_left_stops_watching_without_logging_an_erro
         notices.close()
 
 
+async def test_a_follower_whose_client_left_stops_without_logging_an_error(cleanup, caplog):
+    """The same for the run a socket follows: the next event's send is refused, and the follower
+    ends quietly."""
+    from uvicorn.protocols.utils import ClientDisconnected
+
+    from conversations import events
+
+    c = _stub_consumer(uuid.uuid4())
+
+    async def gone(text_data=None, bytes_data=None, close=False):
+        raise ClientDisconnected()
+
+    c.send = gone
+    run_id = str(uuid.uuid4())
+    assert await streams.claim(run_id, 1)
+    await streams.append(run_id, 1, [events.message_delta("Hel", agent="A")])
+    task = asyncio.create_task(c._relay(run_id, "0-0"))
+    try:
+        await asyncio.wait_for(task, 5)  # it stops following
+        assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    finally:
+        task.cancel()
+
+
 async def test_a_socket_closed_by_its_threads_deletion_stops_watching(cleanup):
     thread = uuid.uuid4()
     c = _stub_consumer(thread)
