@@ -1030,7 +1030,7 @@ def _table_cells(html, table):
     """{row label: (tokens, cost)} of one of the usage page's top tables, as shown."""
     section = html.split(f"<h2>{table}</h2>", 1)[1].split("</section>", 1)[0]
     rows = re.findall(
-        r"<tr><td>(.*?)</td><td class=\"num\">(.*?)</td><td class=\"num\">(.*?)</td>", section
+        r'<tr><td>(.*?)</td><td class="num"[^>]*>(.*?)</td><td class="num"[^>]*>(.*?)</td>', section
     )
     return {label: (tokens, re.sub(r"<[^>]+>", " ", cost).split()) for label, tokens, cost in rows}
 

@@ -252,6 +252,35 @@ def test_the_usage_page_fits_the_window_at_every_width(used):  # noqa: F811
     assert all(s["cells"] >= 4 * 2 * 4 for s in seen.values()), seen
 
 
+LABELS = """() => [...document.querySelectorAll(".usage-tables tbody tr")].map((row) =>
+  [...row.querySelectorAll("td.num")].map((cell) => {
+    const label = getComputedStyle(cell, "::before").content;
+    return label === "none" || label === "normal" ? "" : label.replace(/"/g, "");
+  }))"""
+
+
+def test_on_a_phone_each_figure_of_the_top_tables_says_what_it_is(used):  # noqa: F811
+    """On a phone the top tables' rows stack and their header row is hidden: each figure
+    carries its column's name (Tokens, Cost, Calls); on a laptop the header row names them."""
+    world, provider, agent, member, _external = used
+    _finished_run(world, agent, member, [_call(LONG_MODEL, provider, inp=40, out=2)])
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+
+    def labels(browser: Browser) -> dict[int, list[list[str]]]:
+        out = {}
+        for width in (390, 1280):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.route("**/*", _serve(html))
+            page.goto(f"{ORIGIN}/usage/", wait_until="load")
+            out[width] = page.evaluate(LABELS)
+            page.close()
+        return out
+
+    seen = in_chromium(labels, "usage-labels")
+    assert seen[390] and all(row == ["Tokens", "Cost", "Calls"] for row in seen[390]), seen[390]
+    assert all(row == ["", "", ""] for row in seen[1280]), seen[1280]
+
+
 def test_a_screen_reader_gets_the_charts_figures_from_its_table(used):  # noqa: F811
     """What Chromium gives a screen reader: the chart is an image with a name and nothing more
     (the titles of its bars are not read); "Show as table" opens a table of the same figures,
