@@ -812,7 +812,9 @@ def _context(run: Run, held: Claim | None = None) -> Any:
     return ctx
 
 
-def _session(held: Claim, run: Run, prefetched: list[Any] | None = None) -> ThreadSession:
+def _session(
+    held: Claim, run: Run, prefetched: list[Any] | None = None, first_write_behind: bool = False
+) -> ThreadSession:
     return ThreadSession(
         tenant_id=held.tenant_id,
         thread_id=run.thread_id,
@@ -820,6 +822,7 @@ def _session(held: Claim, run: Run, prefetched: list[Any] | None = None) -> Thre
         attempt=held.attempt,
         limit=getattr(settings, "THREAD_HISTORY_WINDOW", 100),
         prefetched=prefetched,
+        first_write_behind=first_write_behind,
     )
 
 
@@ -879,7 +882,11 @@ async def execute(
         # that cannot be written are lost; readers fall back to PostgreSQL for the reply.
         events.put(mapped)
 
-    session = _session(held, run, prefetched=ctx.extra.pop("history", None))
+    # The run's input is saved while its model call goes out (`first_write_behind`); the
+    # outcome is written only once that write is done (`settle`, here and below).
+    session = _session(
+        held, run, prefetched=ctx.extra.pop("history", None), first_write_behind=True
+    )
     status: str | None = None
     try:
         outcome = await asyncio.wait_for(
@@ -894,6 +901,7 @@ async def execute(
             ),
             timeout=run_timeout(),
         )
+        await session.settle()  # a write refused to a superseded attempt is raised here
     except SupersededAttempt:
         await _count_stopped(held, ctx)
         return "superseded"
@@ -926,6 +934,9 @@ async def execute(
             usage=ctx.trace.usage(),
         )
     finally:
+        # Whatever ended the attempt, its input's write is done before anything else is written
+        # (a failure's outcome keeps the question only if the run saved none).
+        await session.settle(quiet=True)
         events.flush()  # merged text still held goes before the run's last events
     if concluding is not None:
         concluding()

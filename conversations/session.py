@@ -8,6 +8,7 @@ run was interrupted or cancelled), a superseded attempt can add nothing.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 from collections.abc import Awaitable, Callable
@@ -105,14 +106,22 @@ class ThreadSession:
         attempt: int | None = None,
         limit: int | None = DEFAULT_HISTORY_WINDOW,
         prefetched: list[Any] | None = None,
+        first_write_behind: bool = False,
     ) -> None:
         """`prefetched`: the history window, read already (the worker reads it with the run, off
-        the event loop); the first `get_items` of the window returns it instead of reading."""
+        the event loop); the first `get_items` of the window returns it instead of reading.
+
+        `first_write_behind`: the first `add_items` (the run's input, which the Agents SDK saves
+        before it calls the model) returns at once and its write goes on meanwhile, so the
+        model call does not wait for it. Every later call of the session waits for it first,
+        and so must the run before it writes its outcome (`settle`)."""
         self.session_id = str(thread_id)
         self.session_settings: SessionSettings | None = SessionSettings(limit=limit)
         self.tenant_id, self.thread_id = tenant_id, thread_id
         self.run_id, self.attempt = run_id, attempt
         self._prefetched = prefetched
+        self._write_behind = first_write_behind
+        self._behind: asyncio.Future[None] | None = None
 
     def _items(self):  # type: ignore[no-untyped-def]
         return Item.objects.filter(tenant_id=self.tenant_id, thread_id=self.thread_id)
@@ -211,7 +220,20 @@ class ThreadSession:
         """The history window, read now (sync: for `prefetched`)."""
         return self._get((self.session_settings or SessionSettings()).limit)
 
+    async def settle(self, *, quiet: bool = False) -> None:
+        """Wait for a write that went on behind (`first_write_behind`), and raise what it
+        raised (e.g. `SupersededAttempt`), unless `quiet` (the run is failing already)."""
+        behind, self._behind = self._behind, None
+        if behind is None:
+            return
+        try:
+            await behind
+        except Exception:
+            if not quiet:
+                raise
+
     async def get_items(self, limit: int | None = None) -> list[Any]:
+        await self.settle()
         window = limit if limit is not None else (self.session_settings or SessionSettings()).limit
         if self._prefetched is not None:
             prefetched, self._prefetched = self._prefetched, None  # once: later reads are fresh
@@ -220,13 +242,21 @@ class ThreadSession:
         return await orm(self._get)(window)
 
     async def add_items(self, items: list[Any]) -> None:
-        if items:
-            await orm(self._add)(list(items))
+        if not items:
+            return
+        await self.settle()
+        if self._write_behind:
+            self._write_behind = False
+            self._behind = asyncio.ensure_future(orm(self._add)(list(items)))
+            return
+        await orm(self._add)(list(items))
 
     async def pop_item(self) -> Any:
+        await self.settle()
         return await orm(self._pop)()
 
     async def clear_session(self) -> None:
+        await self.settle()
         await orm(self._clear)()
 
 

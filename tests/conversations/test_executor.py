@@ -69,6 +69,43 @@ def test_a_run_executes_streams_and_lands_in_postgres(
     assert "42" in text
 
 
+def test_a_runs_model_call_does_not_wait_for_its_question_to_be_saved(world_a, thread, monkeypatch):
+    """The run's question is saved while its model call goes out: here saving it waits until
+    the model has been called (a run whose call waited for the save would wait 10 s, then
+    call). The history has the question once, before the reply, and the run succeeds."""
+    import threading
+
+    from ai_agents.runtime.offline import OfflineModel
+    from conversations.session import ThreadSession
+
+    called = threading.Event()
+    real_stream, real_add = OfflineModel.stream_response, ThreadSession._add
+
+    def stream_response(self, *args, **kwargs):
+        called.set()
+        return real_stream(self, *args, **kwargs)
+
+    saved_after_the_call: list[bool] = []
+
+    def add(self, items):
+        if not saved_after_the_call:  # the question, the run's first write
+            saved_after_the_call.append(called.wait(10))
+        return real_add(self, items)
+
+    monkeypatch.setattr(OfflineModel, "stream_response", stream_response)
+    monkeypatch.setattr(ThreadSession, "_add", add)
+    run = _send(world_a, thread)
+    held = executor.claim(run.pk, owner="test")
+
+    assert async_to_sync(executor.execute)(held) == RunStatus.SUCCESS
+
+    assert saved_after_the_call == [True]
+    items = list(Item.objects.for_tenant(world_a.tenant).filter(thread=thread).order_by("id"))
+    assert [i.data.get("role") for i in items if i.data.get("role") == "user"] == ["user"]
+    assert items[0].data == {"role": "user", "content": "use the calculator to compute 6 * 7"}
+    assert items[-1].data["role"] == "assistant"
+
+
 def test_a_second_claim_is_refused_while_the_lease_holds(world_a, thread):
     run = _send(world_a, thread)
     assert executor.claim(run.pk, owner="w1") is not None

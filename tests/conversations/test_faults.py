@@ -586,17 +586,17 @@ def test_a_worker_killed_at_several_points_of_its_runs(chat):
             "saving": saving.send(short_text),
         }
         wait_for("the short reply to start", lambda: _deltas(runs["saving"]))
-        # Storing items (a finished reply; a run's input, just before its model call) waits on
-        # this lock from now on.
-        locks.append(HeldLock("LOCK TABLE conversations_item IN EXCLUSIVE MODE"))
+        # Storing items (a finished reply) and reading them (a run's history, read once it is
+        # claimed and before its model call) wait on this lock from now on.
+        locks.append(HeldLock("LOCK TABLE conversations_item IN ACCESS EXCLUSIVE MODE"))
         wait_for("the read-only tool to run", lambda: site.hits >= 1)
         wait_for("the helper to be asked", lambda: stack.slow_fake.requests())
         wait_for(
             "the whole short reply", lambda: _deltas(runs["saving"]) == f"You said: {short_text}"
         )
         wait_for("the finished reply to wait on its save", lambda: _waiting("conversations_item"))
-        # The run host's database work is serial: this run is claimed (its lease taken) but
-        # waits to load behind the save, before its model call.
+        # This run is claimed (its lease taken) but waits to read its history, before its
+        # model call.
         before_text = "hello before the model call"
         runs["before_model"] = before_model.send(before_text)
         wait_for("the run to be claimed", lambda: _run(runs["before_model"]).attempt == 1)
