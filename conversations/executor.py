@@ -746,41 +746,54 @@ def _end_thread_sql() -> str:
 def _outcome_sql() -> str:
     columns = ", ".join(f"{_run_field(name).column} = %s" for name in _OUTCOME_FIELDS)
     # The thread is locked first (`_LOCK_THREAD_OF`): the run's update waits for `thread_first`,
-    # an uncorrelated condition that PostgreSQL evaluates before it touches the run's row.
-    ended = f"""thread_first AS ({_LOCK_THREAD_OF}), ended AS (
+    # an uncorrelated condition that PostgreSQL evaluates before it touches the run's row. It
+    # does not wait for the lock: a statement that waited would go on with what it read when
+    # it began, blind to a message queued or stopped in line meanwhile, which would then stay
+    # in line for good. When another holds the thread, nothing is written and `_write_outcome`
+    # waits for the lock in a statement of its own, then runs this one again.
+    ended = f"""thread_first AS ({_LOCK_THREAD_OF} SKIP LOCKED), ended AS (
             UPDATE {Run._meta.db_table} SET {columns}
             WHERE id = %s AND attempt = %s AND status = %s
               AND EXISTS (SELECT 1 FROM thread_first)
             RETURNING thread_id, tenant_id
         )"""  # noqa: S608 (table and column names from the models; the values are parameters)
-    return _thread_end_sql(ended, "SELECT (SELECT count(*) FROM ended), (SELECT id FROM promoted)")
+    return _thread_end_sql(
+        ended,
+        "SELECT (SELECT count(*) FROM ended), (SELECT id FROM promoted),"
+        " (SELECT count(*) FROM thread_first)",
+    )
 
 
 def _write_outcome(held: Claim, run: Run, now: datetime) -> tuple[bool, UUID | None]:
     """One statement: the outcome written if `held` still owns the run (its attempt, still
     running: the fence, checked once the row is locked), then the thread ended as `end_thread`
-    ends it, at `now`. Returns (written, promoted run id)."""
+    ends it, at `now` (three when another holds the thread's lock). Inside a transaction.
+    Returns (written, promoted run id)."""
     values = [
         _run_field(name).get_db_prep_save(getattr(run, name), connection)
         for name in _OUTCOME_FIELDS
     ]
+    params = [
+        held.run_id,
+        None,
+        None,
+        *values,
+        held.run_id,
+        held.attempt,
+        RunStatus.RUNNING,
+        *_thread_end_params(run.status, now),
+    ]
     # tenant-scope: the claim carries the run id; the attempt fences the write, and the thread
     # and queued run it touches are the run's own (same thread and tenant)
     with connection.cursor() as cursor:
-        cursor.execute(
-            _outcome_sql(),
-            [
-                held.run_id,
-                None,
-                None,
-                *values,
-                held.run_id,
-                held.attempt,
-                RunStatus.RUNNING,
-                *_thread_end_params(run.status, now),
-            ],
-        )
-        fenced, following = cursor.fetchone()
+        cursor.execute(_outcome_sql(), params)
+        fenced, following, locked = cursor.fetchone()
+        if not locked:
+            # Another holds the thread (a message arriving, a stop): wait for it here, then
+            # the statement reads the runs as they are once it is free.
+            lock_thread_of(held.run_id)
+            cursor.execute(_outcome_sql(), params)
+            fenced, following, locked = cursor.fetchone()
     return bool(fenced), following
 
 

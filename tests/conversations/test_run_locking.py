@@ -9,12 +9,12 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connections
+from django.db import connections, transaction
 from django.utils import timezone
 
 from ai_agents.runtime import execute as agent_execute
 from conversations import executor, services
-from conversations.models import Run
+from conversations.models import Item, Run, RunStatus, ThreadStatus
 
 
 @pytest.mark.parametrize("ender", ["finish", "cancel", "session", "failed claim"])
@@ -99,3 +99,73 @@ def test_a_message_sent_while_the_reply_ends_does_not_deadlock(monkeypatch, ende
         assert run.status != "running"
     assert created_error is None, f"run_create failed: {created_error!r}"
     assert finished.get("ok") is True, f"finish failed: {finished!r}; run is {run.status}"
+
+
+def _until_a_session_waits_for_a_lock() -> None:
+    other = connections.create_connection("default")  # to watch the locks
+    try:
+        for _ in range(500):
+            with other.cursor() as cursor:
+                cursor.execute(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+                if cursor.fetchone()[0]:
+                    return
+            time.sleep(0.01)
+    finally:
+        other.close()
+    raise AssertionError("the worker's finish never waited for the thread")
+
+
+@pytest.mark.parametrize("change", ["stopped in line", "sent to wait in line"])
+@pytest.mark.django_db(transaction=True)
+def test_a_message_stopped_or_queued_as_the_reply_ends_does_not_stay_in_line(change):
+    """The worker saves the reply while the thread is locked by a message that is stopped in
+    line, or sent with "Send after this reply": once the lock is released, the reply's end sees
+    that message. One stopped in line joins the conversation after the reply; one sent is
+    promoted and starts. Neither stays in line for good (nothing else would take it out)."""
+    from tests.conftest import make_world, member_thread
+
+    world = make_world("Race")
+    thread = member_thread(world)
+    end_user = thread.end_user
+
+    def send(text: str, **kw) -> Run:
+        return services.run_create(
+            tenant=world.tenant, end_user=end_user, thread_id=thread.pk, input=text, **kw
+        )
+
+    run = send("hello")
+    waiting = send("and then?", strategy="enqueue") if change == "stopped in line" else None
+    held = executor.claim(run.pk, owner="w")
+    finished: dict[str, object] = {}
+
+    def worker_finishes() -> None:
+        try:
+            finished["ok"] = executor.finish(held, agent_execute.RunOutcome("success", output="hi"))
+        except Exception as exc:
+            finished["error"] = exc
+        finally:
+            connections.close_all()
+
+    worker = threading.Thread(target=worker_finishes)
+    with transaction.atomic():  # the thread stays locked until this commits
+        if waiting is not None:
+            services.run_cancel(tenant=world.tenant, run_id=waiting.pk, end_user=end_user)
+        else:
+            waiting = send("and then?", strategy="enqueue")
+        worker.start()
+        _until_a_session_waits_for_a_lock()
+    worker.join(10)
+    assert finished.get("ok") is True, f"finish failed: {finished!r}"
+    waiting.refresh_from_db()
+    assert not waiting.queued, "the message is still in line, behind a reply that ended"
+    kept = Item.objects.for_tenant(world.tenant).filter(run=waiting)
+    if change == "stopped in line":
+        assert waiting.status == RunStatus.CANCELLED
+        assert [item.data["content"] for item in kept] == ["and then?"]
+    else:
+        assert waiting.status == RunStatus.PENDING and not kept.exists()  # its worker stores it
+        thread.refresh_from_db()
+        assert thread.status == ThreadStatus.BUSY
