@@ -276,17 +276,27 @@
     scrollDown();
   }
 
+  // The history's requests go one after another, each made when its turn comes. htmx holds a
+  // request made while another is on its way and answers its promise at once, before it is
+  // sent: what waits for the history (`then`) would read the page as it was, and two requests
+  // for the items after the same one would both add them.
+  var loading = Promise.resolve();
+  function inTurn(request) {
+    var turn = loading.then(request);
+    loading = turn.then(null, function () {});
+    return turn;
+  }
+
   // The server's sanitised rendering replaces what was streamed. `then` runs once it is in.
   function reloadNewItems(then) {
-    var url = itemsUrl + "?after=" + lastItemId();
+    if (!window.htmx) { location.reload(); return; }
     var done = function () { afterReload(); if (then) then(); };
-    if (window.htmx) {
+    inTurn(function () {
       log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
       bubble = null;
-      htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(done, done);
-    } else {
-      location.reload();
-    }
+      var url = itemsUrl + "?after=" + lastItemId();
+      return htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(done, done);
+    });
   }
 
   // A reply that failed is followed in the history by why, as a reload renders it: its question
@@ -336,9 +346,11 @@
   // runs once it is in.
   function reloadAll(then) {
     if (!window.htmx) { location.reload(); return; }
-    bubble = null;
     var done = function () { afterReload(); if (then) then(); };
-    htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(done, done);
+    inTurn(function () {
+      bubble = null;
+      return htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(done, done);
+    });
   }
 
   // A new conversation takes its title from its first message: the heading and the tab say so.
@@ -799,9 +811,11 @@
     if (!button || !window.htmx) return; // without htmx the button does nothing anyway
     e.preventDefault();
     e.stopPropagation();
-    var fromBottom = log.scrollHeight - log.scrollTop;
-    htmx.ajax("GET", button.getAttribute("hx-get"), { target: "#chat-earlier", swap: "outerHTML" })
-      .then(function () {
+    var url = button.getAttribute("hx-get");
+    inTurn(function () {
+      if (!document.getElementById("chat-earlier")) return null; // the history was read again
+      var fromBottom = log.scrollHeight - log.scrollTop;
+      return htmx.ajax("GET", url, { target: "#chat-earlier", swap: "outerHTML" }).then(function () {
         log.scrollTop = log.scrollHeight - fromBottom;
         var next = document.querySelector("#chat-earlier button");
         var first = log.firstElementChild;
@@ -809,6 +823,7 @@
         var target = next || first;
         if (target) target.focus({ preventScroll: true });
       });
+    });
   }, true);
 
   run = load();

@@ -180,3 +180,57 @@ def test_a_message_whose_answer_the_lost_connection_took_is_neither_lost_nor_sen
 
     assert inputs() == [TYPED]
     assert Item.objects.for_tenant(world.tenant).filter(data__content=TYPED).count() == 1
+
+
+@pytest.mark.usefixtures("asgi_site")
+def test_a_message_the_server_got_is_not_offered_again_while_an_earlier_reload_is_slow(
+    run_in_browser,
+):
+    """The connection drops as a message is sent, after the server got it, while the page is
+    still reading the history after an earlier lost connection (a slow network). Once the
+    socket is back, the page does not say the message was not sent, nor leave it in the box to
+    be sent twice: once the history comes, the message is in the conversation, answered."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+
+    def inputs() -> list[str]:
+        return [r.input[0]["content"] for r in Run.objects.for_tenant(world.tenant)]
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        box = page.get_by_label("Message")
+        status = page.get_by_role("status")
+        held: list | None = []
+
+        def slow(route) -> None:
+            if held is None:
+                route.continue_()
+            else:
+                held.append(route)
+
+        page.route(re.compile(r"/chat/[^/]+/items/"), slow)
+        link.drop()  # back without a message in doubt: the page reads what it missed
+        expect(status).to_have_text(RECONNECTING, timeout=LONG)
+        with page.expect_request(re.compile(r"/chat/[^/]+/items/"), timeout=3 * LONG):
+            link.down = False  # the history it asks for is held, not answered
+
+        link.cut = "after"
+        box.fill(TYPED)
+        page.get_by_role("button", name="Send").click()
+        expect(status).to_have_text(re.compile(r"may not have reached"), timeout=LONG)
+        link.cut, link.down = None, False
+        expect(status).not_to_have_text(re.compile(r"may not have reached"), timeout=3 * LONG)
+
+        waited, held = held, None  # the network is back
+        for route in waited:
+            route.continue_()
+        expect(page.locator(".msg-assistant:not([data-pending])")).to_have_text(
+            [ANSWER], timeout=3 * LONG
+        )
+        expect(page.locator(".msg-user")).to_have_text([TYPED])
+        expect(box).to_have_value("")
+        expect(page.locator("#chat-status")).not_to_contain_text("not sent")
+
+    run_in_browser(flow)
+
+    assert inputs() == [TYPED]
