@@ -249,8 +249,10 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
             run.save(
                 update_fields=["status", "finished_at", "error", "lease_owner", "lease_expires_at"]
             )
-            end_thread(run, RunStatus.ERROR)
+            # The question first: ending the thread stores the questions stopped in line behind
+            # this run, after it.
             keep_the_question(run.pk, now)
+            end_thread(run, RunStatus.ERROR)
             # Readers following the run's stream see it end now, with the reason.
             failed_id, failed_attempt, reason = run.pk, run.attempt, run.error
             transaction.on_commit(
@@ -279,20 +281,25 @@ _KEEP_THE_QUESTION = f"""
     SELECT run.tenant_id, run.thread_id, run.id, item.data, %s
     FROM {Run._meta.db_table} run
     CROSS JOIN LATERAL jsonb_array_elements(run.input) WITH ORDINALITY AS item (data, position)
-    WHERE run.id = %s
+    WHERE run.id = %s{{fence}}
       AND NOT EXISTS (SELECT 1 FROM {Item._meta.db_table} saved WHERE saved.run_id = run.id)
     ORDER BY item.position
 """  # noqa: S608 (table names from the models; the values are parameters)
 
 
-def keep_the_question(run_id: UUID, now: datetime) -> None:
+def keep_the_question(run_id: UUID, now: datetime, held: Claim | None = None) -> None:
     """A run that failed before it saved anything (it could not start, its agent could not be
     built, every attempt's worker died first) keeps its input in the conversation, as its
     worker would have saved it: the history shows the question and why it got no reply, and a
-    reload never makes a message vanish. A run that saved anything is left as it is."""
+    reload never makes a message vanish. A run that saved anything is left as it is. With
+    `held`, only while that attempt owns the run (still running)."""
+    fence = "" if held is None else " AND run.attempt = %s AND run.status = %s"
+    params: list[Any] = [now, run_id]
+    if held is not None:
+        params += [held.attempt, RunStatus.RUNNING]
     # tenant-scope: the run carries its tenant and thread; the items are written for them
     with connection.cursor() as cursor:
-        cursor.execute(_KEEP_THE_QUESTION, [now, run_id])
+        cursor.execute(_KEEP_THE_QUESTION.replace("{fence}", fence), params)
 
 
 def _close_dangling_calls(run: Run) -> None:
@@ -601,11 +608,15 @@ def finish(
     run.lease_owner, run.lease_expires_at = "", None
     records = usage_services.price_run(run, outcome.trace)  # sets the cost; writes nothing
     with transaction.atomic():
+        if final in FAILED_STATUSES:
+            # The question first (if this attempt still owns the run): the outcome's statement
+            # stores the questions stopped in line behind this run, after it. The thread's lock,
+            # taken first as everywhere, keeps the run as it is until the outcome is written.
+            lock_thread_of(held.run_id)
+            keep_the_question(run.pk, now, held=held)
         fenced, following = _write_outcome(held, run, now)
         if not fenced:
             return False
-        if final in FAILED_STATUSES:
-            keep_the_question(run.pk, now)
         # usage and cost land with the outcome
         usage_services.save_run_usage(run.tenant, records)
         if following is not None:

@@ -400,6 +400,32 @@ def test_a_queued_message_that_is_stopped_stays_in_the_history_after_the_reply_i
     assert not Item.objects.for_tenant(world_b.tenant).exists()
 
 
+@pytest.mark.parametrize("ended_by", ["its worker", "the claim, out of attempts"])
+def test_a_question_stopped_in_line_comes_after_the_failed_question_it_waited_behind(
+    world_a, thread, settings, ended_by
+):
+    """The reply ahead fails before it saved anything (here its worker reports the failure, or
+    its last attempt's worker died): its question is kept, and the message stopped while it
+    waited behind it comes after it, as the chat showed them."""
+    from ai_agents.runtime.execute import RunOutcome
+
+    ahead = _send(world_a, thread, "first question")
+    waiting = _send(world_a, thread, "second question", strategy="enqueue")
+    services.run_cancel(tenant=world_a.tenant, run_id=waiting.pk, end_user=thread.end_user)
+    if ended_by == "its worker":
+        held = executor.claim(ahead.pk, owner="w")
+        assert executor.finish(held, RunOutcome("error", message="The provider failed."))
+    else:
+        settings.RUN_MAX_ATTEMPTS = 1
+        executor.claim(ahead.pk, owner="w")
+        Run.objects.for_tenant(world_a.tenant).filter(pk=ahead.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+        assert executor.claim(ahead.pk, owner="another") is None  # failed: out of attempts
+
+    assert _history(world_a, thread) == [("user", "first question"), ("user", "second question")]
+
+
 def test_messages_stopped_in_line_keep_their_place_among_the_others(
     world_a, thread, django_capture_on_commit_callbacks
 ):
