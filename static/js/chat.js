@@ -287,15 +287,33 @@
     return turn;
   }
 
-  // The server's sanitised rendering replaces what was streamed. `then` runs once it is in.
+  // Whether the history's request in progress failed: an error answer (htmx resolves its
+  // promise all the same, without swapping anything in) or none at all. What waits for the
+  // history (`then`) is told, so that it does not read the page the answer did not replace.
+  var historyFailed = false;
+  document.addEventListener("htmx:responseError", function (e) {
+    var path = e.detail && e.detail.pathInfo ? e.detail.pathInfo.requestPath || "" : "";
+    if (path.indexOf(itemsUrl) === 0) historyFailed = true;
+  });
+  function loadHistory(url, swap, then) {
+    var done = function (ok) { afterReload(); if (then) then(ok); };
+    return function () {
+      historyFailed = false;
+      return htmx.ajax("GET", url(), { target: "#chat-log", swap: swap }).then(
+        function () { done(!historyFailed); }, function () { done(false); });
+    };
+  }
+
+  // The server's sanitised rendering replaces what was streamed. `then(ok)` runs once it is in
+  // (`ok` false: the history could not be read).
   function reloadNewItems(then) {
     if (!window.htmx) { location.reload(); return; }
-    var done = function () { afterReload(); if (then) then(); };
+    var load = loadHistory(function () { return itemsUrl + "?after=" + lastItemId(); },
+      "beforeend", then);
     inTurn(function () {
       log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
       bubble = null;
-      var url = itemsUrl + "?after=" + lastItemId();
-      return htmx.ajax("GET", url, { target: "#chat-log", swap: "beforeend" }).then(done, done);
+      return load();
     });
   }
 
@@ -346,10 +364,10 @@
   // runs once it is in.
   function reloadAll(then) {
     if (!window.htmx) { location.reload(); return; }
-    var done = function () { afterReload(); if (then) then(); };
+    var load = loadHistory(function () { return itemsUrl; }, "innerHTML", then);
     inTurn(function () {
       bubble = null;
-      return htmx.ajax("GET", itemsUrl, { target: "#chat-log", swap: "innerHTML" }).then(done, done);
+      return load();
     });
   }
 
@@ -700,7 +718,17 @@
   // that the history now shows (saved, or waiting for the agent) was stored, and leaves the box;
   // any other stays there, and the status line says it was not sent. Compared without
   // whitespace: the server renders line breaks as <br>.
-  function settleUnsure() {
+  function settleUnsure(ok) {
+    if (!ok) {
+      // The history did not come: whether the message arrived is not known. It stays in the
+      // box, and the reader is asked to look before sending it again.
+      unsure = [];
+      holdSends();
+      status("Your message may not have been sent, and the conversation could not be read " +
+        "to check: it is in the message box. Reload the page to see whether it arrived " +
+        "before you send it again.", "warn");
+      return;
+    }
     var flat = function (t) { return (t || "").replace(/\s+/g, ""); };
     var notSent = false;
     unsure.forEach(function (sent) {

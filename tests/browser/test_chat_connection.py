@@ -234,3 +234,37 @@ def test_a_message_the_server_got_is_not_offered_again_while_an_earlier_reload_i
     run_in_browser(flow)
 
     assert inputs() == [TYPED]
+
+
+@pytest.mark.usefixtures("asgi_site")
+def test_a_message_in_doubt_is_not_called_unsent_when_the_history_cannot_be_read(
+    run_in_browser,
+):
+    """The connection drops as a message is sent, after the server got it; once the socket is
+    back, the history answers with an error. The page does not say the message was not sent (it
+    was: sending it again would store it twice): it says it could not check, and the text
+    stays in the box, with Send usable."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        box = page.get_by_label("Message")
+        status = page.get_by_role("status")
+        page.route(
+            re.compile(r"/chat/[^/]+/items/"),
+            lambda route: route.fulfill(status=500, body="Server Error"),
+        )
+        link.cut = "after"
+        box.fill(TYPED)
+        page.get_by_role("button", name="Send").click()
+        expect(status).to_have_text(re.compile(r"may not have reached"), timeout=LONG)
+        link.cut, link.down = None, False
+        expect(status).to_have_text(re.compile(r"could not be read to check"), timeout=3 * LONG)
+        expect(status).not_to_have_text(re.compile(r"was not sent"))
+        expect(box).to_have_value(TYPED)
+        expect(page.get_by_role("button", name="Send")).to_be_enabled()
+
+    run_in_browser(flow)
+
+    assert Item.objects.for_tenant(world.tenant).filter(data__content=TYPED).count() == 1
