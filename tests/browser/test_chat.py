@@ -284,6 +284,25 @@ def test_member_chats_with_a_tool_reply_that_streams_survives_a_refresh_and_reac
     assert Item.objects.for_tenant(world.tenant).filter(thread=run.thread).count() == 4
 
 
+def _ask_then_queue(new_context, world, thread, follow_up):
+    """A member's chat on `thread`: QUESTION asked and, while it is answered, `follow_up` sent
+    with "Send after this reply". Returns the page and the waiting message."""
+    page = new_context().new_page()
+    log_in(page, world.member.email)
+    expect(page).to_have_url(re.compile(r"/t/acme/$"))
+    with page.expect_websocket(chat_socket) as opened:
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+    opened.value.wait_for_event("framereceived")
+    page.get_by_label("Message").fill(QUESTION)
+    page.get_by_role("button", name="Send").click()
+    picker = page.get_by_label("While a reply is being written")
+    expect(picker).to_be_visible(timeout=LONG)
+    picker.select_option(label="Send after this reply")
+    page.get_by_label("Message").fill(follow_up)
+    page.get_by_role("button", name="Send").click()
+    return page, page.locator(".msg-user", has_text=follow_up)
+
+
 def test_stop_button_shows_only_while_a_reply_is_written(asgi_site, run_in_browser):
     world = make_world("Acme")
     agent = _published_agent(world)
@@ -313,20 +332,7 @@ def test_a_message_sent_during_a_reply_waits_in_line_and_survives_a_refresh(
     follow_up = "Thanks, and what is 2 + 3?"
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        with page.expect_websocket(chat_socket) as opened:
-            page.goto(f"/t/acme/chat/{thread.pk}/")
-        opened.value.wait_for_event("framereceived")
-        page.get_by_label("Message").fill(QUESTION)
-        page.get_by_role("button", name="Send").click()
-        picker = page.get_by_label("While a reply is being written")
-        expect(picker).to_be_visible(timeout=LONG)
-        picker.select_option(label="Send after this reply")
-        page.get_by_label("Message").fill(follow_up)
-        page.get_by_role("button", name="Send").click()
-        queued = page.locator(".msg-user", has_text=follow_up)
+        page, queued = _ask_then_queue(new_context, world, thread, follow_up)
         expect(queued).to_contain_text("Queued: sent when the current reply ends", timeout=LONG)
 
         # A refresh while it waits still shows it, as waiting in line (from the server).
@@ -363,20 +369,7 @@ def test_a_message_stopped_while_it_waited_in_line_stays_after_the_reply_it_wait
         services.run_stop(tenant=world.tenant, actor=world.actor(), run_id=waiting.pk)
 
     def flow(new_context) -> None:
-        page = new_context().new_page()
-        log_in(page, world.member.email)
-        expect(page).to_have_url(re.compile(r"/t/acme/$"))
-        with page.expect_websocket(chat_socket) as opened:
-            page.goto(f"/t/acme/chat/{thread.pk}/")
-        opened.value.wait_for_event("framereceived")
-        page.get_by_label("Message").fill(QUESTION)
-        page.get_by_role("button", name="Send").click()
-        picker = page.get_by_label("While a reply is being written")
-        expect(picker).to_be_visible(timeout=LONG)
-        picker.select_option(label="Send after this reply")
-        page.get_by_label("Message").fill(follow_up)
-        page.get_by_role("button", name="Send").click()
-        queued = page.locator(".msg-user", has_text=follow_up)
+        page, queued = _ask_then_queue(new_context, world, thread, follow_up)
         expect(queued).to_contain_text("Queued", timeout=LONG)
         off_the_loop(stop_it)
         expect(queued).to_contain_text("Stopped by an administrator.", timeout=LONG)

@@ -67,6 +67,12 @@ class Link:
         self.sockets[-1].close()
 
 
+def _inputs(world) -> list[str]:
+    """What the tenant's runs were asked, oldest first."""
+    runs = Run.objects.for_tenant(world.tenant).order_by("created_at")
+    return [r.input[0]["content"] for r in runs]
+
+
 def _open(new_context, world, thread) -> tuple[Page, Link]:
     page = new_context().new_page()
     log_in(page, world.member.email)
@@ -146,7 +152,7 @@ def test_a_message_whose_answer_the_lost_connection_took_is_neither_lost_nor_sen
     thread = _member_thread(world)
 
     def inputs() -> list[str]:
-        return [r.input[0]["content"] for r in Run.objects.for_tenant(world.tenant)]
+        return _inputs(world)
 
     def flow(new_context) -> None:
         page, link = _open(new_context, world, thread)
@@ -194,7 +200,7 @@ def test_a_message_the_server_got_is_not_offered_again_while_an_earlier_reload_i
     thread = _member_thread(world)
 
     def inputs() -> list[str]:
-        return [r.input[0]["content"] for r in Run.objects.for_tenant(world.tenant)]
+        return _inputs(world)
 
     def flow(new_context) -> None:
         page, link = _open(new_context, world, thread)
