@@ -52,6 +52,29 @@
     keptOpen = [];
   });
 
+  // A link or button that htmx swaps for a new copy of itself, inside a target marked
+  // `data-keep-focus` (the usage chart, whose options are replaced with it), keeps the keyboard:
+  // the new copy with the same text takes the focus, instead of the focus falling back to the
+  // page's start.
+  var refocus = null;
+  document.addEventListener("htmx:beforeSwap", function (event) {
+    var active = document.activeElement;
+    var target = event.detail && event.detail.target;
+    refocus = active && target && target.id && target.hasAttribute("data-keep-focus") &&
+      target.contains(active) && active.matches("a, button") ?
+      { id: target.id, text: active.textContent } : null;
+  });
+  document.addEventListener("htmx:afterSwap", function () {
+    if (!refocus) return;
+    var root = document.getElementById(refocus.id);
+    var text = refocus.text;
+    refocus = null;
+    if (!root || root.contains(document.activeElement)) return;
+    var same = Array.prototype.filter.call(
+      root.querySelectorAll("a, button"), function (el) { return el.textContent === text; });
+    if (same.length) same[0].focus();
+  });
+
   // Close the tenant switcher when clicking elsewhere.
   document.addEventListener("click", function (event) {
     document.querySelectorAll("details.switcher[open]").forEach(function (d) {

@@ -281,6 +281,33 @@ def test_on_a_phone_each_figure_of_the_top_tables_says_what_it_is(used):  # noqa
     assert all(row == ["", "", ""] for row in seen[1280]), seen[1280]
 
 
+def test_the_charts_options_keep_the_keyboard_where_it_was(used):  # noqa: F811
+    """A keyboard user picks "By model": the chart and its options are replaced, and the focus
+    is on the new "By model", not back at the page's start."""
+    world, *_ = used
+    owner = world.client_for(world.owner)
+    url = f"/t/{world.tenant.slug}/usage/"
+    html = owner.get(url).content.decode()
+    by_model = owner.get(
+        f"{url}?period=this_month&by=model&metric=total_tokens&fragment=chart",
+        HTTP_HX_REQUEST="true",
+    ).content.decode()
+
+    def flow(browser: Browser) -> None:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.route("**/*", _serve(html, {"by=model": by_model}))
+        page.goto(f"{ORIGIN}{url}", wait_until="load")
+        options = page.get_by_role("navigation", name="Chart options")
+        options.get_by_role("link", name="By model").focus()
+        page.keyboard.press("Enter")
+        expect(options.get_by_role("link", name="By model")).to_have_attribute(
+            "aria-current", "true"
+        )
+        expect(options.get_by_role("link", name="By model")).to_be_focused()
+
+    in_chromium(flow, "usage-chart-focus")
+
+
 def test_a_screen_reader_gets_the_charts_figures_from_its_table(used):  # noqa: F811
     """What Chromium gives a screen reader: the chart is an image with a name and nothing more
     (the titles of its bars are not read); "Show as table" opens a table of the same figures,
