@@ -153,6 +153,51 @@ def test_a_long_search_that_finds_nothing_does_not_widen_the_chat_home_on_a_phon
     run_in_browser(flow)
 
 
+CODE_REPLY = """Run this:
+
+```
+pip install control-plane
+```
+"""
+
+
+def test_a_long_title_and_a_code_block_stay_tidy_on_a_phone(run_in_browser):
+    """A 200-character title takes three lines of the conversation list, not eighteen (its
+    whole text is still the link's name); a code block in a reply is one block, its code not a
+    highlighted span inside it."""
+    world = make_world("Acme")
+    long_title = " ".join(["quarterly"] * 20)[:200]
+    _, coded = _member_threads(world, [long_title, "Install"])
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=coded, data=d)
+        for d in [
+            {"role": "user", "content": "How do I install it?"},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": CODE_REPLY}],
+            },
+        ]
+    )
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        page.set_viewport_size(PHONE)
+        log_in(page, world.member.email)
+        expect(page).to_have_url(re.compile(r"/t/acme/$"))
+        page.goto("/t/acme/chat/")
+        link = page.get_by_role("link", name=long_title)
+        expect(link).to_be_visible()
+        line = float(link.evaluate("e => parseFloat(getComputedStyle(e).lineHeight)"))
+        assert link.evaluate("e => e.getBoundingClientRect().height") <= 3 * line + 1
+        page.goto(f"/t/acme/chat/{coded.pk}/")
+        code = page.locator(".msg-assistant pre code")
+        expect(code).to_have_text(re.compile("pip install control-plane"))
+        assert code.evaluate("e => getComputedStyle(e).backgroundColor") == "rgba(0, 0, 0, 0)"
+
+    run_in_browser(flow)
+
+
 TABLE_REPLY = """Here are the plans:
 
 | Plan | Monthly price | What it includes | Support |
