@@ -276,15 +276,18 @@ def _claim(run_id: UUID | str, owner: str) -> tuple[Claim, Run] | None:
         return held, run
 
 
-_KEEP_THE_QUESTION = f"""
-    INSERT INTO {Item._meta.db_table} (tenant_id, thread_id, run_id, data, created_at)
-    SELECT run.tenant_id, run.thread_id, run.id, item.data, %s
-    FROM {Run._meta.db_table} run
-    CROSS JOIN LATERAL jsonb_array_elements(run.input) WITH ORDINALITY AS item (data, position)
-    WHERE run.id = %s{{fence}}
-      AND NOT EXISTS (SELECT 1 FROM {Item._meta.db_table} saved WHERE saved.run_id = run.id)
-    ORDER BY item.position
-"""  # noqa: S608 (table names from the models; the values are parameters)
+@cache
+def _keep_the_question_sql(fenced: bool) -> str:
+    fence = " AND run.attempt = %s AND run.status = %s" if fenced else ""
+    return f"""
+        INSERT INTO {Item._meta.db_table} (tenant_id, thread_id, run_id, data, created_at)
+        SELECT run.tenant_id, run.thread_id, run.id, item.data, %s
+        FROM {Run._meta.db_table} run
+        CROSS JOIN LATERAL jsonb_array_elements(run.input) WITH ORDINALITY AS item (data, position)
+        WHERE run.id = %s{fence}
+          AND NOT EXISTS (SELECT 1 FROM {Item._meta.db_table} saved WHERE saved.run_id = run.id)
+        ORDER BY item.position
+    """  # noqa: S608 (table names from the models; the values are parameters)
 
 
 def keep_the_question(run_id: UUID, now: datetime, held: Claim | None = None) -> None:
@@ -293,13 +296,12 @@ def keep_the_question(run_id: UUID, now: datetime, held: Claim | None = None) ->
     worker would have saved it: the history shows the question and why it got no reply, and a
     reload never makes a message vanish. A run that saved anything is left as it is. With
     `held`, only while that attempt owns the run (still running)."""
-    fence = "" if held is None else " AND run.attempt = %s AND run.status = %s"
     params: list[Any] = [now, run_id]
     if held is not None:
         params += [held.attempt, RunStatus.RUNNING]
     # tenant-scope: the run carries its tenant and thread; the items are written for them
     with connection.cursor() as cursor:
-        cursor.execute(_KEEP_THE_QUESTION.replace("{fence}", fence), params)
+        cursor.execute(_keep_the_question_sql(held is not None), params)
 
 
 def _close_dangling_calls(run: Run) -> None:

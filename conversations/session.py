@@ -52,10 +52,14 @@ def orm(fn: Callable[P, R]) -> Callable[P, Awaitable[R]]:
     return unit
 
 
-def _unit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _drop_unusable_connections() -> None:
     for each in connections.all(initialized_only=True):
         if not each.in_atomic_block:
             each.close_if_unusable_or_obsolete()
+
+
+def _unit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    _drop_unusable_connections()
     return fn(*args, **kwargs)
 
 
@@ -70,7 +74,7 @@ _in_unit = sync_to_async(_unit)
 unit_threads: ContextVar[ThreadPoolExecutor | None] = ContextVar("unit_threads", default=None)
 
 
-def in_unit(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+def unit_here(fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """`fn(*args, **kwargs)` as a unit, on the calling thread (one of the run host's)."""
     return cast(R, _pooled_unit(fn, args, kwargs))
 
@@ -82,9 +86,7 @@ def _pooled_unit(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
         # A thread of the pool may sit idle for long: what is past CONN_MAX_AGE goes now (with
         # DATABASE_POOL, back to the pool), not when the thread's next unit starts. A worker's
         # kept connections (DATABASE_POOL=0, CONN_MAX_AGE=60) stay with their thread.
-        for each in connections.all(initialized_only=True):
-            if not each.in_atomic_block:
-                each.close_if_unusable_or_obsolete()
+        _drop_unusable_connections()
 
 
 @cache

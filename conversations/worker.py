@@ -62,7 +62,7 @@ class RunHost:
         task) returns at once and takes the next kick. Claiming in the task itself made every
         kick wait for the one before it to be claimed, its history read and its agent built:
         at 50 chats, most of a reply's time to first token (docs/benchmark.md)."""
-        future = self._units.submit(session.in_unit, self._take, run_id)
+        future = self._units.submit(session.unit_here, self._take, run_id)
         with self._lock:
             self._taking.add(future)
         future.add_done_callback(self._taken)
