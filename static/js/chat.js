@@ -26,7 +26,7 @@
   // status line says why, rather than queueing what is asked for until the socket is back: a
   // message sent minutes later, into a conversation that may have moved on meanwhile (another
   // tab, the API), would surprise more than a button that waits. The typed text stays in the box.
-  var connected = false;
+  function connected() { return !!ws && ws.readyState === WebSocket.OPEN; }
   // Messages sent just before the connection was lost, whose answer never came: the server may
   // or may not have stored them. Their text is back in the box until the history, read again
   // once the socket is back, says whether they were stored.
@@ -90,14 +90,14 @@
   var limitTimer = null;
   function limited() { return Date.now() < limitedUntil; }
   function canSend() {
-    return connected && ws.readyState === WebSocket.OPEN && !unsure.length && !limited();
+    return connected() && !unsure.length && !limited();
   }
   // Send and "Try again" wait for the window (both would be refused until then), and for the
   // socket; Stop waits for the socket.
   function holdSends() {
     var held = !canSend();
     sendBtn.disabled = held;
-    stopBtn.disabled = !connected;
+    stopBtn.disabled = !connected();
     log.querySelectorAll("form.chat-retry button").forEach(function (b) { b.disabled = held; });
   }
   function rateLimited(msg) {
@@ -109,7 +109,7 @@
     var ticks = 0;
     var tick = function () {
       var left = Math.ceil((limitedUntil - Date.now()) / 1000);
-      if (!connected) return; // the status line says why nothing can be sent
+      if (!connected()) return; // the status line says why nothing can be sent
       if (left <= 0) {
         clearInterval(limitTimer);
         limitTimer = null;
@@ -585,7 +585,6 @@
     ws.onopen = function () {
       retry = 1000;
       opened++;
-      connected = true;
       var said = statusEl.textContent;
       if (said === NOT_CONNECTED || said === MAYBE_LOST) status("");
       holdSends();
@@ -671,7 +670,6 @@
       }
     };
     ws.onclose = function (ev) {
-      connected = false;
       // Their answers will not come: a "Try again" puts the failed reply back as it was (the
       // history, read again once the socket is back, shows whether it was taken), a message's
       // text goes back to the box until then.
@@ -825,7 +823,7 @@
     }
   });
   stopBtn.addEventListener("click", function () {
-    if (!connected) return;
+    if (!connected()) return;
     ws.send(JSON.stringify({ type: "cancel" }));
     ws.send(JSON.stringify({ type: "ping" })); // its pong closes the cancel's answers
     asked.push({ kind: "cancel" });
