@@ -37,6 +37,9 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import os,urllib.request as u;h=os.environ.get('DJANGO_ALLOWED_HOSTS','').split(',')[0].strip().lstrip('.');u.urlopen(u.Request('http://127.0.0.1:8000/healthz',headers={'Host':h if h not in ('','*') else 'localhost'}),timeout=8)"]
 
+# Websocket frames uncompressed (small JSON events; see .env.example). uvicorn reads it.
+ENV UVICORN_WS_PER_MESSAGE_DEFLATE=false
+
 # Proxy headers (client address, scheme) are trusted only from FORWARDED_ALLOW_IPS (uvicorn reads
 # it from the environment; default 127.0.0.1). Set it to the reverse proxy's address in .env.
 CMD ["python", "-m", "uvicorn", "controlplane.asgi:application", "--host", "0.0.0.0", \

@@ -32,6 +32,12 @@ PYTHON = sys.executable
 log = logging.getLogger("devstack")
 
 
+# The chat's websocket frames are small JSON events (a token or a few each): compressing every
+# one cost the web process about 0.4 ms of CPU per streamed reply (docs/benchmark.md) and saves a
+# few dozen bytes a frame. uvicorn reads this variable itself; set it to true to compress.
+WS_PER_MESSAGE_DEFLATE = "false"
+
+
 def var_dir() -> Path:
     return Path(os.environ.get("CONTROLPLANE_VAR_DIR", BASE_DIR / "var")).resolve()
 
@@ -122,6 +128,7 @@ def services(env: dict[str, str], *, database: str) -> Iterator[dict[str, str]]:
             env["CONTROLPLANE_EMBEDDED"] = "1"
             print(f"devstack: embedded Redis, data in {root / 'redis'}")
         env.setdefault("CONTROLPLANE_VAR_DIR", str(root))
+        env.setdefault("UVICORN_WS_PER_MESSAGE_DEFLATE", WS_PER_MESSAGE_DEFLATE)
         sys.stdout.flush()
         yield env
 

@@ -265,3 +265,8 @@ def test_settings_refuse_an_unknown_run_event_loop():
 
     assert result.returncode != 0
     assert "RUN_EVENT_LOOP must be uvloop or asyncio, not 'trio'" in result.stderr
+
+
+def test_image_sends_uncompressed_websocket_frames_by_default():
+    instructions = DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
+    assert "ENV UVICORN_WS_PER_MESSAGE_DEFLATE=false" in [line.strip() for line in instructions]

@@ -65,3 +65,36 @@ def test_a_command_run_with_the_services_finds_its_database(missing_database):
     assert done.returncode == 0, done.stderr
     assert "created the database DATABASE_URL names" in done.stdout
     assert "connected" in done.stdout
+
+
+def _uvicorn_setting(env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "controlplane.devstack",
+            "exec",
+            "--",
+            sys.executable,
+            "-c",
+            "import uvicorn; c = uvicorn.main.make_context('uvicorn', ['x:app']); "
+            "print(c.params['ws_per_message_deflate'])",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(("given", "used"), [(None, "False"), ("true", "True")])
+def test_the_web_process_sends_uncompressed_websocket_frames_unless_told(given, used):
+    env = {**os.environ}
+    env.pop("UVICORN_WS_PER_MESSAGE_DEFLATE", None)
+    if given is not None:
+        env["UVICORN_WS_PER_MESSAGE_DEFLATE"] = given
+    # What uvicorn itself makes of the environment `make run` and the bench start it with.
+    assert _uvicorn_setting(env) == used
