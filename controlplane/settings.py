@@ -157,11 +157,18 @@ if env.bool("DATABASE_POOL", default=True):
 # With CONN_HEALTH_CHECKS Django hands the pool psycopg_pool's check_connection, so a pooled
 # connection is checked before use and a PostgreSQL restart costs no request a 500.
 # Parameters travel apart from the statement (psycopg's server-side binding): they are not quoted
-# into its text in Python, and a statement a connection runs five times is prepared, so
-# PostgreSQL parses and plans it once (docs/benchmark.md). 0 behind PgBouncer in transaction mode
-# without its `max_prepared_statements`.
+# into its text in Python. 0 behind PgBouncer in transaction mode without its
+# `max_prepared_statements`.
 DATABASES["default"]["OPTIONS"]["server_side_binding"] = env.bool(
     "DATABASE_SERVER_SIDE_BINDING", default=True
+)
+# A statement a connection has run this many times is prepared: PostgreSQL parses it once and,
+# after five more runs, keeps one plan for it instead of planning every execution (most of a run's
+# statements cost more to plan than to run; docs/benchmark.md). Django turns psycopg's preparing
+# off unless asked. Needs server-side binding; 0 = never, as behind PgBouncer in transaction mode
+# without its `max_prepared_statements`.
+DATABASES["default"]["OPTIONS"]["prepare_threshold"] = (
+    env.int("DATABASE_PREPARE_THRESHOLD", default=5) or None
 )
 DATABASES["default"]["TEST"] = {"NAME": env.str("DATABASE_TEST_NAME", default="test_controlplane")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -270,3 +270,21 @@ def test_settings_refuse_an_unknown_run_event_loop():
 def test_image_sends_uncompressed_websocket_frames_by_default():
     instructions = DOCKERFILE.read_text().replace("\\\n", " ").splitlines()
     assert "ENV UVICORN_WS_PER_MESSAGE_DEFLATE=false" in [line.strip() for line in instructions]
+
+
+@pytest.mark.parametrize(("given", "threshold"), [(None, "5"), ("0", "None"), ("3", "3")])
+def test_statements_are_prepared_unless_turned_off(given, threshold):
+    overrides = {"DJANGO_SECRET_KEY": "x" * 50}
+    env = _production_env(**overrides)
+    env.pop("DATABASE_PREPARE_THRESHOLD", None)
+    if given is not None:
+        env["DATABASE_PREPARE_THRESHOLD"] = given
+    code = (
+        "import django; django.setup(); from django.conf import settings; "
+        "print(settings.DATABASES['default']['OPTIONS']['prepare_threshold'])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [threshold]

@@ -87,3 +87,39 @@ def test_a_connection_inside_a_transaction_is_asked(kept):
         assert _last_query(raw.info.backend_pid) == "SELECT 1"
     finally:
         raw.execute("ROLLBACK")
+
+
+def _prepared_on_server(wrapper: DatabaseWrapper) -> list[str]:
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [row[0] for row in cursor.fetchall()]
+
+
+def _run_often(wrapper: DatabaseWrapper, times: int) -> str:
+    sql = "SELECT count(*) FROM conversations_run WHERE status = %s"
+    with wrapper.cursor() as cursor:
+        for _ in range(times):
+            cursor.execute(sql, ["success"])
+    return sql.replace("%s", "$1")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_statement_a_connection_runs_often_is_prepared_on_the_server(kept):
+    statement = _run_often(kept, 4)
+    assert statement not in _prepared_on_server(kept)  # a few runs: parsed each time
+
+    _run_often(kept, 2)
+
+    assert statement in _prepared_on_server(kept)  # parsed once, planned once from now on
+
+
+@pytest.mark.django_db(transaction=True)
+def test_preparing_can_be_turned_off(kept):
+    settings_dict = copy.deepcopy(kept.settings_dict)
+    settings_dict["OPTIONS"]["prepare_threshold"] = None  # DATABASE_PREPARE_THRESHOLD=0
+    wrapper = DatabaseWrapper(settings_dict)
+    try:
+        _run_often(wrapper, 20)
+        assert _prepared_on_server(wrapper) == []
+    finally:
+        wrapper.close()
