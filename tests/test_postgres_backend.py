@@ -123,3 +123,25 @@ def test_preparing_can_be_turned_off(kept):
         assert _prepared_on_server(wrapper) == []
     finally:
         wrapper.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_prepared_statement_survives_a_migration_that_adds_a_column(kept):
+    with kept.cursor() as cursor:
+        cursor.execute("CREATE TABLE prepared_probe (id integer PRIMARY KEY, name text)")
+    try:
+        sql = "SELECT id, name FROM prepared_probe WHERE id = %s"
+        with kept.cursor() as cursor:
+            for _ in range(6):
+                cursor.execute(sql, [1])
+        assert "SELECT id, name FROM prepared_probe WHERE id = $1" in _prepared_on_server(kept)
+        with psycopg.connect(**connection.get_connection_params(), autocommit=True) as other:
+            other.execute("ALTER TABLE prepared_probe ADD COLUMN note text")
+            other.execute("INSERT INTO prepared_probe (id, name) VALUES (1, 'a')")
+
+        with kept.cursor() as cursor:
+            cursor.execute(sql, [1])
+            assert cursor.fetchall() == [(1, "a")]
+    finally:
+        with kept.cursor() as cursor:
+            cursor.execute("DROP TABLE prepared_probe")
