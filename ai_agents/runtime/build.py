@@ -50,6 +50,8 @@ class _ConnectedOnFirstUse:
     trace: Trace | None = None
     owner_name: str = ""  # the agent whose server this is
     of_first_agent = True  # the agent the run starts with (not one it may hand off to)
+    # The server's own timeout, which bounds connecting as a whole (set by `_mcp_server`).
+    connect_timeout: float | None = None
     _holder: asyncio.Task[None] | None = None
     _made: asyncio.Future[BaseException | None] | None = None
     _closing: asyncio.Event | None = None
@@ -136,12 +138,21 @@ class _ConnectedOnFirstUse:
 
     async def _hold(self) -> None:
         assert self._made is not None and self._closing is not None
+        # One deadline over the whole handshake. The SDK's client opens with a `server/discover`
+        # probe that waits a fixed 10 s (the `mcp` package's DISCOVER_TIMEOUT_SECONDS, whatever
+        # the server's timeout) before it falls back to `initialize`: a server that takes the
+        # connection and never answers cost its timeout plus 10 s (over SSE, no request is even
+        # sent before the endpoint event, and the wait was the 5 minutes between stream events).
+        deadline = asyncio.timeout(self.connect_timeout)
         try:
-            await super().connect()  # type: ignore[misc]
+            async with deadline:
+                await super().connect()  # type: ignore[misc]
         except BaseException as exc:
             failure = exc
             if isinstance(exc, asyncio.CancelledError):  # `stop`, or the loop shutting down
                 failure = ConnectionAbortedError("the run ended before the server answered")
+            elif deadline.expired() and self.connect_timeout is not None:
+                failure = TimeoutError(_no_answer(self.connect_timeout))
             self._report(failure)
             self._made.set_result(failure)
             if not isinstance(exc, Exception):
@@ -212,6 +223,11 @@ def _plain(exc: BaseException) -> str:
     return text[:300]
 
 
+def _no_answer(seconds: float) -> str:
+    unit = "second" if seconds == 1 else "seconds"
+    return f"the server did not answer within {seconds:g} {unit}"
+
+
 def _mcp_server(row: McpServer, headers: dict[str, str]) -> _ConnectedOnFirstUse:
     from controlplane import egress
 
@@ -232,9 +248,13 @@ def _mcp_server(row: McpServer, headers: dict[str, str]) -> _ConnectedOnFirstUse
         "timeout": row.timeout_seconds,
         "httpx_client_factory": egress.mcp_httpx_client_factory,
     }
+    server: _ConnectedOnFirstUse
     if row.transport == McpTransport.SSE:
-        return _SseServer(params=params, **common)  # type: ignore[arg-type]
-    return _StreamableHttpServer(params=params, **common)  # type: ignore[arg-type]
+        server = _SseServer(params=params, **common)  # type: ignore[arg-type]
+    else:
+        server = _StreamableHttpServer(params=params, **common)  # type: ignore[arg-type]
+    server.connect_timeout = row.timeout_seconds
+    return server
 
 
 def model_for(

@@ -165,3 +165,29 @@ def silent_server() -> Iterator[SilentServer]:
     server = SilentServer()
     yield server
     server.close()
+
+
+class UnacceptingServer:
+    """Listens and never accepts: the kernel completes the TCP handshake and holds the
+    connection in the listen backlog, where no process ever reads it (a server that hangs
+    before its accept loop)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(8)
+        self.port = self._sock.getsockname()[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def unaccepting_server() -> Iterator[UnacceptingServer]:
+    server = UnacceptingServer()
+    yield server
+    server.close()

@@ -9,6 +9,7 @@ egress allowance for loopback come from tests/ai_agents/conftest.py.
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -807,6 +808,21 @@ def test_listing_tools_of_an_unreachable_server_says_why(world_a, owner, dead_po
     page = response.content.decode()
     assert 'id="mcp-tools"' in page and "<html" not in page
     assert "Could not list the tools of Down" in page and "alert-error" in page
+
+
+def test_listing_tools_of_a_server_that_never_answers_says_so_within_its_timeout(
+    world_a, owner, silent_server
+):
+    """The server takes the connection and never answers: the admin reads why once the
+    server's timeout of 1 s has run out. The page used to take 11 s to say it (the MCP client
+    waited 10 s for a first probe before it tried the handshake), and named no time limit."""
+    server = _server(world_a, "Slow", url=silent_server.url, timeout_seconds=1)
+    start = time.monotonic()
+    response = owner.post(f"/t/acme/mcp-servers/{server.pk}/tools/", HTTP_HX_REQUEST="true")
+    took = time.monotonic() - start
+    assert took < 4, f"the page took {took:.1f} s"  # slack for a loaded machine; it was 11 s
+    page = response.content.decode()
+    assert "Could not list the tools of Slow: the server did not answer within 1 second" in page
 
 
 def test_deleting_an_mcp_server_in_use_says_where(world_a, owner):
