@@ -52,6 +52,9 @@ class _ConnectedOnFirstUse:
     of_first_agent = True  # the agent the run starts with (not one it may hand off to)
     # The server's own timeout, which bounds connecting as a whole (set by `_mcp_server`).
     connect_timeout: float | None = None
+    # Why a connection given up before the server answered failed (`stop`, or the loop
+    # shutting down). The dashboard's check, which is no run, says so in its own words.
+    given_up = "the run ended before the server answered"
     _holder: asyncio.Task[None] | None = None
     _made: asyncio.Future[BaseException | None] | None = None
     _closing: asyncio.Event | None = None
@@ -150,7 +153,7 @@ class _ConnectedOnFirstUse:
         except BaseException as exc:
             failure = exc
             if isinstance(exc, asyncio.CancelledError):  # `stop`, or the loop shutting down
-                failure = ConnectionAbortedError("the run ended before the server answered")
+                failure = ConnectionAbortedError(self.given_up)
             elif deadline.expired() and self.connect_timeout is not None:
                 failure = TimeoutError(_no_answer(self.connect_timeout))
             self._report(failure)

@@ -18,6 +18,9 @@ async def list_tools(row: McpServer) -> list[dict[str, str]]:
     """Connect now and list the tools the agent would see (after the allow-list)."""
     headers = await sync_to_async(services.mcp_headers)(row)
     server = _mcp_server(row, headers)
+    # Only the connecting task stopped (its loop shutting down), not this check: there is no
+    # run here to have ended.
+    server.given_up = "the check was stopped before the server answered"
     try:
         await server.connect()
         found = await server.list_tools()

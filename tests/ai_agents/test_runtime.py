@@ -557,6 +557,39 @@ def test_a_tools_check_of_a_server_that_never_accepts_ends_within_its_timeout(
     )
 
 
+def test_a_tools_check_whose_connecting_task_alone_is_stopped_says_so(world_a, silent_server):
+    """The task that connects is cancelled (its loop shutting down) while the check itself is
+    not: the check fails in words that fit a check. It used to say that "the run ended", and
+    there is no run."""
+    from ai_agents.runtime import mcp
+    from controlplane.errors import Unavailable
+
+    slow = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="slow",
+        url=silent_server.url,
+        timeout_seconds=120,
+    )
+
+    async def stop_the_connecting_task() -> asyncio.Future[list[dict[str, str]]]:
+        check = asyncio.ensure_future(mcp.list_tools(slow))
+        assert await asyncio.to_thread(silent_server.connected.wait, 10)
+        [holder] = [t for t in asyncio.all_tasks() if t.get_name() == "mcp-server:slow"]
+        holder.cancel()
+        await asyncio.wait({check}, timeout=10)
+        return check
+
+    check = async_to_sync(stop_the_connecting_task)()
+    assert check.done() and not check.cancelled()
+    raised = check.exception()
+    assert isinstance(raised, Unavailable), repr(raised)
+    assert raised.message == (
+        "Could not list the tools of slow: the check was stopped before the server answered"
+    )
+    assert silent_server.hung_up.wait(10)
+
+
 def test_a_run_whose_mcp_server_never_answers_fails_or_skips_it_within_its_timeout(
     world_a, provider, fake_llm, silent_server
 ):
