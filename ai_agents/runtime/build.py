@@ -167,7 +167,11 @@ class _ConnectedOnFirstUse:
             await self._closing.wait()
         finally:
             try:
-                await super().cleanup()  # type: ignore[misc]
+                # Closing a streamable HTTP session sends a DELETE, whose answer the client awaits
+                # as long as it would the next event of a stream (5 minutes): a server that has
+                # stopped answering holds the check, or the end of the run, for its timeout only.
+                async with asyncio.timeout(self.connect_timeout):
+                    await super().cleanup()  # type: ignore[misc]
             except Exception:  # closing must never fail the run
                 log.debug("closing MCP server %s failed", self.name, exc_info=True)
 

@@ -3,6 +3,7 @@ MCP server (the `mcp` package's), both on loopback, which the egress guard is to
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -189,5 +190,95 @@ class UnacceptingServer:
 @pytest.fixture
 def unaccepting_server() -> Iterator[UnacceptingServer]:
     server = UnacceptingServer()
+    yield server
+    server.close()
+
+
+class MuteAfterHandshake:
+    """A streamable HTTP MCP server that declines the `server/discover` probe, completes the
+    `initialize` handshake with a session id, and then never answers anything again (neither
+    a request nor the DELETE that ends the session)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = self._sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/mcp"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while True:
+                head = [reader.readline()]
+                while head[-1] not in (b"\r\n", b""):
+                    head.append(reader.readline())
+                if head[-1] == b"":
+                    return
+                length = next(
+                    (
+                        int(line.split(b":")[1])
+                        for line in head
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                message = json.loads(reader.read(length)) if length else {}
+                method = message.get("method")
+                if method == "server/discover":
+                    self._answer(
+                        conn,
+                        {
+                            "jsonrpc": "2.0",
+                            "id": message["id"],
+                            "error": {"code": -32601, "message": "Method not found"},
+                        },
+                    )
+                elif method == "initialize":
+                    result = {
+                        "protocolVersion": message["params"]["protocolVersion"],
+                        "capabilities": {"tools": {}},
+                        "serverInfo": {"name": "mute", "version": "1"},
+                    }
+                    self._answer(
+                        conn,
+                        {"jsonrpc": "2.0", "id": message["id"], "result": result},
+                        b"Mcp-Session-Id: s1\r\n",
+                    )
+                elif message and "id" not in message:  # a notification
+                    conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+                else:  # anything else: hold the connection, never answer
+                    while conn.recv(65536):
+                        pass
+                    return
+
+    @staticmethod
+    def _answer(conn: socket.socket, body: dict, extra: bytes = b"") -> None:
+        data = json.dumps(body).encode()
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            + extra
+            + b"Content-Length: %d\r\n\r\n" % len(data)
+            + data
+        )
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.fixture
+def mute_after_handshake() -> Iterator[MuteAfterHandshake]:
+    server = MuteAfterHandshake()
     yield server
     server.close()

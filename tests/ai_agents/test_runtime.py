@@ -590,6 +590,29 @@ def test_a_tools_check_whose_connecting_task_alone_is_stopped_says_so(world_a, s
     assert silent_server.hung_up.wait(10)
 
 
+def test_a_tools_check_of_a_server_that_stops_answering_after_the_handshake_ends_in_time(
+    world_a, mute_after_handshake
+):
+    """The server completes the handshake, then answers neither the listing nor the request
+    that ends its session: the check fails after the listing's timeout, and closing waits for
+    the server no longer than its timeout. It used to wait 5 minutes for that last answer."""
+    from ai_agents.runtime import mcp
+    from controlplane.errors import Unavailable
+
+    mute = services.mcp_server_create(
+        tenant=world_a.tenant,
+        actor=world_a.actor(),
+        name="mute",
+        url=mute_after_handshake.url,
+        timeout_seconds=1,
+    )
+    took, _, raised = _timed(mcp.list_tools(mute))
+    # one timeout for the listing, one for closing, and the same slack as above
+    assert took < _NO_ANSWER_BOUND + 1, f"the check took {took:.1f} s"
+    assert isinstance(raised, Unavailable), repr(raised)
+    assert raised.message == "Could not list the tools of mute: Request 'tools/list' timed out"
+
+
 def test_a_run_whose_mcp_server_never_answers_fails_or_skips_it_within_its_timeout(
     world_a, provider, fake_llm, silent_server
 ):
