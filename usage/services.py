@@ -294,15 +294,15 @@ def record_playground(*, tenant: Tenant, actor: Actor, run: PlaygroundRun) -> li
 
 
 def budget_check(*, tenant: Tenant) -> None:
-    """Refuse a new run when the month's budget is used up (BudgetExhausted, with a message for
-    the person who asked). One query. Runs already under way finish, so a month can end a little
-    over its limit."""
+    """Refuse a new run when the month's budget is used up (BudgetExhausted: its message for
+    the API, `message_for(role, ...)` for a member of the tenant). One query. Runs already
+    under way finish, so a month can end a little over its limit."""
     state = selectors.budget_state(tenant=tenant)
     if state is not None and state.exhausted:
         resets = state.resets_on
         raise BudgetExhausted(
             f"This tenant has used its monthly budget ({state.summary}); it resets on "
-            f"{resets.day} {resets:%B}. An owner can raise it in Settings → Monthly budget.",
+            f"{resets.day} {resets:%B}.",
             resets_on=resets.isoformat(),
         )
 

@@ -595,7 +595,10 @@ def test_the_playground_says_the_monthly_budget_is_used_up(world_a, owner):
     assert response.status_code == 200 and response.context["run"] is None
     page = response.content.decode()
     assert "This tenant has used its monthly budget" in page
-    assert "An owner can raise it in Settings → Monthly budget." in page
+    assert "You can raise it in Settings → Monthly budget." in page  # said to an owner
+    admin = world_a.client_for(world_a.admin)  # who sees the budget but cannot change it
+    said = _play(admin, agent, "Hello again").content.decode()
+    assert "An owner can raise it; see Settings → Monthly budget." in said
     whole = _play(owner, agent, "Hello again", htmx=False)
     assert whole.status_code == 402 and "<html" in whole.content.decode()
     assert len(selectors.playground_run_list(tenant=world_a.tenant, agent=agent)) == 1
