@@ -132,8 +132,16 @@ def default_title(text: str) -> str:
 @transaction.atomic
 def thread_rename(*, tenant: Tenant, end_user: EndUser, thread_id: Any, title: str) -> Thread:
     """Retitle a thread of this end user (NotFound for another's or another tenant's).
-    A new title is not activity: `updated_at` stays, so the list keeps its order."""
+    A new title is not activity: `updated_at` stays, so the list keeps its order.
+    ValidationFailed for a blank title (empty or only spaces): the thread keeps the title it
+    had, rather than becoming "Untitled conversation" and, with nothing said in it yet, leaving
+    the list that it is listed in for its title (`selectors._started`)."""
     _refuse_nul(title, "title")
+    if not title.strip():
+        raise ValidationFailed(
+            "The title cannot be blank: type at least one character other than a space.",
+            fields={"title": "Type a title."},
+        )
     thread = thread_get(tenant=tenant, end_user=end_user, thread_id=thread_id)
     thread.title = title.strip()[:200]
     thread.save(update_fields=["title"])

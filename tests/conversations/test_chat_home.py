@@ -14,6 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from ai_agents import services as agent_services
+from controlplane.errors import ValidationFailed
 from conversations import selectors, services
 from conversations.models import Item, Thread
 
@@ -358,6 +359,33 @@ def test_a_title_that_cannot_be_stored_keeps_the_rename_box_open_with_why(world_
     assert page.content.decode().count("data-disclosure open") == 1  # that row's box only
     thread.refresh_from_db()
     assert thread.title == "Trip 00"
+
+
+def test_a_blank_title_is_refused_and_the_conversation_keeps_its_title_and_its_row(world_a, home):
+    """Only spaces is no title: the rename box stays open saying so, and the conversation (one
+    with nothing said in it, listed for its title) keeps its title and its place in the list,
+    with the page's script or without it."""
+    client = world_a.client_for(world_a.member)
+    thread = home.mine[0]
+    url = _url("chat-rename", world_a, thread_id=thread.pk)
+    why = "The title cannot be blank: type at least one character other than a space."
+    row = client.post(url, {"title": "   ", "q": ""}, HTTP_HX_REQUEST="true")
+    assert row.status_code == 200  # htmx swaps the row in with the box open
+    text = row.content.decode()
+    assert why in text and 'aria-invalid="true"' in text and "data-disclosure open" in text
+    assert "<strong>Trip 00</strong>" in text and "Untitled conversation" not in text
+    page = client.post(url, {"title": " \t ", "q": ""})
+    assert page.status_code == 422 and why in page.content.decode()
+    thread.refresh_from_db()
+    assert thread.title == "Trip 00"
+    listed = client.get(_url("chat-home", world_a)).content.decode()
+    assert _rows(listed)[0] == str(thread.pk) and "Untitled conversation" not in listed
+    # The service refuses it whoever calls it, naming the field.
+    with pytest.raises(ValidationFailed) as refused:
+        services.thread_rename(
+            tenant=world_a.tenant, end_user=thread.end_user, thread_id=thread.pk, title="\u3000 "
+        )
+    assert refused.value.fields == {"title": "Type a title."}
 
 
 def test_a_nul_in_the_search_is_dropped_not_an_error(world_a, home):
