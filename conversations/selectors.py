@@ -596,6 +596,33 @@ def item_page(
     return _shown(tenant, thread, rows), (rows[0].pk if more and rows else None)
 
 
+# The most items the page without its script shows at once (`item_window`).
+WINDOW_MAX = PAGE_SIZE * 20
+
+
+def item_window(
+    *, tenant: Tenant, thread: Thread, before: int, limit: int = PAGE_SIZE, most: int = WINDOW_MAX
+) -> tuple[list[Entry], int | None]:
+    """The thread from the `limit` items before id `before` to its latest item, oldest first,
+    and the id to page further back from (None when the window reaches the start): what the
+    chat page shows after "Load earlier messages" without its script, as the script would
+    have added that page above the rest. At most `most` items (a hand-made cursor far back
+    would otherwise render the whole thread): past that, the window is the latest `most`
+    items, with a cursor to page back from them. Two queries, and `_shown`'s."""
+    items = Item.objects.for_tenant(tenant).filter(thread=thread)
+    newer = list(items.filter(id__gte=before).order_by("-id")[:most])
+    if len(newer) == most:
+        older: list[Item] = []
+        more = items.filter(id__lt=newer[-1].pk).exists()
+    else:
+        room = min(limit, most - len(newer))
+        older = list(items.filter(id__lt=before).order_by("-id")[: room + 1])
+        more = len(older) > room
+        older = older[:room]
+    rows = list(reversed(newer + older))
+    return _shown(tenant, thread, rows), (rows[0].pk if more and rows else None)
+
+
 def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
     """`rows` (a run of the thread's items, in id order) as shown, numbered."""
     handoffs = run_handoff_tools(

@@ -124,14 +124,27 @@ def chat_start(request: TenantRequest, end_user: EndUser) -> HttpResponse:
 
 @chat_view
 def chat_thread(request: TenantRequest, end_user: EndUser, thread_id: Any) -> HttpResponse:
+    """A conversation: its latest page; `?before=<item id>` ("Load earlier messages" without
+    the page's script) from the page before that item to the latest."""
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
-    return _thread_page(request, thread)
+    return _thread_page(request, thread, before=_int_or_none(request.GET.get("before")))
 
 
 def _thread_page(
-    request: TenantRequest, thread: Thread, *, draft: str = "", error: str = "", status: int = 200
+    request: TenantRequest,
+    thread: Thread,
+    *,
+    before: int | None = None,
+    draft: str = "",
+    error: str = "",
+    status: int = 200,
 ) -> HttpResponse:
-    entries, earlier = selectors.item_page(tenant=request.tenant, thread=thread)
+    if before is None:
+        entries, earlier = selectors.item_page(tenant=request.tenant, thread=thread)
+    else:
+        entries, earlier = selectors.item_window(
+            tenant=request.tenant, thread=thread, before=before
+        )
     active = selectors.run_active(tenant=request.tenant, thread=thread)
     context = {
         "thread": thread,

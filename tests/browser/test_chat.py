@@ -898,6 +898,35 @@ def test_loading_earlier_messages_keeps_the_reader_in_place_and_the_keyboard_on_
     run_in_browser(flow)
 
 
+def test_loading_earlier_messages_works_without_the_pages_script(asgi_site, run_in_browser):
+    """The page's scripts blocked (or not loaded yet): "Load earlier messages" opens the
+    conversation from the earlier page on, and again to its start."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    Item.objects.bulk_create(
+        Item(tenant=world.tenant, thread=thread, data={"role": "user", "content": f"Line {i:03}"})
+        for i in range(120)
+    )
+
+    def flow(new_context) -> None:
+        page = new_context().new_page()
+        log_in(page, world.member.email)
+        page.route("**/*.js", lambda route: route.abort())
+        page.goto(f"/t/acme/chat/{thread.pk}/")
+        assert page.evaluate("() => !window.htmx")
+        expect(page.locator(".msg-user").first).to_have_text("Line 070")
+        page.get_by_role("button", name="Load earlier messages").click()
+        expect(page).to_have_url(re.compile(r"\?before=\d+$"))
+        expect(page.locator(".msg-user").first).to_have_text("Line 020")
+        expect(page.locator(".msg-user").last).to_have_text("Line 119")
+        page.get_by_role("button", name="Load earlier messages").click()
+        expect(page.locator(".msg-user").first).to_have_text("Line 000")
+        expect(page.locator(".msg-user")).to_have_count(120)
+        expect(page.get_by_role("button", name="Load earlier messages")).to_have_count(0)
+
+    run_in_browser(flow)
+
+
 def test_a_reader_who_scrolled_back_stays_there_while_a_reply_is_written(asgi_site, run_in_browser):
     world = make_world("Acme")
     thread = _member_thread(world)

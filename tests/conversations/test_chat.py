@@ -740,6 +740,63 @@ def test_load_earlier_pages_back_by_item_id(world_a, chat):
     assert "m11" in newer and "m10" not in newer
 
 
+def test_load_earlier_without_the_script_opens_the_conversation_from_the_earlier_page(
+    world_a, chat
+):
+    """Without the page's script, "Load earlier messages" (a form) opens the page with
+    `?before=`, which shows the earlier page and everything after it (as the script would have
+    added it above what was read), with the control for the page before that."""
+    Item.objects.bulk_create(
+        Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:03}"})
+        for i in range(120)
+    )
+    ids = {
+        item.data["content"]: item.pk
+        for item in Item.objects.for_tenant(world_a.tenant).filter(thread=chat.mine)
+    }
+    client = world_a.client_for(world_a.member)
+    url = _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    latest = client.get(url).content.decode()
+    assert "m070" in latest and "m069" not in latest
+    assert f'<form class="chat-earlier" id="chat-earlier" method="get" action="{url}">' in latest
+    assert f'<input type="hidden" name="before" value="{ids["m070"]}">' in latest
+
+    page = client.get(url, {"before": ids["m070"]}).content.decode()
+    shown = re.findall(r"<div class=\"bubble\">(m\d{3})</div>", page)
+    assert shown == [f"m{i:03}" for i in range(20, 120)]
+    assert f'<input type="hidden" name="before" value="{ids["m020"]}">' in page
+    assert 'id="chat-composer"' in page  # the conversation, not a fragment of it
+    start = client.get(url, {"before": ids["m020"]}).content.decode()
+    assert re.findall(r"<div class=\"bubble\">(m\d{3})</div>", start)[0] == "m000"
+    assert 'id="chat-earlier"' not in start  # the start of the conversation
+    # A cursor that is not a number is the latest page, as for the script's requests.
+    assert client.get(url, {"before": "x"}).content.decode().count("m0") == latest.count("m0")
+
+
+def test_the_window_of_earlier_messages_is_bounded(world_a, chat):
+    """A cursor far back shows the latest items up to a bound, with the control to page back
+    from there, instead of the whole conversation."""
+    Item.objects.bulk_create(
+        Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:03}"})
+        for i in range(12)
+    )
+    rows = list(Item.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).order_by("id"))
+    entries, earlier = selectors.item_window(
+        tenant=world_a.tenant, thread=chat.mine, before=rows[2].pk, limit=3, most=8
+    )
+    assert [e.html for e in entries] == [f"m{i:03}" for i in range(4, 12)]
+    assert earlier == rows[4].pk
+    entries, earlier = selectors.item_window(
+        tenant=world_a.tenant, thread=chat.mine, before=rows[6].pk, limit=3, most=8
+    )
+    assert [e.html for e in entries] == [f"m{i:03}" for i in range(4, 12)]  # 6 newer, room for 2
+    assert earlier == rows[4].pk
+    entries, earlier = selectors.item_window(
+        tenant=world_a.tenant, thread=chat.mine, before=rows[2].pk, limit=3, most=20
+    )
+    assert [e.html for e in entries] == [f"m{i:03}" for i in range(12)] and earlier is None
+
+
 def test_a_long_replys_messages_carry_their_place_in_the_run_on_every_page(world_a, chat):
     """A reply longer than a page (many tool calls): the page shows its latest items only, and
     numbers its messages and handoffs among the whole run's, as the stream replays them."""
