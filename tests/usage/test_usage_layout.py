@@ -372,3 +372,47 @@ def test_a_screen_reader_gets_the_charts_figures_from_its_table(used):  # noqa: 
         page.close()
 
     in_chromium(flow, "usage-chart-table")
+
+
+# The chart card's heading and its options: the heading on one line, and the options beside it
+# or under it, never overlapping it, and inside the card.
+CHART_HEAD = """() => {
+  const head = document.querySelector("#usage-chart .card-head");
+  const h2 = head.querySelector("h2");
+  const nav = head.querySelector("nav");
+  const range = document.createRange();
+  range.selectNodeContents(h2);
+  const lines = new Set([...range.getClientRects()].map((r) => Math.round(r.top))).size;
+  const h = h2.getBoundingClientRect(), n = nav.getBoundingClientRect();
+  const card = head.closest(".card").getBoundingClientRect();
+  const overlap = h.left < n.right && n.left < h.right && h.top < n.bottom && n.top < h.bottom;
+  return {
+    lines,
+    overlap,
+    under: n.top >= h.bottom - 0.5,
+    inside: card.left <= n.left + 0.5 && n.right <= card.right + 0.5,
+  };
+}"""
+
+
+def test_the_charts_heading_keeps_to_one_line_beside_or_above_its_options(used):  # noqa: F811
+    world, *_ = used
+    html = world.client_for(world.owner).get(f"/t/{world.tenant.slug}/usage/").content.decode()
+
+    def measure(browser: Browser) -> dict[int, dict[str, Any]]:
+        out = {}
+        for width in (320, 360, 390, 760, 1280):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.route("**/*", _serve(html))
+            page.goto(f"{ORIGIN}/usage/", wait_until="load")
+            out[width] = page.evaluate(CHART_HEAD)
+            page.close()
+        return out
+
+    seen = in_chromium(measure, "usage-chart-head")
+    wrong = {
+        width: s for width, s in seen.items() if s["lines"] != 1 or s["overlap"] or not s["inside"]
+    }
+    assert wrong == {}, "the heading wraps, or the options overlap it or leave the card"
+    assert seen[320]["under"], "on a small phone the options go under the heading"
+    assert not seen[1280]["under"], "on a laptop they stay beside it"
