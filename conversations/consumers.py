@@ -17,6 +17,8 @@ Client → server:
     {"type": "retry", "run_id": "..."}   "Try again": the thread's latest run failed; its
         items leave the conversation and a new run takes its input (answered like a send)
     {"type": "cancel"}                                       stop the active run
+    {"type": "withdraw", "run_id": "..."}   "Don't send": take back a message of this end user
+        that waits in line, before its turn (answered with run.withdrawn or an error)
     {"type": "resume", "run_id": "...", "after": "<id>"}     follow a run from an event id
     {"type": "ping"}
 Server → client:
@@ -24,11 +26,14 @@ Server → client:
     {"type": "run.created", "run_id", "queued", "title"}   (to the sender; others get
         run.started). `title`: the thread's, which an untitled thread took from this message
     {"type": "run.started", "run_id"}
+    {"type": "run.withdrawn", "run_id", "text"?}   a message waiting in line was taken back
+        (it leaves the page); `text`, the message, only to the socket that asked
     {"type": "event", "id": "<stream id>", "run_id", "event": {...}}   a failed run's last
         event carries `detail` (its reason for those who run the agent) to owners and admins
     {"type": "error", "code", "message", "run_id"?}  codes: thread_busy, invalid, not_found,
-        conflict, unavailable (the run's stream cannot be read: said once per outage; the
-        socket keeps trying, then sends `live` or `run.ended`), bad_request,
+        conflict (also: a message to withdraw was already sent), unavailable (the run's stream
+        cannot be read: said once per outage; the socket keeps trying, then sends `live` or
+        `run.ended`), bad_request,
         rate_limited (with retry_after seconds, limit and window: nothing was written)
     {"type": "live", "run_id"}   the run's stream is read again after `unavailable`: its events
         follow from where they stopped
@@ -163,6 +168,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         # Runs this socket followed to their end: a late notice of one of them must not replay
         # it from the start.
         self.finished: set[str] = set()
+        # Messages its client took back ("Don't send"): their notice is not passed on again.
+        self.withdrawn: set[str] = set()
         self.revoked = False
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -278,6 +285,8 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             self._follow(str(run.pk), _stream_id(content.get("after")))
         elif kind == "cancel":
             await self._cancel()
+        elif kind == "withdraw":
+            await self._withdraw(str(content.get("run_id", "")))
         elif kind == "ping":
             await self.send_json({"type": "pong"})
         else:
@@ -341,6 +350,39 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             await self._error("not_found", "There is no reply to stop.")
             return
         await _db(services.run_cancel)(tenant=self.tenant, run_id=active, end_user=self.end_user)
+
+    async def _withdraw(self, run_id: str) -> None:
+        """ "Don't send" on a message of this thread waiting in line: it is taken back (every
+        tab drops it, through the thread's notices) and its text comes back to this client."""
+        try:
+            run = await _db(_checked)(
+                self,
+                services.run_withdraw,
+                tenant=self.tenant,
+                end_user=self.end_user,
+                thread_id=self.thread.pk,
+                run_id=run_id,
+            )
+        except NotFound as exc:
+            await self._error("not_found", exc.message)
+            return
+        except Conflict as exc:
+            await self._error(exc.code, exc.message)
+            return
+        run_id = str(run.pk)
+        self.withdrawn.add(run_id)
+        self._unfollow(run_id)
+        await self.send_json(
+            {"type": "run.withdrawn", "run_id": run_id, "text": selectors.input_text(run)}
+        )
+
+    def _unfollow(self, run_id: str) -> None:
+        """Stop reading a run that will never start: its stream will never be written, and the
+        look at PostgreSQL after a quiet spell would report it as a reply that ended."""
+        self.finished.add(run_id)
+        follower = self.followers.pop(run_id, None)
+        if follower is not None and follower is not asyncio.current_task():
+            follower.cancel()
 
     async def _rate_limited(self, exc: RateLimited) -> None:
         """In the chat's words (the page keeps the typed text and counts down)."""
@@ -512,6 +554,12 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
             if run_id and run_id not in self.followers and run_id not in self.finished:
                 await self.send_json({"type": "run.started", "run_id": run_id})
                 self._follow(run_id, "0-0")
+        elif kind == streams.RUN_WITHDRAWN:
+            run_id = str(notice.get("run_id", ""))
+            if run_id and run_id not in self.withdrawn:
+                self.withdrawn.add(run_id)
+                self._unfollow(run_id)
+                await self.send_json({"type": "run.withdrawn", "run_id": run_id})
         elif kind == streams.THREAD_DELETED:
             await self.connection_revoke({"reason": "thread deleted"})
 

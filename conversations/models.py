@@ -133,6 +133,9 @@ class Run(TenantOwned):
     status = models.CharField(max_length=12, choices=RunStatus.choices, default=RunStatus.PENDING)
     # An enqueued run waits (pending) behind the active one and is not itself active.
     queued = models.BooleanField(default=False)
+    # Taken back by its end user while it waited in line ("Don't send"): cancelled before it
+    # started, and its question never joined the conversation (`services.run_withdraw`).
+    withdrawn = models.BooleanField(default=False, db_default=False)
     strategy = models.CharField(
         max_length=10, choices=MultitaskStrategy.choices, default=MultitaskStrategy.REJECT
     )

@@ -134,7 +134,7 @@ def run_retryable(*, tenant: Tenant, thread: Thread) -> Run | None:
     started a tool that may change things, which trying again may repeat). None otherwise."""
     latest = (
         Run.objects.for_tenant(tenant)
-        .filter(thread=thread)
+        .filter(thread=thread, withdrawn=False)  # a message taken back was never in it
         .order_by("-created_at")
         .only("pk", "status", "side_effects")
         .first()
@@ -712,6 +712,17 @@ def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
                     )
                 )
     return entries
+
+
+def input_text(run: Run) -> str:
+    """The text of a run's user message(s), as its end user typed it: what "Don't send" puts
+    back in the message box."""
+    messages = run.input if isinstance(run.input, list) else []
+    return "\n".join(
+        _text_of(message.get("content"))
+        for message in messages
+        if isinstance(message, dict) and message.get("role") == "user"
+    )
 
 
 def item_after(*, tenant: Tenant, thread: Thread, after: int, limit: int = 200) -> list[Entry]:

@@ -338,8 +338,9 @@ def _take_back(tenant: Tenant, thread_id: Any, run_id: Any) -> list[dict[str, An
         raise NotFound("No such run in this conversation.")
     if failed.status not in RETRYABLE:
         raise Conflict("Only a reply that failed can be tried again.")
+    # A message taken back before it was sent (`run_withdraw`) never joined the conversation.
     later = Run.objects.for_tenant(tenant).filter(
-        thread_id=thread_id, created_at__gt=failed.created_at
+        thread_id=thread_id, created_at__gt=failed.created_at, withdrawn=False
     )
     if later.exists():
         raise Conflict("Only the latest reply can be tried again.")
@@ -549,6 +550,62 @@ def run_cancel(
         transaction.on_commit(
             partial(executor.close_stream, run.pk, run.attempt, RunStatus.CANCELLED, told)
         )
+    return run
+
+
+# The run inspector's reason for a message its end user took back before it was sent.
+WITHDRAWN = "Withdrawn by the end user before it was sent."
+
+
+def run_withdraw(*, tenant: Tenant, end_user: EndUser, thread_id: Any, run_id: Any) -> Run:
+    """ "Don't send": the end user takes back their message that waits in line (queued behind
+    the reply being written) before its turn. The run ends as `cancelled`, marked `withdrawn`,
+    and leaves the line, so its question never joins the conversation: the agent never reads
+    it and the history never shows it (the statements that keep a question stopped in line,
+    and `selectors.pending_inputs`, look only at runs still in line). On commit the chats open
+    on the thread are told (`streams.announce_withdrawn`). Idempotent: a run already withdrawn
+    is returned as it is. Returns the run, whose `input` is the message.
+
+    NotFound for a run of another thread, end user or tenant. Conflict, with nothing written,
+    for a run that no longer waits in line: it started (or ended) meanwhile, or it was stopped
+    in line, and then its question stays in the conversation."""
+    try:
+        run_uuid, thread_uuid = UUID(str(run_id)), UUID(str(thread_id))
+    except ValueError:
+        raise NotFound("No such message in this conversation.") from None
+    with transaction.atomic():
+        # The thread first, as everywhere: a reply that ends now promotes the next run in line
+        # under this lock, so the run is either still in line here or has left it.
+        executor.lock_thread_of(run_uuid, tenant_id=tenant.pk)
+        try:
+            run = (
+                Run.objects.for_tenant(tenant)
+                .select_for_update()
+                .get(pk=run_uuid, thread_id=thread_uuid, end_user=end_user)
+            )
+        except Run.DoesNotExist:
+            raise NotFound("No such message in this conversation.") from None
+        if run.withdrawn:
+            return run
+        if run.status == RunStatus.CANCELLED and run.queued:
+            raise Conflict("That message was already stopped; it stays in the conversation.")
+        if run.status != RunStatus.PENDING or not run.queued:
+            raise Conflict("That message has already been sent to the agent.")
+        run.status, run.queued, run.withdrawn = RunStatus.CANCELLED, False, True
+        run.error, run.end_user_error, run.finished_at = WITHDRAWN, "", timezone.now()
+        run.save(
+            update_fields=[
+                "status",
+                "queued",
+                "withdrawn",
+                "error",
+                "end_user_error",
+                "finished_at",
+            ]
+        )
+        # No worker holds a run in line and no reader has been told of it: its event stream is
+        # left alone (the chat that sent it stops following it when told).
+        transaction.on_commit(partial(streams.announce_withdrawn, run.thread_id, run.pk))
     return run
 
 

@@ -1032,17 +1032,18 @@ async def follow(
 
 # --- a thread's notices: what its open chats must hear of --------------------------------------
 # A run started on a thread by someone else (another tab, the API, a schedule, a promoted queued
-# run) and the thread's deletion must reach every chat open on it, in whichever web process. They
-# go to one stream (`NOTICES_KEY`), which each web process's multiplexer reads in the XREAD it
-# makes anyway, handing each notice to the sockets watching its thread. Unlike a channel-layer
-# group message (three round trips to send, two to receive, a group join and leave per socket,
-# and lost if a process missed it), a notice costs its sender one round trip and its readers
-# none, however many sockets are open, and a reader back from a Redis failure reads what it
-# missed.
+# run), a message taken back while it waited in line, and the thread's deletion must reach every
+# chat open on it, in whichever web process. They go to one stream (`NOTICES_KEY`), which each
+# web process's multiplexer reads in the XREAD it makes anyway, handing each notice to the
+# sockets watching its thread. Unlike a channel-layer group message (three round trips to send,
+# two to receive, a group join and leave per socket, and lost if a process missed it), a notice
+# costs its sender one round trip and its readers none, however many sockets are open, and a
+# reader back from a Redis failure reads what it missed.
 
 NOTICES_MAXLEN = 10_000
 NOTICES_TTL_SECONDS = 24 * 3600
 RUN_STARTED = "run.started"
+RUN_WITHDRAWN = "run.withdrawn"
 THREAD_DELETED = "thread.deleted"
 
 
@@ -1067,6 +1068,12 @@ def announce_run(thread_id: UUID | str, run_id: UUID | str) -> None:
     """Tell the sockets open on a thread that a run started there, so each follows its stream
     (call it on commit)."""
     _announce(thread_id, {"type": RUN_STARTED, "run_id": str(run_id)})
+
+
+def announce_withdrawn(thread_id: UUID | str, run_id: UUID | str) -> None:
+    """Tell the sockets open on a thread that a message waiting in line was taken back by its
+    end user before it started, so each drops it from the page (call it on commit)."""
+    _announce(thread_id, {"type": RUN_WITHDRAWN, "run_id": str(run_id)})
 
 
 def announce_deleted(thread_id: UUID | str) -> None:

@@ -165,11 +165,14 @@ def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Http
     """The composer when the page's script did not run (blocked or not loaded yet): the message
     is sent as over the socket, and the page shows it waiting for its reply, which a reload
     shows once written. A refused message stays in the box, with why. `retry_of`: "Try again"
-    on the reply that failed. A GET (the address bar after a refusal, reloaded) goes to the
+    on the reply that failed; `withdraw`: "Don't send" on a message waiting in line, whose text
+    comes back in the box. A GET (the address bar after a refusal, reloaded) goes to the
     conversation."""
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
     if request.method == "GET":
         return redirect("chat-thread", tenant_slug=request.tenant.slug, thread_id=thread.pk)
+    if "withdraw" in request.POST:
+        return _withdraw(request, end_user, thread, request.POST["withdraw"])
     text = request.POST.get("text", "")
     retry_of = request.POST.get("retry_of") or None  # "Try again" on a reply that failed
     try:
@@ -194,6 +197,20 @@ def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Http
             response["Retry-After"] = str(exc.metadata["retry_after"])
         return response
     return redirect("chat-thread", tenant_slug=request.tenant.slug, thread_id=thread.pk)
+
+
+def _withdraw(
+    request: TenantRequest, end_user: EndUser, thread: Thread, run_id: str
+) -> HttpResponse:
+    """ "Don't send" without the page's script: the page again, the message gone from the line
+    and back in the box; a message already sent stays, with why."""
+    try:
+        run = services.run_withdraw(
+            tenant=request.tenant, end_user=end_user, thread_id=thread.pk, run_id=run_id
+        )
+    except Conflict as exc:
+        return _thread_page(request, thread, error=exc.message, status=exc.status)
+    return _thread_page(request, thread, draft=selectors.input_text(run))
 
 
 @chat_view

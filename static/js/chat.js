@@ -31,6 +31,9 @@
   // or may not have stored them. Their text is back in the box until the history, read again
   // once the socket is back, says whether they were stored.
   var unsure = [];
+  // "Don't send" asked just before the connection was lost, whose answer never came: the
+  // history, read again once the socket is back, shows whether the message was taken back.
+  var unsureWithdraws = [];
   var NOT_CONNECTED = "Not connected; reconnecting\u2026 You can send again once the connection is back.";
   var MAYBE_LOST = "Not connected; reconnecting\u2026 Your last message may not have reached the " +
     "agent: it is back in the message box until the connection is back.";
@@ -93,12 +96,15 @@
     return connected() && !unsure.length && !limited();
   }
   // Send and "Try again" wait for the window (both would be refused until then), and for the
-  // socket; Stop waits for the socket.
+  // socket; Stop and "Don't send" wait for the socket.
   function holdSends() {
     var held = !canSend();
     sendBtn.disabled = held;
     stopBtn.disabled = !connected();
     log.querySelectorAll("form.chat-retry button").forEach(function (b) { b.disabled = held; });
+    log.querySelectorAll("form.chat-withdraw button").forEach(function (b) {
+      b.disabled = !connected() || b.hasAttribute("data-asked");
+    });
   }
   function rateLimited(msg) {
     var seconds = Math.max(1, parseInt(msg.retry_after, 10) || 1);
@@ -355,6 +361,28 @@
     return f;
   }
 
+  // "Don't send" under a message waiting in line, as the server renders it (without script,
+  // the form posts to the composer's address).
+  function withdrawForm(id) {
+    var f = el("form", "chat-withdraw");
+    f.setAttribute("data-run-id", id);
+    f.method = "post";
+    f.action = form.action;
+    var token = form.querySelector('[name="csrfmiddlewaretoken"]');
+    if (token) f.appendChild(token.cloneNode());
+    var field = el("input");
+    field.type = "hidden";
+    field.name = "withdraw";
+    field.value = id;
+    f.appendChild(field);
+    var button = el("button", "btn btn-small btn-ghost", "Don't send");
+    button.appendChild(el("span", "sr-only", " this message"));
+    button.type = "submit";
+    button.disabled = !connected();
+    f.appendChild(button);
+    return f;
+  }
+
   // Whether the page ends with a reply that failed. A reply that starts elsewhere (another tab)
   // may be that one tried again, which took its question and what it said out of the
   // conversation: only the server's latest page shows what is left (see `reloadAll`).
@@ -416,20 +444,56 @@
     else reloadNewItems(noted);
   }
 
-  // A message's "Waiting for the agent" (or "Queued") note goes once its run is running.
+  // A message's "Waiting for the agent" (or "Queued") note, and its "Don't send", go once its
+  // run is running.
   var startedRun = null;
   function started(id) {
     if (startedRun === id) return;
     startedRun = id;
-    log.querySelectorAll('[data-waiting-run="' + id + '"] .msg-note').forEach(function (n) { n.remove(); });
+    log.querySelectorAll('[data-waiting-run="' + id + '"]').forEach(function (n) {
+      n.classList.remove("msg-waiting");
+      n.querySelectorAll(".msg-note, .chat-withdraw").forEach(function (c) { c.remove(); });
+    });
+  }
+
+  // "Don't send" was not done (refused, or its answer lost with the connection): the message
+  // stays as it is, and its button can be used again.
+  function kept(asking) {
+    var button = asking.node && asking.node.querySelector(".chat-withdraw button");
+    if (button) {
+      button.removeAttribute("data-asked");
+      button.disabled = !connected();
+    }
+  }
+
+  // A message taken back before its turn ("Don't send", here or in another tab) leaves the
+  // page. In the tab that asked (`mine`: what it asked), its text goes back to the message box
+  // if the box is empty (what was typed since is left alone), and the keyboard goes there.
+  function withdrawn(id, text, mine) {
+    gone[id] = true;
+    ended[id] = true;
+    delete queued[id];
+    var bottom = atBottom();
+    log.querySelectorAll('[data-waiting-run="' + id + '"]').forEach(function (n) { n.remove(); });
+    if (mine) {
+      var back = !input.value.trim();
+      if (back) input.value = typeof text === "string" ? text : mine.text;
+      input.focus();
+      status(back ? "Not sent: your message is back in the message box."
+        : "Not sent. The message box already had text in it, so the message was not put back.",
+        "");
+    }
+    if (bottom) scrollDown();
   }
 
   var TERMINAL = ["success", "error", "cancelled", "interrupted", "timeout"];
 
   var ended = {}; // runs whose end this page has seen
+  var gone = {}; // messages taken back before their turn: nothing of their run is shown
   var queued = {}; // runs this page sent that wait in line behind the active one
 
   function onEvent(msg) {
+    if (gone[msg.run_id]) return;
     var ev = msg.event || {};
     var starts = ev.type === "run.status" && ev.status === "running";
     if (isEarlier(msg.run_id) && starts && queued[msg.run_id] && !ended[msg.run_id]) {
@@ -603,13 +667,14 @@
         else root.removeAttribute("data-active-run");
         if (run && run.id !== current) { run = null; save(); }
         busy(!!current);
-        if (known !== current || (!current && opened > 1) || unsure.length) {
+        if (known !== current || (!current && opened > 1) || unsure.length ||
+            unsureWithdraws.length) {
           // Also back after a lost connection with no reply being written on either side: a
           // whole exchange may have happened meanwhile (another tab, the API), which no event
           // told this page. And a message whose answer the lost connection took is in the
           // history if the server stored it.
           if (!current) status("");
-          var settle = unsure.length ? settleUnsure : null;
+          var settle = unsure.length || unsureWithdraws.length ? settleDoubts : null;
           if (failedHere) reloadAll(settle);
           else reloadNewItems(settle);
         }
@@ -622,9 +687,11 @@
         var sent = asked.length && asked[0].kind === "send" ? asked.shift() : null;
         queued[msg.run_id] = true;
         if (sent && sent.node) {
+          sent.node.classList.add("msg-waiting");
           sent.node.setAttribute("data-waiting-run", msg.run_id);
           sent.node.appendChild(
             el("div", "msg-note muted small", "Queued: sent when the current reply ends"));
+          sent.node.appendChild(withdrawForm(msg.run_id));
         }
       } else if (msg.type === "run.started" && ended[msg.run_id]) {
         // A late announcement of a reply this page saw end: nothing to follow.
@@ -651,8 +718,12 @@
         if (tried) reloadAll();
       } else if (msg.type === "live") {
         status(running ? "Replying\u2026" : "");
+      } else if (msg.type === "run.withdrawn") {
+        var asking = asked.length && asked[0].kind === "withdraw" && asked[0].id === msg.run_id
+          ? asked.shift() : null;
+        withdrawn(msg.run_id, msg.text, asking);
       } else if (msg.type === "run.ended") {
-        endRun({ status: msg.status }, msg.run_id);
+        if (!gone[msg.run_id]) endRun({ status: msg.status }, msg.run_id);
       } else if (msg.type === "error") {
         onError(msg);
       } else if (msg.type === "revoked") {
@@ -674,6 +745,11 @@
       // history, read again once the socket is back, shows whether it was taken), a message's
       // text goes back to the box until then.
       asked.forEach(function (sent) {
+        if (sent.kind === "withdraw") {
+          // Taken back or not: the history, read again once the socket is back, tells.
+          kept(sent);
+          unsureWithdraws.push(sent);
+        }
         if (sent.kind !== "send") return;
         refused(sent);
         if (!sent.retried) unsure.push(sent);
@@ -710,6 +786,26 @@
     sent.node.remove();
     var typed = input.value.trim();
     input.value = typed ? sent.text + "\n" + typed : sent.text;
+  }
+
+  function settleDoubts(ok) {
+    if (unsure.length) settleUnsure(ok);
+    settleWithdraws(ok);
+  }
+
+  // Once the history is read again after a lost connection: a message whose "Don't send" lost
+  // its answer, and that the history shows neither waiting nor sent, was taken back: it is told
+  // as if the answer had come.
+  function settleWithdraws(ok) {
+    var doubts = unsureWithdraws;
+    unsureWithdraws = [];
+    if (!ok) return; // the page still shows the message, with its "Don't send"
+    doubts.forEach(function (doubt) {
+      var shown = log.querySelector('[data-waiting-run="' + doubt.id + '"], ' +
+        '.msg-user[data-run-id="' + doubt.id + '"]');
+      if (shown) return;
+      withdrawn(doubt.id, null, doubt);
+    });
   }
 
   // Once the history is read again after a lost connection: a message whose answer was lost and
@@ -755,6 +851,10 @@
     // Errors about a followed run name it; any other answers the oldest open request.
     var sent = !msg.run_id && asked.length && asked[0].kind === "send" ? asked.shift() : null;
     if (sent) refused(sent);
+    if (!msg.run_id && asked.length && asked[0].kind === "withdraw") {
+      // Not taken back (it was sent to the agent meanwhile, or stopped): it stays as it is.
+      kept(asked.shift());
+    }
     if (msg.code === "rate_limited") {
       rateLimited(msg);
     } else if (msg.code === "thread_busy") {
@@ -784,6 +884,22 @@
     ws.send(JSON.stringify(message));
     asked.push({ kind: "send", node: mine, text: text, since: since });
     input.value = "";
+  });
+  // "Don't send": the message waiting in line is taken back; it leaves the page when the server
+  // says so (`run.withdrawn`), or stays, with why, if it was sent meanwhile.
+  log.addEventListener("submit", function (e) {
+    var withdrawing = e.target.closest && e.target.closest("form.chat-withdraw");
+    if (!withdrawing) return;
+    e.preventDefault();
+    var button = withdrawing.querySelector("button");
+    if (!connected() || (button && button.hasAttribute("data-asked"))) return;
+    var id = withdrawing.getAttribute("data-run-id");
+    var node = withdrawing.closest("[data-waiting-run]");
+    var bubbleEl = node && node.querySelector(".bubble");
+    if (button) { button.setAttribute("data-asked", ""); button.disabled = true; }
+    ws.send(JSON.stringify({ type: "withdraw", run_id: id }));
+    asked.push({ kind: "withdraw", id: id, node: node,
+                 text: bubbleEl ? bubbleEl.textContent : "" });
   });
   // "Try again": the failed reply (its steps and note) goes, its question waits for the new one.
   log.addEventListener("submit", function (e) {
