@@ -13,7 +13,9 @@ thread's notices (`streams.watch_thread`), read by the same reader as the runs' 
 Protocol: docs/run-events.md and the module's README below.
 
 Client → server:
-    {"type": "send", "text": "...", "strategy": "reject"}   start a run (strategy optional)
+    {"type": "send", "text": "...", "strategy": "reject", "message_id": "..."}   start a run
+        (strategy optional); `message_id`, the page's id for the message, is kept in the run's
+        metadata and shown with the message in the history
     {"type": "retry", "run_id": "..."}   "Try again": the thread's latest run failed; its
         items leave the conversation and a new run takes its input (answered like a send)
     {"type": "cancel"}                                       stop the active run
@@ -309,6 +311,7 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
                 source=RunSource.CHAT,
                 strategy=strategy,
                 retry_of=retry_of,
+                metadata=services.chat_message_metadata(content.get("message_id")),
             )
         except services.ThreadBusy as exc:
             await self._error("thread_busy", exc.message)

@@ -17,6 +17,7 @@ from uuid import UUID
 from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Count, Exists, Max, OuterRef, Q
+from django.db.models.fields.json import KeyTextTransform
 from django.utils.safestring import SafeString
 
 from ai_agents.models import Agent, AgentVersion
@@ -33,6 +34,11 @@ STOPPED_STATUSES = (RunStatus.CANCELLED, RunStatus.INTERRUPTED)
 
 
 THREAD_PAGE_SIZE = 30  # conversations a page of the chat home lists
+
+# The key of a chat run's metadata that holds the id the chat page gave its message: the history
+# carries it on the message (`data-message-id`), so that a page whose connection dropped as it
+# sent the message finds out, exactly, whether the server stored it.
+CHAT_MESSAGE_ID = "chat_message_id"
 
 
 @dataclass
@@ -245,6 +251,9 @@ def entry_for(item: Item, *, transfers: Transfers | None = None) -> Entry | None
         # The page skips a replayed tool step it already shows (static/js/chat.js).
         base["extra"] = {"call_id": str(data.get("call_id") or "")}
     if role == "user":
+        message_id = getattr(item, "message_id", None)  # read with the item (`_with_message_ids`)
+        if message_id:
+            base["extra"] = {"message_id": message_id}
         return Entry(kind="user", html=markdown.render_plain(_text_of(data.get("content"))), **base)
     if role == "assistant" and kind in (None, "message"):
         return Entry(
@@ -587,13 +596,19 @@ def item_page(
 ) -> tuple[list[Entry], int | None]:
     """The `limit` items of the thread before item id `before` (the latest without it), oldest
     first, and the id to page further back from (None when this page reaches the start)."""
-    qs = Item.objects.for_tenant(tenant).filter(thread=thread).order_by("-id")
+    qs = _with_message_ids(Item.objects.for_tenant(tenant).filter(thread=thread).order_by("-id"))
     if before is not None:
         qs = qs.filter(id__lt=before)
     rows = list(qs[: limit + 1])
     more = len(rows) > limit
     rows = list(reversed(rows[:limit]))
     return _shown(tenant, thread, rows), (rows[0].pk if more and rows else None)
+
+
+def _with_message_ids(items: Any) -> Any:
+    """The items with the chat page's id of their run's message (`CHAT_MESSAGE_ID`), read in the
+    same query (a join on the run's primary key)."""
+    return items.annotate(message_id=KeyTextTransform(CHAT_MESSAGE_ID, "run__metadata"))
 
 
 # The most items the page without its script shows at once (`item_window`).
@@ -609,7 +624,7 @@ def item_window(
     have added that page above the rest. At most `most` items (a hand-made cursor far back
     would otherwise render the whole thread): past that, the window is the latest `most`
     items, with a cursor to page back from them. Two queries, and `_shown`'s."""
-    items = Item.objects.for_tenant(tenant).filter(thread=thread)
+    items = _with_message_ids(Item.objects.for_tenant(tenant).filter(thread=thread))
     newer = list(items.filter(id__gte=before).order_by("-id")[:most])
     if len(newer) == most:
         older: list[Item] = []
@@ -692,7 +707,7 @@ def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
         )
         .exclude(pk__in=Item.objects.for_tenant(tenant).filter(thread=thread).values("run_id"))
         .order_by("created_at")
-        .only("pk", "input", "queued", "status", "error", "end_user_error")
+        .only("pk", "input", "queued", "status", "error", "end_user_error", "metadata")
     )
     entries = []
     for run in waiting:
@@ -700,6 +715,9 @@ def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
         if run.status == RunStatus.CANCELLED:
             told = run.end_user_error or "Stopped."
             extra = {"stopped": told, "detail": run.error if run.error != told else ""}
+        metadata = run.metadata if isinstance(run.metadata, dict) else {}
+        if isinstance(metadata.get(CHAT_MESSAGE_ID), str):
+            extra["message_id"] = metadata[CHAT_MESSAGE_ID]
         for message in run.input if isinstance(run.input, list) else []:
             if isinstance(message, dict) and message.get("role") == "user":
                 entries.append(
@@ -728,6 +746,8 @@ def input_text(run: Run) -> str:
 def item_after(*, tenant: Tenant, thread: Thread, after: int, limit: int = 200) -> list[Entry]:
     """Items newer than id `after`, oldest first (what a finished reply added)."""
     rows = list(
-        Item.objects.for_tenant(tenant).filter(thread=thread, id__gt=after).order_by("id")[:limit]
+        _with_message_ids(
+            Item.objects.for_tenant(tenant).filter(thread=thread, id__gt=after).order_by("id")
+        )[:limit]
     )
     return _shown(tenant, thread, rows)

@@ -8,6 +8,7 @@ and stores the run with its input. The database guarantees at most one active ru
 
 from __future__ import annotations
 
+import re
 from functools import cache, partial
 from typing import Any
 from uuid import UUID
@@ -177,6 +178,18 @@ def _refuse_nul(value: Any, field: str) -> None:
             f"The {field} contains a NUL character (U+0000), which cannot be stored.",
             fields={field: "Remove the NUL character."},
         )
+
+
+# The ids the chat page gives its messages (it makes 32 hex digits).
+_CHAT_MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+
+
+def chat_message_metadata(message_id: Any) -> dict[str, Any]:
+    """The metadata of a chat run that records the id the chat page gave its message
+    (`selectors.CHAT_MESSAGE_ID`); nothing for a value that is not such an id."""
+    if isinstance(message_id, str) and _CHAT_MESSAGE_ID.match(message_id):
+        return {selectors.CHAT_MESSAGE_ID: message_id}
+    return {}
 
 
 def normalise_input(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -744,6 +744,7 @@
       // Their answers will not come: a "Try again" puts the failed reply back as it was (the
       // history, read again once the socket is back, shows whether it was taken), a message's
       // text goes back to the box until then.
+      var back = [];
       asked.forEach(function (sent) {
         if (sent.kind === "withdraw") {
           // Taken back or not: the history, read again once the socket is back, tells.
@@ -751,9 +752,13 @@
           unsureWithdraws.push(sent);
         }
         if (sent.kind !== "send") return;
-        refused(sent);
-        if (!sent.retried) unsure.push(sent);
+        if (sent.retried) { refused(sent); return; }
+        sent.node.remove();
+        back.push(sent.text);
+        unsure.push(sent);
       });
+      // In the order they were sent, before anything typed since.
+      if (back.length) giveBack(back);
       asked = [];
       holdSends();
       if (closedForGood || ev.code === 4401 || ev.code === 4403 || ev.code === 4404) {
@@ -784,8 +789,40 @@
       return;
     }
     sent.node.remove();
+    giveBack([sent.text]);
+  }
+
+  // Messages that were not sent, or may not have been, go back to the composer, oldest first,
+  // before anything typed since.
+  function giveBack(texts) {
     var typed = input.value.trim();
-    input.value = typed ? sent.text + "\n" + typed : sent.text;
+    input.value = texts.concat(typed ? [typed] : []).join("\n");
+  }
+
+  // A message given back that the server turned out to have stored leaves the composer: its
+  // text, as a whole block of lines, wherever it is in the box (one given back with others, or
+  // typed around since).
+  function takeBack(text) {
+    var value = input.value;
+    for (var at = value.indexOf(text); at >= 0; at = value.indexOf(text, at + 1)) {
+      var end = at + text.length;
+      if ((at === 0 || value.charAt(at - 1) === "\n") &&
+          (end === value.length || value.charAt(end) === "\n")) {
+        input.value = end === value.length ? value.slice(0, Math.max(at - 1, 0))
+          : value.slice(0, at) + value.slice(end + 1);
+        return;
+      }
+    }
+  }
+
+  // An id for a message this page sends, which the server keeps with it and the history shows
+  // (`data-message-id`): a message whose answer a lost connection took is found by it, exactly.
+  function messageId() {
+    var bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    return Array.prototype.map.call(bytes, function (b) {
+      return (b < 16 ? "0" : "") + b.toString(16);
+    }).join("");
   }
 
   function settleDoubts(ok) {
@@ -809,9 +846,9 @@
   }
 
   // Once the history is read again after a lost connection: a message whose answer was lost and
-  // that the history now shows (saved, or waiting for the agent) was stored, and leaves the box;
-  // any other stays there, and the status line says it was not sent. Compared without
-  // whitespace: the server renders line breaks as <br>.
+  // that the history now shows (saved, waiting for the agent, or stopped in line), found by the
+  // id the page gave it, was stored, and leaves the box; any other stays there, and the status
+  // line says it was not sent.
   function settleUnsure(ok) {
     if (!ok) {
       // The history did not come: whether the message arrived is not known. It stays in the
@@ -823,21 +860,11 @@
         "before you send it again.", "warn");
       return;
     }
-    var flat = function (t) { return (t || "").replace(/\s+/g, ""); };
     var notSent = false;
     unsure.forEach(function (sent) {
-      var stored = false;
-      log.querySelectorAll(".msg-user").forEach(function (n) {
-        var id = parseInt(n.getAttribute("data-item-id"), 10);
-        var fresh = n.classList.contains("msg-waiting") || id > sent.since;
-        var b = n.querySelector(".bubble");
-        if (fresh && b && flat(b.textContent) === flat(sent.text)) stored = true;
-      });
+      var stored = log.querySelector('.msg-user[data-message-id="' + sent.id + '"]');
       if (!stored) { notSent = true; return; }
-      if (input.value === sent.text) input.value = "";
-      else if (input.value.indexOf(sent.text + "\n") === 0) {
-        input.value = input.value.slice(sent.text.length + 1);
-      }
+      takeBack(sent.text);
     });
     unsure = [];
     holdSends();
@@ -872,17 +899,18 @@
     e.preventDefault();
     var text = input.value.trim();
     if (!text || !canSend()) return; // Send is disabled, and the status line says why
-    var since = lastItemId();
+    var id = messageId();
     dropEmpty();
     var mine = el("div", "msg msg-user");
     mine.setAttribute("data-pending", "");
+    mine.setAttribute("data-message-id", id);
     mine.appendChild(el("div", "bubble", text));
     log.appendChild(mine);
     scrollDown(true);
-    var message = { type: "send", text: text };
+    var message = { type: "send", text: text, message_id: id };
     if (strategyEl && !strategyEl.hidden) message.strategy = strategyEl.value;
     ws.send(JSON.stringify(message));
-    asked.push({ kind: "send", node: mine, text: text, since: since });
+    asked.push({ kind: "send", node: mine, text: text, id: id });
     input.value = "";
   });
   // "Don't send": the message waiting in line is taken back; it leaves the page when the server

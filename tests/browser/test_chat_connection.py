@@ -7,20 +7,26 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from playwright.sync_api import Page, expect
 
-from conversations.models import Item, Run, RunStatus
+from conversations import services
+from conversations.models import Item, MultitaskStrategy, Run, RunStatus
 from tests.browser.test_chat import (  # noqa: F401 (fixtures)
     LONG,
     QUESTION,
     _an_agent_whose_provider_is_refused,
+    _event,
     _member_thread,
+    _open_chat,
+    _thread_with_a_run,
     asgi_site,
     chat_socket,
     off_the_loop,
     site,
+    unstarted,
 )
 from tests.browser.test_dashboard import log_in
 from tests.conftest import make_world
@@ -36,10 +42,12 @@ class Link:
     """The page's chat socket, through the real server, with a switch: while `down`, every
     connection the page opens fails before it opens (as with the server out of reach), and
     `drop()` cuts the open one. `cut` drops the connection when the page sends a message:
-    "before" it reaches the server, or "after" (before the server's answer reaches the page)."""
+    "before" it reaches the server, or "after" (before the server's answer reaches the page).
+    While `deaf`, the server's frames do not reach the page (a network that stalls)."""
 
     def __init__(self, page: Page) -> None:
         self.down = False
+        self.deaf = False
         self.cut: str | None = None
         self.sockets: list = []
         page.route_web_socket(re.compile(r"/ws/t/"), self._connected)
@@ -50,6 +58,12 @@ class Link:
             return
         server = ws.connect_to_server()
         self.sockets.append(ws)
+
+        def told(message) -> None:
+            if not self.deaf:
+                ws.send(message)
+
+        server.on_message(told)
 
         def heard(message) -> None:
             sending = json.loads(message).get("type") == "send"
@@ -274,3 +288,125 @@ def test_a_message_in_doubt_is_not_called_unsent_when_the_history_cannot_be_read
     run_in_browser(flow)
 
     assert Item.objects.for_tenant(world.tenant).filter(data__content=TYPED).count() == 1
+
+
+@pytest.mark.usefixtures("asgi_site")
+def test_two_messages_in_doubt_go_back_in_order_and_the_stored_one_leaves_the_box(
+    run_in_browser,
+):
+    """Two messages are sent while the server's answers are held up, then the connection drops:
+    both go back to the box, in the order they were sent. Once the history is read again, the
+    one the server stored leaves the box (the other, refused as the first reply was being
+    written, stays), however the box holds them."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    second = "And what is 2 + 3?"
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        box = page.get_by_label("Message")
+        send = page.get_by_role("button", name="Send", exact=True)
+        status = page.get_by_role("status")
+        link.deaf = True
+        box.fill(TYPED)
+        send.click()
+        box.fill(second)
+        send.click()
+        expect(page.locator(".msg-user[data-pending]")).to_have_count(2)
+        link.drop()
+        expect(status).to_have_text(re.compile(r"may not have reached"), timeout=LONG)
+        expect(box).to_have_value(f"{TYPED}\n{second}")
+
+        link.deaf, link.down = False, False
+        expect(status).to_have_text(re.compile(r"^Your message was not sent"), timeout=3 * LONG)
+        expect(box).to_have_value(second)
+        expect(page.locator(".msg-user .bubble")).to_have_text([TYPED])
+
+    run_in_browser(flow)
+
+    assert _inputs(world) == [TYPED]
+
+
+def _waiting_in_line(world, thread, *texts):
+    """A reply being written on `thread` (no worker takes it) and `texts` waiting in line."""
+    services.run_create(
+        tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input="go"
+    )
+    for text in texts:
+        services.run_create(
+            tenant=world.tenant, end_user=thread.end_user, thread_id=thread.pk, input=text,
+            strategy=MultitaskStrategy.ENQUEUE,
+        )  # fmt: skip
+
+
+def _queue_in_doubt(page: Page, link: Link, text: str, cut: str) -> None:
+    """`text` sent with "Send after this reply", the connection cut `cut` it reached the
+    server."""
+    page.get_by_label("While a reply is being written").select_option(label="Send after this reply")
+    link.cut = cut
+    page.get_by_label("Message").fill(text)
+    page.get_by_role("button", name="Send", exact=True).click()
+    expect(page.get_by_role("status")).to_have_text(
+        re.compile(r"may not have reached"), timeout=LONG
+    )
+
+
+@pytest.mark.usefixtures("unstarted")
+def test_an_identical_message_waiting_from_before_is_not_taken_for_the_one_in_doubt(
+    run_in_browser,
+):
+    """The same words already wait in line, sent earlier. A new copy is lost with the connection
+    before the server got it: once back, the page does not take the earlier one for it, and
+    the text stays in the box, said not sent."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    off_the_loop(lambda: _waiting_in_line(world, thread, TYPED))
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        _queue_in_doubt(page, link, TYPED, "before")
+        link.cut, link.down = None, False
+        expect(page.get_by_role("status")).to_have_text(
+            re.compile(r"^Your message was not sent"), timeout=3 * LONG
+        )
+        expect(page.get_by_label("Message")).to_have_value(TYPED)
+        expect(page.locator(".msg-waiting", has_text=TYPED)).to_have_count(1)
+
+    run_in_browser(flow)
+
+    assert _inputs(world) == ["go", TYPED]
+
+
+@pytest.mark.usefixtures("unstarted")
+def test_a_message_in_doubt_stopped_in_line_meanwhile_is_known_as_stored(run_in_browser):
+    """The message reached the server, which queued it, and was stopped in line (from the run
+    inspector) while the connection was down: the history shows it, stopped, and it leaves the
+    box: sending it again would store it twice."""
+    world = make_world("Acme")
+    thread = _member_thread(world)
+    off_the_loop(lambda: _waiting_in_line(world, thread))
+
+    def stop_it() -> None:
+        # The server got the message as the connection dropped: wait for it to be stored (a
+        # bound on a failure, not a timing).
+        for _ in range(300):
+            queued = Run.objects.for_tenant(world.tenant).filter(queued=True).first()
+            if queued is not None:
+                break
+            time.sleep(0.05)
+        assert queued is not None, "the server never stored the message"
+        services.run_stop(tenant=world.tenant, actor=world.actor(), run_id=queued.pk)
+
+    def flow(new_context) -> None:
+        page, link = _open(new_context, world, thread)
+        _queue_in_doubt(page, link, TYPED, "after")
+        off_the_loop(stop_it)
+        link.cut, link.down = None, False
+        stopped = page.locator(".msg-user.msg-waiting", has_text=TYPED)
+        expect(stopped).to_contain_text("Stopped by an administrator.", timeout=3 * LONG)
+        expect(page.get_by_label("Message")).to_have_value("")
+        expect(page.locator("#chat-status")).not_to_contain_text("not sent")
+
+    run_in_browser(flow)
+
+    assert _inputs(world) == ["go", TYPED]
