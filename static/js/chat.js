@@ -297,12 +297,30 @@
   // promise all the same, without swapping anything in) or none at all. What waits for the
   // history (`then`) is told, so that it does not read the page the answer did not replace.
   var historyFailed = false;
-  document.addEventListener("htmx:responseError", function (e) {
+  function historyPath(e) {
     var path = e.detail && e.detail.pathInfo ? e.detail.pathInfo.requestPath || "" : "";
-    if (path.indexOf(itemsUrl) === 0) historyFailed = true;
+    return path.indexOf(itemsUrl) === 0;
+  }
+  document.addEventListener("htmx:responseError", function (e) {
+    if (historyPath(e)) historyFailed = true;
+  });
+  // What the history's answer replaces, removed only once that answer is in hand: if it does
+  // not come (an error answer, no answer), the page keeps showing what it showed.
+  var replaced = null;
+  document.addEventListener("htmx:beforeSwap", function (e) {
+    if (!replaced || !historyPath(e) || !e.detail.shouldSwap) return;
+    replaced.forEach(function (n) { n.remove(); });
+    replaced = null;
+    bubble = null;
   });
   function loadHistory(url, swap, then) {
-    var done = function (ok) { afterReload(); if (then) then(ok); };
+    var done = function (ok) {
+      replaced = null;
+      // A failed reload changed nothing on the page: nothing to draw again.
+      if (ok) afterReload();
+      else holdSends();
+      if (then) then(ok);
+    };
     return function () {
       historyFailed = false;
       return htmx.ajax("GET", url(), { target: "#chat-log", swap: swap }).then(
@@ -317,8 +335,9 @@
     var load = loadHistory(function () { return itemsUrl + "?after=" + lastItemId(); },
       "beforeend", then);
     inTurn(function () {
-      log.querySelectorAll("[data-pending]").forEach(function (n) { n.remove(); });
-      bubble = null;
+      // The answer brings the messages still waiting, and the reply's steps are drawn again
+      // from the tab's state (`afterReload`): what the page drew of them goes with the swap.
+      replaced = Array.prototype.slice.call(log.querySelectorAll("[data-pending]"));
       return load();
     });
   }
@@ -393,10 +412,7 @@
   function reloadAll(then) {
     if (!window.htmx) { location.reload(); return; }
     var load = loadHistory(function () { return itemsUrl; }, "innerHTML", then);
-    inTurn(function () {
-      bubble = null;
-      return load();
-    });
+    inTurn(load);
   }
 
   // A new conversation takes its title from its first message: the heading and the tab say so.

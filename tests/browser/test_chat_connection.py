@@ -410,3 +410,34 @@ def test_a_message_in_doubt_stopped_in_line_meanwhile_is_known_as_stored(run_in_
     run_in_browser(flow)
 
     assert _inputs(world) == ["go", TYPED]
+
+
+@pytest.mark.usefixtures("unstarted")
+def test_a_history_that_cannot_be_read_again_leaves_the_page_as_it_was(run_in_browser):
+    """A reply ends and the history, read again for what it saved, answers with an error: the
+    page keeps what it showed (the question and the reply as it streamed), not an empty log."""
+    world = make_world("Acme")
+    thread, run = off_the_loop(lambda: _thread_with_a_run(world))
+    run_id = str(run.pk)
+    frames = [
+        {"type": "hello", "thread_id": str(thread.pk), "active_run": run_id},
+        _event(run_id, 1, type="run.status", status="running", message="", attempt=1),
+        _event(run_id, 2, type="message.delta", text="Partly written", agent="Calc"),
+    ]
+
+    def flow(new_context) -> None:
+        page, sockets = _open_chat(new_context, world, thread, frames)
+        expect(page.locator(".msg-pending .bubble")).to_have_text(["Partly written"], timeout=LONG)
+        page.route(
+            re.compile(r"/chat/[^/]+/items/"),
+            lambda route: route.fulfill(status=500, body="Server Error"),
+        )
+        with page.expect_response(re.compile(r"/chat/[^/]+/items/")):
+            sockets[-1].send(
+                json.dumps({"type": "run.ended", "run_id": run_id, "status": "success"})
+            )
+        expect(page.get_by_role("button", name="Stop")).to_be_hidden()
+        expect(page.locator(".msg-user .bubble")).to_have_text(["go"])
+        expect(page.locator(".msg-assistant .bubble")).to_have_text(["Partly written"])
+
+    run_in_browser(flow)
