@@ -530,7 +530,7 @@ def test_a_queued_reply_that_starts_before_the_earlier_ones_end_arrives_is_shown
 
 
 def test_a_reply_longer_than_a_page_replayed_from_its_start_draws_only_what_is_unsaved(
-    asgi_site, run_in_browser
+    unstarted, run_in_browser
 ):
     world = make_world("Acme")
     thread, run = _thread_with_a_run(world, _turns(30))  # 91 items: the page shows the latest 50
@@ -558,7 +558,7 @@ def test_a_reply_longer_than_a_page_replayed_from_its_start_draws_only_what_is_u
     run_in_browser(flow)
 
 
-def test_a_retried_reply_replaces_what_its_earlier_attempt_had_saved(asgi_site, run_in_browser):
+def test_a_retried_reply_replaces_what_its_earlier_attempt_had_saved(unstarted, run_in_browser):
     world = make_world("Acme")
     thread, run = _thread_with_a_run(world, [_message("First try")])
     rid = str(run.pk)
@@ -1066,7 +1066,7 @@ def test_try_again_in_one_tab_takes_the_failed_reply_out_of_another_tab(asgi_sit
     run_in_browser(flow)
 
 
-def test_a_refused_try_again_leaves_the_failed_reply_as_it_was(asgi_site, run_in_browser):
+def test_a_refused_try_again_leaves_the_failed_reply_as_it_was(unstarted, run_in_browser):
     """ "Try again" refused (here by the rate limit): the failed reply is back as it was, its
     question first, and the keyboard is in the message box, where it went on the click (the
     button it was on was hidden)."""
