@@ -7,6 +7,9 @@ so a shared Redis is never wiped.
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import socket
 import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +28,68 @@ if TYPE_CHECKING:
     from conversations.models import Thread
 
 PASSWORD = "correct-horse-battery-staple-9"
+
+
+# --- The socket guard --------------------------------------------------------------------------
+# No test reaches beyond this machine, and only the egress client (controlplane/egress.py) may
+# connect toward an address a tenant, user or model chose. Every connection off loopback is
+# refused before a packet leaves; one that did not come through the egress client also fails
+# the test that made it (`_no_connection_bypassed_egress`). Loopback (PostgreSQL, Redis, the
+# fake LLM, test servers) and unix sockets pass. Python's own sockets only: uvloop and aiohttp's
+# C paths connect below them (the model client's transport checks its addresses itself, and
+# tests/test_egress.py proves it).
+BYPASSED: list[object] = []
+
+
+def _leaves_the_machine(address: object) -> bool:
+    if not isinstance(address, tuple) or not address:
+        return False  # a unix socket's path
+    host = address[0].decode() if isinstance(address[0], bytes) else str(address[0])
+    if host.lower().rstrip(".") == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return True  # a name connect() would resolve itself: the egress client never asks that
+
+
+def _refusal(address: object) -> ConnectionRefusedError:
+    from controlplane import egress
+
+    if not egress.connection_is_guarded():
+        BYPASSED.append(address)
+    return ConnectionRefusedError(
+        errno.ECONNREFUSED, f"the test socket guard refused a connection to {address!r}"
+    )
+
+
+def _guard_sockets() -> None:
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def connect(sock: socket.socket, address: object) -> None:
+        if _leaves_the_machine(address):
+            raise _refusal(address)
+        real_connect(sock, address)
+
+    def connect_ex(sock: socket.socket, address: object) -> int:
+        if _leaves_the_machine(address):
+            return _refusal(address).errno or errno.ECONNREFUSED
+        return real_connect_ex(sock, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    _guard_sockets()
+
+
+@pytest.fixture(autouse=True)
+def _no_connection_bypassed_egress():
+    BYPASSED.clear()
+    yield
+    bypassed, BYPASSED[:] = list(BYPASSED), []
+    assert bypassed == [], f"connections off this machine that bypassed egress: {bypassed}"
 
 
 @pytest.fixture(scope="session", autouse=True)
