@@ -328,14 +328,23 @@ USE_TZ = True
 
 # --- Logging: one line per record on stderr; secrets are never passed to a logger. -------------
 LOG_LEVEL = env.str("LOG_LEVEL", default="INFO")
+QUIET_TASKS = ["conversations.run_execute"]
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(levelname)s %(name)s: %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["stderr"], "level": LOG_LEVEL},
-    # httpx logs full URLs at INFO, query-string tokens included.
-    "loggers": {n: {"level": "WARNING"} for n in ("axes", "httpx", "httpx2", "httpcore")},
+    # A worker logs no "received" and "succeeded" lines for the run kick: it hands the run over
+    # and returns at once (controlplane/logfilters.py); other tasks keep theirs.
+    "filters": {
+        "quiet_tasks": {"()": "controlplane.logfilters.QuietTasks", "names": QUIET_TASKS},
+    },
+    "loggers": {
+        # httpx logs full URLs at INFO, query-string tokens included.
+        **{n: {"level": "WARNING"} for n in ("axes", "httpx", "httpx2", "httpcore")},
+        **{n: {"filters": ["quiet_tasks"]} for n in ("celery.app.trace", "celery.worker.strategy")},
+    },
 }
 
 # --- Outbound requests to URLs a tenant, user or model chose (controlplane/egress.py). ------------
