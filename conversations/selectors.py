@@ -617,25 +617,23 @@ WINDOW_MAX = PAGE_SIZE * 20
 
 def item_window(
     *, tenant: Tenant, thread: Thread, before: int, limit: int = PAGE_SIZE, most: int = WINDOW_MAX
-) -> tuple[list[Entry], int | None]:
-    """The thread from the `limit` items before id `before` to its latest item, oldest first,
-    and the id to page further back from (None when the window reaches the start): what the
-    chat page shows after "Load earlier messages" without its script, as the script would
-    have added that page above the rest. At most `most` items (a hand-made cursor far back
-    would otherwise render the whole thread): past that, the window is the latest `most`
-    items, with a cursor to page back from them. Two queries, and `_shown`'s."""
+) -> tuple[list[Entry], int | None, bool]:
+    """What the chat page shows after "Load earlier messages" without its script, as the script
+    would have added that page above the rest: the `limit` items before id `before`, then the
+    thread from `before` on, oldest first, at most `most` items in all (a cursor far back would
+    otherwise render the whole thread). Returns the entries, the id to page further back from
+    (None when the window reaches the start), and whether the window stops short of the
+    latest item (the page then offers the latest). Each step back moves the window `limit`
+    items further back, so the start of any thread is reached. Two queries, and `_shown`'s."""
     items = _with_message_ids(Item.objects.for_tenant(tenant).filter(thread=thread))
-    newer = list(items.filter(id__gte=before).order_by("-id")[:most])
-    if len(newer) == most:
-        older: list[Item] = []
-        more = items.filter(id__lt=newer[-1].pk).exists()
-    else:
-        room = min(limit, most - len(newer))
-        older = list(items.filter(id__lt=before).order_by("-id")[: room + 1])
-        more = len(older) > room
-        older = older[:room]
-    rows = list(reversed(newer + older))
-    return _shown(tenant, thread, rows), (rows[0].pk if more and rows else None)
+    older = list(items.filter(id__lt=before).order_by("-id")[: limit + 1])
+    more = len(older) > limit
+    older = older[:limit]
+    room = max(most - len(older), 0)
+    newer = list(items.filter(id__gte=before).order_by("id")[: room + 1])
+    cut = len(newer) > room
+    rows = list(reversed(older)) + newer[:room]
+    return _shown(tenant, thread, rows), (rows[0].pk if more and rows else None), cut
 
 
 def _shown(tenant: Tenant, thread: Thread, rows: list[Item]) -> list[Entry]:
@@ -720,13 +718,16 @@ def pending_inputs(*, tenant: Tenant, thread: Thread) -> list[Entry]:
             extra["message_id"] = metadata[CHAT_MESSAGE_ID]
         for message in run.input if isinstance(run.input, list) else []:
             if isinstance(message, dict) and message.get("role") == "user":
+                text = _text_of(message.get("content"))
                 entries.append(
                     Entry(
                         id=0,
                         kind="user",
-                        html=markdown.render_plain(_text_of(message.get("content"))),
+                        html=markdown.render_plain(text),
                         run_id=run.pk,
-                        extra=extra,
+                        # `text`: as typed, for "Don't send" to put back in the message box
+                        # (the bubble's own text has lost its line breaks to <br>).
+                        extra={**extra, "text": text},
                     )
                 )
     return entries

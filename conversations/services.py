@@ -181,13 +181,13 @@ def _refuse_nul(value: Any, field: str) -> None:
 
 
 # The ids the chat page gives its messages (it makes 32 hex digits).
-_CHAT_MESSAGE_ID = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+_CHAT_MESSAGE_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 def chat_message_metadata(message_id: Any) -> dict[str, Any]:
     """The metadata of a chat run that records the id the chat page gave its message
     (`selectors.CHAT_MESSAGE_ID`); nothing for a value that is not such an id."""
-    if isinstance(message_id, str) and _CHAT_MESSAGE_ID.match(message_id):
+    if isinstance(message_id, str) and _CHAT_MESSAGE_ID.fullmatch(message_id):
         return {selectors.CHAT_MESSAGE_ID: message_id}
     return {}
 

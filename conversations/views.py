@@ -139,10 +139,11 @@ def _thread_page(
     error: str = "",
     status: int = 200,
 ) -> HttpResponse:
+    cut = False  # the window stops short of the latest item
     if before is None:
         entries, earlier = selectors.item_page(tenant=request.tenant, thread=thread)
     else:
-        entries, earlier = selectors.item_window(
+        entries, earlier, cut = selectors.item_window(
             tenant=request.tenant, thread=thread, before=before
         )
     active = selectors.run_active(tenant=request.tenant, thread=thread)
@@ -150,8 +151,10 @@ def _thread_page(
         "thread": thread,
         "entries": entries,
         "earlier": earlier,
+        "cut": cut,
         "active_run": active,
-        "waiting": selectors.pending_inputs(tenant=request.tenant, thread=thread),
+        # Messages waiting for a reply come after the latest item: not under a window cut short.
+        "waiting": [] if cut else selectors.pending_inputs(tenant=request.tenant, thread=thread),
         "retryable": selectors.run_retryable(tenant=request.tenant, thread=thread),
         "draft": draft,
         "send_error": error,

@@ -308,7 +308,9 @@
   // not come (an error answer, no answer), the page keeps showing what it showed.
   var replaced = null;
   document.addEventListener("htmx:beforeSwap", function (e) {
-    if (!replaced || !historyPath(e) || !e.detail.shouldSwap) return;
+    // The history's own answer only: "Load earlier messages" asks the same address for the
+    // page above, which replaces nothing of what is shown.
+    if (!replaced || !historyPath(e) || !e.detail.shouldSwap || e.detail.target !== log) return;
     replaced.forEach(function (n) { n.remove(); });
     replaced = null;
     bubble = null;
@@ -359,10 +361,10 @@
     scrollDown();
   }
 
-  // "Try again" under a reply that failed, as the server renders it (without script, the form
-  // posts to the composer's address).
-  function retryForm(id) {
-    var f = el("form", "chat-retry");
+  // A form about run `id` that posts `name=id` to the composer's address (what the page does
+  // without its script), with the page's CSRF token.
+  function runForm(cls, name, id) {
+    var f = el("form", cls);
     f.setAttribute("data-run-id", id);
     f.method = "post";
     f.action = form.action;
@@ -370,9 +372,16 @@
     if (token) f.appendChild(token.cloneNode());
     var field = el("input");
     field.type = "hidden";
-    field.name = "retry_of";
+    field.name = name;
     field.value = id;
     f.appendChild(field);
+    return f;
+  }
+
+  // "Try again" under a reply that failed, as the server renders it (without script, the form
+  // posts to the composer's address).
+  function retryForm(id) {
+    var f = runForm("chat-retry", "retry_of", id);
     var button = el("button", "btn btn-small", "Try again");
     button.type = "submit";
     button.disabled = !canSend();
@@ -383,17 +392,7 @@
   // "Don't send" under a message waiting in line, as the server renders it (without script,
   // the form posts to the composer's address).
   function withdrawForm(id) {
-    var f = el("form", "chat-withdraw");
-    f.setAttribute("data-run-id", id);
-    f.method = "post";
-    f.action = form.action;
-    var token = form.querySelector('[name="csrfmiddlewaretoken"]');
-    if (token) f.appendChild(token.cloneNode());
-    var field = el("input");
-    field.type = "hidden";
-    field.name = "withdraw";
-    field.value = id;
-    f.appendChild(field);
+    var f = runForm("chat-withdraw", "withdraw", id);
     var button = el("button", "btn btn-small btn-ghost", "Don't send");
     button.appendChild(el("span", "sr-only", " this message"));
     button.type = "submit";
@@ -942,8 +941,11 @@
     var bubbleEl = node && node.querySelector(".bubble");
     if (button) { button.setAttribute("data-asked", ""); button.disabled = true; }
     ws.send(JSON.stringify({ type: "withdraw", run_id: id }));
+    // The text as typed: a bubble the server drew has its line breaks as <br>, which
+    // textContent drops (`data-text` keeps them).
+    var typed = node && node.hasAttribute("data-text") ? node.getAttribute("data-text") : null;
     asked.push({ kind: "withdraw", id: id, node: node,
-                 text: bubbleEl ? bubbleEl.textContent : "" });
+                 text: typed != null ? typed : (bubbleEl ? bubbleEl.textContent : "") });
   });
   // "Try again": the failed reply (its steps and note) goes, its question waits for the new one.
   log.addEventListener("submit", function (e) {

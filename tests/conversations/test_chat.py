@@ -777,27 +777,65 @@ def test_load_earlier_without_the_script_opens_the_conversation_from_the_earlier
 
 
 def test_the_window_of_earlier_messages_is_bounded(world_a, chat):
-    """A cursor far back shows the latest items up to a bound, with the control to page back
-    from there, instead of the whole conversation."""
+    """A cursor far back shows the page before it and what follows it up to a bound, with the
+    control to page back from there and the way to the latest, instead of the whole
+    conversation; following the cursor goes on back to the start (it used to show the same
+    latest window again and again once the bound was reached)."""
     Item.objects.bulk_create(
         Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:03}"})
         for i in range(12)
     )
     rows = list(Item.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).order_by("id"))
-    entries, earlier = selectors.item_window(
-        tenant=world_a.tenant, thread=chat.mine, before=rows[2].pk, limit=3, most=8
+
+    def window(before: int, most: int = 8) -> tuple[list[str], int | None, bool]:
+        entries, earlier, cut = selectors.item_window(
+            tenant=world_a.tenant, thread=chat.mine, before=before, limit=3, most=most
+        )
+        return [str(e.html) for e in entries], earlier, cut
+
+    shown, earlier, cut = window(rows[6].pk)
+    assert shown == [f"m{i:03}" for i in range(3, 11)] and cut  # 3 before, 5 from the cursor
+    assert earlier == rows[3].pk
+    shown, earlier, cut = window(earlier)
+    assert shown == [f"m{i:03}" for i in range(0, 8)] and cut and earlier is None  # the start
+    assert window(rows[6].pk, most=20) == ([f"m{i:03}" for i in range(3, 12)], rows[3].pk, False)
+    assert window(rows[2].pk, most=20) == ([f"m{i:03}" for i in range(12)], None, False)
+
+
+def test_without_the_script_load_earlier_reaches_the_start_past_the_bound(world_a, chat):
+    """Past the bound, the page's "Load earlier messages" still goes further back each time,
+    and the page offers the latest messages once it no longer shows them."""
+    from unittest import mock
+
+    Item.objects.bulk_create(
+        Item(tenant=world_a.tenant, thread=chat.mine, data={"role": "user", "content": f"m{i:03}"})
+        for i in range(12)
     )
-    assert [e.html for e in entries] == [f"m{i:03}" for i in range(4, 12)]
-    assert earlier == rows[4].pk
-    entries, earlier = selectors.item_window(
-        tenant=world_a.tenant, thread=chat.mine, before=rows[6].pk, limit=3, most=8
-    )
-    assert [e.html for e in entries] == [f"m{i:03}" for i in range(4, 12)]  # 6 newer, room for 2
-    assert earlier == rows[4].pk
-    entries, earlier = selectors.item_window(
-        tenant=world_a.tenant, thread=chat.mine, before=rows[2].pk, limit=3, most=20
-    )
-    assert [e.html for e in entries] == [f"m{i:03}" for i in range(12)] and earlier is None
+    rows = list(Item.objects.for_tenant(world_a.tenant).filter(thread=chat.mine).order_by("id"))
+    client = world_a.client_for(world_a.member)
+    url = _url("chat-thread", world_a, thread_id=chat.mine.pk)
+    cursor = re.compile(r'name="before" value="(\d+)"')
+    bubbles = re.compile(r"<div class=\"bubble\">(m\d{3})</div>")
+    seen, before = [], str(rows[9].pk)
+    with mock.patch.object(selectors.item_window, "__kwdefaults__", {"limit": 3, "most": 8}):
+        for _ in range(6):
+            page = client.get(url, {"before": before}).content.decode()
+            shown = bubbles.findall(page)
+            seen.append(shown[0])
+            # The way to the latest, once the latest is past the window.
+            assert ("Show the latest messages" in page) == ("m011" not in shown)
+            found = cursor.search(page)
+            if found is None:
+                break
+            assert found.group(1) != before, "Load earlier messages showed the same page"
+            before = found.group(1)
+    assert seen == ["m006", "m003", "m000"]
+
+
+def test_a_message_id_must_be_the_whole_value():
+    assert services.chat_message_metadata("abcdefgh") == {"chat_message_id": "abcdefgh"}
+    assert services.chat_message_metadata("abcdefgh\n") == {}  # `$` lets a final newline in
+    assert services.chat_message_metadata("<b>abcdefgh</b>") == {}
 
 
 def test_a_long_replys_messages_carry_their_place_in_the_run_on_every_page(world_a, chat):

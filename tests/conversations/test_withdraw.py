@@ -283,3 +283,21 @@ async def test_dont_send_over_the_socket_takes_it_back_for_every_tab(
     finally:
         await socket.disconnect()
         await other_tab.disconnect()
+
+
+def test_a_waiting_message_keeps_its_text_as_typed_for_dont_send(world_a, line):
+    """The page's "Don't send" puts the text back in the box from the message's `data-text`:
+    the bubble the server draws has its line breaks as <br>, which the page cannot read back.
+    A message stopped in line has no "Don't send", and is not faded like one still waiting."""
+    typed = "line one\nline two & <three>"
+    two_lines = _send(world_a, line.mine, typed, MultitaskStrategy.ENQUEUE)
+    services.run_cancel(tenant=world_a.tenant, run_id=line.waiting.pk, end_user=line.mine.end_user)
+    client = world_a.client_for(world_a.member)
+    page = client.get(_url("chat-thread", world_a, thread_id=line.mine.pk)).content.decode()
+
+    start = page.index(f'data-waiting-run="{two_lines.pk}"')
+    tag = page[page.rindex("<div", 0, start) : page.index(">", start)]
+    assert 'data-text="line one\nline two &amp; &lt;three&gt;"' in tag
+    stopped = page.index(f'data-waiting-run="{line.waiting.pk}"')
+    stopped_tag = page[page.rindex("<div", 0, stopped) : page.index(">", stopped)]
+    assert "msg-stopped" in stopped_tag and "data-text" not in stopped_tag
