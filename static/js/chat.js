@@ -489,7 +489,17 @@
     ended[id] = true;
     delete queued[id];
     var bottom = atBottom();
-    log.querySelectorAll('[data-waiting-run="' + id + '"]').forEach(function (n) { n.remove(); });
+    var removed = false, focused = false;
+    log.querySelectorAll('[data-waiting-run="' + id + '"]').forEach(function (n) {
+      if (n.contains(document.activeElement)) focused = true;
+      removed = true;
+      n.remove();
+    });
+    if (!mine && removed) {
+      // Taken back in another tab: say so here too, and keep the keyboard on the page.
+      status("A message waiting in line was taken back in another tab: it will not be sent.", "");
+      if (focused) input.focus();
+    }
     if (mine) {
       var back = !input.value.trim();
       if (back) input.value = typeof text === "string" ? text : mine.text;

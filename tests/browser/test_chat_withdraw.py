@@ -69,6 +69,8 @@ def test_dont_send_takes_a_waiting_message_back_in_every_tab(run_in_browser):
             expect(tab.get_by_role("button", name=DONT_SEND)).to_have_count(2)
 
         # With the keyboard, the box empty: the first goes, in both tabs, and is back in the box.
+        # The other tab, its keyboard on that same button, says so and keeps its keyboard.
+        other.locator(".msg-user", has_text=FIRST).get_by_role("button", name=DONT_SEND).focus()
         first = page.locator(".msg-user", has_text=FIRST).get_by_role("button", name=DONT_SEND)
         first.focus()
         page.keyboard.press("Enter")
@@ -77,6 +79,9 @@ def test_dont_send_takes_a_waiting_message_back_in_every_tab(run_in_browser):
         expect(box).to_have_value(FIRST)
         expect(box).to_be_focused()
         expect(page.get_by_role("status")).to_have_text(re.compile("Not sent"))
+        expect(other.get_by_role("status")).to_have_text(re.compile("taken back in another tab"))
+        expect(other.get_by_label("Message")).to_be_focused()
+        expect(other.get_by_label("Message")).to_have_value("")  # the text goes to the asker's
 
         # The box has text now: the second goes too, and the box is left as it is.
         page.locator(".msg-user", has_text=SECOND).get_by_role("button", name=DONT_SEND).click()
