@@ -127,7 +127,19 @@ def chat_thread(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Ht
     """A conversation: its latest page; `?before=<item id>` ("Load earlier messages" without
     the page's script) from the page before that item to the latest."""
     thread = services.thread_get(tenant=request.tenant, end_user=end_user, thread_id=thread_id)
-    return _thread_page(request, thread, before=_int_or_none(request.GET.get("before")))
+    # A message taken back without the page's script ("Don't send", `_withdraw`) comes back in
+    # the box once, on the page its post redirected to.
+    draft = request.session.pop(_draft_key(thread), "")
+    return _thread_page(
+        request,
+        thread,
+        before=_int_or_none(request.GET.get("before")),
+        draft=draft if isinstance(draft, str) else "",
+    )
+
+
+def _draft_key(thread: Thread) -> str:
+    return f"chat-draft:{thread.pk}"
 
 
 def _thread_page(
@@ -205,15 +217,17 @@ def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Http
 def _withdraw(
     request: TenantRequest, end_user: EndUser, thread: Thread, run_id: str
 ) -> HttpResponse:
-    """ "Don't send" without the page's script: the page again, the message gone from the line
-    and back in the box; a message already sent stays, with why."""
+    """ "Don't send" without the page's script: a redirect to the conversation, where the
+    message is gone from the line and back in the box (so reloading that page posts nothing
+    again); a message already sent stays, with why."""
     try:
         run = services.run_withdraw(
             tenant=request.tenant, end_user=end_user, thread_id=thread.pk, run_id=run_id
         )
     except Conflict as exc:
         return _thread_page(request, thread, error=exc.message, status=exc.status)
-    return _thread_page(request, thread, draft=selectors.input_text(run))
+    request.session[_draft_key(thread)] = selectors.input_text(run)
+    return redirect("chat-thread", tenant_slug=request.tenant.slug, thread_id=thread.pk)
 
 
 @chat_view

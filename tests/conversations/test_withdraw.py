@@ -197,12 +197,15 @@ def test_dont_send_without_the_pages_script_takes_the_message_back_into_the_box(
 
     url = _url("chat-send", world_a, thread_id=line.mine.pk)
     response = client.post(url, {"withdraw": str(line.waiting.pk)})
-    assert response.status_code == 200
-    text = response.content.decode()
-    assert f">{FOLLOW_UP}</textarea>" in text and 'name="withdraw"' not in text
+    # Redirected to the conversation: reloading it posts nothing again.
+    thread_url = _url("chat-thread", world_a, thread_id=line.mine.pk)
+    assert response.status_code == 302 and response["Location"] == thread_url
     assert Run.objects.for_tenant(world_a.tenant).get(pk=line.waiting.pk).withdrawn
+    text = client.get(thread_url).content.decode()
+    assert f">{FOLLOW_UP}</textarea>" in text and 'name="withdraw"' not in text
+    assert f">{FOLLOW_UP}</textarea>" not in client.get(thread_url).content.decode()  # once
 
-    # Posted again (a reload of that page): refused, with why, nothing changes.
+    # Another message, sent after its turn came (an old page's button): refused, with why.
     services.run_cancel(tenant=world_a.tenant, run_id=line.active.pk, end_user=line.mine.end_user)
     late = _send(world_a, line.mine, "late", MultitaskStrategy.REJECT)
     services.run_cancel(tenant=world_a.tenant, run_id=late.pk, end_user=line.mine.end_user)
