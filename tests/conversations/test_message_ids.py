@@ -66,9 +66,10 @@ def test_every_message_of_the_history_carries_its_pages_id(world_a, kicked):
     ):
         html = client.get(url, query).content.decode()
         assert _ids_by_text(html) == expected, url
-    # The message stopped in line is drawn as one of those waiting, with its run.
+    # The message stopped in line is drawn as one of those waiting, with its run (and marked
+    # stopped, so that it is not faded like them).
     html = client.get(_url("chat-thread", world_a, thread_id=thread.pk)).content.decode()
-    assert f'msg-waiting" data-pending data-waiting-run="{stopped.pk}"' in html
+    assert f'msg-waiting msg-stopped" data-pending data-waiting-run="{stopped.pk}"' in html
 
 
 @pytest.mark.parametrize("given", [None, 7, "", "short", "x" * 65, 'a"b' * 4, "<script>aaaa"])
