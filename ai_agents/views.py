@@ -34,7 +34,6 @@ from controlplane.errors import (
 from tenants.forms import apply_domain_errors
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
-from usage.errors import BudgetExhausted
 
 View = Callable[..., HttpResponse]
 
@@ -274,12 +273,9 @@ def agent_playground(request: TenantRequest, agent_id: UUID) -> HttpResponse:
             form.add_error("message", exc.fields.get("input", exc.message))
         except Conflict as exc:
             form.add_error(None, exc.message)
-        except BudgetExhausted as exc:
+        except QuotaExceeded as exc:  # a rate limit, or the budget (worded for the member's role)
             said = exc.message_for(request.membership.role, tenant_name=request.tenant.name)
             form.add_error(None, said)
-            status = exc.status
-        except QuotaExceeded as exc:  # a rate limit
-            form.add_error(None, exc.message)
             status = exc.status
         else:
             run = _run_summary(kept)

@@ -16,6 +16,12 @@ class DomainError(Exception):
         self.fields = fields or {}
         self.metadata = metadata
 
+    def message_for(self, role: str, *, tenant_name: str) -> str:
+        """The message in the words for a member of that role, in the dashboard or the chat
+        (the API, which addresses no person, says `message`). The same for every role unless
+        the error knows better (`usage.errors.BudgetExhausted`: only owners can act on it)."""
+        return self.message
+
 
 class NotFound(DomainError):
     """Missing, or another tenant's: the two are indistinguishable on purpose."""

@@ -68,7 +68,6 @@ from tenants import realtime
 from tenants import selectors as tenant_selectors
 from tenants.consumers import CLOSE_NOT_FOUND, CLOSE_REVOKED, CLOSE_UNAUTHENTICATED
 from tenants.models import Membership
-from usage.errors import BudgetExhausted
 
 log = logging.getLogger(__name__)
 
@@ -325,12 +324,9 @@ class ChatConsumer(AsyncJsonWebsocketConsumer):
         except NotFound as exc:
             await self._error("not_found", exc.message)
             return
-        except BudgetExhausted as exc:  # what to do about it depends on who is asking
+        except (Conflict, DomainError) as exc:  # in the words for who is asking
             said = exc.message_for(self.membership.role, tenant_name=self.tenant.name)
             await self._error(exc.code, said)
-            return
-        except (Conflict, DomainError) as exc:
-            await self._error(exc.code, exc.message)
             return
         run_id = str(run.pk)
         # An untitled thread has taken its title from this message (`run_create`).

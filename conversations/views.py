@@ -27,7 +27,6 @@ from conversations import selectors, services
 from conversations.models import EndUser, RunSource, Thread
 from tenants.requests import TenantRequest
 from tenants.views import tenant_view
-from usage.errors import BudgetExhausted
 
 View = Callable[..., HttpResponse]
 
@@ -202,10 +201,9 @@ def chat_send(request: TenantRequest, end_user: EndUser, thread_id: Any) -> Http
     except NotFound:
         raise
     except DomainError as exc:  # busy with a reply, over a limit, no longer published, ...
-        said = exc.message
         if isinstance(exc, RateLimited):
             said = services.rate_limited_message(exc)
-        elif isinstance(exc, BudgetExhausted):
+        else:  # in the words for who is asking
             said = exc.message_for(request.membership.role, tenant_name=request.tenant.name)
         response = _thread_page(request, thread, draft=text, error=said, status=exc.status)
         if exc.metadata.get("retry_after"):
